@@ -1,0 +1,249 @@
+"""Preprocessing: raw event tensors of one user -> the fixed-shape tensors the stages read.
+
+Pure numpy + tokenizers + Pillow, no Triton and no torch: the `preprocess` model and the
+in-process pipeline call the same functions, so served and local outputs agree exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+from dynemb.config import Dims
+from dynemb.errors import InputError
+from dynemb_client import contract as wire
+
+PAD_LABEL, UNK_LABEL = 0, 1
+_DAY_S, _WEEK_S, _HOUR_S = 86_400.0, 7 * 86_400.0, 3_600.0
+# 1970-01-01 was a Thursday: shift so that weekday 0 is Monday.
+_EPOCH_WEEKDAY_OFFSET_S = 3 * _DAY_S
+
+
+@dataclass(frozen=True)
+class PreprocessAssets:
+    """What travels inside the preprocess version directory."""
+
+    dims: Dims
+    labels: dict[str, int]  # label string -> id; 0 = padding, 1 = unknown
+    tokenizer_json: str
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
+        meta = {"dims": asdict(self.dims), "labels": self.labels}
+        (directory / "assets.json").write_text(
+            json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8"
+        )
+
+    @classmethod
+    def load(cls, directory: Path) -> PreprocessAssets:
+        meta = json.loads((directory / "assets.json").read_text(encoding="utf-8"))
+        dims = meta["dims"]
+        dims["windows_s"] = tuple(dims["windows_s"])
+        return cls(
+            Dims(**dims), meta["labels"], (directory / "tokenizer.json").read_text(encoding="utf-8")
+        )
+
+
+def build_label_vocab(labels: set[str] | list[str]) -> dict[str, int]:
+    vocab = {"<pad>": PAD_LABEL, "<unk>": UNK_LABEL}
+    for label in sorted(set(labels)):
+        vocab.setdefault(label, len(vocab))
+    return vocab
+
+
+class Preprocessor:
+    """Turns one user's raw tensors into stage inputs; raises InputError naming the field."""
+
+    def __init__(self, assets: PreprocessAssets) -> None:
+        self.dims = assets.dims
+        self.labels = assets.labels
+        self.tokenizer = Tokenizer.from_str(assets.tokenizer_json)
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Preprocess a batch of users (leading dimension) one user at a time."""
+        n_users = inputs[wire.EVENT_TEXT].shape[0]
+        rows = [self.user({k: v[i] for k, v in inputs.items()}) for i in range(n_users)]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def user(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        d = self.dims
+        count = int(x[wire.EVENT_COUNT].reshape(-1)[0])
+        if not 0 <= count <= d.max_events:
+            raise InputError(wire.EVENT_COUNT, f"must be in [0, {d.max_events}], got {count}")
+        query_time = _check_time(wire.QUERY_TIME, float(x[wire.QUERY_TIME].reshape(-1)[0]))
+        times = np.asarray(x[wire.EVENT_TIME], dtype=np.float64)[:count]
+        for i, value in enumerate(times):
+            _check_time(f"{wire.EVENT_TIME}[{i}]", float(value))
+        if count > 1 and np.any(np.diff(times) < 0):
+            first = int(np.argmax(np.diff(times) < 0)) + 1
+            raise InputError(f"{wire.EVENT_TIME}[{first}]", "event times must be non-decreasing")
+        # Events after the query time are in t's future: E_t must not see them.
+        n = int(np.searchsorted(times, query_time, side="right"))
+        # Every real event must be well-formed, even one past t that is then ignored.
+        texts = [_utf8(f"{wire.EVENT_TEXT}[{i}]", x[wire.EVENT_TEXT][i]) for i in range(count)]
+        labels = [self.event_labels(i, x[wire.EVENT_LABELS][i]) for i in range(count)][:n]
+        texts = texts[:n]
+        pixels, image_mask = self.images(x[wire.EVENT_IMAGE][:count], d.max_events, keep=n)
+        token_ids, token_count = self.tokens(texts, d.max_events)
+        return {
+            "TOKEN_IDS": token_ids,
+            "TOKEN_COUNT": token_count,
+            "IMAGE_PIXELS": pixels,
+            "IMAGE_MASK": image_mask,
+            "LABEL_IDS": self.label_ids(labels, d.max_events),
+            "TIME_FEATURES": time_features(times[:n], labels, query_time, d),
+            "QUERY_FEATURES": query_features(times[:n], query_time, d),
+            "EVENT_MASK": np.arange(d.max_events) < n,
+        }
+
+    @staticmethod
+    def event_labels(i: int, row: np.ndarray) -> list[str]:
+        decoded = (_utf8(f"{wire.EVENT_LABELS}[{i}][{j}]", v) for j, v in enumerate(row))
+        return [label for label in decoded if label]
+
+    def items(self, texts: list[str], images: list[bytes | None], labels: list[list[str]]) -> dict:
+        """Content tensors of catalogue items (one row per item), for the item table."""
+        n = len(texts)
+        ids, counts = self.tokens(texts, n)
+        pixels, mask = self.images([image or b"" for image in images], n, keep=n)
+        return {
+            "TOKEN_IDS": ids,
+            "TOKEN_COUNT": counts,
+            "IMAGE_PIXELS": pixels,
+            "IMAGE_MASK": mask,
+            "LABEL_IDS": self.label_ids(labels, n),
+        }
+
+    def tokens(self, texts: list[str], rows: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.zeros((rows, self.dims.max_tokens), dtype=np.int64)
+        counts = np.zeros(rows, dtype=np.int64)
+        if texts:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            for i, enc in enumerate(encodings):
+                row = enc.ids[: self.dims.max_tokens]
+                ids[i, : len(row)] = row
+                counts[i] = len(row)
+        return ids, counts
+
+    def images(self, encoded, rows: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode every given image (a bad one is an error even past t); keep the first `keep`."""
+        s = self.dims.image_size
+        pixels = np.zeros((rows, 3, s, s), dtype=np.uint8)
+        mask = np.zeros(rows, dtype=bool)
+        for i, data in enumerate(encoded):
+            data = bytes(data)
+            if not data:
+                continue
+            decoded = decode_image(f"{wire.EVENT_IMAGE}[{i}]", data, s)
+            if i < keep:
+                pixels[i], mask[i] = decoded, True
+        return pixels, mask
+
+    def label_ids(self, labels: list[list[str]], rows: int) -> np.ndarray:
+        ids = np.full((rows, self.dims.max_labels), PAD_LABEL, dtype=np.int64)
+        for i, row in enumerate(labels):
+            for j, label in enumerate(row[: self.dims.max_labels]):
+                ids[i, j] = self.labels.get(label, UNK_LABEL)
+        return ids
+
+
+def decode_image(field: str, data: bytes, size: int) -> np.ndarray:
+    """Encoded bytes -> (3, size, size) uint8 RGB."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(field, f"could not be decoded as an image ({exc})") from exc
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _utf8(field: str, value: object) -> str:
+    raw = value if isinstance(value, bytes) else bytes(value)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(field, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def _check_time(field: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0 or value > wire.MAX_TIME_S:
+        raise InputError(
+            field, f"must be unix seconds in [0, {wire.MAX_TIME_S:.0f}] (year 2100), got {value!r}"
+        )
+    return value
+
+
+def _cycles(times: np.ndarray) -> np.ndarray:
+    """Hour-of-day and day-of-week as sin/cos pairs (UTC)."""
+    day = 2 * np.pi * (times % _DAY_S) / _DAY_S
+    week = 2 * np.pi * ((times + _EPOCH_WEEKDAY_OFFSET_S) % _WEEK_S) / _WEEK_S
+    return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=-1)
+
+
+def _rating(labels: list[str]) -> float:
+    for label in labels:
+        if label.startswith("rating:"):
+            try:
+                return float(label.split(":", 1)[1])
+            except ValueError:
+                return math.nan
+    return math.nan
+
+
+def time_features(
+    times: np.ndarray, labels: list[list[str]], query_time: float, dims: Dims
+) -> np.ndarray:
+    """Per-event features relative to t: gaps, cycles, recency and trailing-window statistics.
+
+    Columns: log gap to t (hours), log gap to previous event, hour sin/cos, weekday sin/cos,
+    recency rank / L, then for each window w: log(1 + events in (t_i - w, t_i]), mean rating
+    of those events / 5 (0 if none rated), share of them carrying the event's first label.
+    """
+    out = np.zeros((dims.max_events, dims.time_dim), dtype=np.float32)
+    n = len(times)
+    if n == 0:
+        return out
+    prev_gap = np.diff(times, prepend=times[0])
+    out[:n, 0] = np.log1p((query_time - times) / _HOUR_S)
+    out[:n, 1] = np.log1p(prev_gap / _HOUR_S)
+    out[:n, 2:6] = _cycles(times)
+    out[:n, 6] = (n - 1 - np.arange(n)) / dims.max_events
+    ratings = np.array([_rating(row) for row in labels], dtype=np.float64)
+    rated = np.isfinite(ratings)
+    first = [row[0] if row else None for row in labels]
+    same = np.array([[a is not None and a in row for row in labels] for a in first], dtype=bool)
+    # in_window[i, j]: event j is in event i's trailing window (j <= i).
+    age = times[:, None] - times[None, :]
+    causal = np.tri(n, dtype=bool)
+    for k, window in enumerate(dims.windows_s):
+        in_window = causal & (age < window)
+        count = in_window.sum(axis=1)
+        n_rated = (in_window & rated[None, :]).sum(axis=1)
+        rating_sum = np.where(in_window & rated[None, :], np.nan_to_num(ratings)[None, :], 0).sum(1)
+        col = 7 + 3 * k
+        out[:n, col] = np.log1p(count)
+        out[:n, col + 1] = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
+        out[:n, col + 2] = (in_window & same).sum(axis=1) / count
+    return out
+
+
+def query_features(times: np.ndarray, query_time: float, dims: Dims) -> np.ndarray:
+    """Features of t itself: time since the newest event, cycles, history flag, window counts."""
+    out = np.zeros(dims.query_dim, dtype=np.float32)
+    out[1:5] = _cycles(np.array([query_time]))[0]
+    if len(times):
+        out[0] = np.log1p((query_time - times[-1]) / _HOUR_S)
+        out[5] = 1.0
+        for k, window in enumerate(dims.windows_s):
+            out[6 + k] = np.log1p(np.sum(query_time - times < window))
+    return out

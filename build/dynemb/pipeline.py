@@ -1,0 +1,43 @@
+"""The whole ensemble in-process: same runners, same order, no server. Used by the parity
+tests (served == local), by `dynemb build` (item table) and by offline evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dynemb.serving.runners import Runner, load_runner
+from dynemb.specs import ENSEMBLES
+from dynemb_client import contract as wire
+
+
+def latest_version(model_dir: Path) -> Path:
+    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit())
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no version directory; run `dynemb build`")
+    return versions[-1][1]
+
+
+class Pipeline:
+    def __init__(self, runners: dict[str, Runner]) -> None:
+        self.runners = runners
+
+    @classmethod
+    def from_repository(cls, repository: Path) -> Pipeline:
+        steps = ENSEMBLES[wire.RECOMMEND].steps
+        return cls({name: load_runner(latest_version(repository / name)) for name in steps})
+
+    def run(self, inputs: dict[str, np.ndarray], ensemble: str = wire.USER_INTEREST) -> dict:
+        """Every tensor the ensemble computes, keyed by name (like the ensemble's wiring)."""
+        tensors = dict(inputs)
+        for name in ENSEMBLES[ensemble].steps:
+            runner = self.runners[name]
+            step_inputs = {t.name: tensors[t.name] for t in runner.spec.inputs}
+            runner.check(step_inputs)
+            outputs = runner(step_inputs)
+            tensors.update(runner.trim(step_inputs, outputs))
+        return tensors
+
+    def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run(inputs)[wire.USER_EMBEDDING]

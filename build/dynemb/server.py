@@ -1,0 +1,211 @@
+"""Start the tritonserver binary that nvidia-pytriton bundles, on our own repository.
+
+What the environment needs (measured, see DESIGN.md): a copy of the server tree with the
+backend stub that matches this interpreter; the venv's bin first on PATH (the stub finds
+its Python through `python3`); the base interpreter's LIBDIR first on LD_LIBRARY_PATH,
+before nvidia_pytriton.libs, so the stub loads the right libpython (else `ssl` fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+
+from dynemb.paths import MODEL_REPOSITORY, cache_dir
+from dynemb.specs import ENSEMBLES, STAGES
+
+log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    """The server could not start, died, or did not get ready in time."""
+
+
+@dataclass
+class ServerConfig:
+    repository: Path = MODEL_REPOSITORY
+    host: str = LOOPBACK
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    log_file: Path | None = None  # default: <cache>/logs/tritonserver-<grpc_port>.log
+    models: tuple[str, ...] = (*STAGES, *ENSEMBLES)
+    startup_timeout_s: float = 300.0
+    exit_timeout_s: int = 15
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def server_tree() -> Path:
+    """A copy of the bundled server tree with this interpreter's stub in backends/python."""
+    import pytriton
+
+    source = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton ships no backend stub for Python {version}")
+    target = cache_dir() / f"tritonserver-py{version}"
+    marker = target / ".complete"
+    if not marker.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copy2(stub, target / "backends" / "python" / stub.name)
+        marker.touch()
+    return target
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    import pytriton
+
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    python_libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    ld = [python_libdir, str(libs), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
+    # One intra-op thread per instance; nothing may reach a model hub.
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUTF8="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+class TritonServer:
+    """One tritonserver process (and its stub children, in its own process group)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self.log_file = config.log_file or (
+            cache_dir() / "logs" / f"tritonserver-{config.grpc_port}.log"
+        )
+
+    def command(self) -> list[str]:
+        c = self.config
+        tree = server_tree()
+        args = [
+            str(tree / "bin" / "tritonserver"),
+            f"--model-repository={c.repository.resolve()}",
+            f"--backend-directory={tree / 'backends'}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in c.models),
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={c.exit_timeout_s}",
+            f"--grpc-address={c.host}",
+            f"--grpc-port={c.grpc_port}",
+            f"--http-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--metrics-address={c.host}",
+            f"--metrics-port={c.metrics_port}",
+            "--log-verbose=0",
+            *c.extra_args,
+        ]
+        return args
+
+    def start(self) -> TritonServer:
+        if self.process is not None:
+            raise ServerError("already started")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting tritonserver on %s (log: %s)", self.config.grpc_url, self.log_file)
+        with self.log_file.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=server_env(self.config.env),
+                start_new_session=True,  # its own process group: stop() reaches the stubs
+            )
+        return self
+
+    def wait_ready(self, progress: callable | None = None) -> None:
+        """Poll until the server and every model are ready; fail fast if the process dies."""
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        client = grpcclient.InferenceServerClient(self.config.grpc_url)
+        pending = list(self.config.models)
+        try:
+            while time.monotonic() < deadline:
+                if self.process is None or self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited during start-up:\n{self.log_tail()}")
+                with contextlib.suppress(Exception):  # not listening yet
+                    pending = [m for m in pending if not client.is_model_ready(m)]
+                    if progress:
+                        progress(len(self.config.models) - len(pending), len(self.config.models))
+                    if not pending and client.is_server_ready():
+                        return
+                time.sleep(0.5)
+        finally:
+            client.close()
+        self.stop()
+        raise ServerError(
+            f"not ready after {self.config.startup_timeout_s:.0f}s: {pending}\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file.exists():
+            return ""
+        return "\n".join(
+            self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for a graceful exit, then SIGKILL whatever is left of the group."""
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=self.config.exit_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not exit in time; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # stubs left behind by a hard exit
+        code = process.wait()
+        log.info("tritonserver stopped (exit code %s)", code)
+        return code
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,114 @@
+"""The shared body of every stage's `model.py`: read, check, batch across, split, respond.
+
+No Triton import here: `model.py` hands in `triton_python_backend_utils` (tests hand in a
+fake), so this module is importable and tested without a server.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from dynemb.errors import InputError
+from dynemb.serving.runners import Runner, load_runner
+from dynemb.specs import StageSpec
+
+
+class StageAdapter:
+    """Subclassed by each `model.py` with `pb_utils` set to the backend's utilities."""
+
+    pb_utils: ModuleType
+
+    def initialize(self, args: dict[str, str]) -> None:
+        directory = Path(args["model_repository"]) / args["model_version"]
+        self.runner = load_runner(directory)
+        self.logger = self.pb_utils.Logger
+        self.logger.log_info(
+            f"{self.runner.spec.name} v{args['model_version']} ready "
+            f"(trained={self.runner.manifest.trained})"
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return respond(self.pb_utils, requests, self.runner)
+
+    def finalize(self) -> None:
+        self.runner = None
+
+
+def read_inputs(pb_utils: ModuleType, request: Any, spec: StageSpec) -> dict[str, np.ndarray]:
+    """A request's tensors by name, checked against the spec (Triton checks the ensemble's
+    inputs; this guards a stage called directly)."""
+    inputs = {}
+    for tensor in spec.inputs:
+        found = pb_utils.get_input_tensor_by_name(request, tensor.name)
+        if found is None:
+            raise InputError(tensor.name, "missing")
+        value = found.as_numpy()
+        if value.dtype != tensor.numpy_dtype and not (
+            tensor.dtype == "BYTES" and value.dtype.kind in "OSU"
+        ):
+            raise InputError(tensor.name, f"dtype {value.dtype}, expected {tensor.dtype}")
+        if tuple(value.shape[1:]) != tensor.dims and -1 not in tensor.dims:
+            raise InputError(tensor.name, f"shape {value.shape[1:]}, expected {tensor.dims}")
+        inputs[tensor.name] = value
+    return inputs
+
+
+def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner) -> list[Any]:
+    """One response per request, in order. A request with bad input gets its own error; the
+    valid ones run together in one call (or one call each for per-request runners)."""
+    responses: list[Any] = [None] * len(requests)
+    valid: list[tuple[int, dict[str, np.ndarray]]] = []
+    for i, request in enumerate(requests):
+        try:
+            inputs = read_inputs(pb_utils, request, runner.spec)
+            runner.check(inputs)
+        except InputError as exc:
+            responses[i] = _error(pb_utils, runner, exc)
+            continue
+        valid.append((i, inputs))
+    groups = [[item] for item in valid] if runner.per_request else [valid] if valid else []
+    for group in groups:
+        try:
+            outputs = _run(runner, group)
+        except InputError as exc:  # per-request runners: the group is one request
+            for i, _ in group:
+                responses[i] = _error(pb_utils, runner, exc)
+            continue
+        except Exception as exc:  # logged with its traceback, reported per request
+            pb_utils.Logger.log_error(f"{runner.spec.name}: {traceback.format_exc()}")
+            for i, _ in group:
+                responses[i] = _error(pb_utils, runner, exc, internal=True)
+            continue
+        for (i, inputs), out in zip(group, outputs, strict=True):
+            out = runner.trim(inputs, out)
+            tensors = [
+                pb_utils.Tensor(t.name, _wire(out[t.name], t.dtype)) for t in runner.spec.outputs
+            ]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+    return responses
+
+
+def _run(runner: Runner, group: list[tuple[int, dict[str, np.ndarray]]]) -> list[dict]:
+    """Concatenate the group's users, run once, split the outputs back per request."""
+    sizes = [len(next(iter(inputs.values()))) for _, inputs in group]
+    names = group[0][1].keys()
+    batch = {name: np.concatenate([inputs[name] for _, inputs in group]) for name in names}
+    outputs = runner(batch)
+    bounds = np.cumsum(sizes)[:-1]
+    split = {name: np.split(value, bounds) for name, value in outputs.items()}
+    return [{name: parts[j] for name, parts in split.items()} for j in range(len(group))]
+
+
+def _wire(value: np.ndarray, dtype: str) -> np.ndarray:
+    return value.astype(object) if dtype == "BYTES" else np.ascontiguousarray(value)
+
+
+def _error(pb_utils: ModuleType, runner: Runner, exc: Exception, internal: bool = False) -> Any:
+    kind = f"internal error ({type(exc).__name__}), see the server log" if internal else "bad input"
+    message = f"{runner.spec.name}: {kind}: {exc}"
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))

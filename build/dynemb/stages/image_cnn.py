@@ -1,0 +1,42 @@
+"""image_cnn: a small CNN over each event's image -> one vector per event."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynemb.config import Dims
+
+
+class ImageCNN(nn.Module):
+    """Three conv blocks and global pooling. An event without an image is masked: it gets a
+    learned "no image" vector, never the features of an all-black picture."""
+
+    def __init__(self, dims: Dims, width: int = 32) -> None:
+        super().__init__()
+        self.dims = dims
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, dims.image_dim),
+        )
+        self.norm = nn.LayerNorm(dims.image_dim)
+        self.missing = nn.Parameter(torch.zeros(dims.image_dim))
+
+    def forward(self, pixels: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, 3, S, S) uint8, (B, L) bool -> (B, L, image_dim)."""
+        batch, events = image_mask.shape
+        flat = pixels.reshape(batch * events, *pixels.shape[2:])
+        mask = image_mask.reshape(-1)
+        out = self.missing.expand(batch * events, -1).clone()
+        if bool(mask.any()):
+            out[mask] = self.norm(self.net(flat[mask].float() / 127.5 - 1.0))
+        return out.reshape(batch, events, self.dims.image_dim)

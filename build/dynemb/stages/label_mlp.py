@@ -1,0 +1,27 @@
+"""label_mlp: embedding-bag of each event's label ids -> MLP -> one vector per event."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynemb.config import Dims
+
+
+class LabelMLP(nn.Module):
+    """Mean of the label embeddings (padding id 0 excluded), then a two-layer MLP."""
+
+    def __init__(self, dims: Dims, n_labels: int, bag_dim: int = 64) -> None:
+        super().__init__()
+        self.dims = dims
+        self.bag = nn.EmbeddingBag(n_labels, bag_dim, mode="mean", padding_idx=0)
+        self.mlp = nn.Sequential(
+            nn.Linear(bag_dim, bag_dim), nn.GELU(), nn.Linear(bag_dim, dims.label_dim)
+        )
+        self.norm = nn.LayerNorm(dims.label_dim)
+
+    def forward(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, M) ids -> (B, L, label_dim)."""
+        batch, events, labels = label_ids.shape
+        pooled = self.bag(label_ids.reshape(batch * events, labels))
+        return self.norm(self.mlp(pooled)).reshape(batch, events, self.dims.label_dim)

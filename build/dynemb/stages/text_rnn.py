@@ -1,0 +1,36 @@
+"""text_rnn: a GRU over the word pieces of each event's text -> one vector per event."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynemb.config import Dims
+
+
+class TextRNN(nn.Module):
+    """Token embeddings (initialised from MiniLM's word embeddings) -> GRU -> last state.
+
+    Tokens are padded at the end, so the state at position count-1 has read exactly the
+    real tokens: batched and single results agree. Events without text give zeros.
+    """
+
+    def __init__(self, dims: Dims, vocab_size: int = 30_522, token_dim: int = 384) -> None:
+        super().__init__()
+        self.dims = dims
+        self.embed = nn.Embedding(vocab_size, token_dim, padding_idx=0)
+        self.gru = nn.GRU(token_dim, dims.text_dim, batch_first=True)
+        self.norm = nn.LayerNorm(dims.text_dim)
+
+    def forward(self, token_ids: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:
+        """(B, L, T) ids, (B, L) counts -> (B, L, text_dim)."""
+        batch, events, tokens = token_ids.shape
+        ids = token_ids.reshape(batch * events, tokens)
+        count = token_count.reshape(-1)
+        out = ids.new_zeros((batch * events, self.dims.text_dim), dtype=torch.float32)
+        real = count > 0
+        if bool(real.any()):
+            states, _ = self.gru(self.embed(ids[real]))
+            last = states[torch.arange(states.shape[0]), count[real] - 1]
+            out[real] = self.norm(last)
+        return out.reshape(batch, events, self.dims.text_dim)

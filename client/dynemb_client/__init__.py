@@ -1,0 +1,25 @@
+"""Thin client for the dynemb Triton ensembles (numpy + tritonclient only).
+
+from dynemb_client import Event, InterestClient
+with InterestClient("127.0.0.1:8001") as client:
+    e_t = client.embed([Event(time=1_700_000_000, text="Toy Story", labels=("genre:Comedy",))])
+"""
+
+from dynemb_client.aio import AsyncInterestClient
+from dynemb_client.client import InterestClient
+from dynemb_client.errors import ClientInputError, ServerError, ServerUnavailable
+from dynemb_client.events import Event
+from dynemb_client.requests import ModelShape, build_inputs
+from dynemb_client.results import Recommendation
+
+__all__ = [
+    "AsyncInterestClient",
+    "ClientInputError",
+    "Event",
+    "InterestClient",
+    "ModelShape",
+    "Recommendation",
+    "ServerError",
+    "ServerUnavailable",
+    "build_inputs",
+]

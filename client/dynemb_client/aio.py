@@ -1,0 +1,145 @@
+"""asyncio gRPC client: the same API as InterestClient, as coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from dynemb_client.client import QueryTimes
+from dynemb_client.contract import RECOMMEND, USER_INTEREST
+from dynemb_client.events import Event, TimeLike
+from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
+from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
+from dynemb_client.transport import EndpointPool, RetryPolicy, shape_from_metadata
+
+__all__ = ["AsyncInterestClient"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AsyncInterestClient:
+    """Embeds users and recommends items over asyncio gRPC (see InterestClient).
+
+    Channels are opened on first use, inside the running event loop.
+    """
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        urls: Sequence[str] | None = None,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        model_interest: str = USER_INTEREST,
+        model_recommend: str = RECOMMEND,
+    ) -> None:
+        self._pool = EndpointPool(
+            list(urls) if urls is not None else [url],
+            lambda u: grpcclient.InferenceServerClient(url=u),
+        )
+        self._retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
+        self._timeout_s = timeout_s
+        self.model_interest = model_interest
+        self.model_recommend = model_recommend
+        self._shape: ModelShape | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self._pool.urls)
+
+    async def _call(
+        self, model: str, fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]]
+    ) -> T:
+        for attempt in itertools.count():
+            url, inner = self._pool.next()
+            try:
+                return await fn(inner)
+            except Exception as exc:
+                delay = self._retry.after_failure(exc, attempt, model=model, url=url)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _infer(self, call: InferCall) -> grpcclient.InferResult:
+        return await self._call(
+            call.model,
+            lambda inner: inner.infer(
+                call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
+            ),
+        )
+
+    async def model_shape(self) -> ModelShape:
+        """L and M of the served model, fetched on first use (a concurrent refetch is harmless)."""
+        if self._shape is None:
+            metadata = await self._call(
+                self.model_interest,
+                lambda inner: inner.get_model_metadata(
+                    self.model_interest, as_json=True, client_timeout=self._timeout_s
+                ),
+            )
+            self._shape = shape_from_metadata(metadata, self.model_interest)
+        return self._shape
+
+    async def embed(self, events: Sequence[Event], at: TimeLike | None = None) -> np.ndarray:
+        """E_t for one user: float32 (D,)."""
+        return (await self.embed_many([events], at=[at]))[0]
+
+    async def embed_many(
+        self, histories: Sequence[Sequence[Event]], at: QueryTimes = None
+    ) -> np.ndarray:
+        """E_t for many users in one request: float32 (N, D)."""
+        call = embedding_call(self.model_interest, histories, at, await self.model_shape())
+        return parse_embeddings(await self._infer(call), call.model, call.batch)
+
+    async def recommend(
+        self, events: Sequence[Event], k: int = 10, at: TimeLike | None = None
+    ) -> list[Recommendation]:
+        """Up to k items for one user, best first."""
+        return (await self.recommend_many([events], k=k, at=[at]))[0]
+
+    async def recommend_many(
+        self, histories: Sequence[Sequence[Event]], k: int = 10, at: QueryTimes = None
+    ) -> list[list[Recommendation]]:
+        """Up to k items for each of many users, in one request."""
+        call = recommend_call(self.model_recommend, histories, at, await self.model_shape(), k)
+        return parse_recommendations(await self._infer(call), call.model, call.batch, k)
+
+    async def is_ready(self) -> bool:
+        """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""
+        for url in self._pool.urls:
+            inner = self._pool.client(url)
+            try:
+                ready = await inner.is_server_ready(client_timeout=self._timeout_s) and (
+                    await inner.is_model_ready(self.model_interest, client_timeout=self._timeout_s)
+                )
+            except (InferenceServerException, ConnectionError) as exc:
+                logger.debug("%s not ready: %s", url, exc)
+                return False
+            if not ready:
+                return False
+        return True
+
+    async def close(self) -> None:
+        for inner in self._pool.opened():
+            await inner.close()
+
+    async def __aenter__(self) -> AsyncInterestClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,244 @@
+"""Turn users' histories into the ensembles' input tensors (pure; shared by sync and async).
+
+Everything the server would reject is checked here first, so a bad event fails fast with
+its field and position instead of as an opaque server error after a network round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import np_to_triton_dtype
+
+from dynemb_client.contract import (
+    EVENT_COUNT,
+    EVENT_IMAGE,
+    EVENT_LABELS,
+    EVENT_TEXT,
+    EVENT_TIME,
+    ITEM_IDS,
+    ITEM_SCORES,
+    ITEM_TITLES,
+    MAX_TOP_K,
+    QUERY_TIME,
+    TOP_K,
+    USER_EMBEDDING,
+)
+from dynemb_client.errors import ClientInputError
+from dynemb_client.events import (
+    Event,
+    TimeLike,
+    check_image,
+    check_labels,
+    image_bytes,
+    text_bytes,
+    to_unix_seconds,
+)
+
+__all__ = ["InferCall", "ModelShape", "build_inputs", "embedding_call", "recommend_call"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The padded sizes the server was built with (read from its model metadata)."""
+
+    max_events: int
+    max_labels: int
+
+
+@dataclass(frozen=True)
+class InferCall:
+    """One ready-to-send request: the same object drives the sync and the async client."""
+
+    model: str
+    inputs: list[InferInput]
+    outputs: list[InferRequestedOutput]
+    batch: int
+
+
+@dataclass(frozen=True)
+class _User:
+    """One history after checks: kept events oldest first, at most max_events."""
+
+    times: list[float]
+    texts: list[bytes]
+    images: list[bytes]
+    labels: list[list[bytes]]
+    query_time: float
+
+
+def build_inputs(
+    histories: Sequence[Sequence[Event]],
+    at: Sequence[TimeLike | None],
+    max_events: int,
+    max_labels: int,
+    top_k: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The contract's input arrays for a batch of users (one row per history).
+
+    Events are sorted by time (stable); events after the query time are dropped (the
+    server ignores them, and they would push real context out of the window); then the
+    most recent `max_events` are kept, real events first and padding after. The query
+    time defaults to the newest event's time, or to now for an empty (cold-start) history.
+    """
+    if max_events < 1 or max_labels < 1:
+        raise ValueError(f"max_events and max_labels must be >= 1, got {max_events}, {max_labels}")
+    histories = list(histories)
+    at = list(at)
+    n = len(histories)
+    if n == 0:
+        raise ClientInputError(
+            "no histories to send (a batch needs at least one user)", field=EVENT_COUNT
+        )
+    if len(at) != n:
+        raise ClientInputError(f"{len(at)} query times for {n} histories", field=QUERY_TIME)
+    _check_top_k(top_k)
+
+    arrays = {
+        EVENT_TEXT: np.full((n, max_events), b"", dtype=object),
+        EVENT_IMAGE: np.full((n, max_events), b"", dtype=object),
+        EVENT_LABELS: np.full((n, max_events, max_labels), b"", dtype=object),
+        EVENT_TIME: np.zeros((n, max_events), dtype=np.float64),
+        EVENT_COUNT: np.zeros((n, 1), dtype=np.int32),
+        QUERY_TIME: np.zeros((n, 1), dtype=np.float64),
+    }
+    for row, (events, query) in enumerate(zip(histories, at, strict=True)):
+        try:
+            user = _prepare(events, query, max_events, max_labels)
+        except ClientInputError as exc:
+            if n == 1:
+                raise
+            raise ClientInputError(
+                exc.reason, field=exc.field, index=exc.index, history=row
+            ) from None
+        count = len(user.times)
+        arrays[EVENT_TEXT][row, :count] = user.texts
+        arrays[EVENT_IMAGE][row, :count] = user.images
+        arrays[EVENT_TIME][row, :count] = user.times
+        for slot, labels in enumerate(user.labels):
+            arrays[EVENT_LABELS][row, slot, : len(labels)] = labels
+        arrays[EVENT_COUNT][row, 0] = count
+        arrays[QUERY_TIME][row, 0] = user.query_time
+    if top_k is not None:
+        arrays[TOP_K] = np.full((n, 1), top_k, dtype=np.int32)
+    return arrays
+
+
+def _prepare(
+    events: Sequence[Event], at: TimeLike | None, max_events: int, max_labels: int
+) -> _User:
+    if isinstance(events, Event) or not isinstance(events, Sequence):
+        raise TypeError(
+            f"a history must be a sequence of Event, not {type(events).__name__} "
+            "(embed()/recommend() take one history, the *_many variants a list of them)"
+        )
+    times: list[float] = []
+    checked: list[tuple[bytes, list[bytes], Path | bytes]] = []
+    for index, event in enumerate(events):
+        if not isinstance(event, Event):
+            raise TypeError(f"event {index} is {type(event).__name__}, not dynemb_client.Event")
+        times.append(to_unix_seconds(event.time, field=EVENT_TIME, index=index))
+        checked.append(
+            (
+                text_bytes(event.text, index),
+                check_labels(event.labels, max_labels, index),
+                check_image(event.image, index),
+            )
+        )
+    order = sorted(range(len(times)), key=times.__getitem__)  # sorted() is stable
+    if at is not None:
+        query_time = to_unix_seconds(at, field=QUERY_TIME)
+    elif order:
+        query_time = times[order[-1]]
+    else:
+        query_time = time.time()  # cold start: "interest now" with no history
+    visible = [i for i in order if times[i] <= query_time]
+    kept = visible[-max_events:]
+    if len(kept) < len(order):
+        logger.debug(
+            "history of %d events: %d after the query time, %d older than the last %d dropped",
+            len(order),
+            len(order) - len(visible),
+            len(visible) - len(kept),
+            max_events,
+        )
+    return _User(
+        times=[times[i] for i in kept],
+        texts=[checked[i][0] for i in kept],
+        images=[image_bytes(checked[i][2], i) for i in kept],
+        labels=[checked[i][1] for i in kept],
+        query_time=query_time,
+    )
+
+
+def _check_top_k(top_k: int | None) -> None:
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ClientInputError(f"k must be an int, not {type(top_k).__name__}", field=TOP_K)
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ClientInputError(f"k must be in 1..{MAX_TOP_K}, got {top_k}", field=TOP_K)
+
+
+def broadcast_at(at: TimeLike | Sequence[TimeLike | None] | None, n: int) -> list[TimeLike | None]:
+    """One query time per history from None, a single time, or one per history."""
+    if at is None or isinstance(at, (int, float, str, datetime, np.number)):
+        return [at] * n
+    return list(at)
+
+
+def _to_infer_inputs(arrays: dict[str, np.ndarray]) -> list[InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def embedding_call(
+    model: str,
+    histories: Sequence[Sequence[Event]],
+    at: TimeLike | Sequence[TimeLike | None] | None,
+    shape: ModelShape,
+) -> InferCall:
+    """A `user_interest` request for a batch of users."""
+    histories = list(histories)
+    arrays = build_inputs(
+        histories, broadcast_at(at, len(histories)), shape.max_events, shape.max_labels
+    )
+    return InferCall(
+        model=model,
+        inputs=_to_infer_inputs(arrays),
+        outputs=[InferRequestedOutput(USER_EMBEDDING)],
+        batch=len(histories),
+    )
+
+
+def recommend_call(
+    model: str,
+    histories: Sequence[Sequence[Event]],
+    at: TimeLike | Sequence[TimeLike | None] | None,
+    shape: ModelShape,
+    k: int,
+) -> InferCall:
+    """A `recommend` request for a batch of users, asking for up to `k` items each."""
+    histories = list(histories)
+    arrays = build_inputs(
+        histories, broadcast_at(at, len(histories)), shape.max_events, shape.max_labels, top_k=k
+    )
+    return InferCall(
+        model=model,
+        inputs=_to_infer_inputs(arrays),
+        outputs=[InferRequestedOutput(name) for name in (ITEM_IDS, ITEM_SCORES, ITEM_TITLES)],
+        batch=len(histories),
+    )

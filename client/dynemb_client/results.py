@@ -1,0 +1,64 @@
+"""Decode the ensembles' outputs into plain Python/numpy values (shared by sync and async)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from dynemb_client.contract import ITEM_IDS, ITEM_SCORES, ITEM_TITLES, USER_EMBEDDING
+from dynemb_client.errors import ServerError
+
+__all__ = ["Recommendation", "parse_embeddings", "parse_recommendations"]
+
+
+class _Result(Protocol):
+    def as_numpy(self, name: str) -> np.ndarray | None: ...
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item, best first in the list the client returns."""
+
+    item_id: str
+    score: float
+    title: str
+
+
+def _output(result: _Result, name: str, model: str, batch: int) -> np.ndarray:
+    array = result.as_numpy(name)
+    if array is None or array.ndim < 1 or array.shape[0] != batch:
+        shape = None if array is None else array.shape
+        raise ServerError(f"output {name} missing or not batch {batch} (got {shape})", model=model)
+    return array
+
+
+def parse_embeddings(result: _Result, model: str, batch: int) -> np.ndarray:
+    """USER_EMBEDDING as float32 (batch, D)."""
+    embeddings = _output(result, USER_EMBEDDING, model, batch)
+    return np.asarray(embeddings, dtype=np.float32).reshape(batch, -1)
+
+
+def parse_recommendations(
+    result: _Result, model: str, batch: int, k: int
+) -> list[list[Recommendation]]:
+    """Up to k items per user; empty item ids are padding and are skipped."""
+    ids = _output(result, ITEM_IDS, model, batch).reshape(batch, -1)
+    scores = _output(result, ITEM_SCORES, model, batch).reshape(batch, -1)
+    titles = _output(result, ITEM_TITLES, model, batch).reshape(batch, -1)
+    users = []
+    for row in range(batch):
+        items = [
+            Recommendation(item_id=_text(item), score=float(score), title=_text(title))
+            for item, score, title in zip(ids[row], scores[row], titles[row], strict=True)
+            if _text(item)
+        ]
+        users.append(items[:k])
+    return users
+
+
+def _text(value: object) -> str:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)

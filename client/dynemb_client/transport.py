@@ -1,0 +1,133 @@
+"""Endpoints and retries shared by the sync and async clients.
+
+Only the loop that waits (time.sleep vs asyncio.sleep) differs between the two clients;
+which endpoint to use, what counts as transient and what the caller sees live here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from tritonclient.utils import InferenceServerException
+
+from dynemb_client.contract import EVENT_LABELS, EVENT_TEXT
+from dynemb_client.errors import ServerError, ServerUnavailable
+from dynemb_client.requests import ModelShape
+
+__all__ = ["EndpointPool", "RetryPolicy", "shape_from_metadata"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# gRPC statuses that mean "no server took the request": safe and useful to retry elsewhere.
+_RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+
+
+class EndpointPool(Generic[T]):
+    """Round-robin over server URLs; the inner tritonclient objects are made on first use.
+
+    Lazy creation lets the async client build its channels inside the running event loop.
+    """
+
+    def __init__(self, urls: Sequence[str], factory: Callable[[str], T]) -> None:
+        if isinstance(urls, str) or not urls:
+            raise ValueError(f"urls must be a non-empty list of host:port, got {urls!r}")
+        self.urls = list(urls)
+        self._factory = factory
+        self._clients: dict[str, T] = {}
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[str, T]:
+        """The next endpoint in turn (a retry moves on, so a dead server is skipped)."""
+        url = self.urls[next(self._turn) % len(self.urls)]
+        return url, self.client(url)
+
+    def client(self, url: str) -> T:
+        with self._lock:
+            if url not in self._clients:
+                self._clients[url] = self._factory(url)
+            return self._clients[url]
+
+    def opened(self) -> list[T]:
+        """The clients made so far (the ones to close), emptying the pool."""
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        return clients
+
+
+def status_of(exc: BaseException) -> str | None:
+    """ "StatusCode.UNAVAILABLE" -> "UNAVAILABLE"; None when the error carries no status."""
+    if isinstance(exc, InferenceServerException) and exc.status():
+        return str(exc.status()).removeprefix("StatusCode.")
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A connection-level failure: the request never reached a server that could judge it."""
+    return status_of(exc) in _RETRYABLE_STATUSES or isinstance(exc, ConnectionError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off on transient failures; everything else surfaces at once."""
+
+    retries: int = 3
+    backoff_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+
+    def after_failure(self, exc: Exception, attempt: int, *, model: str, url: str) -> float:
+        """Seconds to wait before attempt `attempt + 1`, or raise what the caller should see."""
+        status = status_of(exc)
+        message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+        if not is_transient(exc):
+            if isinstance(exc, InferenceServerException):
+                raise ServerError(message or str(exc), model=model, status=status, url=url) from exc
+            raise exc
+        if attempt >= self.retries:
+            raise ServerUnavailable(
+                f"no server answered after {attempt + 1} attempts (last {url}: {message})",
+                model=model,
+                status=status,
+                url=url,
+            ) from exc
+        delay = self.backoff_s * 2**attempt
+        logger.warning(
+            "%s at %s unavailable (%s); retry %d/%d in %.2fs",
+            model,
+            url,
+            message,
+            attempt + 1,
+            self.retries,
+            delay,
+        )
+        return delay
+
+
+def shape_from_metadata(metadata: Mapping[str, Any], model: str) -> ModelShape:
+    """L and M from the model metadata (EVENT_TEXT is [-1, L], EVENT_LABELS [-1, L, M])."""
+    shapes = {
+        tensor["name"]: [int(dim) for dim in tensor["shape"]]
+        for tensor in metadata.get("inputs", [])
+    }
+    try:
+        text, labels = shapes[EVENT_TEXT], shapes[EVENT_LABELS]
+    except KeyError as exc:
+        raise ServerError(f"model metadata has no input {exc.args[0]}", model=model) from None
+    max_events, max_labels = text[-1], labels[-1]
+    if len(labels) < 2 or labels[-2] != max_events or max_events < 1 or max_labels < 1:
+        raise ServerError(
+            f"unexpected input shapes {EVENT_TEXT}={text}, {EVENT_LABELS}={labels}", model=model
+        )
+    logger.debug("%s serves L=%d events, M=%d labels", model, max_events, max_labels)
+    return ModelShape(max_events=max_events, max_labels=max_labels)

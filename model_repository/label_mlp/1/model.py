@@ -1,0 +1,14 @@
+"""Triton adapter for the `label_mlp` stage: embedding-bag of event labels, then an MLP.
+
+The artifact in this version directory is loaded by dynemb.serving.runners (checked
+against its manifest and the stage spec); reading, checking, batching across requests and
+per-request errors live in dynemb.serving.adapter, tested without a server.
+"""
+
+import triton_python_backend_utils as pb_utils
+
+from dynemb.serving.adapter import StageAdapter
+
+
+class TritonPythonModel(StageAdapter):
+    pb_utils = pb_utils
