@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` (serve, query, print) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test test-unit test-integration test-gpu lint format configs bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU wheel on this machine's disk; anything
+	# looser pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/dynemb demo
+
+test: install lint
+	$(PY) -m pytest tests -q
+
+test-unit: install
+	$(PY) -m pytest tests/unit -q
+
+test-integration: install
+	$(PY) -m pytest tests/integration -q
+
+test-gpu: install
+	$(PY) -m pytest tests/gpu -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+configs: install
+	$(VENV)/bin/dynemb configs
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	find model_repository -mindepth 2 -maxdepth 2 -name '[0-9]*' -type d \
+	  -exec find {} -mindepth 1 ! -name model.py ! -name .gitkeep -delete \;

@@ -1,0 +1,179 @@
+"""The `dynemb` command line: parses flags, calls library functions, shows progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dynemb.paths import MODEL_REPOSITORY, cache_dir
+
+app = typer.Typer(help="Dynamic user-interest embeddings served by Triton.", no_args_is_help=True)
+console = Console(stderr=True)
+log = logging.getLogger("dynemb")
+
+Repository = Annotated[Path, typer.Option("--repository", help="Triton model repository")]
+Url = Annotated[str, typer.Option("--url", help="gRPC endpoint host:port")]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def configs(repository: Repository = MODEL_REPOSITORY) -> None:
+    """Regenerate every config.pbtxt from the typed stage specs."""
+    from dynemb.pbtxt import write_configs
+
+    for path in write_configs(repository):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+def build(
+    repository: Repository = MODEL_REPOSITORY,
+    catalogue: Annotated[str, typer.Option(help="ml-100k, synthetic, or a JSONL path")] = "ml-100k",
+    checkpoint: Annotated[Path | None, typer.Option(help="trained checkpoint")] = None,
+    seed: int = 0,
+) -> None:
+    """Write every stage's version directory (artifact + manifest) and the item table."""
+    from dynemb.repository import BuildOptions, build_repository
+
+    options = BuildOptions(repository, catalogue, checkpoint, seed)
+    with _progress() as progress:
+        task = progress.add_task("exporting stages", total=7)
+
+        def track(stages: list[str]):
+            for stage in stages:
+                progress.update(task, description=f"exporting {stage}")
+                yield stage
+                progress.advance(task)
+
+        manifests = build_repository(options, progress=track)
+    trained = all(m.trained for m in manifests.values() if m.stage != "preprocess")
+    console.print(f"built {repository} ({'trained' if trained else 'UNTRAINED'} weights)")
+
+
+@app.command()
+def serve(
+    repository: Repository = MODEL_REPOSITORY,
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    grpc_port: int = 8001,
+    http_port: int = 8000,
+    metrics_port: int = 8002,
+    log_file: Annotated[Path | None, typer.Option(help="server log")] = None,
+) -> None:
+    """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM."""
+    from dynemb.server import ServerConfig, TritonServer
+
+    config = ServerConfig(repository, host, grpc_port, http_port, metrics_port, log_file)
+    server = TritonServer(config)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.start()
+        with _progress() as progress:
+            task = progress.add_task("loading models", total=len(config.models))
+            server.wait_ready(lambda done, total: progress.update(task, completed=done))
+        console.print(f"serving on {config.grpc_url} (gRPC); log: {server.log_file}")
+        console.print("Ctrl-C to stop")
+        server.process.wait()
+        console.print(f"tritonserver exited:\n{server.log_tail()}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        server.stop()
+
+
+def _histories(events: Path, user: str | None) -> list[tuple[str, list]]:
+    from dynemb.data.jsonl import iter_user_events
+    from dynemb.demo import to_event
+
+    return [(u, [to_event(e) for e in evs]) for u, evs in iter_user_events(events, user)]
+
+
+@app.command()
+def embed(
+    events: Annotated[Path, typer.Option(help="JSON Lines: user, time, text, image, labels")],
+    user: Annotated[str | None, typer.Option(help="only this user")] = None,
+    at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
+    url: Url = "127.0.0.1:8001",
+) -> None:
+    """Print each user's E_t as one JSON line."""
+    from dynemb_client import InterestClient
+
+    with InterestClient(url) as client:
+        for user_id, history in _histories(events, user):
+            vector = client.embed(history, at=at)
+            print(json.dumps({"user": user_id, "at": at, "embedding": vector.tolist()}))
+
+
+@app.command()
+def recommend(
+    events: Annotated[Path, typer.Option(help="JSON Lines: user, time, text, image, labels")],
+    user: Annotated[str | None, typer.Option(help="only this user")] = None,
+    at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
+    k: int = 10,
+    url: Url = "127.0.0.1:8001",
+) -> None:
+    """Print each user's top-k items as one JSON line."""
+    from dynemb_client import InterestClient
+
+    with InterestClient(url) as client:
+        for user_id, history in _histories(events, user):
+            items = client.recommend(history, k=k, at=at)
+            rows = [{"item_id": i.item_id, "score": i.score, "title": i.title} for i in items]
+            print(json.dumps({"user": user_id, "at": at, "items": rows}, ensure_ascii=False))
+
+
+@app.command()
+def demo(
+    repository: Repository = MODEL_REPOSITORY,
+    catalogue: str = "ml-100k",
+    rebuild: Annotated[bool, typer.Option(help="rebuild even if built")] = False,
+) -> None:
+    """Build if needed, start the server on free loopback ports, query sample users, stop."""
+    from dynemb.demo import query, render, sample_histories, training_status
+    from dynemb.server import ServerConfig, TritonServer, free_port
+
+    if rebuild or not (repository / "retrieve" / "1" / "manifest.json").exists():
+        build(repository, catalogue, None, 0)
+    config = ServerConfig(
+        repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()
+    )
+    histories = sample_histories(catalogue, cache_dir())
+    server = TritonServer(config)
+    try:
+        server.start()
+        with _progress() as progress:
+            task = progress.add_task("starting tritonserver", total=len(config.models))
+            server.wait_ready(lambda done, total: progress.update(task, completed=done))
+        results = query(config.grpc_url, histories)
+    finally:
+        server.stop()
+    render(results, training_status(repository), print)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,73 @@
+"""`make demo`: build the repository if needed, serve it, query sample users, print, stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynemb.data import load_dataset
+from dynemb.data.types import Interaction
+from dynemb.manifest import Manifest
+from dynemb.pipeline import latest_version
+from dynemb.specs import STAGES
+from dynemb_client import Event, InterestClient
+
+log = logging.getLogger(__name__)
+
+
+def to_event(interaction: Interaction) -> Event:
+    return Event(interaction.time, interaction.text, interaction.image, interaction.labels)
+
+
+@dataclass
+class UserResult:
+    name: str
+    n_events: int
+    embedding: np.ndarray
+    recommendations: list
+
+
+def training_status(repository: Path) -> str:
+    """'trained (data, metrics)' or 'untrained (seeded initial weights)', from the manifests."""
+    manifests = [Manifest.load(latest_version(repository / s)) for s in STAGES if s != "preprocess"]
+    if all(m.trained for m in manifests):
+        p = manifests[0].provenance
+        return f"trained on {p.get('data')} (seed {p.get('seed')}, {p.get('metrics', {})})"
+    return "UNTRAINED (seeded initial weights; run `dynemb train` for a trained model)"
+
+
+def sample_histories(catalogue: str, cache: Path, n_users: int = 3) -> dict[str, list[Event]]:
+    """A few real users' histories from the catalogue's data set, and a cold-start user."""
+    users = load_dataset(catalogue, cache).by_user()
+    chosen = sorted(users, key=lambda u: (-len(users[u]), u))[:: max(1, len(users) // n_users)]
+    histories = {f"user {u}": [to_event(e) for e in users[u][-60:]] for u in chosen[:n_users]}
+    histories["cold-start user (no history)"] = []
+    return histories
+
+
+def query(url: str, histories: dict[str, list[Event]], k: int = 10) -> list[UserResult]:
+    with InterestClient(url) as client:
+        results = []
+        for name, events in histories.items():
+            at = events[-1].time if events else None
+            embedding = client.embed(events, at=at)
+            recommendations = client.recommend(events, k=k, at=at)
+            results.append(UserResult(name, len(events), embedding, recommendations))
+    return results
+
+
+def render(results: list[UserResult], status: str, echo: Callable[[str], None]) -> None:
+    echo(f"model: {status}")
+    for r in results:
+        e = r.embedding
+        head = ", ".join(f"{v:+.3f}" for v in e[:6])
+        echo(
+            f"\n{r.name}: {r.n_events} events -> E_t dim={e.shape[0]} "
+            f"norm={np.linalg.norm(e):.4f} first=[{head}, ...]"
+        )
+        for rank, item in enumerate(r.recommendations, 1):
+            echo(f"  {rank:>2}. {item.title}  (item {item.item_id}, score {item.score:.3f})")
