@@ -1,0 +1,167 @@
+"""The JointModel as trained: the served computation, with text/image run per unique row.
+
+`TrainModel.user_embedding(batch)` equals `JointModel.user_embedding` on the same
+preprocessed tensors (a unit test checks it): text_rnn and image_cnn work per event and
+independently of the batch, so running them once per unique text/image and gathering the
+rows is the same function. Ablation variants (no time features, no text, no labels, mean
+pooling instead of MiniLM) only exist here and are never exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn import functional as F
+
+from dynemb.config import Dims
+from dynemb.joint import JointModel
+from dynemb.stages.llm_encoder import minilm_config, minilm_path
+from dynemb.training.examples import Batch, ItemInputs, Tables
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What an ablation switches off; the default is the full model."""
+
+    time_features: bool = True
+    text: bool = True
+    labels: bool = True
+    item_ids: bool = True  # item-tower id embedding and user-side "item:<id>" labels
+    encoder: str = "llm"  # "llm" (MiniLM) or "mean" (mean of [F_t ⊕ G], projected)
+
+
+def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: int) -> JointModel:
+    """JointModel with pretrained MiniLM (its first `llm_layers` layers) and token embeddings.
+
+    Fewer layers change only `bert_config`, which travels in the checkpoint's hparams, so
+    `Checkpoint.load` and `dynemb build` rebuild the same encoder.
+    """
+    torch.manual_seed(seed)
+    config = minilm_config()
+    config["num_hidden_layers"] = min(llm_layers, config["num_hidden_layers"])
+    model = JointModel(dims, n_labels, n_items, config)
+    bert = model.stages["llm_encoder"].bert
+    weights = load_file(str(minilm_path() / "model.safetensors"))
+    kept = {}
+    for key, value in weights.items():
+        key = key.removeprefix("bert.")
+        if key.startswith("pooler.") or key.endswith("position_ids"):
+            continue
+        if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= llm_layers:
+            continue
+        kept[key] = value
+    missing, unexpected = bert.load_state_dict(kept, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, extra {unexpected}")
+    model.stages["text_rnn"].embed.weight.data.copy_(bert.embeddings.word_embeddings.weight)
+    return model
+
+
+class MeanPoolEncoder(nn.Module):
+    """Ablation "without LLM encoder": mean of [F_t ⊕ G] over real events, plus the query
+    features, projected and L2-normalised."""
+
+    def __init__(self, dims: Dims, hidden: int = 256) -> None:
+        super().__init__()
+        self.event_proj = nn.Linear(dims.seq_dim + dims.event_dim, hidden)
+        self.query_proj = nn.Linear(dims.query_dim, hidden)
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, dims.embed_dim))
+
+    def forward(self, seq, text, image, label, event_mask, query_features) -> torch.Tensor:
+        events = self.event_proj(torch.cat([seq, text, image, label], -1))
+        weights = event_mask.unsqueeze(-1).to(events.dtype)
+        pooled = (events * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return F.normalize(self.out(pooled + self.query_proj(query_features)), dim=-1)
+
+
+class TrainModel(nn.Module):
+    """Wraps the exported JointModel; holds the unique-text/image tables as buffers."""
+
+    def __init__(
+        self,
+        joint: JointModel,
+        tables: Tables,
+        items: ItemInputs,
+        variant: Variant = Variant(),
+        scale: float = 20.0,
+    ) -> None:
+        super().__init__()
+        self.joint = joint
+        self.variant = variant
+        self.scale = scale
+        self.mean_encoder = MeanPoolEncoder(joint.dims) if variant.encoder == "mean" else None
+        self.register_buffer("token_ids", torch.from_numpy(tables.token_ids), persistent=False)
+        self.register_buffer("token_count", torch.from_numpy(tables.token_count), False)
+        self.register_buffer("pixels", torch.from_numpy(tables.pixels), persistent=False)
+        self.register_buffer("item_text", torch.from_numpy(items.text), persistent=False)
+        self.register_buffer("item_image", torch.from_numpy(items.image), persistent=False)
+        self.register_buffer("item_mask", torch.from_numpy(items.image_mask), False)
+        self.register_buffer("item_labels", torch.from_numpy(items.label_ids), False)
+        self.register_buffer("item_index", torch.arange(1, len(items.text) + 1), False)
+
+    @property
+    def stages(self) -> nn.ModuleDict:
+        return self.joint.stages
+
+    def freeze(self, llm_trainable: bool = False) -> None:
+        """Freeze MiniLM's weights (gradients still flow through it to the projections
+        below) and the pretrained token embeddings of text_rnn."""
+        for p in self.stages["llm_encoder"].bert.parameters():
+            p.requires_grad_(llm_trainable)
+        self.stages["text_rnn"].embed.weight.requires_grad_(False)
+
+    def text_table(self) -> torch.Tensor:
+        """text_rnn over every unique text: (n_texts, text_dim), row 0 = no text = zeros."""
+        out = self.stages["text_rnn"](self.token_ids[None], self.token_count[None])[0]
+        return out if self.variant.text else torch.zeros_like(out)
+
+    def image_table(self) -> torch.Tensor:
+        """image_cnn over every unique image: (n_images, image_dim); row 0 is never read."""
+        mask = torch.arange(len(self.pixels), device=self.pixels.device) > 0
+        return self.stages["image_cnn"](self.pixels[None], mask[None])[0]
+
+    def _label(self, label_ids: torch.Tensor) -> torch.Tensor:
+        out = self.stages["label_mlp"](label_ids)
+        return out if self.variant.labels else torch.zeros_like(out)
+
+    def _image(self, rows: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        missing = self.stages["image_cnn"].missing
+        return torch.where(mask.unsqueeze(-1), table[rows], missing)
+
+    def item_vectors(
+        self, text: torch.Tensor, image: torch.Tensor, with_ids: bool = True
+    ) -> torch.Tensor:
+        """(n_items, embed_dim) unit vectors, row i = item index i+1 (the retrieve table)."""
+        content = torch.cat(
+            [
+                text[self.item_text],
+                self._image(self.item_image, self.item_mask, image),
+                self._label(self.item_labels[None])[0],
+            ],
+            dim=-1,
+        )
+        ids = self.item_index if with_ids else torch.zeros_like(self.item_index)
+        return self.joint.item_tower(content, ids)
+
+    def user_embedding(self, b: Batch, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """E_t for a batch, from the unique-text/image tables computed for this step."""
+        s = self.stages
+        event_mask = torch.from_numpy(b.event_mask)
+        text_vec = text[torch.from_numpy(b.text)]
+        image_vec = self._image(torch.from_numpy(b.image), torch.from_numpy(b.image_mask), image)
+        label_vec = self._label(torch.from_numpy(b.label_ids))
+        time_f = torch.from_numpy(b.time_features)
+        query_f = torch.from_numpy(b.query_features)
+        if not self.variant.time_features:
+            time_f, query_f = torch.zeros_like(time_f), torch.zeros_like(query_f)
+        seq = s["temporal_lstm"](text_vec, image_vec, label_vec, time_f, event_mask)
+        encoder = self.mean_encoder if self.mean_encoder is not None else s["llm_encoder"]
+        return encoder(seq, text_vec, image_vec, label_vec, event_mask, query_f)
+
+    def logits(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine of E_t with every item: the softmax over all items."""
+        return self.scale * user @ items.T

@@ -1,0 +1,247 @@
+"""Joint training of all stages for next-item prediction with a full softmax over items.
+
+"Loss at every position", as done here: each epoch draws `cuts_per_user` cut points per
+user among the training positions (without replacement, all of them when a user has fewer);
+each cut is one example whose target is the next event and whose query time is that
+event's time. A bidirectional encoder that pools a whole prefix cannot share work between
+positions, so sampling cuts is the affordable equivalent on CPU: over epochs every
+position is drawn with equal probability.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from dynemb.config import DIMS, Dims
+from dynemb.data.types import Dataset
+from dynemb.evaluation.metrics import evaluate_scores
+from dynemb.evaluation.split import Split, Which, leave_one_out
+from dynemb.repository import Checkpoint
+from dynemb.training.examples import ExampleBuilder, collate
+from dynemb.training.model import TrainModel, Variant, build_joint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    seed: int = 0
+    max_minutes: float = 25.0  # wall-clock budget of the training loop (validation included)
+    max_epochs: int = 30
+    patience: int = 3  # epochs without a better validation NDCG@10
+    cuts_per_user: int = 8  # examples per user per epoch (see module doc)
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    scale: float = 20.0  # softmax temperature 1/tau on cosine scores
+    llm_layers: int = 2  # MiniLM layers kept (pretrained, frozen weights; grads flow through)
+    llm_trainable: bool = False
+    variant: Variant = field(default_factory=Variant)
+    num_threads: int = 2
+    progress: bool = True
+    deterministic: bool = True
+    valid_users: int | None = None  # cap on validation users per epoch (None = all)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    examples: int
+    loss: float
+    valid_ndcg10: float
+    seconds: float  # since training started
+
+
+@dataclass
+class Trained:
+    """Everything evaluation needs besides the Checkpoint: the split, the example builder
+    (with its cache) and the training model."""
+
+    model: TrainModel
+    builder: ExampleBuilder
+    split: Split
+    options: TrainOptions
+    epochs: list[EpochReport]
+    best_epoch: int
+    best_valid_ndcg10: float
+    seconds: float
+
+    def checkpoint(self, dataset: Dataset) -> Checkpoint:
+        provenance = {
+            "data": dataset.name,
+            "synthetic": dataset.synthetic,
+            "seed": self.options.seed,
+            "options": _jsonable(asdict(self.options)),
+            "best_epoch": self.best_epoch,
+            "valid_ndcg10": self.best_valid_ndcg10,
+            "train_seconds": round(self.seconds, 1),
+            "item_labels": self.builder.item_labels,
+            "query_time": "time of the target event",
+        }
+        return Checkpoint(
+            self.model.joint.eval(),
+            self.builder.labels,
+            self.split.item_ids[1:],
+            provenance,
+            trained=True,
+        )
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def seed_everything(seed: int, threads: int, deterministic: bool) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def train(dataset: Dataset, options: TrainOptions | None = None) -> Checkpoint:
+    """Train on `dataset`'s leave-one-out training events; the Checkpoint `dynemb build` exports."""
+    options = options or TrainOptions()
+    return fit(dataset, leave_one_out(dataset), options).checkpoint(dataset)
+
+
+def fit(
+    dataset: Dataset,
+    split: Split,
+    options: TrainOptions,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    dims: Dims = DIMS,
+    builder: ExampleBuilder | None = None,
+) -> Trained:
+    """The training loop; returns the best epoch's weights by validation NDCG@10."""
+    seed_everything(options.seed, options.num_threads, options.deterministic)
+    started = time.perf_counter()
+    deadline = started + 60.0 * options.max_minutes
+    variant = options.variant
+    if builder is None or builder.item_labels != variant.item_ids:
+        builder = ExampleBuilder(dataset, split, dims, item_labels=variant.item_ids)
+    n_items = split.n_items if variant.item_ids else 0
+    joint = build_joint(dims, len(builder.labels), n_items, options.llm_layers, options.seed)
+    model = TrainModel(joint, builder.tables, builder.items, variant, options.scale)
+    model.freeze(options.llm_trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    rng = np.random.default_rng(options.seed)
+    users = [u for u in range(split.n_users) if len(builder.train_cuts(u)) > 0]
+    valid_users = split.eval_users
+    if options.valid_users is not None and options.valid_users < len(valid_users):
+        valid_users = np.sort(rng.choice(valid_users, options.valid_users, replace=False))
+
+    epochs: list[EpochReport] = []
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    bar = tqdm(desc="train", unit="ex", disable=not options.progress, dynamic_ncols=True)
+    out_of_time = False
+    for epoch in range(1, options.max_epochs + 1):
+        cuts = []
+        for u in users:
+            choices = builder.train_cuts(u)
+            k = min(options.cuts_per_user, len(choices))
+            cuts += [(u, int(c)) for c in rng.choice(choices, k, replace=False)]
+        order = rng.permutation(len(cuts))
+        model.train()
+        total, seen = 0.0, 0
+        for start in range(0, len(order), options.batch_size):
+            batch = collate(
+                [builder.example(*cuts[i]) for i in order[start : start + options.batch_size]]
+            )
+            text, image = model.text_table(), model.image_table()
+            logits = model.logits(
+                model.user_embedding(batch, text, image), model.item_vectors(text, image)
+            )
+            loss = F.cross_entropy(logits, torch.from_numpy(batch.target) - 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch.target)
+            seen += len(batch.target)
+            bar.update(len(batch.target))
+            bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}", best_ndcg10=f"{best[0]:.4f}")
+            if time.perf_counter() > deadline:
+                out_of_time = True
+                break
+        ndcg = score_split(model, builder, "valid", users=valid_users)["ndcg@10"]
+        report = EpochReport(epoch, seen, total / max(seen, 1), ndcg, time.perf_counter() - started)
+        epochs.append(report)
+        logger.info(
+            "epoch %d: %d examples, loss %.4f, valid ndcg@10 %.4f, %.0f s", *asdict(report).values()
+        )
+        if on_epoch is not None:
+            on_epoch(report)
+        if ndcg > best[0]:
+            best = (ndcg, epoch, copy.deepcopy(model.state_dict()))
+        bar.set_postfix(epoch=epoch, loss=f"{report.loss:.3f}", best_ndcg10=f"{best[0]:.4f}")
+        if out_of_time or epoch - best[1] >= options.patience:
+            break
+    bar.close()
+    model.load_state_dict(best[2])
+    model.eval()
+    return Trained(
+        model, builder, split, options, epochs, best[1], best[0], time.perf_counter() - started
+    )
+
+
+@torch.inference_mode()
+def user_vectors(
+    model: TrainModel, builder: ExampleBuilder, keys: list[tuple], batch_size: int = 128
+) -> np.ndarray:
+    """E_t for (user, cut[, query_time]) keys, in order."""
+    model.eval()
+    text, image = model.text_table(), model.image_table()
+    out = []
+    for start in range(0, len(keys), batch_size):
+        batch = collate([builder.example(*key) for key in keys[start : start + batch_size]])
+        out.append(model.user_embedding(batch, text, image).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.joint.dims.embed_dim), np.float32)
+
+
+@torch.inference_mode()
+def item_matrix(model: TrainModel, with_ids: bool = True) -> np.ndarray:
+    model.eval()
+    text, image = model.text_table(), model.image_table()
+    return model.item_vectors(text, image, with_ids=with_ids).numpy()
+
+
+def scores_for(
+    model: TrainModel, builder: ExampleBuilder, which: Which, users: np.ndarray, with_ids=True
+) -> np.ndarray:
+    """(len(users), n_items + 1) cosine scores (column 0 = padding, -inf)."""
+    keys = [(int(u), builder.eval_cut(int(u), which)) for u in users]
+    scores = user_vectors(model, builder, keys) @ item_matrix(model, with_ids).T
+    return np.concatenate([np.full((len(users), 1), -np.inf, np.float32), scores], axis=1)
+
+
+def score_split(
+    model: TrainModel,
+    builder: ExampleBuilder,
+    which: Which,
+    users: np.ndarray | None = None,
+    exclude_seen: bool = True,
+) -> dict[str, float]:
+    """Full-ranking metrics of `which` targets for `users` (default: all evaluated users)."""
+    split = builder.split
+    users = split.eval_users if users is None else users
+    scores = scores_for(model, builder, which, users)
+    targets = (split.valid if which == "valid" else split.test)[users]
+    histories = [split.history(int(u), which) for u in users] if exclude_seen else None
+    return evaluate_scores(scores, targets, histories, ks=(10, 20))

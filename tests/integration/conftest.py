@@ -1,0 +1,58 @@
+"""One real tritonserver for the whole session: built repository, free loopback ports,
+readiness poll, fail fast if the process dies, clean shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dynemb.pipeline import Pipeline
+from dynemb.repository import BuildOptions, build_repository
+from dynemb.server import ServerConfig, TritonServer, free_port
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@dataclass
+class LiveServer:
+    config: ServerConfig
+    server: TritonServer
+    repository: Path
+
+    @property
+    def url(self) -> str:
+        return self.config.grpc_url
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory) -> Path:
+    """The synthetic catalogue: it has images, so every branch is exercised."""
+    path = tmp_path_factory.mktemp("model_repository")
+    build_repository(BuildOptions(repository=path, catalogue="synthetic", seed=0))
+    return path
+
+
+@pytest.fixture(scope="session")
+def live(built_repository, tmp_path_factory) -> LiveServer:
+    config = ServerConfig(
+        repository=built_repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log",
+        startup_timeout_s=240,
+    )
+    with TritonServer(config) as server:
+        yield LiveServer(config, server, built_repository)
+        assert server.running(), f"tritonserver died during the tests:\n{server.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def pipeline(built_repository) -> Pipeline:
+    return Pipeline.from_repository(built_repository)

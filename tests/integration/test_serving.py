@@ -1,0 +1,90 @@
+"""The ensemble on a real tritonserver: readiness, parity with the in-process pipeline,
+batched == single, and recommendations."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from dynemb.config import DIMS
+from dynemb.data.synthetic import draw_item_image
+from dynemb.specs import ENSEMBLES, STAGES
+from dynemb_client import Event, InterestClient, build_inputs
+
+T0 = 1_700_000_000.0
+L = DIMS.max_events
+
+
+def history(n: int, images: bool, seed: int = 0) -> list[Event]:
+    rng = random.Random(seed)
+    return [
+        Event(
+            T0 + 3600 * i + rng.random(),
+            f"{rng.choice(['Crimson', 'Azure', 'Golden'])} circle lamp #{i}",
+            draw_item_image(i % 6, rng, 32) if images and i % 4 else None,
+            [f"category:c{i % 6}", "action:view"],
+        )
+        for i in range(n)
+    ]
+
+
+def test_every_model_is_ready(live):
+    client = grpcclient.InferenceServerClient(live.url)
+    for name in (*STAGES, *ENSEMBLES):
+        assert client.is_model_ready(name), name
+    assert client.is_server_ready()
+
+
+@pytest.mark.parametrize("n", [0, 1, L, L + 7])
+@pytest.mark.parametrize("images", [False, True])
+def test_served_embedding_equals_in_process_pipeline(live, pipeline, n, images):
+    events = history(n, images, seed=n)
+    with InterestClient(live.url) as client:
+        served = client.embed(events)
+    x = build_inputs([events], [None], L, DIMS.max_labels)
+    local = pipeline.embed(x)[0]
+    assert served.shape == (DIMS.embed_dim,) and served.dtype == np.float32
+    assert np.isfinite(served).all()
+    assert np.abs(served - local).max() <= 1e-4
+    assert np.linalg.norm(served) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_batched_equals_single(live):
+    histories = [history(n, images=n % 2 == 0, seed=n) for n in (0, 3, 17, L, L + 3)]
+    with InterestClient(live.url) as client:
+        together = client.embed_many(histories)
+        alone = np.stack([client.embed(h) for h in histories])
+    assert together.shape == (5, DIMS.embed_dim)
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+
+
+def test_longer_history_keeps_the_most_recent_events(live):
+    events = history(L + 10, images=False)
+    with InterestClient(live.url) as client:
+        np.testing.assert_allclose(client.embed(events), client.embed(events[-L:]), atol=1e-6)
+
+
+def test_embedding_depends_on_query_time(live):
+    events = history(10, images=True)
+    with InterestClient(live.url) as client:
+        now = client.embed(events)
+        week_later = client.embed(events, at=events[-1].time + 7 * 86400)
+    assert np.abs(now - week_later).max() > 1e-4
+
+
+def test_recommend_returns_titled_items_matching_the_pipeline(live, pipeline):
+    events = history(12, images=True)
+    with InterestClient(live.url) as client:
+        items = client.recommend(events, k=10)
+    assert len(items) == 10
+    scores = [item.score for item in items]
+    assert scores == sorted(scores, reverse=True)
+    table = pipeline.runners["retrieve"].retriever.table
+    titles = dict(zip(table.ids, table.titles, strict=True))
+    assert all(titles[item.item_id] == item.title for item in items)
+    x = build_inputs([events], [None], L, DIMS.max_labels, top_k=10)
+    local = pipeline.run(x, ensemble="recommend")
+    assert [i.item_id for i in items] == [v.decode() for v in local["ITEM_IDS"][0]]

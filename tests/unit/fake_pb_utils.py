@@ -1,0 +1,56 @@
+"""A stand-in for triton_python_backend_utils, enough to drive model.py without a server."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+
+class Tensor:
+    def __init__(self, name: str, value: np.ndarray) -> None:
+        self._name, self._value = name, value
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._value
+
+
+class TritonError:
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error: TritonError | None = None) -> None:
+        self.output_tensors = {t.name(): t.as_numpy() for t in output_tensors}
+        self.error = error
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+class InferenceRequest:
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        self.tensors = {name: Tensor(name, value) for name, value in tensors.items()}
+
+
+def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
+    return request.tensors.get(name)
+
+
+class Logger:
+    messages: ClassVar[list[str]] = []
+
+    @classmethod
+    def log_info(cls, message: str) -> None:
+        cls.messages.append(message)
+
+    @classmethod
+    def log_error(cls, message: str) -> None:
+        cls.messages.append(message)

@@ -1,0 +1,121 @@
+"""model.py through a fake triton_python_backend_utils: batching across, errors per request."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from dynemb.config import DIMS
+from dynemb.paths import MODEL_REPOSITORY
+from dynemb.repository import BuildOptions, build_repository
+from dynemb.specs import STAGES
+from dynemb_client import Event, build_inputs
+
+from . import fake_pb_utils
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("repo")
+    build_repository(BuildOptions(repository=path, catalogue="synthetic"))
+    return path
+
+
+def load_model(repo, stage):
+    """Import the committed model.py the way the backend does, with the fake utils."""
+    sys.modules["triton_python_backend_utils"] = fake_pb_utils
+    try:
+        path = MODEL_REPOSITORY / stage / "1" / "model.py"
+        spec = importlib.util.spec_from_file_location(f"model_{stage}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["triton_python_backend_utils"]
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(repo / stage), "model_version": "1"})
+    return model
+
+
+def raw(users, top_k=None):
+    return build_inputs(users, [None] * len(users), DIMS.max_events, DIMS.max_labels, top_k)
+
+
+def test_preprocess_bad_request_fails_alone(repo, png):
+    model = load_model(repo, "preprocess")
+    good = raw([[Event(T0, "fine", png, ["category:c1"])]])
+    bad = raw([[Event(T0, "fine")]])
+    bad["EVENT_TEXT"][0, 0] = b"\xff"
+    out = model.execute([fake_pb_utils.InferenceRequest(x) for x in (good, bad, good)])
+    assert [r.has_error() for r in out] == [False, True, False]
+    assert "EVENT_TEXT[0]" in out[1].error.message()
+    assert out[0].output_tensors["IMAGE_MASK"][0, 0]
+
+
+def test_torch_stage_runs_once_for_all_requests(repo, monkeypatch):
+    model = load_model(repo, "label_mlp")
+    calls = []
+    original = model.runner.module.forward
+    monkeypatch.setattr(model.runner.module, "forward", lambda *a: calls.append(a) or original(*a))
+    ids = [
+        np.random.default_rng(i).integers(0, 5, (n, DIMS.max_events, 8))
+        for i, n in enumerate((1, 3, 2))
+    ]
+    out = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": x}) for x in ids])
+    assert len(calls) == 1 and calls[0][0].shape[0] == 6
+    assert [r.output_tensors["LABEL_VEC"].shape[0] for r in out] == [1, 3, 2]
+    alone = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": ids[1]})])[0]
+    np.testing.assert_allclose(
+        alone.output_tensors["LABEL_VEC"], out[1].output_tensors["LABEL_VEC"], atol=1e-6
+    )
+
+
+def test_wrong_shape_or_dtype_is_a_per_request_error(repo):
+    model = load_model(repo, "label_mlp")
+    good = np.zeros((1, DIMS.max_events, 8), dtype=np.int64)
+    requests = [
+        {"LABEL_IDS": good},
+        {"LABEL_IDS": good.astype(np.float32)},
+        {"LABEL_IDS": np.zeros((1, 3, 8), dtype=np.int64)},
+        {},
+    ]
+    out = model.execute([fake_pb_utils.InferenceRequest(x) for x in requests])
+    assert [r.has_error() for r in out] == [False, True, True, True]
+    assert "LABEL_IDS" in out[1].error.message() and "dtype" in out[1].error.message()
+    assert "shape" in out[2].error.message() and "missing" in out[3].error.message()
+
+
+def test_retrieve_top_k_per_request(repo):
+    model = load_model(repo, "retrieve")
+    emb = np.random.default_rng(0).normal(size=(2, DIMS.embed_dim)).astype(np.float32)
+    requests = [
+        {"USER_EMBEDDING": emb, "TOP_K": np.array([[3], [3]], dtype=np.int32)},
+        {"USER_EMBEDDING": emb[:1], "TOP_K": np.array([[0]], dtype=np.int32)},
+        {"USER_EMBEDDING": emb[:1], "TOP_K": np.array([[10]], dtype=np.int32)},
+    ]
+    out = model.execute([fake_pb_utils.InferenceRequest(x) for x in requests])
+    assert out[0].output_tensors["ITEM_IDS"].shape == (2, 3)
+    assert out[1].has_error() and "TOP_K" in out[1].error.message()
+    scores = out[2].output_tensors["ITEM_SCORES"][0]
+    assert len(scores) == 10 and np.all(np.diff(scores) <= 0)
+    np.testing.assert_array_equal(
+        out[2].output_tensors["ITEM_IDS"][0, :3], out[0].output_tensors["ITEM_IDS"][0]
+    )
+
+
+def test_internal_error_is_logged_with_traceback_and_reported(repo, monkeypatch):
+    model = load_model(repo, "temporal_lstm")
+
+    def boom(*args):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(model.runner.module, "forward", boom)
+    spec = STAGES["temporal_lstm"]
+    x = {t.name: np.zeros((1, *t.dims), dtype=t.numpy_dtype) for t in spec.inputs}
+    out = model.execute([fake_pb_utils.InferenceRequest(x)])
+    assert out[0].has_error() and "kaput" in out[0].error.message()
+    assert any("Traceback" in m for m in fake_pb_utils.Logger.messages)

@@ -1,0 +1,108 @@
+"""Preprocessing: shapes, masks, time features by hand, and errors that name the field."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dynemb.config import DIMS
+from dynemb.errors import InputError
+from dynemb.features import UNK_LABEL, Preprocessor
+from dynemb_client import Event, build_inputs
+
+T0 = 1_700_000_000.0
+
+
+def one_user(events, at=None):
+    x = build_inputs([events], [at], DIMS.max_events, DIMS.max_labels)
+    return {k: v[0] for k, v in x.items()}
+
+
+@pytest.fixture(scope="module")
+def pre(assets):
+    return Preprocessor(assets)
+
+
+def test_shapes_and_masks(pre, png):
+    events = [
+        Event(T0, "a comedy", png, ["genre:Comedy", "rating:4"]),
+        Event(T0 + 60, "no image", None, ["genre:Drama", "brand:new"]),
+    ]
+    out = pre.user(one_user(events))
+    assert out["EVENT_MASK"].tolist() == [True, True] + [False] * (DIMS.max_events - 2)
+    assert out["IMAGE_MASK"][:3].tolist() == [True, False, False]
+    assert out["IMAGE_PIXELS"].shape == (DIMS.max_events, 3, 32, 32)
+    assert out["IMAGE_PIXELS"][0].max() > 0 and out["IMAGE_PIXELS"][1].max() == 0
+    assert out["TOKEN_COUNT"][0] > 0 and out["TOKEN_COUNT"][2] == 0
+    assert out["LABEL_IDS"][1, 1] == UNK_LABEL  # "brand:new" is not in the vocabulary
+    assert out["LABEL_IDS"][2].sum() == 0
+    assert out["TIME_FEATURES"].shape == (DIMS.max_events, DIMS.time_dim)
+    assert not out["TIME_FEATURES"][2:].any()
+
+
+def test_time_features_by_hand(pre):
+    hour = 3600.0
+    events = [Event(T0 + i * hour, f"e{i}", labels=["rating:4"]) for i in range(3)]
+    out = pre.user(one_user(events, at=T0 + 5 * hour))
+    f = out["TIME_FEATURES"]
+    assert f[0, 0] == pytest.approx(math.log1p(5.0))  # 5 h before t
+    assert f[2, 0] == pytest.approx(math.log1p(3.0))
+    assert f[0, 1] == 0 and f[1, 1] == pytest.approx(math.log1p(1.0))
+    assert f[2, 6] == 0 and f[0, 6] == pytest.approx(2 / DIMS.max_events)  # recency rank
+    # 1 h window (ages strictly below 1 h): only the event itself.
+    assert f[2, 7] == pytest.approx(math.log1p(1))
+    # 1 day window: all three for the newest event; mean rating 4/5; same label share 1.
+    assert f[2, 10] == pytest.approx(math.log1p(3))
+    assert f[2, 11] == pytest.approx(0.8)
+    assert f[2, 12] == pytest.approx(1.0)
+    q = out["QUERY_FEATURES"]
+    assert q[0] == pytest.approx(math.log1p(3.0)) and q[5] == 1.0
+
+
+def test_events_after_query_time_are_ignored(pre):
+    events = [Event(T0 + i, f"e{i}") for i in range(4)]
+    out = pre.user(one_user(events, at=T0 + 4))
+    x = one_user(events, at=T0 + 4)
+    x["QUERY_TIME"][0] = T0 + 1.5  # the client would drop them; the server must too
+    out = pre.user(x)
+    assert out["EVENT_MASK"].sum() == 2
+
+
+def test_empty_history(pre):
+    out = pre.user(one_user([], at=T0))
+    assert not out["EVENT_MASK"].any()
+    assert np.isfinite(out["QUERY_FEATURES"]).all() and out["QUERY_FEATURES"][5] == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda x: x["EVENT_TEXT"].__setitem__(1, b"\xff\xfe"), "EVENT_TEXT[1]"),
+        (lambda x: x["EVENT_IMAGE"].__setitem__(0, b"\x89PNG\r\n\x1a\nbroken"), "EVENT_IMAGE[0]"),
+        (lambda x: x["EVENT_TIME"].__setitem__(0, -5.0), "EVENT_TIME[0]"),
+        (lambda x: x["EVENT_TIME"].__setitem__(1, 1e300), "EVENT_TIME[1]"),
+        (lambda x: x["EVENT_TIME"].__setitem__(1, T0 - 100), "EVENT_TIME[1]"),
+        (lambda x: x["QUERY_TIME"].__setitem__(0, math.nan), "QUERY_TIME"),
+        (lambda x: x["EVENT_COUNT"].__setitem__(0, 51), "EVENT_COUNT"),
+        (lambda x: x["EVENT_LABELS"].__setitem__((0, 0), b"\xc3"), "EVENT_LABELS[0][0]"),
+    ],
+)
+def test_bad_input_names_the_field(pre, png, mutate, field):
+    x = one_user([Event(T0, "ok", png, ["genre:Comedy"]), Event(T0 + 1, "ok too")])
+    mutate(x)
+    with pytest.raises(InputError) as info:
+        pre.user(x)
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_batch_equals_single(pre, png):
+    users = [[Event(T0 + i, f"t{i}", png if i % 2 else None) for i in range(n)] for n in (0, 3, 7)]
+    x = build_inputs(users, [None] * 3, DIMS.max_events, DIMS.max_labels)
+    batch = pre(x)
+    for i in range(3):
+        single = pre.user({k: v[i] for k, v in x.items()})
+        for key, value in single.items():
+            np.testing.assert_array_equal(batch[key][i], value)
