@@ -83,11 +83,27 @@ def serve(
     http_port: int = 8000,
     metrics_port: int = 8002,
     log_file: Annotated[Path | None, typer.Option(help="server log")] = None,
+    insecure_control: Annotated[
+        bool, typer.Option(help="leave load/unload unprotected (loopback only)")
+    ] = False,
 ) -> None:
-    """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM."""
+    """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM.
+
+    Model control (load, unload, repository index) needs the token from
+    DYNEMB_CONTROL_TOKEN or the 0600 token file created on first serve; inference is open.
+    """
+    from dynemb.control import ControlError, load_token, server_args
     from dynemb.server import ServerConfig, TritonServer
 
-    config = ServerConfig(repository, host, grpc_port, http_port, metrics_port, log_file)
+    token = None if insecure_control else load_token(create=True)
+    try:
+        server_args(token, host)
+    except ControlError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    config = ServerConfig(
+        repository, host, grpc_port, http_port, metrics_port, log_file, control_token=token
+    )
     server = TritonServer(config)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -173,6 +189,89 @@ def demo(
     finally:
         server.stop()
     render(results, training_status(repository), print)
+
+
+def _swapper(repository: Path, url: str):
+    from dynemb.control import load_token
+    from dynemb.swap.swapper import Swapper
+
+    return Swapper(repository, url, token=load_token(create=False))
+
+
+@app.command()
+def swap(
+    stage: Annotated[str, typer.Argument(help="stage to replace, e.g. text_rnn")],
+    artifact: Annotated[Path, typer.Argument(help="version directory: artifact + manifest")],
+    accept_drift: Annotated[bool, typer.Option(help="swap even if drift is out of bounds")] = False,
+    repository: Repository = MODEL_REPOSITORY,
+    url: Url = "127.0.0.1:8001",
+) -> None:
+    """Check, probe drift, install as the next version, load, verify; restore on failure."""
+    from dynemb.swap.swapper import SwapFailedError, SwapRefusedError
+
+    swapper = _swapper(repository, url)
+    try:
+        result = swapper.swap(stage, artifact, accept_drift=accept_drift, progress=console.print)
+    except (SwapRefusedError, SwapFailedError) as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    print(
+        json.dumps(
+            {
+                "stage": stage,
+                "old": result.old_version,
+                "new": result.new_version,
+                "drift": result.drift.as_dict() if result.drift else None,
+                "seconds": round(result.seconds, 2),
+            }
+        )
+    )
+
+
+@app.command()
+def rollback(
+    stage: str,
+    to: Annotated[int | None, typer.Option(help="version to serve again (default: parent)")] = None,
+    repository: Repository = MODEL_REPOSITORY,
+    url: Url = "127.0.0.1:8001",
+) -> None:
+    """Serve an earlier version of STAGE again (installed as a new, newest version)."""
+    from dynemb.swap.swapper import SwapFailedError, SwapRefusedError
+
+    try:
+        result = _swapper(repository, url).rollback(stage, to, progress=console.print)
+    except (SwapRefusedError, SwapFailedError) as exc:
+        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    print(json.dumps({"stage": stage, "old": result.old_version, "new": result.new_version}))
+
+
+@app.command()
+def versions(repository: Repository = MODEL_REPOSITORY) -> None:
+    """Each stage's versions with manifest summaries; * marks the one serving."""
+    from dynemb.swap.swapper import list_versions
+
+    for row in list_versions(repository):
+        mark = "*" if row.serving else " "
+        state = "trained" if row.trained else "untrained"
+        print(f"{mark} {row.stage:<14} v{row.version:<3} {state:<9} {row.created}  {row.summary}")
+
+
+@app.command()
+def candidate(
+    stage: str,
+    out: Path,
+    kind: Annotated[
+        str, typer.Option(help="perturb | reinit | nan | broken | signature")
+    ] = "perturb",
+    scale: float = 0.01,
+    seed: int = 0,
+    repository: Repository = MODEL_REPOSITORY,
+) -> None:
+    """Write a candidate version of STAGE to OUT from the serving one (for trials and drills)."""
+    from dynemb.swap.candidates import make_candidate
+
+    console.print(f"wrote {make_candidate(repository, stage, out, kind, scale, seed)}")
 
 
 if __name__ == "__main__":

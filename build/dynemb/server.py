@@ -23,6 +23,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from dynemb import control
 from dynemb.paths import MODEL_REPOSITORY, cache_dir
 from dynemb.specs import ENSEMBLES, STAGES
 
@@ -45,6 +46,7 @@ class ServerConfig:
     models: tuple[str, ...] = (*STAGES, *ENSEMBLES)
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 15
+    control_token: str | None = None  # None: model control unprotected (loopback only)
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -128,6 +130,7 @@ class TritonServer:
             f"--metrics-address={c.host}",
             f"--metrics-port={c.metrics_port}",
             "--log-verbose=0",
+            *control.server_args(c.control_token, c.host),
             *c.extra_args,
         ]
         return args

@@ -3,6 +3,7 @@ readiness poll, fail fast if the process dies, clean shutdown."""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class LiveServer:
     config: ServerConfig
     server: TritonServer
     repository: Path
+    token: str
 
     @property
     def url(self) -> str:
@@ -47,9 +49,10 @@ def live(built_repository, tmp_path_factory) -> LiveServer:
         metrics_port=free_port(),
         log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log",
         startup_timeout_s=240,
+        control_token=secrets.token_urlsafe(16),
     )
     with TritonServer(config) as server:
-        yield LiveServer(config, server, built_repository)
+        yield LiveServer(config, server, built_repository, config.control_token)
         assert server.running(), f"tritonserver died during the tests:\n{server.log_tail()}"
 
 

@@ -117,7 +117,7 @@ class ExampleBuilder:
         self.preprocessor = Preprocessor(self.assets)
         self.tables = self._tables(dataset)
         self.items = self._item_inputs(dataset)
-        self._cache: dict[tuple[int, int, float], Example] = {}
+        self._cache: dict[tuple, Example] = {}
 
     def _tables(self, dataset: Dataset) -> Tables:
         texts = {"": 0}
@@ -155,21 +155,25 @@ class ExampleBuilder:
         arrays = build_inputs([events], [query_time], d.max_events, d.max_labels)
         return {k: v[0] for k, v in arrays.items()}
 
-    def example(self, user: int, cut: int, query_time: float | None = None) -> Example:
+    def example(
+        self, user: int, cut: int, query_time: float | None = None, limit: int | None = None
+    ) -> Example:
         """History = the user's events before index `cut`; target = event `cut`.
 
         `query_time` defaults to the target's time; a different t (e.g. a stale one) is
-        used by the dynamics benchmark.
+        used by the dynamics benchmark. `limit` keeps only the newest `limit` events (the
+        short-history cold-start measurement).
         """
         events = self.split.events[user]
         target = events[cut]
         t = target.time if query_time is None else query_time
-        key = (user, cut, t)
+        key = (user, cut, t, limit)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         # What build_inputs would keep anyway: events at or before t, the newest L of them.
-        history = [e for e in events[:cut] if e.time <= t][-self.dims.max_events :]
+        keep = self.dims.max_events if limit is None else min(limit, self.dims.max_events)
+        history = [e for e in events[:cut] if e.time <= t][-keep:]
         x = self.preprocessor.user(self.raw_inputs(history, t))
         example = self._compact(x, history, self.split.item_index[target.item_id])
         self._cache[key] = example

@@ -40,8 +40,8 @@ class TrainOptions:
     max_minutes: float = 25.0  # wall-clock budget of the training loop (validation included)
     max_epochs: int = 30
     patience: int = 3  # epochs without a better validation NDCG@10
-    cuts_per_user: int = 8  # examples per user per epoch (see module doc)
-    batch_size: int = 64
+    cuts_per_user: int = 4  # examples per user per epoch (see module doc)
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.0
     scale: float = 20.0  # softmax temperature 1/tau on cosine scores
@@ -128,8 +128,12 @@ def fit(
     on_epoch: Callable[[EpochReport], None] | None = None,
     dims: Dims = DIMS,
     builder: ExampleBuilder | None = None,
+    users: np.ndarray | None = None,
 ) -> Trained:
-    """The training loop; returns the best epoch's weights by validation NDCG@10."""
+    """The training loop; returns the best epoch's weights by validation NDCG@10.
+
+    `users` restricts training and validation to those split rows (others stay unseen).
+    """
     seed_everything(options.seed, options.num_threads, options.deterministic)
     started = time.perf_counter()
     deadline = started + 60.0 * options.max_minutes
@@ -143,8 +147,11 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     rng = np.random.default_rng(options.seed)
-    users = [u for u in range(split.n_users) if len(builder.train_cuts(u)) > 0]
+    pool = range(split.n_users) if users is None else [int(u) for u in users]
     valid_users = split.eval_users
+    if users is not None:
+        valid_users = np.intersect1d(valid_users, np.asarray(users))
+    users = [u for u in pool if len(builder.train_cuts(u)) > 0]
     if options.valid_users is not None and options.valid_users < len(valid_users):
         valid_users = np.sort(rng.choice(valid_users, options.valid_users, replace=False))
 
@@ -223,10 +230,15 @@ def item_matrix(model: TrainModel, with_ids: bool = True) -> np.ndarray:
 
 
 def scores_for(
-    model: TrainModel, builder: ExampleBuilder, which: Which, users: np.ndarray, with_ids=True
+    model: TrainModel,
+    builder: ExampleBuilder,
+    which: Which,
+    users: np.ndarray,
+    with_ids: bool = True,
+    limit: int | None = None,
 ) -> np.ndarray:
     """(len(users), n_items + 1) cosine scores (column 0 = padding, -inf)."""
-    keys = [(int(u), builder.eval_cut(int(u), which)) for u in users]
+    keys = [(int(u), builder.eval_cut(int(u), which), None, limit) for u in users]
     scores = user_vectors(model, builder, keys) @ item_matrix(model, with_ids).T
     return np.concatenate([np.full((len(users), 1), -np.inf, np.float32), scores], axis=1)
 

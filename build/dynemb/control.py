@@ -1,0 +1,84 @@
+"""Protected model control: a token guards load/unload/index; inference stays open.
+
+The server starts with `--grpc-restricted-protocol=model-repository:dynemb-control=TOKEN`
+(and the HTTP twin); gRPC clients send `triton-grpc-protocol-dynemb-control: TOKEN`.
+The token comes from DYNEMB_CONTROL_TOKEN, else from a file created on first use with
+mode 0600. Note: Triton takes it as a command-line flag, so local users who can list
+processes can read it; bind to loopback (the default) unless the host is trusted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+
+from dynemb.paths import cache_dir
+
+TOKEN_ENV = "DYNEMB_CONTROL_TOKEN"
+HEADER_KEY = "dynemb-control"
+GRPC_HEADER = f"triton-grpc-protocol-{HEADER_KEY}"
+
+
+class ControlError(RuntimeError):
+    """Model control was refused or failed."""
+
+
+def token_file() -> Path:
+    return cache_dir() / "control-token"
+
+
+def load_token(create: bool = True) -> str | None:
+    """The control token: environment first, then the token file (created 0600 if asked)."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    path = token_file()
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise ControlError(f"{path} is readable by others; chmod 600 it")
+        return path.read_text(encoding="utf-8").strip()
+    if not create:
+        return None
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_args(token: str | None, host: str) -> list[str]:
+    """tritonserver flags that protect model control; refuse an open non-loopback server."""
+    if token is None:
+        if not is_loopback(host):
+            raise ControlError(
+                f"refusing to serve on non-loopback host {host!r} without a control token "
+                f"(set {TOKEN_ENV} or let `dynemb serve` create {token_file()})"
+            )
+        return []
+    if not token.isascii() or any(c.isspace() or c in ",=" for c in token):
+        raise ControlError("the control token must be ASCII without spaces, ',' or '='")
+    return [
+        f"--grpc-restricted-protocol=model-repository:{HEADER_KEY}={token}",
+        f"--http-restricted-api=model-repository:{HEADER_KEY}={token}",
+    ]
+
+
+def headers(token: str | None) -> dict[str, str] | None:
+    return {GRPC_HEADER: token} if token else None
+
+
+def load_model(client: grpcclient.InferenceServerClient, model: str, token: str | None) -> None:
+    """Load (or reload) a model through the protected repository API."""
+    client.load_model(model, headers=headers(token))

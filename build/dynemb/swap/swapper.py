@@ -1,0 +1,281 @@
+"""`dynemb swap`, `dynemb rollback`, `dynemb versions`.
+
+A swap never edits a served version: it writes the candidate as version N+1 and asks the
+server to load the stage (version policy: latest 1). Triton loads N+1 beside N, switches,
+then unloads N, and reloads the ensembles that use the stage; no request fails. Paths that
+would take an ensemble down (unloading a stage, a partial config override) are never used.
+Any failure after N+1 is written removes it and reloads, so the server serves N again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from dynemb import control
+from dynemb.manifest import Manifest
+from dynemb.pipeline import Pipeline, latest_version
+from dynemb.serving.runners import Runner, load_runner
+from dynemb.specs import ENSEMBLES, STAGES
+from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
+from dynemb_client import contract as wire
+
+log = logging.getLogger(__name__)
+PARITY_ATOL = 1e-4
+
+
+class SwapRefusedError(RuntimeError):
+    """The candidate was not installed; the server was not touched."""
+
+
+class SwapFailedError(RuntimeError):
+    """The candidate was installed but failed on the server; the previous version is back."""
+
+
+@dataclass
+class SwapResult:
+    stage: str
+    old_version: int
+    new_version: int
+    drift: DriftReport
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def versions_of(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_candidate(stage: str, artifact: Path) -> Manifest:
+    """Signature and integrity, before anything is loaded."""
+    if stage not in STAGES:
+        raise SwapRefusedError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if not (artifact / "manifest.json").exists():
+        raise SwapRefusedError(f"{artifact}: no manifest.json; not a stage version directory")
+    manifest = Manifest.load(artifact)
+    if manifest.stage != stage:
+        raise SwapRefusedError(f"{artifact} is a {manifest.stage!r} artifact, not {stage!r}")
+    expected = STAGES[stage].signature
+    if manifest.signature != expected:
+        raise SwapRefusedError(
+            f"signature differs from the {stage} spec:\n  candidate {manifest.signature}\n"
+            f"  spec      {expected}"
+        )
+    try:
+        manifest.verify(artifact)
+    except (OSError, ValueError) as exc:
+        raise SwapRefusedError(f"artifact integrity: {exc}") from exc
+    return manifest
+
+
+class Swapper:
+    def __init__(
+        self,
+        repository: Path,
+        url: str = "127.0.0.1:8001",
+        token: str | None = None,
+        thresholds: DriftThresholds | None = None,
+        ready_timeout_s: float = 120.0,
+    ) -> None:
+        self.repository = repository
+        self.url = url
+        self.token = token
+        self.thresholds = thresholds or DriftThresholds()
+        self.ready_timeout_s = ready_timeout_s
+        self.client = grpcclient.InferenceServerClient(url)
+        self._probes: dict | None = None
+        self._runners: dict[tuple[Path, bytes], Runner] = {}
+
+    @property
+    def probes(self) -> dict[str, np.ndarray]:
+        if self._probes is None:
+            self._probes = probe_inputs()
+        return self._probes
+
+    def swap(
+        self,
+        stage: str,
+        artifact: Path,
+        accept_drift: bool = False,
+        precheck: bool = True,
+        note: str = "",
+        progress: Callable[[str], None] = log.info,
+    ) -> SwapResult:
+        started = time.monotonic()
+        manifest = check_candidate(stage, artifact)
+        progress(f"{stage}: signature and sha256 ok")
+        current = self._current()
+        try:
+            candidate = load_runner(artifact)
+        except Exception as exc:
+            if precheck:
+                raise SwapRefusedError(f"candidate fails to initialize: {exc!r}") from exc
+            candidate = None  # only tests skip this, to exercise the server-side refusal
+        drift = measure(current, stage, candidate, self.probes) if candidate else None
+        if drift is not None:
+            progress(f"{stage}: drift {drift.as_dict()}")
+            problems = drift.problems(self.thresholds)
+            if not drift.finite:
+                raise SwapRefusedError(f"{stage}: {'; '.join(problems)}")
+            if problems and not accept_drift:
+                raise SwapRefusedError(
+                    f"{stage}: drift out of bounds ({'; '.join(problems)}); "
+                    "pass --accept-drift to swap anyway"
+                )
+        self._require_ready([stage, *ENSEMBLES])
+        model_dir = self.repository / stage
+        old = versions_of(model_dir)[-1]
+        new = self._install(model_dir, artifact, manifest, old, drift, note)
+        progress(f"{stage}: installed as version {new}; loading")
+        try:
+            control.load_model(self.client, stage, self.token)
+            self._wait_ready(stage, new)
+            if candidate is not None:
+                self._verify(Pipeline({**current.runners, stage: candidate}))
+        except Exception as exc:
+            self._restore(model_dir / str(new), stage, old)
+            raise SwapFailedError(
+                f"{stage} v{new} failed on the server ({exc}); v{old} serves"
+            ) from exc
+        progress(f"{stage}: version {new} serving")
+        return SwapResult(stage, old, new, drift, time.monotonic() - started)
+
+    def _current(self) -> Pipeline:
+        """The repository's newest versions; unchanged stages are not loaded again."""
+        runners = {}
+        for name in ENSEMBLES[wire.RECOMMEND].steps:
+            directory = latest_version(self.repository / name)
+            # A failed swap's directory number is reused: key on the manifest's content too.
+            key = (directory, (directory / "manifest.json").read_bytes())
+            if key not in self._runners:
+                self._runners[key] = load_runner(directory)
+            runners[name] = self._runners[key]
+        return Pipeline(runners)
+
+    def rollback(self, stage: str, to: int | None = None, **kwargs) -> SwapResult:
+        """Serve an earlier version again, by installing a copy of it as the newest."""
+        model_dir = self.repository / stage
+        existing = versions_of(model_dir)
+        if to is None:
+            current = Manifest.load(model_dir / str(existing[-1]))
+            to = current.provenance.get("parent_version")
+            if to is None or to not in existing:
+                raise SwapRefusedError(
+                    f"{stage} v{existing[-1]} has no earlier version to go back to"
+                )
+        if to not in existing or to == existing[-1]:
+            raise SwapRefusedError(f"{stage}: cannot roll back to v{to} (versions: {existing})")
+        return self.swap(
+            stage, model_dir / str(to), accept_drift=True, note=f"rollback to v{to}", **kwargs
+        )
+
+    def _install(
+        self,
+        model_dir: Path,
+        artifact: Path,
+        manifest: Manifest,
+        old: int,
+        drift: DriftReport | None,
+        note: str,
+    ) -> int:
+        new = old + 1
+        staging = model_dir / f"{new}.incoming"  # not a number: Triton ignores it
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(artifact, staging, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(model_dir / str(old) / "model.py", staging / "model.py")
+        manifest.provenance = {
+            **manifest.provenance,
+            "parent_version": old,
+            "drift": drift.as_dict() if drift else None,
+            "note": note,
+        }
+        manifest.save(staging)
+        staging.rename(model_dir / str(new))
+        return new
+
+    def _restore(self, new_dir: Path, stage: str, old: int) -> None:
+        shutil.rmtree(new_dir, ignore_errors=True)
+        try:
+            control.load_model(self.client, stage, self.token)
+            self._wait_ready(stage, old)
+        except Exception:
+            log.exception("restoring %s v%d after a failed swap", stage, old)
+            raise
+
+    def _require_ready(self, models: list[str]) -> None:
+        for model in models:
+            if not self.client.is_model_ready(model):
+                raise SwapRefusedError(f"{model} is not ready on {self.url}; not swapping")
+
+    def _wait_ready(self, stage: str, version: int) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.client.is_model_ready(stage, str(version)) and all(
+                self.client.is_model_ready(e) for e in ENSEMBLES
+            ):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{stage} v{version} not ready after {self.ready_timeout_s:.0f}s")
+
+    def _verify(self, expected: Pipeline) -> None:
+        """The served ensembles answer the probes as the candidate pipeline does."""
+        want = expected.run(self.probes, wire.RECOMMEND)
+        inputs = []
+        for name, value in self.probes.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), _dtype(value))
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        got = self.client.infer(wire.RECOMMEND, inputs).as_numpy(wire.ITEM_SCORES)
+        interest = self.client.infer(wire.USER_INTEREST, inputs[:-1]).as_numpy(wire.USER_EMBEDDING)
+        if np.abs(interest - want[wire.USER_EMBEDDING]).max() > PARITY_ATOL:
+            raise RuntimeError("served E_t differs from the candidate's on the probes")
+        if np.abs(got - want[wire.ITEM_SCORES]).max() > PARITY_ATOL:
+            raise RuntimeError("served recommendations differ from the candidate's on the probes")
+
+
+def _dtype(value: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(value.dtype)
+
+
+@dataclass
+class VersionInfo:
+    stage: str
+    version: int
+    serving: bool
+    trained: bool
+    created: str
+    summary: str
+
+
+def list_versions(repository: Path) -> list[VersionInfo]:
+    rows = []
+    for stage in STAGES:
+        model_dir = repository / stage
+        latest = int(latest_version(model_dir).name)
+        for version in versions_of(model_dir):
+            m = Manifest.load(model_dir / str(version))
+            p = m.provenance
+            bits = [f"data={p.get('data', '?')}"]
+            if p.get("parent_version") is not None:
+                bits.append(f"parent=v{p['parent_version']}")
+            if p.get("note"):
+                bits.append(p["note"])
+            if p.get("candidate"):
+                bits.append(f"candidate={p['candidate']}")
+            if p.get("drift"):
+                bits.append(f"E_t cos={p['drift']['embedding_cosine_mean']:.3f}")
+            rows.append(
+                VersionInfo(
+                    stage, version, version == latest, m.trained, m.created, ", ".join(bits)
+                )
+            )
+    return rows

@@ -1,0 +1,142 @@
+"""Training: examples as served, table-gather parity, learning, determinism, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dynemb.config import DIMS
+from dynemb.data.synthetic import SyntheticConfig, generate
+from dynemb.evaluation.split import leave_one_out
+from dynemb.features import Preprocessor
+from dynemb.repository import Checkpoint, item_table
+from dynemb.training.evaluate import evaluate
+from dynemb.training.examples import ExampleBuilder, collate, item_label
+from dynemb.training.model import TrainModel, Variant, build_joint
+from dynemb.training.train import TrainOptions, fit, item_matrix
+from dynemb_client import contract as wire
+
+TINY = TrainOptions(
+    max_minutes=1.0,
+    max_epochs=1,
+    cuts_per_user=2,
+    batch_size=8,
+    llm_layers=1,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    config = SyntheticConfig(n_users=6, items_per_category=3, events_per_user=(8, 12))
+    return generate(replace(config, n_categories=3)).dataset
+
+
+@pytest.fixture(scope="module")
+def builder(data):
+    return ExampleBuilder(data, leave_one_out(data), DIMS, item_labels=True)
+
+
+def test_example_is_the_prefix_before_the_target_at_its_time(builder):
+    events = builder.split.events[0]
+    cut = 5
+    raw = builder.raw_inputs(events[:cut], events[cut].time)
+    assert raw[wire.QUERY_TIME][0] == events[cut].time
+    assert int(raw[wire.EVENT_COUNT][0]) == cut
+    np.testing.assert_array_equal(raw[wire.EVENT_TIME][:cut], [e.time for e in events[:cut]])
+    assert raw[wire.EVENT_LABELS][0][0] == item_label(events[0].item_id).encode()
+    example = builder.example(0, cut)
+    assert example.count == cut and example.event_mask.sum() == cut
+    assert example.target == builder.split.item_index[events[cut].item_id]
+    # The target's own text is never an event of its example (beyond true repeats).
+    seen = {builder.tables.text_index[e.text] for e in events[:cut]}
+    assert set(example.text[:cut].tolist()) == seen
+    assert not example.text[cut:].any()
+
+
+def test_stale_query_time_hides_newer_events(builder):
+    events = builder.split.events[0]
+    stale = builder.example(0, 6, query_time=events[3].time - 1.0)
+    assert stale.count == 3
+
+
+def test_train_cuts_never_target_held_out_events(builder):
+    for user in builder.split.eval_users:
+        n = len(builder.split.events[user])
+        assert max(builder.train_cuts(int(user))) == n - 3
+        assert builder.eval_cut(int(user), "valid") == n - 2
+
+
+def test_table_gather_equals_the_served_computation(data, builder):
+    joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
+    model = TrainModel(joint, builder.tables, builder.items).eval()
+    pre = builder.preprocessor
+    keys = [(0, 4), (1, 7), (2, 2)]
+    full = [
+        pre.user(builder.raw_inputs(builder.split.events[u][:c], builder.split.events[u][c].time))
+        for u, c in keys
+    ]
+    x = {k: torch.from_numpy(np.stack([f[k] for f in full])) for k in full[0]}
+    with torch.no_grad():
+        expected = joint.user_embedding(x)
+        text, image = model.text_table(), model.image_table()
+        got = model.user_embedding(collate([builder.example(*k) for k in keys]), text, image)
+        items = model.item_vectors(text, image)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    ids = builder.split.item_ids[1:]
+    checkpoint = Checkpoint(joint, builder.labels, ids, {}, trained=True)
+    table = item_table(checkpoint, data, Preprocessor(builder.assets))
+    assert table.ids == ids
+    np.testing.assert_allclose(table.vectors, items.numpy(), atol=1e-5)
+
+
+def test_loss_decreases_in_a_few_steps(builder):
+    torch.manual_seed(0)
+    joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
+    model = TrainModel(joint, builder.tables, builder.items)
+    model.freeze()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    batch = collate([builder.example(u, 3) for u in range(6)])
+    target = torch.from_numpy(batch.target) - 1
+    losses = []
+    model.train()
+    for _ in range(4):
+        text, image = model.text_table(), model.image_table()
+        logits = model.logits(
+            model.user_embedding(batch, text, image), model.item_vectors(text, image)
+        )
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_training_is_deterministic_and_evaluates(data, builder, tmp_path):
+    split = builder.split
+    a = fit(data, split, TINY, builder=builder)
+    b = fit(data, split, TINY, builder=builder)
+    assert a.epochs[0].loss == b.epochs[0].loss
+    np.testing.assert_array_equal(item_matrix(a.model), item_matrix(b.model))
+    metrics = evaluate(a)
+    assert set(metrics) == {"kept", "excluded"}
+    for values in metrics.values():
+        assert 0.0 <= values["ndcg@10"] <= values["recall@10"] <= values["recall@20"] <= 1.0
+    # The saved checkpoint round-trips through Checkpoint.load (what `dynemb build` reads).
+    path = tmp_path / "c.pt"
+    a.checkpoint(data).save(path)
+    loaded = Checkpoint.load(path)
+    assert loaded.trained and loaded.labels == builder.labels
+    assert loaded.model.stages["llm_encoder"].bert.config.num_hidden_layers == 1
+
+
+def test_ablation_variant_without_ids_trains(data, builder):
+    options = replace(TINY, variant=Variant(item_ids=False, encoder="mean"))
+    trained = fit(data, builder.split, options, builder=builder)
+    assert trained.model.joint.item_tower.ids is None
+    assert not trained.builder.item_labels
