@@ -14,7 +14,6 @@ from tritonclient.utils import InferenceServerException
 
 from dynemb.data.synthetic import draw_item_image
 from dynemb.loadgen import LoadGenerator
-from dynemb.pipeline import Pipeline
 from dynemb.swap.candidates import make_candidate
 from dynemb.swap.swapper import SwapFailedError, Swapper, SwapRefusedError, versions_of
 from dynemb_client import Event, build_inputs
@@ -39,9 +38,9 @@ def load_histories() -> list[list[Event]]:
     ]
 
 
-def expected_scores(repository, histories) -> list[np.ndarray]:
+def expected_scores(swapper: Swapper, histories) -> list[np.ndarray]:
     """What the repository's newest versions answer for each load history (top-10 scores)."""
-    pipeline = Pipeline.from_repository(repository)
+    pipeline = swapper.current_pipeline()
     x = build_inputs(histories, [h[-1].time for h in histories], 50, 8, top_k=10)
     return list(pipeline.run(x, "recommend")["ITEM_SCORES"])
 
@@ -60,7 +59,7 @@ def swapper(live):
 
 def test_swap_each_stage_and_roll_back_under_load(live, swapper, tmp_path):
     histories = load_histories()
-    states = [expected_scores(live.repository, histories)]
+    states = [expected_scores(swapper, histories)]
     windows = []  # (started, finished) of each successful swap, in order
     with LoadGenerator(live.url, histories, clients=16, max_seconds=900) as load:
         time.sleep(2)
@@ -74,7 +73,7 @@ def test_swap_each_stage_and_roll_back_under_load(live, swapper, tmp_path):
                     result = swapper.rollback(stage)
                 windows.append((started, time.monotonic()))
                 assert result.new_version == result.old_version + 1
-                states.append(expected_scores(live.repository, histories))
+                states.append(expected_scores(swapper, histories))
             assert versions_of(live.repository / stage)[-1] == 3
         time.sleep(2)
     calls = load.snapshot()
@@ -118,7 +117,7 @@ def test_candidate_failing_in_the_server_is_rolled_back(live, swapper, tmp_path)
     stage = "temporal_lstm"
     before = versions_of(live.repository / stage)
     candidate = make_candidate(live.repository, stage, tmp_path / "broken", kind="broken")
-    expected = expected_scores(live.repository, load_histories())
+    expected = expected_scores(swapper, load_histories())
     with (
         LoadGenerator(live.url, load_histories(), clients=16, max_seconds=120) as load,
         pytest.raises(SwapFailedError),

@@ -84,3 +84,27 @@ def test_most_popular_counts_visible_history(split: Split) -> None:
     assert valid_scores[0, 1:].tolist() == counts[1:].tolist()
     # Test-time history adds each evaluated user's validation event.
     assert test_scores[0, 1:].sum() - valid_scores[0, 1:].sum() == len(split.eval_users)
+
+
+def test_cli_prints_a_table_for_both_models(tmp_path, capsys) -> None:
+    from dynemb.evaluation.baselines import main
+
+    (tmp_path / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{i}\tMovie {i}\t1995\tDrama\n" for i in range(1, 13))
+    )
+    rows = [
+        f"{u}\t{(u + step) % 12 + 1}\t4\t{1000 + step}\n" for u in range(1, 21) for step in range(6)
+    ]
+    (tmp_path / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(rows)
+    )
+    main(["--data-dir", str(tmp_path), "--seeds", "0", "1", "--max-epochs", "2", "--hidden", "8"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[:2] for line in table[1:]] == [
+        ["| MostPop", "kept"],
+        ["| SASRec", "kept"],
+        ["| MostPop", "excluded"],
+        ["| SASRec", "excluded"],
+    ]
+    assert all(len(line.split(" | ")) == 7 for line in table)

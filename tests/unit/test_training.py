@@ -99,12 +99,12 @@ def test_loss_decreases_in_a_few_steps(builder):
     joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
     model = TrainModel(joint, builder.tables, builder.items)
     model.freeze()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = collate([builder.example(u, 3) for u in range(6)])
     target = torch.from_numpy(batch.target) - 1
     losses = []
     model.train()
-    for _ in range(4):
+    for _ in range(6):
         text, image = model.text_table(), model.image_table()
         logits = model.logits(
             model.user_embedding(batch, text, image), model.item_vectors(text, image)

@@ -60,7 +60,6 @@ TUNING_GRID: tuple[SASRecConfig, ...] = (
     SASRecConfig(hidden=128, heads=2),
     SASRecConfig(layers=1),
     SASRecConfig(windows="all"),
-    SASRecConfig(windows="all", dropout=0.5),
 )
 
 
@@ -136,10 +135,10 @@ def _config_label(config: SASRecConfig) -> str:
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "default"
 
 
-def _metric_row(name: str, runs: Sequence[dict[str, float]]) -> str:
+def _metric_row(model: str, seen: str, runs: Sequence[dict[str, float]]) -> str:
     summary = summarize_runs(runs)
-    cells = [format_mean_std(*summary[c]) for c in REPORT_COLUMNS]
-    return f"| {name} | " + " | ".join(cells) + " |"
+    cells = [model, seen, *(format_mean_std(*summary[c]) for c in REPORT_COLUMNS)]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _results_table(pop: dict[bool, dict[str, float]], seeds: list[SeedResult]) -> list[str]:
@@ -149,8 +148,8 @@ def _results_table(pop: dict[bool, dict[str, float]], seeds: list[SeedResult]) -
     ]
     for flag in (False, True):
         label = "excluded" if flag else "kept"
-        lines.append(_metric_row(f"MostPop | {label}", [pop[flag]]))
-        lines.append(_metric_row(f"SASRec | {label}", [s.test[flag] for s in seeds]))
+        lines.append(_metric_row("MostPop", label, [pop[flag]]))
+        lines.append(_metric_row("SASRec", label, [s.test[flag] for s in seeds]))
     return lines
 
 

@@ -26,6 +26,7 @@ from dynemb.serving.runners import Runner, load_runner
 from dynemb.specs import ENSEMBLES, STAGES
 from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
 from dynemb_client import contract as wire
+from dynemb_client.contract import RECOMMEND
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
@@ -92,6 +93,7 @@ class Swapper:
         self.client = grpcclient.InferenceServerClient(url)
         self._probes: dict | None = None
         self._runners: dict[tuple[Path, bytes], Runner] = {}
+        self._baseline_cache: tuple[tuple[int, ...], dict] | None = None
 
     @property
     def probes(self) -> dict[str, np.ndarray]:
@@ -111,14 +113,17 @@ class Swapper:
         started = time.monotonic()
         manifest = check_candidate(stage, artifact)
         progress(f"{stage}: signature and sha256 ok")
-        current = self._current()
+        current = self.current_pipeline()
         try:
             candidate = load_runner(artifact)
         except Exception as exc:
             if precheck:
                 raise SwapRefusedError(f"candidate fails to initialize: {exc!r}") from exc
             candidate = None  # only tests skip this, to exercise the server-side refusal
-        drift = measure(current, stage, candidate, self.probes) if candidate else None
+        drift, expected = None, None
+        if candidate is not None:
+            expected = Pipeline({**current.runners, stage: candidate}).run(self.probes, RECOMMEND)
+            drift = measure(self._baseline(current), expected, candidate)
         if drift is not None:
             progress(f"{stage}: drift {drift.as_dict()}")
             problems = drift.problems(self.thresholds)
@@ -137,8 +142,8 @@ class Swapper:
         try:
             control.load_model(self.client, stage, self.token)
             self._wait_ready(stage, new)
-            if candidate is not None:
-                self._verify(Pipeline({**current.runners, stage: candidate}))
+            if expected is not None:
+                self._verify(expected)
         except Exception as exc:
             self._restore(model_dir / str(new), stage, old)
             raise SwapFailedError(
@@ -147,7 +152,7 @@ class Swapper:
         progress(f"{stage}: version {new} serving")
         return SwapResult(stage, old, new, drift, time.monotonic() - started)
 
-    def _current(self) -> Pipeline:
+    def current_pipeline(self) -> Pipeline:
         """The repository's newest versions; unchanged stages are not loaded again."""
         runners = {}
         for name in ENSEMBLES[wire.RECOMMEND].steps:
@@ -224,9 +229,15 @@ class Swapper:
             time.sleep(0.2)
         raise TimeoutError(f"{stage} v{version} not ready after {self.ready_timeout_s:.0f}s")
 
-    def _verify(self, expected: Pipeline) -> None:
-        """The served ensembles answer the probes as the candidate pipeline does."""
-        want = expected.run(self.probes, wire.RECOMMEND)
+    def _baseline(self, current: Pipeline) -> dict[str, np.ndarray]:
+        """The current pipeline's probe outputs, computed once per set of versions."""
+        key = tuple(id(runner) for runner in current.runners.values())
+        if self._baseline_cache is None or self._baseline_cache[0] != key:
+            self._baseline_cache = (key, current.run(self.probes, RECOMMEND))
+        return self._baseline_cache[1]
+
+    def _verify(self, want: dict[str, np.ndarray]) -> None:
+        """The served ensembles answer the probes as the candidate pipeline did locally."""
         inputs = []
         for name, value in self.probes.items():
             tensor = grpcclient.InferInput(name, list(value.shape), _dtype(value))

@@ -41,7 +41,7 @@ class TrainOptions:
     max_epochs: int = 30
     patience: int = 3  # epochs without a better validation NDCG@10
     cuts_per_user: int = 4  # examples per user per epoch (see module doc)
-    batch_size: int = 128
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
     scale: float = 20.0  # softmax temperature 1/tau on cosine scores
