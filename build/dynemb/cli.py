@@ -170,13 +170,18 @@ def demo(
     rebuild: Annotated[bool, typer.Option(help="rebuild even if built")] = False,
 ) -> None:
     """Build if needed, start the server on free loopback ports, query sample users, stop."""
+    from dynemb.control import load_token
     from dynemb.demo import query, render, sample_histories, training_status
     from dynemb.server import ServerConfig, TritonServer, free_port
 
     if rebuild or not (repository / "retrieve" / "1" / "manifest.json").exists():
         build(repository, catalogue, None, 0)
     config = ServerConfig(
-        repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()
+        repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        control_token=load_token(create=True),
     )
     histories = sample_histories(catalogue, cache_dir())
     server = TritonServer(config)
