@@ -14,11 +14,10 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from dynemb_client.client import QueryTimes
-from dynemb_client.contract import RECOMMEND, USER_INTEREST
 from dynemb_client.events import Event, TimeLike
 from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
 from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
-from dynemb_client.transport import EndpointPool, RetryPolicy, shape_from_metadata
+from dynemb_client.transport import ClientBase, shape_from_metadata
 
 __all__ = ["AsyncInterestClient"]
 
@@ -27,36 +26,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class AsyncInterestClient:
+class AsyncInterestClient(ClientBase):
     """Embeds users and recommends items over asyncio gRPC (see InterestClient).
 
     Channels are opened on first use, inside the running event loop.
     """
 
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        urls: Sequence[str] | None = None,
-        timeout_s: float = 10.0,
-        retries: int = 3,
-        backoff_s: float = 0.1,
-        model_interest: str = USER_INTEREST,
-        model_recommend: str = RECOMMEND,
-    ) -> None:
-        self._pool = EndpointPool(
-            list(urls) if urls is not None else [url],
-            lambda u: grpcclient.InferenceServerClient(url=u),
-        )
-        self._retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
-        self._timeout_s = timeout_s
-        self.model_interest = model_interest
-        self.model_recommend = model_recommend
-        self._shape: ModelShape | None = None
-
-    @property
-    def urls(self) -> list[str]:
-        return list(self._pool.urls)
+    grpc_module = grpcclient
 
     async def _call(
         self, model: str, fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]]

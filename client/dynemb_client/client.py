@@ -13,11 +13,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from dynemb_client.contract import RECOMMEND, USER_INTEREST
 from dynemb_client.events import Event, TimeLike
 from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
 from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
-from dynemb_client.transport import EndpointPool, RetryPolicy, shape_from_metadata
+from dynemb_client.transport import ClientBase, shape_from_metadata
 
 __all__ = ["InterestClient"]
 
@@ -27,37 +26,14 @@ T = TypeVar("T")
 QueryTimes = TimeLike | Sequence[TimeLike | None] | None
 
 
-class InterestClient:
+class InterestClient(ClientBase):
     """Embeds users and recommends items over gRPC, with retries and several endpoints.
 
     L (events) and M (labels per event) are read once from the server's metadata of
     `model_interest`, so the client follows whatever the server was built with.
     """
 
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        urls: Sequence[str] | None = None,
-        timeout_s: float = 10.0,
-        retries: int = 3,
-        backoff_s: float = 0.1,
-        model_interest: str = USER_INTEREST,
-        model_recommend: str = RECOMMEND,
-    ) -> None:
-        self._pool = EndpointPool(
-            list(urls) if urls is not None else [url],
-            lambda u: grpcclient.InferenceServerClient(url=u),
-        )
-        self._retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
-        self._timeout_s = timeout_s
-        self.model_interest = model_interest
-        self.model_recommend = model_recommend
-        self._shape: ModelShape | None = None
-
-    @property
-    def urls(self) -> list[str]:
-        return list(self._pool.urls)
+    grpc_module = grpcclient
 
     def _call(self, model: str, fn: Callable[[grpcclient.InferenceServerClient], T]) -> T:
         for attempt in itertools.count():

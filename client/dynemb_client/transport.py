@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from tritonclient.utils import InferenceServerException
 
-from dynemb_client.contract import EVENT_LABELS, EVENT_TEXT
+from dynemb_client.contract import EVENT_LABELS, EVENT_TEXT, RECOMMEND, USER_INTEREST
 from dynemb_client.errors import ServerError, ServerUnavailable
 from dynemb_client.requests import ModelShape
 
@@ -131,3 +131,37 @@ def shape_from_metadata(metadata: Mapping[str, Any], model: str) -> ModelShape:
         )
     logger.debug("%s serves L=%d events, M=%d labels", model, max_events, max_labels)
     return ModelShape(max_events=max_events, max_labels=max_labels)
+
+
+class ClientBase:
+    """Endpoints, retry policy and model names, shared by the sync and asyncio clients.
+
+    Subclasses set `grpc_module` to `tritonclient.grpc` or `tritonclient.grpc.aio`.
+    """
+
+    grpc_module: Any
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        urls: Sequence[str] | None = None,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        model_interest: str = USER_INTEREST,
+        model_recommend: str = RECOMMEND,
+    ) -> None:
+        self._pool = EndpointPool(
+            list(urls) if urls is not None else [url],
+            lambda u: self.grpc_module.InferenceServerClient(url=u),
+        )
+        self._retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
+        self._timeout_s = timeout_s
+        self.model_interest = model_interest
+        self.model_recommend = model_recommend
+        self._shape: ModelShape | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self._pool.urls)
