@@ -1,0 +1,64 @@
+"""Swap guards that need no server: signature, integrity, drift bounds, candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dynemb.pipeline import Pipeline
+from dynemb.repository import BuildOptions, build_repository
+from dynemb.serving.runners import load_runner
+from dynemb.swap.candidates import make_candidate
+from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
+from dynemb.swap.swapper import SwapRefusedError, check_candidate
+from dynemb_client.contract import RECOMMEND
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("repo")
+    build_repository(BuildOptions(repository=path, catalogue="synthetic"))
+    return path
+
+
+def test_signature_change_is_refused(repo, tmp_path):
+    candidate = make_candidate(repo, "text_rnn", tmp_path / "c", kind="signature")
+    with pytest.raises(SwapRefusedError, match="signature differs"):
+        check_candidate("text_rnn", candidate)
+
+
+def test_wrong_stage_and_tampered_files_are_refused(repo, tmp_path):
+    candidate = make_candidate(repo, "label_mlp", tmp_path / "c")
+    with pytest.raises(SwapRefusedError, match="not 'text_rnn'"):
+        check_candidate("text_rnn", candidate)
+    (candidate / "weights.pt").write_bytes(b"tampered")
+    with pytest.raises(SwapRefusedError, match="sha256"):
+        check_candidate("label_mlp", candidate)
+    with pytest.raises(SwapRefusedError, match="no manifest"):
+        check_candidate("label_mlp", tmp_path)
+
+
+def test_drift_of_a_small_perturbation_is_small_and_of_nan_is_flagged(repo, tmp_path):
+    probes = probe_inputs(n_users=6)
+    current = Pipeline.from_repository(repo)
+    old = current.run(probes, RECOMMEND)
+
+    def drift(kind: str, scale: float = 0.01) -> DriftReport:
+        runner = load_runner(make_candidate(repo, "temporal_lstm", tmp_path / kind, kind, scale))
+        new = Pipeline({**current.runners, "temporal_lstm": runner}).run(probes, RECOMMEND)
+        return measure(old, new, runner)
+
+    small = drift("perturb")
+    assert small.finite and small.embedding_cosine_mean > 0.99 and small.top10_overlap > 0.5
+    assert not small.problems(DriftThresholds())
+    same = measure(old, old, current.runners["temporal_lstm"])
+    assert same.embedding_cosine_min == pytest.approx(1.0) and same.top10_overlap == 1.0
+    nan = drift("nan")
+    assert not nan.finite and any("NaN" in p for p in nan.problems(DriftThresholds()))
+
+
+def test_probe_set_is_fixed():
+    a, b = probe_inputs(n_users=3), probe_inputs(n_users=3)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["EVENT_COUNT"][-1, 0] == 0  # a cold-start user is among the probes
