@@ -43,6 +43,10 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+bench: install
+	$(PY) benchmarks/throughput.py --seconds 30
+	$(PY) benchmarks/swap_under_load.py --clients 16 --settle-seconds 20
+
 configs: install
 	$(VENV)/bin/dynemb configs
 
