@@ -19,7 +19,10 @@ from dynemb.evaluation.sasrec import (
 from dynemb.evaluation.split import Split, leave_one_out
 
 N_ITEMS = 24
-TINY = SASRecConfig(hidden=16, layers=1, heads=2, dropout=0.1, max_len=8, lr=5e-3, batch_size=16)
+# One thread: tiny ops gain nothing from two, and lose a lot when the cores are shared.
+TINY = SASRecConfig(
+    hidden=16, layers=1, heads=2, dropout=0.1, max_len=8, lr=5e-3, batch_size=16, num_threads=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,21 @@ def test_cli_prints_a_table_for_both_models(tmp_path, capsys) -> None:
     (tmp_path / "ml-100k.inter").write_text(
         "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(rows)
     )
-    main(["--data-dir", str(tmp_path), "--seeds", "0", "1", "--max-epochs", "2", "--hidden", "8"])
+    main(
+        [
+            "--data-dir",
+            str(tmp_path),
+            "--seeds",
+            "0",
+            "1",
+            "--max-epochs",
+            "2",
+            "--hidden",
+            "8",
+            "--threads",
+            "1",
+        ]
+    )
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[:2] for line in table[1:]] == [
         ["| MostPop", "kept"],

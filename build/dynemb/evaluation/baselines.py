@@ -179,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--windows", choices=("last", "all"), default=SASRecConfig.windows)
     parser.add_argument("--max-epochs", type=int, default=SASRecConfig.max_epochs)
     parser.add_argument("--patience", type=int, default=SASRecConfig.patience)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=SASRecConfig.num_threads,
+        help="torch intra-op threads (1 is much faster when other jobs share the cores)",
+    )
     parser.add_argument("--progress-every", type=int, default=10, help="epochs between lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -192,14 +198,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "full ranking, pessimistic ties.\n"
     )
 
-    base = SASRecConfig(max_epochs=args.max_epochs, patience=args.patience)
+    base = SASRecConfig(
+        max_epochs=args.max_epochs, patience=args.patience, num_threads=args.threads
+    )
     if args.tune:
         print("## Tuning (seed 0, validation only)\n")
         print("| config | valid NDCG@10 (excl. seen) | best epoch | epochs | seconds |")
         print("|---|---|---|---|---|")
         tried = []
         for candidate in TUNING_GRID:
-            config = replace(candidate, max_epochs=args.max_epochs, patience=args.patience)
+            config = replace(
+                candidate,
+                max_epochs=base.max_epochs,
+                patience=base.patience,
+                num_threads=base.num_threads,
+            )
             print(f"tuning {_config_label(config)}", file=sys.stderr, flush=True)
             model = train_sasrec(split, config, seed=0, progress=progress)
             assert model.log is not None
