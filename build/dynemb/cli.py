@@ -122,11 +122,12 @@ def serve(
         server.stop()
 
 
-def _histories(events: Path, user: str | None) -> list[tuple[str, list]]:
+def _histories(events: Path, user: str | None, repository: Path) -> list[tuple[str, list]]:
     from dynemb.data.jsonl import iter_user_events
-    from dynemb.demo import to_event
+    from dynemb.demo import event_converter
 
-    return [(u, [to_event(e) for e in evs]) for u, evs in iter_user_events(events, user)]
+    convert = event_converter(repository)
+    return [(u, [convert(e) for e in evs]) for u, evs in iter_user_events(events, user)]
 
 
 @app.command()
@@ -135,12 +136,13 @@ def embed(
     user: Annotated[str | None, typer.Option(help="only this user")] = None,
     at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
     url: Url = "127.0.0.1:8001",
+    repository: Repository = MODEL_REPOSITORY,
 ) -> None:
     """Print each user's E_t as one JSON line."""
     from dynemb_client import InterestClient
 
     with InterestClient(url) as client:
-        for user_id, history in _histories(events, user):
+        for user_id, history in _histories(events, user, repository):
             vector = client.embed(history, at=at)
             print(json.dumps({"user": user_id, "at": at, "embedding": vector.tolist()}))
 
@@ -152,12 +154,13 @@ def recommend(
     at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
     k: int = 10,
     url: Url = "127.0.0.1:8001",
+    repository: Repository = MODEL_REPOSITORY,
 ) -> None:
     """Print each user's top-k items as one JSON line."""
     from dynemb_client import InterestClient
 
     with InterestClient(url) as client:
-        for user_id, history in _histories(events, user):
+        for user_id, history in _histories(events, user, repository):
             items = client.recommend(history, k=k, at=at)
             rows = [{"item_id": i.item_id, "score": i.score, "title": i.title} for i in items]
             print(json.dumps({"user": user_id, "at": at, "items": rows}, ensure_ascii=False))
@@ -167,15 +170,19 @@ def recommend(
 def demo(
     repository: Repository = MODEL_REPOSITORY,
     catalogue: str = "ml-100k",
+    train_minutes: Annotated[
+        float, typer.Option(help="demo training budget when no checkpoint exists")
+    ] = 3.0,
     rebuild: Annotated[bool, typer.Option(help="rebuild even if built")] = False,
 ) -> None:
-    """Build if needed, start the server on free loopback ports, query sample users, stop."""
+    """Train briefly if needed, build, serve on free loopback ports, query sample users, stop."""
     from dynemb.control import load_token
-    from dynemb.demo import query, render, sample_histories, training_status
+    from dynemb.demo import demo_checkpoint, query, render, sample_histories, training_status
     from dynemb.server import ServerConfig, TritonServer, free_port
 
-    if rebuild or not (repository / "retrieve" / "1" / "manifest.json").exists():
-        build(repository, catalogue, None, 0)
+    checkpoint, fresh = demo_checkpoint(catalogue, train_minutes, console.print)
+    if rebuild or fresh or not (repository / "retrieve" / "1" / "manifest.json").exists():
+        build(repository, catalogue, checkpoint, 0)
     config = ServerConfig(
         repository,
         grpc_port=free_port(),
@@ -183,7 +190,7 @@ def demo(
         metrics_port=free_port(),
         control_token=load_token(create=True),
     )
-    histories = sample_histories(catalogue, cache_dir())
+    histories = sample_histories(catalogue, cache_dir(), repository)
     server = TritonServer(config)
     try:
         server.start()
@@ -194,6 +201,65 @@ def demo(
     finally:
         server.stop()
     render(results, training_status(repository), print)
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="ml-100k, synthetic, or a JSONL path")] = "ml-100k",
+    out: Annotated[
+        Path | None, typer.Option(help="checkpoint (or, with --only, version dir)")
+    ] = None,
+    seed: int = 0,
+    max_minutes: Annotated[float, typer.Option(help="training budget (wall clock)")] = 25.0,
+    only: Annotated[str | None, typer.Option(help="fine-tune only this stage")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="with --only: the model to start from")
+    ] = None,
+    repository: Repository = MODEL_REPOSITORY,
+) -> None:
+    """Train all stages jointly (next-item prediction, full softmax over items), or with
+    --only STAGE fine-tune one stage of a checkpoint into a swappable version directory."""
+    from dynemb.data import load_dataset
+    from dynemb.training.train import TrainOptions
+    from dynemb.training.train import train as train_model
+
+    dataset = load_dataset(data, cache_dir())
+    options = TrainOptions(seed=seed, max_minutes=max_minutes)
+    default_checkpoint = cache_dir() / "checkpoints" / f"{dataset.name}.pt"
+    if only is None:
+        path = out or default_checkpoint
+        train_model(dataset, options).save(path)
+        console.print(f"wrote {path}; export it with `dynemb build --checkpoint {path}`")
+        return
+    from dynemb.training.stage import fine_tune_stage
+
+    target = out or cache_dir() / "candidates" / f"{only}-seed{seed}"
+    manifest = fine_tune_stage(
+        dataset, checkpoint or default_checkpoint, only, target, options, repository
+    )
+    console.print(f"wrote {target}; swap it with `dynemb swap {only} {target}`")
+    print(json.dumps(manifest.provenance, indent=1, default=str))
+
+
+_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_FORWARD)
+def evaluate(ctx: typer.Context) -> None:
+    """The quality benchmark (dynemb vs MostPop vs SASRec-CE, ablations, cold start);
+    options as `python -m dynemb.training.evaluate --help`."""
+    from dynemb.training.evaluate import main as evaluate_main
+
+    evaluate_main(ctx.args)
+
+
+@app.command(context_settings=_FORWARD)
+def dynamics(ctx: typer.Context) -> None:
+    """E_t after interest changes on synthetic data; options as
+    `python -m dynemb.training.dynamics --help`."""
+    from dynemb.training.dynamics import main as dynamics_main
+
+    dynamics_main(ctx.args)
 
 
 def _swapper(repository: Path, url: str):

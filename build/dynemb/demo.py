@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dynemb.config import DIMS
 from dynemb.data import load_dataset
 from dynemb.data.types import Interaction
 from dynemb.manifest import Manifest
+from dynemb.paths import cache_dir
 from dynemb.pipeline import latest_version
 from dynemb.specs import STAGES
 from dynemb_client import Event, InterestClient
@@ -19,8 +21,43 @@ from dynemb_client import Event, InterestClient
 log = logging.getLogger(__name__)
 
 
-def to_event(interaction: Interaction) -> Event:
-    return Event(interaction.time, interaction.text, interaction.image, interaction.labels)
+def event_converter(repository: Path) -> Callable[[Interaction], Event]:
+    """Interaction -> client Event as the served model was trained to read it (with the
+    "item:<id>" label if its training used one), labels cut to the model's M."""
+    from dynemb.training.examples import to_client_event
+
+    manifest_dir = repository / "label_mlp"
+    item_labels = False
+    if manifest_dir.exists() and any(p.name.isdigit() for p in manifest_dir.iterdir()):
+        manifest = Manifest.load(latest_version(manifest_dir))
+        item_labels = bool(manifest.provenance.get("item_labels", False))
+    return lambda e: to_client_event(e, DIMS.max_labels, item_labels)
+
+
+def demo_checkpoint(
+    catalogue: str, minutes: float, echo: Callable[[str], None]
+) -> tuple[Path | None, bool]:
+    """The full training run's checkpoint if there is one, else a short demo run's
+    (trained now if missing). Returns (path, whether it was just trained)."""
+    directory = cache_dir() / "checkpoints"
+    full, short = directory / f"{catalogue}.pt", directory / f"{catalogue}-demo.pt"
+    if full.exists():
+        return full, False
+    if short.exists():
+        return short, False
+    if minutes <= 0:
+        return None, False
+    from dynemb.training.train import TrainOptions, train
+
+    echo(
+        f"no trained checkpoint: training a SHORT DEMO model ({minutes:g} min budget; "
+        "`dynemb train` runs the full 25-minute training)"
+    )
+    dataset = load_dataset(catalogue, cache_dir())
+    checkpoint = train(dataset, TrainOptions(max_minutes=minutes))
+    checkpoint.provenance["budget"] = f"short demo run, {minutes:g} min"
+    checkpoint.save(short)
+    return short, True
 
 
 @dataclass
@@ -36,15 +73,22 @@ def training_status(repository: Path) -> str:
     manifests = [Manifest.load(latest_version(repository / s)) for s in STAGES if s != "preprocess"]
     if all(m.trained for m in manifests):
         p = manifests[0].provenance
-        return f"trained on {p.get('data')} (seed {p.get('seed')}, {p.get('metrics', {})})"
+        budget = p.get("budget", f"{p.get('train_seconds', '?')} s of training")
+        return (
+            f"trained on {p.get('data')} (seed {p.get('seed')}, {budget}, "
+            f"validation NDCG@10 {p.get('valid_ndcg10', float('nan')):.4f})"
+        )
     return "UNTRAINED (seeded initial weights; run `dynemb train` for a trained model)"
 
 
-def sample_histories(catalogue: str, cache: Path, n_users: int = 3) -> dict[str, list[Event]]:
+def sample_histories(
+    catalogue: str, cache: Path, repository: Path, n_users: int = 3
+) -> dict[str, list[Event]]:
     """A few real users' histories from the catalogue's data set, and a cold-start user."""
     users = load_dataset(catalogue, cache).by_user()
+    convert = event_converter(repository)
     chosen = sorted(users, key=lambda u: (-len(users[u]), u))[:: max(1, len(users) // n_users)]
-    histories = {f"user {u}": [to_event(e) for e in users[u][-60:]] for u in chosen[:n_users]}
+    histories = {f"user {u}": [convert(e) for e in users[u][-60:]] for u in chosen[:n_users]}
     histories["cold-start user (no history)"] = []
     return histories
 

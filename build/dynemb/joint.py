@@ -34,10 +34,17 @@ class JointModel(nn.Module):
         self.item_tower = ItemTower(dims, n_items)
 
     @classmethod
-    def initial(cls, dims: Dims, n_labels: int, n_items: int = 0, seed: int = 0) -> JointModel:
+    def initial(
+        cls,
+        dims: Dims,
+        n_labels: int,
+        n_items: int = 0,
+        seed: int = 0,
+        bert_config: dict | None = None,
+    ) -> JointModel:
         """Seeded initial weights; MiniLM and the token embeddings start pretrained."""
         torch.manual_seed(seed)
-        model = cls(dims, n_labels, n_items)
+        model = cls(dims, n_labels, n_items, bert_config)
         model.stages["llm_encoder"].load_pretrained()
         bert = model.stages["llm_encoder"].bert
         model.stages["text_rnn"].embed.weight.data.copy_(bert.embeddings.word_embeddings.weight)

@@ -43,14 +43,19 @@ class LLMEncoder(nn.Module):
         self.out = nn.Linear(hidden, dims.embed_dim)
 
     def load_pretrained(self) -> None:
-        """Copy the pretrained MiniLM weights in (offline, from the installed package)."""
-        weights = load_file(str(minilm_path() / "model.safetensors"))
-        skip = (
-            "pooler.dense.weight",
-            "pooler.dense.bias",
-            "position_ids",
-        )  # pooler unused; position_ids is a buffer
-        weights = {k.removeprefix("bert."): v for k, v in weights.items() if not k.endswith(skip)}
+        """Copy the pretrained MiniLM weights in (offline, from the installed package).
+
+        A config with fewer layers keeps MiniLM's first ones; the pooler is unused and
+        position_ids is a buffer."""
+        layers = self.bert.config.num_hidden_layers
+        weights = {}
+        for key, value in load_file(str(minilm_path() / "model.safetensors")).items():
+            key = key.removeprefix("bert.")
+            if key.startswith("pooler.") or key.endswith("position_ids"):
+                continue
+            if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= layers:
+                continue
+            weights[key] = value
         missing, unexpected = self.bert.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from dynemb.config import Dims
 from dynemb.joint import JointModel
-from dynemb.stages.llm_encoder import minilm_config, minilm_path
+from dynemb.stages.llm_encoder import minilm_config
 from dynemb.training.examples import Batch, ItemInputs, Tables
 
 
@@ -39,26 +38,9 @@ def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: 
     Fewer layers change only `bert_config`, which travels in the checkpoint's hparams, so
     `Checkpoint.load` and `dynemb build` rebuild the same encoder.
     """
-    torch.manual_seed(seed)
     config = minilm_config()
     config["num_hidden_layers"] = min(llm_layers, config["num_hidden_layers"])
-    model = JointModel(dims, n_labels, n_items, config)
-    bert = model.stages["llm_encoder"].bert
-    weights = load_file(str(minilm_path() / "model.safetensors"))
-    kept = {}
-    for key, value in weights.items():
-        key = key.removeprefix("bert.")
-        if key.startswith("pooler.") or key.endswith("position_ids"):
-            continue
-        if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= llm_layers:
-            continue
-        kept[key] = value
-    missing, unexpected = bert.load_state_dict(kept, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, extra {unexpected}")
-    model.stages["text_rnn"].embed.weight.data.copy_(bert.embeddings.word_embeddings.weight)
-    return model
+    return JointModel.initial(dims, n_labels, n_items, seed, bert_config=config)
 
 
 class MeanPoolEncoder(nn.Module):

@@ -27,6 +27,7 @@ from dynemb.config import DIMS, Dims
 from dynemb.data.types import Dataset
 from dynemb.evaluation.metrics import evaluate_scores
 from dynemb.evaluation.split import Split, Which, leave_one_out
+from dynemb.joint import JointModel
 from dynemb.repository import Checkpoint
 from dynemb.training.examples import ExampleBuilder, collate
 from dynemb.training.model import TrainModel, Variant, build_joint
@@ -52,6 +53,7 @@ class TrainOptions:
     progress: bool = True
     deterministic: bool = True
     valid_users: int | None = None  # cap on validation users per epoch (None = all)
+    only: str | None = None  # fine-tune this stage of `init`, every other weight frozen
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ def fit(
     dims: Dims = DIMS,
     builder: ExampleBuilder | None = None,
     users: np.ndarray | None = None,
+    init: JointModel | None = None,
 ) -> Trained:
     """The training loop; returns the best epoch's weights by validation NDCG@10.
 
@@ -141,9 +144,19 @@ def fit(
     if builder is None or builder.item_labels != variant.item_ids:
         builder = ExampleBuilder(dataset, split, dims, item_labels=variant.item_ids)
     n_items = split.n_items if variant.item_ids else 0
-    joint = build_joint(dims, len(builder.labels), n_items, options.llm_layers, options.seed)
+    if init is None:
+        joint = build_joint(dims, len(builder.labels), n_items, options.llm_layers, options.seed)
+    else:
+        joint = copy.deepcopy(init)
     model = TrainModel(joint, builder.tables, builder.items, variant, options.scale)
     model.freeze(options.llm_trainable)
+    if options.only is not None:
+        if init is None or options.only not in joint.stages:
+            raise ValueError("`only` fine-tunes one stage of a trained model: pass `init`")
+        for name, param in model.named_parameters():
+            param.requires_grad_(
+                param.requires_grad and name.startswith(f"joint.stages.{options.only}.")
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     rng = np.random.default_rng(options.seed)
