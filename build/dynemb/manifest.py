@@ -69,7 +69,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def git_commit() -> str:
+def git_commit(dirty_flag: bool = False) -> str:
+    """The checkout's commit, "unknown" outside git; with `dirty_flag`, says whether the
+    working tree differs from it (results should name the code that produced them)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -78,6 +80,15 @@ def git_commit() -> str:
             check=True,
             cwd=Path(__file__).parent,
         )
+        dirty = (
+            dirty_flag
+            and subprocess.run(
+                ["git", "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return out.stdout.strip()
+    return out.stdout.strip() + (" (working tree has uncommitted changes)" if dirty else "")

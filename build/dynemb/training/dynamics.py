@@ -29,8 +29,9 @@ import numpy as np
 from dynemb.data.synthetic import SyntheticConfig, SyntheticData, generate
 from dynemb.evaluation.metrics import evaluate_scores, format_mean_std, summarize
 from dynemb.evaluation.split import leave_one_out
+from dynemb.manifest import git_commit
 from dynemb.paths import ROOT
-from dynemb.training.evaluate import _git_commit, machine
+from dynemb.training.evaluate import machine
 from dynemb.training.train import Trained, TrainOptions, fit, item_matrix, user_vectors
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def dynamics_benchmark(options: DynamicsOptions) -> dict:
         "runs": runs,
         "summary": summary,
         "command": options.command,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(dirty_flag=True),
         "machine": machine(),
         "total_seconds": round(time.perf_counter() - started, 1),
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +24,7 @@ import torch
 from dynemb.data.types import Dataset
 from dynemb.evaluation.metrics import evaluate_scores, format_mean_std, summarize_runs
 from dynemb.evaluation.split import Split, Which, leave_one_out
+from dynemb.manifest import git_commit
 from dynemb.paths import ROOT
 from dynemb.training.model import Variant
 from dynemb.training.train import Trained, TrainOptions, fit, scores_for
@@ -112,19 +112,6 @@ class QualityOptions:
     command: str = ""
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return out.stdout.strip() + (" (working tree has uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine() -> dict[str, object]:
     import os
 
@@ -195,7 +182,7 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> dict:
         "seeds": list(options.seeds),
         "train_options": json.loads(json.dumps(asdict(options.train), default=str)),
         "command": options.command,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(dirty_flag=True),
         "machine": machine(),
         "total_seconds": round(time.perf_counter() - started, 1),
         "models": rows,
