@@ -6,24 +6,15 @@ import importlib.util
 import sys
 
 import numpy as np
-import pytest
 
 from dynemb.config import DIMS
 from dynemb.paths import MODEL_REPOSITORY
-from dynemb.repository import BuildOptions, build_repository
 from dynemb.specs import STAGES
 from dynemb_client import Event, build_inputs
 
 from . import fake_pb_utils
 
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("repo")
-    build_repository(BuildOptions(repository=path, catalogue="synthetic"))
-    return path
 
 
 def load_model(repo, stage):

@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 
 from dynemb.pipeline import Pipeline
-from dynemb.repository import BuildOptions, build_repository
 from dynemb.serving.runners import load_runner
 from dynemb.swap.candidates import make_candidate
 from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
 from dynemb.swap.swapper import SwapRefusedError, check_candidate
 from dynemb_client.contract import RECOMMEND
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("repo")
-    build_repository(BuildOptions(repository=path, catalogue="synthetic"))
-    return path
 
 
 def test_signature_change_is_refused(repo, tmp_path):
