@@ -17,7 +17,6 @@ the share of the top 10 that belongs to the new interest category; mean ± std o
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from dynemb.evaluation.metrics import evaluate_scores, format_mean_std, summariz
 from dynemb.evaluation.split import leave_one_out
 from dynemb.manifest import git_commit
 from dynemb.paths import ROOT
-from dynemb.training.evaluate import machine
+from dynemb.training.evaluate import machine, save_report
 from dynemb.training.train import Trained, TrainOptions, fit, item_matrix, user_vectors
 
 logger = logging.getLogger(__name__)
@@ -184,8 +183,6 @@ def dynamics_benchmark(options: DynamicsOptions) -> dict:
 
 
 def _write(result: dict, out_dir: Path, stem: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     s = result["summary"]
     md = [
         "# Dynamics of E_t after an interest change — SYNTHETIC data",
@@ -219,12 +216,8 @@ def _write(result: dict, out_dir: Path, stem: str) -> None:
         "",
         f"![E_t trajectory]({stem}.png)",
         "",
-        f"- command: `{result['command']}`",
-        f"- git commit: {result['git_commit']}",
-        f"- machine: {result['machine']}",
-        f"- total wall-clock: {result['total_seconds']} s",
     ]
-    (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
+    save_report(result, out_dir, stem, md)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -237,9 +237,23 @@ def _table(models: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_results(result: dict, out_dir: Path, stem: str) -> None:
+def save_report(result: dict, out_dir: Path, stem: str, md: list[str]) -> None:
+    """Write `stem`.json (the result) and `stem`.md (`md` plus the run's context), UTF-8."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    text = json.dumps(result, indent=1, default=str) + "\n"
+    (out_dir / f"{stem}.json").write_text(text, encoding="utf-8")
+    context = [
+        f"- command: `{result['command']}`",
+        f"- git commit: {result['git_commit']}",
+        f"- machine: {result['machine']}",
+    ]
+    if "train_options" in result:
+        context.append(f"- training options: `{result['train_options']}`")
+    context.append(f"- total wall-clock: {result['total_seconds']} s")
+    (out_dir / f"{stem}.md").write_text("\n".join([*md, *context]) + "\n", encoding="utf-8")
+
+
+def write_results(result: dict, out_dir: Path, stem: str) -> None:
     models = result["models"]
     main = {k: v for k, v in models.items() if not k.startswith("ablation")}
     ablations = {k: v for k, v in models.items() if k.startswith("ablation")}
@@ -298,17 +312,8 @@ def write_results(result: dict, out_dir: Path, stem: str) -> None:
                     f"| {name} | {r['seed']} | {r['best_epoch']} | {r.get('epochs', '')} | "
                     f"{r['train_seconds']} | {r['valid_ndcg10']:.4f} |"
                 )
-    md += [
-        "",
-        "## Context",
-        "",
-        f"- command: `{result['command']}`",
-        f"- git commit: {result['git_commit']}",
-        f"- machine: {result['machine']}",
-        f"- training options: `{result['train_options']}`",
-        f"- total wall-clock: {result['total_seconds']} s",
-    ]
-    (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
+    md += ["", "## Context", ""]
+    save_report(result, out_dir, stem, md)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
