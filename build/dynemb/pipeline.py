@@ -12,11 +12,16 @@ from dynemb.specs import ENSEMBLES
 from dynemb_client import contract as wire
 
 
+def versions_of(model_dir: Path) -> list[int]:
+    """A model's version numbers, ascending (Triton serves the newest: policy latest 1)."""
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def latest_version(model_dir: Path) -> Path:
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit())
+    versions = versions_of(model_dir)
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no version directory; run `dynemb build`")
-    return versions[-1][1]
+    return model_dir / str(versions[-1])
 
 
 class Pipeline:

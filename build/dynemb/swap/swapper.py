@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from dynemb import control
 from dynemb.manifest import Manifest
-from dynemb.pipeline import Pipeline, latest_version
+from dynemb.pipeline import Pipeline, latest_version, versions_of
 from dynemb.serving.runners import Runner, load_runner
 from dynemb.specs import ENSEMBLES, STAGES
 from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
@@ -48,10 +48,6 @@ class SwapResult:
     drift: DriftReport
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-def versions_of(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def check_candidate(stage: str, artifact: Path) -> Manifest:
