@@ -112,17 +112,20 @@ def item_table(checkpoint: Checkpoint, dataset: Dataset, preprocessor: Preproces
 
 
 def prepare_version_dir(repository: Path, stage: str, version: int = 1) -> Path:
-    """An empty version directory holding only the stage's adapter (`model.py`)."""
+    """An empty version directory holding only the stage's adapter (`model.py`); every
+    other version (and a swap's leftover staging directory) is removed."""
     model_dir = repository / stage
-    for old in model_dir.glob("[0-9]*"):
-        if old.is_dir():
-            shutil.rmtree(old) if old.name != str(version) else None
     target = model_dir / str(version)
+    for old in model_dir.glob("[0-9]*"):
+        if old.is_dir() and old != target:
+            shutil.rmtree(old)
     template = MODEL_REPOSITORY / stage / "1" / "model.py"
     if target.exists():
         for path in target.iterdir():
-            if path.name != "model.py":
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.name != "model.py":
+                path.unlink()
     target.mkdir(parents=True, exist_ok=True)
     if template.resolve() != (target / "model.py").resolve():
         shutil.copy2(template, target / "model.py")
