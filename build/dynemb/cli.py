@@ -205,7 +205,9 @@ def demo(
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Option(help="ml-100k, synthetic, or a JSONL path")] = "ml-100k",
+    data: Annotated[
+        str, typer.Option("--data", "--dataset", help="ml-100k, synthetic, or a JSONL path")
+    ] = "ml-100k",
     out: Annotated[
         Path | None, typer.Option(help="checkpoint (or, with --only, version dir)")
     ] = None,

@@ -34,8 +34,8 @@ class Dims:
     @property
     def time_dim(self) -> int:
         """Per-event time features (see dynemb.features.time_features)."""
-        # gap to t, gap to previous, hour sin/cos, weekday sin/cos, position,
-        # then per window: log count, mean rating, share of the event's first label.
+        # time since the first event, gap to previous, hour sin/cos, weekday sin/cos,
+        # position, then per window: log count, mean rating, share of the event's first label.
         return 7 + 3 * len(self.windows_s)
 
     @property

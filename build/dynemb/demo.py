@@ -19,6 +19,7 @@ from dynemb.specs import STAGES
 from dynemb_client import Event, InterestClient
 
 log = logging.getLogger(__name__)
+DEMO_EPOCHS = 12
 
 
 def event_converter(repository: Path) -> Callable[[Interaction], Event]:
@@ -39,12 +40,17 @@ def demo_checkpoint(
 ) -> tuple[Path | None, bool]:
     """The full training run's checkpoint if there is one, else a short demo run's
     (trained now if missing). Returns (path, whether it was just trained)."""
+    from dynemb.repository import Checkpoint, StaleCheckpointError
+
     directory = cache_dir() / "checkpoints"
     full, short = directory / f"{catalogue}.pt", directory / f"{catalogue}-demo.pt"
-    if full.exists():
-        return full, False
-    if short.exists():
-        return short, False
+    for path in (full, short):
+        if path.exists():
+            try:
+                Checkpoint.load(path)
+                return path, False
+            except StaleCheckpointError as err:
+                echo(f"ignoring {path}: {err}")
     if minutes <= 0:
         return None, False
     from dynemb.training.train import TrainOptions, train
@@ -54,7 +60,10 @@ def demo_checkpoint(
         "`dynemb train` runs the full 25-minute training)"
     )
     dataset = load_dataset(catalogue, cache_dir())
-    checkpoint = train(dataset, TrainOptions(max_minutes=minutes))
+    # A short cosine schedule that a few minutes can finish: one window per user
+    # (about 15 s an epoch on two cores) instead of the full run's every-event windows.
+    options = TrainOptions(max_minutes=minutes, max_epochs=DEMO_EPOCHS, windows="last")
+    checkpoint = train(dataset, options)
     checkpoint.provenance["budget"] = f"short demo run, {minutes:g} min"
     checkpoint.save(short)
     return short, True

@@ -101,7 +101,7 @@ class Preprocessor:
             "IMAGE_PIXELS": pixels,
             "IMAGE_MASK": image_mask,
             "LABEL_IDS": self.label_ids(labels, d.max_events),
-            "TIME_FEATURES": time_features(times[:n], labels, query_time, d),
+            "TIME_FEATURES": time_features(times[:n], labels, d),
             "QUERY_FEATURES": query_features(times[:n], query_time, d),
             "EVENT_MASK": np.arange(d.max_events) < n,
         }
@@ -200,24 +200,27 @@ def _rating(labels: list[str]) -> float:
     return math.nan
 
 
-def time_features(
-    times: np.ndarray, labels: list[list[str]], query_time: float, dims: Dims
-) -> np.ndarray:
-    """Per-event features relative to t: gaps, cycles, recency and trailing-window statistics.
+def time_features(times: np.ndarray, labels: list[list[str]], dims: Dims) -> np.ndarray:
+    """Per-event features that depend only on the event and the events before it.
 
-    Columns: log gap to t (hours), log gap to previous event, hour sin/cos, weekday sin/cos,
-    recency rank / L, then for each window w: log(1 + events in (t_i - w, t_i]), mean rating
-    of those events / 5 (0 if none rated), share of them carrying the event's first label.
+    Nothing here reads the query time t or a later event, so the features of the first k
+    events of a history are the same whatever follows them: a causal model can score every
+    prefix of a sequence in one pass (training), and t enters through `query_features`.
+
+    Columns: log time since the history's first event (hours), log gap to the previous
+    event, hour sin/cos, weekday sin/cos, position from the oldest / L, then for each window
+    w: log(1 + events in (t_i - w, t_i]), mean rating of those events / 5 (0 if none rated),
+    share of them carrying the event's first label.
     """
     out = np.zeros((dims.max_events, dims.time_dim), dtype=np.float32)
     n = len(times)
     if n == 0:
         return out
     prev_gap = np.diff(times, prepend=times[0])
-    out[:n, 0] = np.log1p((query_time - times) / _HOUR_S)
+    out[:n, 0] = np.log1p((times - times[0]) / _HOUR_S)
     out[:n, 1] = np.log1p(prev_gap / _HOUR_S)
     out[:n, 2:6] = _cycles(times)
-    out[:n, 6] = (n - 1 - np.arange(n)) / dims.max_events
+    out[:n, 6] = np.arange(n) / dims.max_events
     ratings = np.array([_rating(row) for row in labels], dtype=np.float64)
     rated = np.isfinite(ratings)
     first = [row[0] if row else None for row in labels]

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,9 +39,20 @@ class BuildOptions:
     cache: Path = field(default_factory=cache_dir)
 
 
+class StaleCheckpointError(ValueError):
+    """A checkpoint written by a dynemb whose stage networks differ from this one's."""
+
+
 @dataclass
 class Checkpoint:
-    """What `dynemb train` saves and `dynemb build` exports."""
+    """What `dynemb train` saves and `dynemb build` exports.
+
+    `FORMAT` changes whenever the stage networks change shape or meaning (2: causal MiniLM
+    with a start token, item score bias, prefix-independent time features); a checkpoint
+    of another format is refused with `StaleCheckpointError` rather than half-loaded.
+    """
+
+    FORMAT: ClassVar[int] = 2
 
     model: JointModel
     labels: dict[str, int]
@@ -58,6 +70,7 @@ class Checkpoint:
                 "item_ids": self.item_ids,
                 "provenance": self.provenance,
                 "trained": self.trained,
+                "format": self.FORMAT,
             },
             path,
         )
@@ -65,6 +78,11 @@ class Checkpoint:
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
+        if raw.get("format", 1) != cls.FORMAT:
+            raise StaleCheckpointError(
+                f"{path} has checkpoint format {raw.get('format', 1)}, this dynemb reads "
+                f"format {cls.FORMAT}: retrain it with `dynemb train`"
+            )
         hp = raw["config"]["hparams"]
         model = JointModel(
             DIMS,
@@ -99,7 +117,7 @@ def item_table(checkpoint: Checkpoint, dataset: Dataset, preprocessor: Preproces
     model = checkpoint.model.eval()
     index = {item_id: i + 1 for i, item_id in enumerate(checkpoint.item_ids)}
     items = list(dataset.items.values())
-    vectors = []
+    vectors, bias = [], []
     for start in range(0, len(items), ITEM_BATCH):
         chunk = items[start : start + ITEM_BATCH]
         x = preprocessor.items(
@@ -108,7 +126,13 @@ def item_table(checkpoint: Checkpoint, dataset: Dataset, preprocessor: Preproces
         content = model.item_content({k: torch.from_numpy(v) for k, v in x.items()})
         ids = torch.tensor([index.get(i.item_id, 0) for i in chunk])
         vectors.append(model.item_tower(content, ids).numpy())
-    return ItemTable([i.item_id for i in items], [i.title for i in items], np.concatenate(vectors))
+        bias.append(model.item_tower.item_bias(ids).numpy())
+    return ItemTable(
+        [i.item_id for i in items],
+        [i.title for i in items],
+        np.concatenate(vectors),
+        np.concatenate(bias).astype(np.float32),
+    )
 
 
 def prepare_version_dir(repository: Path, stage: str, version: int = 1) -> Path:

@@ -47,10 +47,9 @@ def test_time_features_by_hand(pre):
     events = [Event(T0 + i * hour, f"e{i}", labels=["rating:4"]) for i in range(3)]
     out = pre.user(one_user(events, at=T0 + 5 * hour))
     f = out["TIME_FEATURES"]
-    assert f[0, 0] == pytest.approx(math.log1p(5.0))  # 5 h before t
-    assert f[2, 0] == pytest.approx(math.log1p(3.0))
+    assert f[0, 0] == 0 and f[2, 0] == pytest.approx(math.log1p(2.0))  # since the first
     assert f[0, 1] == 0 and f[1, 1] == pytest.approx(math.log1p(1.0))
-    assert f[2, 6] == 0 and f[0, 6] == pytest.approx(2 / DIMS.max_events)  # recency rank
+    assert f[0, 6] == 0 and f[2, 6] == pytest.approx(2 / DIMS.max_events)  # position
     # 1 h window (ages strictly below 1 h): only the event itself.
     assert f[2, 7] == pytest.approx(math.log1p(1))
     # 1 day window: all three for the newest event; mean rating 4/5; same label share 1.
@@ -59,6 +58,14 @@ def test_time_features_by_hand(pre):
     assert f[2, 12] == pytest.approx(1.0)
     q = out["QUERY_FEATURES"]
     assert q[0] == pytest.approx(math.log1p(3.0)) and q[5] == 1.0
+
+
+def test_event_features_do_not_depend_on_t_or_later_events(pre):
+    """What lets training score every prefix of a sequence in one causal pass."""
+    events = [Event(T0 + i * 600.0, f"e{i}", labels=[f"g{i % 2}", "rating:3"]) for i in range(6)]
+    whole = pre.user(one_user(events, at=T0 + 10 * 3600.0))["TIME_FEATURES"]
+    prefix = pre.user(one_user(events[:4], at=T0 + 4 * 600.0))["TIME_FEATURES"]
+    np.testing.assert_array_equal(whole[:4], prefix[:4])
 
 
 def test_events_after_query_time_are_ignored(pre):

@@ -13,9 +13,9 @@ from dynemb.config import DIMS
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.evaluation.split import leave_one_out
 from dynemb.features import Preprocessor
-from dynemb.repository import Checkpoint, item_table
+from dynemb.repository import Checkpoint, StaleCheckpointError, item_table
 from dynemb.training.evaluate import evaluate
-from dynemb.training.examples import ExampleBuilder, collate, item_label
+from dynemb.training.examples import ExampleBuilder, collate, collate_windows, item_label
 from dynemb.training.model import TrainModel, Variant, build_joint
 from dynemb.training.train import TrainOptions, fit, item_matrix
 from dynemb_client import contract as wire
@@ -23,7 +23,6 @@ from dynemb_client import contract as wire
 TINY = TrainOptions(
     max_minutes=1.0,
     max_epochs=1,
-    cuts_per_user=2,
     batch_size=8,
     llm_layers=1,
     progress=False,
@@ -73,6 +72,7 @@ def test_train_cuts_never_target_held_out_events(builder):
 
 def test_table_gather_equals_the_served_computation(data, builder):
     joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
+    torch.nn.init.normal_(joint.item_tower.bias.weight)  # zero at init: make it count
     model = TrainModel(joint, builder.tables, builder.items).eval()
     pre = builder.preprocessor
     keys = [(0, 4), (1, 7), (2, 2)]
@@ -92,6 +92,48 @@ def test_table_gather_equals_the_served_computation(data, builder):
     table = item_table(checkpoint, data, Preprocessor(builder.assets))
     assert table.ids == ids
     np.testing.assert_allclose(table.vectors, items.numpy(), atol=1e-5)
+    np.testing.assert_allclose(table.bias, model.item_bias().detach().numpy(), atol=1e-6)
+
+
+def test_windows_target_training_events_only_and_each_once_in_all_mode():
+    config = SyntheticConfig(n_users=3, items_per_category=4, events_per_user=(130, 140))
+    data = generate(replace(config, n_categories=3)).dataset
+    b = ExampleBuilder(data, leave_one_out(data), DIMS, item_labels=True)
+    for user in range(3):
+        train = b.split.train[user]
+        windows = b.windows(user, "all")
+        assert len(windows) > 2  # long histories are cut into several windows
+        targets = np.concatenate([w.targets[w.targets > 0] for w in windows])
+        assert sorted(targets.tolist()) == sorted(train.tolist())
+        assert all(w.count <= DIMS.max_events for w in windows)
+        (last,) = b.windows(user, "last")
+        assert last.count == DIMS.max_events and last.targets[0] == 0
+        np.testing.assert_array_equal(last.targets[1:], train[-DIMS.max_events :])
+
+
+def test_every_window_output_is_the_served_answer_for_its_prefix(builder):
+    """Training scores each prefix of a window in one causal pass; output k must equal what
+    the served computation (Preprocessor -> JointModel) returns for the first k events of
+    the window, asked at the time of event k+1."""
+    joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
+    model = TrainModel(joint, builder.tables, builder.items).eval()
+    pre = builder.preprocessor
+    users = [0, 1, 2]
+    windows = [builder.windows(u)[0] for u in users]
+    with torch.no_grad():
+        text, image = model.text_table(), model.image_table()
+        got = model.window_embeddings(collate_windows(windows), text, image)
+        for row, (user, window) in enumerate(zip(users, windows, strict=True)):
+            events = builder.split.events[user][: window.count + 1]
+            requests = [
+                pre.user(builder.raw_inputs(events[:k], events[k].time))
+                for k in range(window.count + 1)
+            ]
+            x = {k: torch.from_numpy(np.stack([r[k] for r in requests])) for k in requests[0]}
+            expected = joint.user_embedding(x)
+            torch.testing.assert_close(got[row, : window.count + 1], expected, atol=1e-5, rtol=1e-4)
+            targets = [builder.split.item_index[e.item_id] for e in events]
+            assert window.targets.tolist() == targets
 
 
 def test_loss_decreases_in_a_few_steps(builder):
@@ -133,6 +175,12 @@ def test_training_is_deterministic_and_evaluates(data, builder, tmp_path):
     loaded = Checkpoint.load(path)
     assert loaded.trained and loaded.labels == builder.labels
     assert loaded.model.stages["llm_encoder"].bert.config.num_hidden_layers == 1
+    # A checkpoint of an older format is refused by name, not half-loaded.
+    raw = torch.load(path, weights_only=True)
+    raw["format"] = 1
+    torch.save(raw, path)
+    with pytest.raises(StaleCheckpointError, match="retrain"):
+        Checkpoint.load(path)
 
 
 def test_ablation_variant_without_ids_trains(data, builder):

@@ -15,9 +15,7 @@ from dynemb.swap.swapper import check_candidate
 from dynemb.training.stage import fine_tune_stage
 from dynemb.training.train import TrainOptions, fit
 
-TINY = TrainOptions(
-    max_minutes=1.0, max_epochs=1, cuts_per_user=2, batch_size=8, llm_layers=1, progress=False
-)
+TINY = TrainOptions(max_minutes=1.0, max_epochs=1, batch_size=8, llm_layers=1, progress=False)
 
 
 @pytest.fixture(scope="module")

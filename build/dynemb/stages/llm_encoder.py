@@ -26,20 +26,30 @@ def minilm_config() -> dict:
 
 
 class LLMEncoder(nn.Module):
-    """[F_t ⊕ G] of each event becomes a soft token (`inputs_embeds`); a user token built
-    from the query time's features leads the sequence, so an empty history still has one
-    real token and a finite embedding. Mean pooling over real tokens, projection, L2 norm."""
+    """[F_t ⊕ G] of each event becomes a soft token (`inputs_embeds`) after a learned start
+    token; MiniLM reads them causally (each token sees itself and the events before it).
+    The state of the newest token, plus a projection of the query time's features, is
+    projected and L2-normalised into E_t. An empty history reads the start token alone, so
+    it still has a finite embedding.
+
+    Causal attention makes the state after k events the same whether or not later events
+    follow, so training scores every prefix of a sequence in one pass (`forward_all`) and
+    serving (`forward`) reads the newest one: the same function.
+    """
 
     def __init__(self, dims: Dims, bert_config: dict) -> None:
         super().__init__()
         self.dims = dims
         config = BertConfig(**{k: v for k, v in bert_config.items() if not k.startswith("_")})
+        config.is_decoder = True  # causal self-attention
+        config.use_cache = False
         config._attn_implementation = "eager"  # deterministic, mask-exact on CPU
         self.bert = BertModel(config, add_pooling_layer=False)
         hidden = config.hidden_size
         self.event_proj = nn.Linear(dims.seq_dim + dims.event_dim, hidden)
+        self.start_token = nn.Parameter(torch.randn(hidden) * 0.02)
         self.query_proj = nn.Linear(dims.query_dim, hidden)
-        self.user_token = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dims.embed_dim)
 
     def load_pretrained(self) -> None:
@@ -61,6 +71,26 @@ class LLMEncoder(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, extra {unexpected}")
 
+    def states(
+        self,
+        seq_features: torch.Tensor,
+        text_vec: torch.Tensor,
+        image_vec: torch.Tensor,
+        label_vec: torch.Tensor,
+        event_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, n, *) per-event tensors, (B, n) mask -> (B, n + 1, hidden); state k has read
+        the start token and the first k events (padding sits after the real events)."""
+        events = self.event_proj(torch.cat([seq_features, text_vec, image_vec, label_vec], -1))
+        start = self.start_token.expand(events.shape[0], 1, -1)
+        tokens = torch.cat([start, events], dim=1)
+        mask = torch.cat([event_mask.new_ones((event_mask.shape[0], 1)), event_mask], dim=1)
+        return self.bert(inputs_embeds=tokens, attention_mask=mask.long()).last_hidden_state
+
+    def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
+        """States (..., hidden) and query features (..., Q) -> unit-norm E_t (..., D)."""
+        return F.normalize(self.out(self.norm(states + self.query_proj(query_features))), dim=-1)
+
     def forward(
         self,
         seq_features: torch.Tensor,
@@ -71,11 +101,20 @@ class LLMEncoder(nn.Module):
         query_features: torch.Tensor,
     ) -> torch.Tensor:
         """(B, L, *) per-event tensors, (B, L) mask, (B, Q) -> (B, embed_dim), unit norm."""
-        events = self.event_proj(torch.cat([seq_features, text_vec, image_vec, label_vec], -1))
-        user = self.user_token + self.query_proj(query_features)
-        tokens = torch.cat([user.unsqueeze(1), events], dim=1)
-        mask = torch.cat([event_mask.new_ones((event_mask.shape[0], 1)), event_mask], dim=1)
-        hidden = self.bert(inputs_embeds=tokens, attention_mask=mask.long()).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1)
-        return F.normalize(self.out(pooled), dim=-1)
+        states = self.states(seq_features, text_vec, image_vec, label_vec, event_mask)
+        newest = states[torch.arange(states.shape[0]), event_mask.sum(1).long()]
+        return self.embed(newest, query_features)
+
+    def forward_all(
+        self,
+        seq_features: torch.Tensor,
+        text_vec: torch.Tensor,
+        image_vec: torch.Tensor,
+        label_vec: torch.Tensor,
+        event_mask: torch.Tensor,
+        query_features: torch.Tensor,
+    ) -> torch.Tensor:
+        """E after every prefix: (B, n + 1, D) from (B, n + 1, Q) query features, where row k
+        holds the features of the query time that follows the first k events."""
+        states = self.states(seq_features, text_vec, image_vec, label_vec, event_mask)
+        return self.embed(states, query_features)

@@ -1,4 +1,4 @@
-"""retrieve: cosine top-K of E_t against the item table (numpy only: no torch in its process)."""
+"""retrieve: top-K of E_t · v + b over the item table (numpy only: no torch in its process)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,23 @@ from dynemb_client import contract as wire
 
 @dataclass
 class ItemTable:
-    """Unit-norm item vectors in E_t's space, with the ids and titles clients see."""
+    """Unit-norm item vectors in E_t's space and a score bias per item (the item tower's,
+    zeros for a model without one), with the ids and titles clients see."""
 
     ids: list[str]
     titles: list[str]
     vectors: np.ndarray  # (n_items, embed_dim) float32
+    bias: np.ndarray | None = None  # (n_items,) float32; None = zeros
+
+    def __post_init__(self) -> None:
+        if self.bias is None:
+            self.bias = np.zeros(len(self.vectors), np.float32)
+        if self.bias.shape != (len(self.vectors),):
+            raise ValueError(f"{self.bias.shape[0]} biases for {len(self.vectors)} vectors")
 
     def save(self, directory: Path) -> None:
         np.save(directory / "item_table.npy", self.vectors.astype(np.float32))
+        np.save(directory / "item_bias.npy", np.asarray(self.bias, np.float32))
         items = {"ids": self.ids, "titles": self.titles}
         (directory / "items.json").write_text(
             json.dumps(items, ensure_ascii=False), encoding="utf-8"
@@ -33,7 +42,9 @@ class ItemTable:
         vectors = np.load(directory / "item_table.npy")
         if vectors.shape[0] != len(items["ids"]):
             raise ValueError(f"{directory}: {vectors.shape[0]} vectors for {len(items['ids'])} ids")
-        return cls(items["ids"], items["titles"], vectors)
+        bias_path = directory / "item_bias.npy"
+        bias = np.load(bias_path) if bias_path.exists() else None
+        return cls(items["ids"], items["titles"], vectors, bias)
 
 
 class Retriever:
@@ -46,7 +57,7 @@ class Retriever:
         self._titles = np.array([s.encode() for s in table.titles], dtype=object)
 
     def __call__(self, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-        scores = embeddings.astype(np.float32) @ self.table.vectors.T
+        scores = embeddings.astype(np.float32) @ self.table.vectors.T + self.table.bias
         k = self.max_k
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         top_scores = np.take_along_axis(scores, top, axis=1)

@@ -104,6 +104,7 @@ class QualityOptions:
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainOptions = field(default_factory=TrainOptions)
     ablation_minutes: float | None = None  # budget of each ablation run (seed 0 only)
+    ablation_epochs: int | None = None  # their epochs (the cosine schedule's length)
     ablations: bool = True
     baselines: bool = True
     out_dir: Path = ROOT / "benchmarks" / "results"
@@ -164,11 +165,21 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> dict:
         budget = options.ablation_minutes or options.train.max_minutes
         seed = options.seeds[0]
         for name, variant in {"full (same budget)": Variant(), **ABLATIONS}.items():
-            opts = replace(options.train, seed=seed, variant=variant, max_minutes=budget)
+            opts = replace(
+                options.train,
+                seed=seed,
+                variant=variant,
+                max_minutes=budget,
+                max_epochs=options.ablation_epochs or options.train.max_epochs,
+            )
             trained = fit(dataset, split, opts, builder=builder)
             run = _run_row(trained)
             run["test"] = evaluate(trained)
-            rows[f"ablation: {name}"] = {"runs": [run], "budget_minutes": budget}
+            rows[f"ablation: {name}"] = {
+                "runs": [run],
+                "budget_minutes": budget,
+                "max_epochs": opts.max_epochs,
+            }
             logger.info("ablation %s: %s", name, run["test"]["excluded"])
 
     result = {
@@ -192,7 +203,7 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> dict:
 
 
 def _baselines(split: Split, seeds: Sequence[int]) -> dict[str, dict]:
-    from dynemb.evaluation.baselines import SASRecConfig, most_popular, run_sasrec_seeds
+    from dynemb.evaluation.baselines import TUNED_SASREC, most_popular, run_sasrec_seeds
     from dynemb.evaluation.baselines import evaluate as evaluate_baseline
 
     pop = most_popular(split, "test")
@@ -203,7 +214,7 @@ def _baselines(split: Split, seeds: Sequence[int]) -> dict[str, dict]:
             ]
         }
     }
-    config = SASRecConfig()
+    config = TUNED_SASREC
     t0 = time.perf_counter()
     results = run_sasrec_seeds(split, config, seeds)
     out["SASRec-CE"] = {
@@ -284,10 +295,11 @@ def write_results(result: dict, out_dir: Path, stem: str) -> None:
             f"{d['recall@10'][0] / s['recall@10'][0]:.3f}× (target: ≥ 1.10× NDCG@10).",
         ]
     if ablations:
-        budget = next(iter(ablations.values()))["budget_minutes"]
+        first = next(iter(ablations.values()))
+        budget, epochs = first["budget_minutes"], first.get("max_epochs", "?")
         md += [
             "",
-            f"## Ablations (seed {result['seeds'][0]}, {budget} min training budget each)",
+            f"## Ablations (seed {result['seeds'][0]}, {epochs} epochs or {budget} min each)",
             "",
             *_table(ablations),
         ]
@@ -325,10 +337,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from dynemb.paths import cache_dir
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--data", default="ml-100k")
+    parser.add_argument("--data", "--dataset", dest="data", default="ml-100k")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-minutes", type=float, default=TrainOptions.max_minutes)
+    parser.add_argument("--max-epochs", type=int, default=TrainOptions.max_epochs)
+    parser.add_argument("--threads", type=int, default=TrainOptions.num_threads)
     parser.add_argument("--ablation-minutes", type=float, default=None)
+    parser.add_argument("--ablation-epochs", type=int, default=None)
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--stem", default="quality-ml100k")
@@ -339,8 +354,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = QualityOptions(
         data=args.data,
         seeds=tuple(args.seeds),
-        train=TrainOptions(max_minutes=args.max_minutes, progress=sys.stderr.isatty()),
+        train=TrainOptions(
+            max_minutes=args.max_minutes,
+            max_epochs=args.max_epochs,
+            num_threads=args.threads,
+            progress=sys.stderr.isatty(),
+        ),
         ablation_minutes=args.ablation_minutes,
+        ablation_epochs=args.ablation_epochs,
         ablations=not args.no_ablations,
         baselines=not args.no_baselines,
         stem=args.stem,

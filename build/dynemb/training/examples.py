@@ -26,7 +26,13 @@ import numpy as np
 from dynemb.config import Dims
 from dynemb.data.types import Dataset, Interaction
 from dynemb.evaluation.split import Split, Which
-from dynemb.features import PreprocessAssets, Preprocessor, build_label_vocab
+from dynemb.features import (
+    PreprocessAssets,
+    Preprocessor,
+    build_label_vocab,
+    query_features,
+    time_features,
+)
 from dynemb.repository import label_vocab, tokenizer_json
 from dynemb_client import Event, build_inputs
 
@@ -208,6 +214,55 @@ class ExampleBuilder:
             count=count,
         )
 
+    def windows(self, user: int, mode: str = "last") -> list[Window]:
+        """Training windows of a user: runs of up to L+1 consecutive *training* events.
+
+        A window's first n <= L events are the inputs; its output k (k = 0..n) is E after
+        the first k of them, asked at the time of event k+1, whose item is the target. So
+        every output is a request the server could be sent (those k events, that t) and
+        `TrainModel.window_embeddings` computes what the server would answer. Output 0 (no
+        history) has a target only in the window that starts at the user's first event.
+
+        mode "last": one window, the newest L+1 training events (SASRec's choice).
+        mode "all": windows cut from the newest backwards so that every training event is
+        a target exactly once.
+        """
+        events = self.split.events[user][: len(self.split.train[user])]
+        width = self.dims.max_events + 1
+        ends = [len(events)]
+        if mode == "all":
+            while ends[-1] - width > 0:
+                ends.append(ends[-1] - width + 1)
+        elif mode != "last":
+            raise ValueError(f"unknown window mode {mode!r}")
+        return [self._window(events, max(0, end - width), end) for end in ends if end >= 2]
+
+    def _window(self, events: list[Interaction], start: int, end: int) -> Window:
+        d, t = self.dims, self.tables
+        run = events[start:end]
+        inputs = run[:-1]
+        n = len(inputs)
+        labels = [list(event_labels(e, d.max_labels, self.item_labels)) for e in inputs]
+        times = np.array([e.time for e in run], np.float64)
+        text = np.zeros(d.max_events, np.int32)
+        image = np.zeros(d.max_events, np.int32)
+        for i, event in enumerate(inputs):
+            text[i] = t.text_index[event.text]
+            image[i] = t.image_index[_image_key(event.image)] if event.image else 0
+        targets = np.array([self.split.item_index[e.item_id] for e in run], np.int64)
+        if start > 0:
+            targets[0] = 0  # an empty history in mid-sequence is not a real request
+        return Window(
+            text=text,
+            image=image,
+            image_mask=image > 0,
+            label_ids=self.preprocessor.label_ids(labels, d.max_events).astype(np.int32),
+            time_features=time_features(times[:n], labels, d),
+            query_features=np.stack([query_features(times[:k], times[k], d) for k in range(n + 1)]),
+            targets=targets,
+            count=n,
+        )
+
     def train_cuts(self, user: int) -> range:
         """Cut points whose target is a training event (never validation or test)."""
         return range(1, len(self.split.train[user]))
@@ -216,6 +271,21 @@ class ExampleBuilder:
         """The index of the held-out event in the user's events."""
         n = len(self.split.events[user])
         return n - 2 if which == "valid" else n - 1
+
+
+@dataclass
+class Window:
+    """A run of consecutive training events scored at every prefix (see
+    `ExampleBuilder.windows`); per-event arrays padded to L, per-output arrays n + 1 long."""
+
+    text: np.ndarray  # (L,) int32
+    image: np.ndarray  # (L,) int32
+    image_mask: np.ndarray  # (L,) bool
+    label_ids: np.ndarray  # (L, M) int32
+    time_features: np.ndarray  # (L, time_dim) float32
+    query_features: np.ndarray  # (n + 1, Q) float32: row k = features of t after k events
+    targets: np.ndarray  # (n + 1,) int64 item index, 0 = no target
+    count: int  # n, real input events
 
 
 @dataclass
@@ -245,4 +315,25 @@ def collate(examples: list[Example]) -> Batch:
         query_features=np.stack([e.query_features for e in examples]),
         event_mask=np.stack([e.event_mask[:length] for e in examples]),
         target=np.array([e.target for e in examples], np.int64),
+    )
+
+
+def collate_windows(windows: list[Window]) -> Batch:
+    """Stack windows into a Batch whose query features and targets have one row per prefix
+    (B, n + 1, ...), cut to the longest window; padded outputs have target 0."""
+    length = max(w.count for w in windows)
+    query = np.zeros((len(windows), length + 1, windows[0].query_features.shape[1]), np.float32)
+    targets = np.zeros((len(windows), length + 1), np.int64)
+    for i, w in enumerate(windows):
+        query[i, : w.count + 1] = w.query_features
+        targets[i, : w.count + 1] = w.targets
+    return Batch(
+        text=np.stack([w.text[:length] for w in windows]).astype(np.int64),
+        image=np.stack([w.image[:length] for w in windows]).astype(np.int64),
+        image_mask=np.stack([w.image_mask[:length] for w in windows]),
+        label_ids=np.stack([w.label_ids[:length] for w in windows]).astype(np.int64),
+        time_features=np.stack([w.time_features[:length] for w in windows]),
+        query_features=query,
+        event_mask=np.arange(length)[None, :] < np.array([w.count for w in windows])[:, None],
+        target=targets,
     )

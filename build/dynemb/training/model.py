@@ -44,20 +44,35 @@ def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: 
 
 
 class MeanPoolEncoder(nn.Module):
-    """Ablation "without LLM encoder": mean of [F_t ⊕ G] over real events, plus the query
-    features, projected and L2-normalised."""
+    """Ablation "without LLM encoder": the running mean of [F_t ⊕ G] over the events so
+    far (and a learned start vector, so an empty history is defined), fused with the query
+    features as LLMEncoder does. Causal like it, with the same `forward`/`forward_all`."""
 
     def __init__(self, dims: Dims, hidden: int = 256) -> None:
         super().__init__()
         self.event_proj = nn.Linear(dims.seq_dim + dims.event_dim, hidden)
+        self.start_token = nn.Parameter(torch.zeros(hidden))
         self.query_proj = nn.Linear(dims.query_dim, hidden)
         self.out = nn.Sequential(nn.GELU(), nn.Linear(hidden, dims.embed_dim))
 
+    def states(self, seq, text, image, label, event_mask) -> torch.Tensor:
+        real = event_mask.unsqueeze(-1).to(seq.dtype)
+        events = self.event_proj(torch.cat([seq, text, image, label], -1)) * real
+        start = self.start_token.expand(events.shape[0], 1, -1)
+        sums = torch.cat([start, start + events.cumsum(1)], dim=1)
+        counts = torch.cat([real.new_ones(real.shape[0], 1, 1), 1 + real.cumsum(1)], dim=1)
+        return sums / counts
+
+    def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.out(states + self.query_proj(query_features)), dim=-1)
+
     def forward(self, seq, text, image, label, event_mask, query_features) -> torch.Tensor:
-        events = self.event_proj(torch.cat([seq, text, image, label], -1))
-        weights = event_mask.unsqueeze(-1).to(events.dtype)
-        pooled = (events * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return F.normalize(self.out(pooled + self.query_proj(query_features)), dim=-1)
+        states = self.states(seq, text, image, label, event_mask)
+        newest = states[torch.arange(states.shape[0]), event_mask.sum(1).long()]
+        return self.embed(newest, query_features)
+
+    def forward_all(self, seq, text, image, label, event_mask, query_features) -> torch.Tensor:
+        return self.embed(self.states(seq, text, image, label, event_mask), query_features)
 
 
 class TrainModel(nn.Module):
@@ -129,8 +144,7 @@ class TrainModel(nn.Module):
         ids = self.item_index if with_ids else torch.zeros_like(self.item_index)
         return self.joint.item_tower(content, ids)
 
-    def user_embedding(self, b: Batch, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """E_t for a batch, from the unique-text/image tables computed for this step."""
+    def _encoder_inputs(self, b: Batch, text: torch.Tensor, image: torch.Tensor) -> tuple:
         s = self.stages
         event_mask = torch.from_numpy(b.event_mask)
         text_vec = text[torch.from_numpy(b.text)]
@@ -141,9 +155,28 @@ class TrainModel(nn.Module):
         if not self.variant.time_features:
             time_f, query_f = torch.zeros_like(time_f), torch.zeros_like(query_f)
         seq = s["temporal_lstm"](text_vec, image_vec, label_vec, time_f, event_mask)
-        encoder = self.mean_encoder if self.mean_encoder is not None else s["llm_encoder"]
-        return encoder(seq, text_vec, image_vec, label_vec, event_mask, query_f)
+        return seq, text_vec, image_vec, label_vec, event_mask, query_f
 
-    def logits(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    @property
+    def encoder(self) -> nn.Module:
+        return self.mean_encoder if self.mean_encoder is not None else self.stages["llm_encoder"]
+
+    def user_embedding(self, b: Batch, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """E_t for a batch of requests (`collate`), from this step's text/image tables."""
+        return self.encoder(*self._encoder_inputs(b, text, image))
+
+    def window_embeddings(self, b: Batch, text: torch.Tensor, image: torch.Tensor):
+        """(B, n + 1, D): E after every prefix of each window (`collate_windows`)."""
+        return self.encoder.forward_all(*self._encoder_inputs(b, text, image))
+
+    def item_bias(self, with_ids: bool = True) -> torch.Tensor:
+        """(n_items,) the retrieve table's score bias, row i = item index i+1."""
+        ids = self.item_index if with_ids else torch.zeros_like(self.item_index)
+        return self.joint.item_tower.item_bias(ids)
+
+    def logits(
+        self, user: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scaled cosine of E_t with every item: the softmax over all items."""
-        return self.scale * user @ items.T
+        scores = user @ items.T
+        return self.scale * (scores if bias is None else scores + bias)

@@ -1,17 +1,18 @@
 """Joint training of all stages for next-item prediction with a full softmax over items.
 
-"Loss at every position", as done here: each epoch draws `cuts_per_user` cut points per
-user among the training positions (without replacement, all of them when a user has fewer);
-each cut is one example whose target is the next event and whose query time is that
-event's time. A bidirectional encoder that pools a whole prefix cannot share work between
-positions, so sampling cuts is the affordable equivalent on CPU: over epochs every
-position is drawn with equal probability.
+Loss at every position: the stages are causal (per-event features read no later event,
+the temporal LSTM runs forward, MiniLM attends causally), so one pass over a window of a
+user's training events yields E after every prefix of it, each asked at the time of the
+next event, and the cross-entropy over all items is taken at every one of them
+(`ExampleBuilder.windows`). Each output is exactly what the server answers for that
+prefix and query time (a unit test checks it against the request path).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 import time
@@ -29,7 +30,7 @@ from dynemb.evaluation.metrics import evaluate_scores
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.joint import JointModel
 from dynemb.repository import Checkpoint
-from dynemb.training.examples import ExampleBuilder, collate
+from dynemb.training.examples import ExampleBuilder, collate, collate_windows
 from dynemb.training.model import TrainModel, Variant, build_joint
 
 logger = logging.getLogger(__name__)
@@ -37,17 +38,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainOptions:
+    """Defaults chosen on ML-100k validation NDCG@10 (seed 0; the runs are listed in
+    benchmarks/results/training-choices-ml100k.md)."""
+
     seed: int = 0
     max_minutes: float = 25.0  # wall-clock budget of the training loop (validation included)
-    max_epochs: int = 30
-    patience: int = 3  # epochs without a better validation NDCG@10
-    cuts_per_user: int = 4  # examples per user per epoch (see module doc)
-    batch_size: int = 32
+    max_epochs: int = 30  # also the length of the cosine schedule
+    patience: int = 10  # epochs without a better validation NDCG@10
+    windows: str = "all"  # "all": every training event is a target; "last": newest L+1 only
+    cosine: bool = True  # learning rate decays along a half cosine over max_epochs
+    batch_size: int = 64  # windows per step
     lr: float = 2e-3
     weight_decay: float = 0.0
     scale: float = 20.0  # softmax temperature 1/tau on cosine scores
     llm_layers: int = 2  # MiniLM layers kept (pretrained, frozen weights; grads flow through)
     llm_trainable: bool = False
+    llm_lr: float | None = None  # learning rate of MiniLM's own weights when trainable
     variant: Variant = field(default_factory=Variant)
     num_threads: int = 2
     progress: bool = True
@@ -157,45 +163,58 @@ def fit(
             param.requires_grad_(
                 param.requires_grad and name.startswith(f"joint.stages.{options.only}.")
             )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    bert = {id(p) for p in model.stages["llm_encoder"].bert.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in bert]
+    groups = [{"params": params}]
+    bert_params = [p for p in model.stages["llm_encoder"].bert.parameters() if p.requires_grad]
+    if bert_params:
+        groups.append({"params": bert_params, "lr": options.llm_lr or options.lr})
+    optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
     rng = np.random.default_rng(options.seed)
     pool = range(split.n_users) if users is None else [int(u) for u in users]
     valid_users = split.eval_users
     if users is not None:
         valid_users = np.intersect1d(valid_users, np.asarray(users))
     users = [u for u in pool if len(builder.train_cuts(u)) > 0]
+    windows = [w for u in users for w in builder.windows(u, options.windows)]
     if options.valid_users is not None and options.valid_users < len(valid_users):
         valid_users = np.sort(rng.choice(valid_users, options.valid_users, replace=False))
 
+    steps = options.max_epochs * -(-len(windows) // options.batch_size)
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+        )
+        if options.cosine
+        else None
+    )
+
     epochs: list[EpochReport] = []
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    bar = tqdm(desc="train", unit="ex", disable=not options.progress, dynamic_ncols=True)
+    bar = tqdm(desc="train", unit="target", disable=not options.progress, dynamic_ncols=True)
     out_of_time = False
     for epoch in range(1, options.max_epochs + 1):
-        cuts = []
-        for u in users:
-            choices = builder.train_cuts(u)
-            k = min(options.cuts_per_user, len(choices))
-            cuts += [(u, int(c)) for c in rng.choice(choices, k, replace=False)]
-        order = rng.permutation(len(cuts))
+        order = rng.permutation(len(windows))
         model.train()
         total, seen = 0.0, 0
         for start in range(0, len(order), options.batch_size):
-            batch = collate(
-                [builder.example(*cuts[i]) for i in order[start : start + options.batch_size]]
-            )
+            batch = collate_windows([windows[i] for i in order[start : start + options.batch_size]])
             text, image = model.text_table(), model.image_table()
-            logits = model.logits(
-                model.user_embedding(batch, text, image), model.item_vectors(text, image)
-            )
-            loss = F.cross_entropy(logits, torch.from_numpy(batch.target) - 1)
+            users_e = model.window_embeddings(batch, text, image)
+            targets = torch.from_numpy(batch.target)
+            real = targets > 0
+            items = model.item_vectors(text, image)
+            logits = model.logits(users_e[real], items, model.item_bias())
+            loss = F.cross_entropy(logits, targets[real] - 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch.target)
-            seen += len(batch.target)
-            bar.update(len(batch.target))
+            if scheduler is not None:
+                scheduler.step()
+            count = int(real.sum())
+            total += loss.item() * count
+            seen += count
+            bar.update(count)
             bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}", best_ndcg10=f"{best[0]:.4f}")
             if time.perf_counter() > deadline:
                 out_of_time = True
@@ -242,6 +261,11 @@ def item_matrix(model: TrainModel, with_ids: bool = True) -> np.ndarray:
     return model.item_vectors(text, image, with_ids=with_ids).numpy()
 
 
+@torch.inference_mode()
+def item_bias(model: TrainModel, with_ids: bool = True) -> np.ndarray:
+    return model.item_bias(with_ids).numpy()
+
+
 def scores_for(
     model: TrainModel,
     builder: ExampleBuilder,
@@ -253,6 +277,7 @@ def scores_for(
     """(len(users), n_items + 1) cosine scores (column 0 = padding, -inf)."""
     keys = [(int(u), builder.eval_cut(int(u), which), None, limit) for u in users]
     scores = user_vectors(model, builder, keys) @ item_matrix(model, with_ids).T
+    scores += item_bias(model, with_ids)[None, :]
     return np.concatenate([np.full((len(users), 1), -np.inf, np.float32), scores], axis=1)
 
 
