@@ -177,11 +177,18 @@ def demo(
 ) -> None:
     """Train briefly if needed, build, serve on free loopback ports, query sample users, stop."""
     from dynemb.control import load_token
-    from dynemb.demo import demo_checkpoint, query, render, sample_histories, training_status
+    from dynemb.demo import (
+        demo_checkpoint,
+        needs_build,
+        query,
+        render,
+        sample_histories,
+        training_status,
+    )
     from dynemb.server import ServerConfig, TritonServer, free_port
 
     checkpoint, fresh = demo_checkpoint(catalogue, train_minutes, console.print)
-    if rebuild or fresh or not (repository / "retrieve" / "1" / "manifest.json").exists():
+    if rebuild or fresh or needs_build(repository, checkpoint):
         build(repository, catalogue, checkpoint, 0)
     config = ServerConfig(
         repository,

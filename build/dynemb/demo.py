@@ -69,6 +69,14 @@ def demo_checkpoint(
     return short, True
 
 
+def needs_build(repository: Path, checkpoint: Path | None) -> bool:
+    """No built repository yet, or one built before the checkpoint it should serve."""
+    manifest = repository / "retrieve" / "1" / "manifest.json"
+    if not manifest.exists():
+        return True
+    return checkpoint is not None and checkpoint.stat().st_mtime > manifest.stat().st_mtime
+
+
 @dataclass
 class UserResult:
     name: str

@@ -1,0 +1,34 @@
+"""`make demo` picks its checkpoint and rebuilds when the checkpoint is newer than the build."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dynemb import demo
+
+
+def test_needs_build_follows_the_checkpoint(tmp_path):
+    repository = tmp_path / "repo"
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"x")
+    assert demo.needs_build(repository, checkpoint)  # nothing built yet
+    manifest = repository / "retrieve" / "1" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    os.utime(checkpoint, (1_000, 1_000))
+    assert not demo.needs_build(repository, checkpoint)
+    assert not demo.needs_build(repository, None)
+    os.utime(checkpoint, (4_000_000_000, 4_000_000_000))  # retrained after the build
+    assert demo.needs_build(repository, checkpoint)
+
+
+def test_stale_checkpoints_are_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "cache_dir", lambda: tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"format": 1}, tmp_path / "checkpoints" / "ml-100k.pt")
+    said = []
+    path, fresh = demo.demo_checkpoint("ml-100k", minutes=0, echo=said.append)
+    assert (path, fresh) == (None, False)
+    assert "retrain" in said[0]
