@@ -33,10 +33,28 @@ class LiveServer:
 
 
 @pytest.fixture(scope="session")
-def built_repository(tmp_path_factory) -> Path:
-    """The synthetic catalogue: it has images, so every branch is exercised."""
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A briefly trained model (2 epochs on the synthetic catalogue, ~30 s): the served
+    answers are compared with PyTorch on trained weights, not only on initial ones."""
+    from dynemb.data import load_dataset
+    from dynemb.paths import cache_dir
+    from dynemb.training.train import TrainOptions, train
+
+    data = load_dataset("synthetic", cache_dir())
+    checkpoint = train(data, TrainOptions(max_epochs=2, max_minutes=3.0, progress=False))
+    path = tmp_path_factory.mktemp("checkpoint") / "synthetic.pt"
+    checkpoint.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory, trained_checkpoint) -> Path:
+    """The synthetic catalogue (it has images, so every branch is exercised), exported
+    from the trained checkpoint."""
     path = tmp_path_factory.mktemp("model_repository")
-    build_repository(BuildOptions(repository=path, catalogue="synthetic", seed=0))
+    build_repository(
+        BuildOptions(repository=path, catalogue="synthetic", checkpoint=trained_checkpoint, seed=0)
+    )
     return path
 
 

@@ -11,6 +11,8 @@ import tritonclient.grpc as grpcclient
 
 from dynemb.config import DIMS
 from dynemb.data.synthetic import draw_item_image
+from dynemb.manifest import Manifest
+from dynemb.pipeline import latest_version
 from dynemb.specs import ENSEMBLES, STAGES
 from dynemb_client import Event, InterestClient, build_inputs
 
@@ -36,6 +38,12 @@ def test_every_model_is_ready(live):
     for name in (*STAGES, *ENSEMBLES):
         assert client.is_model_ready(name), name
     assert client.is_server_ready()
+
+
+def test_the_served_stages_are_the_trained_ones(live):
+    for stage in ("text_rnn", "image_cnn", "label_mlp", "temporal_lstm", "llm_encoder"):
+        manifest = Manifest.load(latest_version(live.repository / stage))
+        assert manifest.trained and manifest.provenance["best_epoch"] >= 1
 
 
 @pytest.mark.parametrize("n", [0, 1, L, L + 7])
