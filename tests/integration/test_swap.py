@@ -64,11 +64,14 @@ def test_swap_each_stage_and_roll_back_under_load(live, swapper, tmp_path):
     with LoadGenerator(live.url, histories, clients=16, max_seconds=900) as load:
         time.sleep(2)
         for stage in FIVE:
-            candidate = make_candidate(live.repository, stage, tmp_path / stage, scale=0.02)
+            # 10% weight noise: on trained weights 2% moved some stages' top-10 scores by
+            # less than the 1e-4 that tells two repository states apart. Drift bounds are
+            # waived: the drift test below covers them.
+            candidate = make_candidate(live.repository, stage, tmp_path / stage, scale=0.1)
             for action in ("swap", "rollback"):
                 started = time.monotonic()
                 if action == "swap":
-                    result = swapper.swap(stage, candidate)
+                    result = swapper.swap(stage, candidate, accept_drift=True)
                 else:
                     result = swapper.rollback(stage)
                 windows.append((started, time.monotonic()))
