@@ -106,6 +106,9 @@ def serve(
     )
     server = TritonServer(config)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # A process started in the background by a non-interactive shell inherits SIGINT as
+    # ignored, and Python then leaves it ignored: Ctrl-C / kill -INT must still stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.start()
         with _progress() as progress:

@@ -248,11 +248,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-minutes", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-epochs", type=int, default=TrainOptions.max_epochs)
+    # Early stopping can end a run still on the initial popularity plateau (it lasts up to
+    # ~12 epochs): by default every epoch of the schedule runs and the best one is kept.
+    parser.add_argument("--patience", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train = TrainOptions(
         max_minutes=args.max_minutes,
         num_threads=args.threads,
+        max_epochs=args.max_epochs,
+        patience=args.patience or args.max_epochs,
         windows="all",
         progress=sys.stderr.isatty(),
     )
