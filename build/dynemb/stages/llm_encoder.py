@@ -25,7 +25,47 @@ def minilm_config() -> dict:
     return json.loads((minilm_path() / "config.json").read_text(encoding="utf-8"))
 
 
-class LLMEncoder(nn.Module):
+class CausalEncoder(nn.Module):
+    """E after each prefix of the events: `states` (B, n + 1, H), state k having read the
+    first k events, and `embed` (state, query features) -> unit-norm E. Serving reads the
+    newest state (`forward`); training reads them all (`forward_all`)."""
+
+    def states(self, seq_features, text_vec, image_vec, label_vec, event_mask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        seq_features: torch.Tensor,
+        text_vec: torch.Tensor,
+        image_vec: torch.Tensor,
+        label_vec: torch.Tensor,
+        event_mask: torch.Tensor,
+        query_features: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, L, *) per-event tensors, (B, L) mask, (B, Q) -> (B, embed_dim), unit norm."""
+        states = self.states(seq_features, text_vec, image_vec, label_vec, event_mask)
+        newest = states[torch.arange(states.shape[0]), event_mask.sum(1).long()]
+        return self.embed(newest, query_features)
+
+    def forward_all(
+        self,
+        seq_features: torch.Tensor,
+        text_vec: torch.Tensor,
+        image_vec: torch.Tensor,
+        label_vec: torch.Tensor,
+        event_mask: torch.Tensor,
+        query_features: torch.Tensor,
+    ) -> torch.Tensor:
+        """E after every prefix: (B, n + 1, D) from (B, n + 1, Q) query features, where row k
+        holds the features of the query time that follows the first k events."""
+        states = self.states(seq_features, text_vec, image_vec, label_vec, event_mask)
+        return self.embed(states, query_features)
+
+
+class LLMEncoder(CausalEncoder):
     """[F_t ⊕ G] of each event becomes a soft token (`inputs_embeds`) after a learned start
     token; MiniLM reads them causally (each token sees itself and the events before it).
     The state of the newest token, plus a projection of the query time's features, is
@@ -90,31 +130,3 @@ class LLMEncoder(nn.Module):
     def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
         """States (..., hidden) and query features (..., Q) -> unit-norm E_t (..., D)."""
         return F.normalize(self.out(self.norm(states + self.query_proj(query_features))), dim=-1)
-
-    def forward(
-        self,
-        seq_features: torch.Tensor,
-        text_vec: torch.Tensor,
-        image_vec: torch.Tensor,
-        label_vec: torch.Tensor,
-        event_mask: torch.Tensor,
-        query_features: torch.Tensor,
-    ) -> torch.Tensor:
-        """(B, L, *) per-event tensors, (B, L) mask, (B, Q) -> (B, embed_dim), unit norm."""
-        states = self.states(seq_features, text_vec, image_vec, label_vec, event_mask)
-        newest = states[torch.arange(states.shape[0]), event_mask.sum(1).long()]
-        return self.embed(newest, query_features)
-
-    def forward_all(
-        self,
-        seq_features: torch.Tensor,
-        text_vec: torch.Tensor,
-        image_vec: torch.Tensor,
-        label_vec: torch.Tensor,
-        event_mask: torch.Tensor,
-        query_features: torch.Tensor,
-    ) -> torch.Tensor:
-        """E after every prefix: (B, n + 1, D) from (B, n + 1, Q) query features, where row k
-        holds the features of the query time that follows the first k events."""
-        states = self.states(seq_features, text_vec, image_vec, label_vec, event_mask)
-        return self.embed(states, query_features)

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from dynemb.config import Dims
 from dynemb.joint import JointModel
-from dynemb.stages.llm_encoder import minilm_config
+from dynemb.stages.llm_encoder import CausalEncoder, minilm_config
 from dynemb.training.examples import Batch, ItemInputs, Tables
 
 
@@ -43,7 +43,7 @@ def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: 
     return JointModel.initial(dims, n_labels, n_items, seed, bert_config=config)
 
 
-class MeanPoolEncoder(nn.Module):
+class MeanPoolEncoder(CausalEncoder):
     """Ablation "without LLM encoder": the running mean of [F_t ⊕ G] over the events so
     far (and a learned start vector, so an empty history is defined), fused with the query
     features as LLMEncoder does. Causal like it, with the same `forward`/`forward_all`."""
@@ -65,14 +65,6 @@ class MeanPoolEncoder(nn.Module):
 
     def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.out(states + self.query_proj(query_features)), dim=-1)
-
-    def forward(self, seq, text, image, label, event_mask, query_features) -> torch.Tensor:
-        states = self.states(seq, text, image, label, event_mask)
-        newest = states[torch.arange(states.shape[0]), event_mask.sum(1).long()]
-        return self.embed(newest, query_features)
-
-    def forward_all(self, seq, text, image, label, event_mask, query_features) -> torch.Tensor:
-        return self.embed(self.states(seq, text, image, label, event_mask), query_features)
 
 
 class TrainModel(nn.Module):
