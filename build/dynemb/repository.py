@@ -48,11 +48,12 @@ class Checkpoint:
     """What `dynemb train` saves and `dynemb build` exports.
 
     `FORMAT` changes whenever the stage networks change shape or meaning (2: causal MiniLM
-    with a start token, item score bias, prefix-independent time features); a checkpoint
+    with a start token, item score bias, prefix-independent time features; 3: a residual
+    around MiniLM's layers); a checkpoint
     of another format is refused with `StaleCheckpointError` rather than half-loaded.
     """
 
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
 
     model: JointModel
     labels: dict[str, int]

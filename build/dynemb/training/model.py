@@ -77,11 +77,15 @@ class TrainModel(nn.Module):
         items: ItemInputs,
         variant: Variant = Variant(),
         scale: float = 20.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.joint = joint
         self.variant = variant
         self.scale = scale
+        # Training-only regulariser on each event's text/image/label vectors (identity in
+        # eval mode, so the exported stages compute exactly what was validated).
+        self.event_dropout = nn.Dropout(dropout)
         self.mean_encoder = MeanPoolEncoder(joint.dims) if variant.encoder == "mean" else None
         self.register_buffer("token_ids", torch.from_numpy(tables.token_ids), persistent=False)
         self.register_buffer("token_count", torch.from_numpy(tables.token_count), False)
@@ -142,6 +146,8 @@ class TrainModel(nn.Module):
         text_vec = text[torch.from_numpy(b.text)]
         image_vec = self._image(torch.from_numpy(b.image), torch.from_numpy(b.image_mask), image)
         label_vec = self._label(torch.from_numpy(b.label_ids))
+        drop = self.event_dropout
+        text_vec, image_vec, label_vec = drop(text_vec), drop(image_vec), drop(label_vec)
         time_f = torch.from_numpy(b.time_features)
         query_f = torch.from_numpy(b.query_features)
         if not self.variant.time_features:
