@@ -17,7 +17,7 @@ from dynemb.repository import Checkpoint, StaleCheckpointError, item_table
 from dynemb.training.evaluate import evaluate
 from dynemb.training.examples import ExampleBuilder, collate, collate_windows, item_label
 from dynemb.training.model import TrainModel, Variant, build_joint
-from dynemb.training.train import TrainOptions, fit, item_matrix
+from dynemb.training.train import TrainOptions, fit, item_matrix, make_optimizer
 from dynemb_client import contract as wire
 
 TINY = TrainOptions(
@@ -114,9 +114,9 @@ def test_windows_target_training_events_only_and_each_once_in_all_mode():
 def test_every_window_output_is_the_served_answer_for_its_prefix(builder):
     """Training scores each prefix of a window in one causal pass; output k must equal what
     the served computation (Preprocessor -> JointModel) returns for the first k events of
-    the window, asked at the time of event k+1."""
+    the window, asked at the time of event k+1. Training-only dropout is off in eval mode."""
     joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
-    model = TrainModel(joint, builder.tables, builder.items).eval()
+    model = TrainModel(joint, builder.tables, builder.items, dropout=0.5).eval()
     pre = builder.preprocessor
     users = [0, 1, 2]
     windows = [builder.windows(u)[0] for u in users]
@@ -157,6 +157,29 @@ def test_loss_decreases_in_a_few_steps(builder):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("llm_trainable", [False, True])
+def test_lookup_tables_get_their_own_learning_rate(builder, llm_trainable):
+    joint = build_joint(DIMS, len(builder.labels), builder.split.n_items, llm_layers=1, seed=0)
+    model = TrainModel(joint, builder.tables, builder.items)
+    model.freeze(llm_trainable)
+    options = replace(TINY, lr=1e-3, embedding_lr=1e-2, llm_lr=1e-4, llm_trainable=llm_trainable)
+    groups = make_optimizer(model, options).param_groups
+    by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Every trainable weight is in exactly one group, nothing frozen is optimised.
+    assert sum(len(g["params"]) for g in groups) == len(by_id) == len(trainable)
+    stages = model.stages
+    assert by_id[id(stages["label_mlp"].bag.weight)] == 1e-2
+    assert by_id[id(model.joint.item_tower.ids.weight)] == 1e-2
+    assert by_id[id(model.joint.item_tower.bias.weight)] == 1e-2
+    assert by_id[id(stages["temporal_lstm"].inp.weight)] == 1e-3
+    assert id(stages["text_rnn"].embed.weight) not in by_id  # pretrained, frozen
+    bert_words = stages["llm_encoder"].bert.embeddings.word_embeddings.weight
+    assert by_id.get(id(bert_words)) == (1e-4 if llm_trainable else None)
+    without = make_optimizer(model, replace(options, embedding_lr=None)).param_groups
+    assert {g["lr"] for g in without} == ({1e-3, 1e-4} if llm_trainable else {1e-3})
 
 
 def test_training_is_deterministic_and_evaluates(data, builder, tmp_path):

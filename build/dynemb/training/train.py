@@ -125,6 +125,25 @@ def _embedding_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, kinds)]
 
 
+def make_optimizer(model: TrainModel, options: TrainOptions) -> torch.optim.AdamW:
+    """AdamW over the trainable weights in up to three groups: lookup tables at
+    `embedding_lr`, MiniLM's own weights (when trainable) at `llm_lr`, the rest at `lr`."""
+    bert = {id(p) for p in model.stages["llm_encoder"].bert.parameters()}
+    tables = [p for p in _embedding_tables(model) if p.requires_grad and id(p) not in bert]
+    if not options.embedding_lr:
+        tables = []
+    special = bert | {id(p) for p in tables}
+    groups = [
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in special]}
+    ]
+    if tables:
+        groups.append({"params": tables, "lr": options.embedding_lr})
+    bert_params = [p for p in model.stages["llm_encoder"].bert.parameters() if p.requires_grad]
+    if bert_params:
+        groups.append({"params": bert_params, "lr": options.llm_lr or options.lr})
+    return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
+
+
 def seed_everything(seed: int, threads: int, deterministic: bool) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -176,19 +195,7 @@ def fit(
             param.requires_grad_(
                 param.requires_grad and name.startswith(f"joint.stages.{options.only}.")
             )
-    bert = {id(p) for p in model.stages["llm_encoder"].bert.parameters()}
-    tables = {id(p) for p in _embedding_tables(model)} if options.embedding_lr else set()
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in bert | tables]
-    groups = [{"params": params}]
-    if tables:
-        table_params = [
-            p for p in _embedding_tables(model) if p.requires_grad and id(p) not in bert
-        ]
-        groups.append({"params": table_params, "lr": options.embedding_lr})
-    bert_params = [p for p in model.stages["llm_encoder"].bert.parameters() if p.requires_grad]
-    if bert_params:
-        groups.append({"params": bert_params, "lr": options.llm_lr or options.lr})
-    optimizer = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = make_optimizer(model, options)
     rng = np.random.default_rng(options.seed)
     pool = range(split.n_users) if users is None else [int(u) for u in users]
     valid_users = split.eval_users
