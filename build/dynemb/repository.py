@@ -49,8 +49,8 @@ class Checkpoint:
 
     `FORMAT` changes whenever the stage networks change shape or meaning (2: causal MiniLM
     with a start token, item score bias, prefix-independent time features; 3: a residual
-    around MiniLM's layers); a checkpoint
-    of another format is refused with `StaleCheckpointError` rather than half-loaded.
+    around MiniLM's layers); a checkpoint of another format is refused with
+    `StaleCheckpointError` rather than half-loaded.
     """
 
     FORMAT: ClassVar[int] = 3

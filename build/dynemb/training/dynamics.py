@@ -249,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-epochs", type=int, default=TrainOptions.max_epochs)
-    # Early stopping can end a run still on the initial popularity plateau (it lasts up to
-    # ~12 epochs): by default every epoch of the schedule runs and the best one is kept.
+    # By default every epoch of the schedule runs and the best one is kept: before the
+    # lookup tables had their own learning rate, early stopping once ended a seed still on
+    # the initial popularity plateau (benchmarks/results/dynamics-synthetic.md).
     parser.add_argument("--patience", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -128,19 +128,18 @@ def _embedding_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def make_optimizer(model: TrainModel, options: TrainOptions) -> torch.optim.AdamW:
     """AdamW over the trainable weights in up to three groups: lookup tables at
     `embedding_lr`, MiniLM's own weights (when trainable) at `llm_lr`, the rest at `lr`."""
-    bert = {id(p) for p in model.stages["llm_encoder"].bert.parameters()}
-    tables = [p for p in _embedding_tables(model) if p.requires_grad and id(p) not in bert]
+    bert = list(model.stages["llm_encoder"].bert.parameters())
+    in_bert = {id(p) for p in bert}
+    tables = [p for p in _embedding_tables(model) if p.requires_grad and id(p) not in in_bert]
     if not options.embedding_lr:
         tables = []
-    special = bert | {id(p) for p in tables}
+    taken = in_bert | {id(p) for p in tables}
     groups = [
-        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in special]}
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in taken]},
+        {"params": tables, "lr": options.embedding_lr},
+        {"params": [p for p in bert if p.requires_grad], "lr": options.llm_lr or options.lr},
     ]
-    if tables:
-        groups.append({"params": tables, "lr": options.embedding_lr})
-    bert_params = [p for p in model.stages["llm_encoder"].bert.parameters() if p.requires_grad]
-    if bert_params:
-        groups.append({"params": bert_params, "lr": options.llm_lr or options.lr})
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
 
 
