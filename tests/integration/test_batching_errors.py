@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -41,6 +42,22 @@ def stage_counts(client) -> dict[str, tuple[int, int]]:
     }
 
 
+def settled_counts(client, before, expected: int, timeout: float = 10.0):
+    """Statistics once every stage has counted `expected` more inferences.
+
+    Triton records a model's statistics after it has sent the response, so the
+    last stage of the ensemble may still be counting when the client has its
+    answer; poll (bounded) instead of reading once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        after = stage_counts(client)
+        done = all(after[s][0] - before[s][0] >= expected for s in STAGES)
+        if done or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def test_dynamic_batching_merges_concurrent_requests(live):
     admin = grpcclient.InferenceServerClient(live.url)
     before = stage_counts(admin)
@@ -55,7 +72,7 @@ def test_dynamic_batching_merges_concurrent_requests(live):
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(worker, range(16)))
     assert all(np.isfinite(r).all() for r in results)
-    after = stage_counts(admin)
+    after = settled_counts(admin, before, 16 * 6)
     for stage in STAGES:
         inferences = after[stage][0] - before[stage][0]
         executions = after[stage][1] - before[stage][1]
