@@ -15,7 +15,13 @@ from dynemb.evaluation.split import leave_one_out
 from dynemb.features import Preprocessor
 from dynemb.repository import Checkpoint, StaleCheckpointError, item_table
 from dynemb.training.evaluate import evaluate
-from dynemb.training.examples import ExampleBuilder, collate, collate_windows, item_label
+from dynemb.training.examples import (
+    ExampleBuilder,
+    collate,
+    collate_windows,
+    item_label,
+    seen_items,
+)
 from dynemb.training.model import TrainModel, Variant, build_joint
 from dynemb.training.train import TrainOptions, fit, item_matrix, make_optimizer
 from dynemb_client import contract as wire
@@ -109,6 +115,14 @@ def test_windows_target_training_events_only_and_each_once_in_all_mode():
         (last,) = b.windows(user, "last")
         assert last.count == DIMS.max_events and last.targets[0] == 0
         np.testing.assert_array_equal(last.targets[1:], train[-DIMS.max_events :])
+        # The training softmax leaves out exactly the items of every earlier training event,
+        # also those before the window (row k of a window: before its output k's target).
+        seen = seen_items(windows, b.split.n_items)
+        for i, w in enumerate(windows):
+            for k in range(w.count + 1):
+                before = set(train[: w.start + k].tolist())
+                assert set((np.flatnonzero(seen[i, k]) + 1).tolist()) == before
+            assert not seen[i, w.count + 1 :].any()  # rows past this window's outputs
 
 
 def test_every_window_output_is_the_served_answer_for_its_prefix(builder):

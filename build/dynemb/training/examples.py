@@ -25,6 +25,7 @@ import numpy as np
 
 from dynemb.config import Dims
 from dynemb.data.types import Dataset, Interaction
+from dynemb.evaluation.seen import seen_before
 from dynemb.evaluation.split import Split, Which
 from dynemb.features import (
     PreprocessAssets,
@@ -261,6 +262,8 @@ class ExampleBuilder:
             query_features=np.stack([query_features(times[:k], times[k], d) for k in range(n + 1)]),
             targets=targets,
             count=n,
+            history=np.array([self.split.item_index[e.item_id] for e in events[: end - 1]]),
+            start=start,
         )
 
     def train_cuts(self, user: int) -> range:
@@ -286,6 +289,10 @@ class Window:
     query_features: np.ndarray  # (n + 1, Q) float32: row k = features of t after k events
     targets: np.ndarray  # (n + 1,) int64 item index, 0 = no target
     count: int  # n, real input events
+    # The user's item indices up to the window's last input, from their first training event
+    # (also those before the window): output k's target follows history[: start + k].
+    history: np.ndarray
+    start: int
 
 
 @dataclass
@@ -316,6 +323,16 @@ def collate(examples: list[Example]) -> Batch:
         event_mask=np.stack([e.event_mask[:length] for e in examples]),
         target=np.array([e.target for e in examples], np.int64),
     )
+
+
+def seen_items(windows: list[Window], n_items: int) -> np.ndarray:
+    """(B, n + 1, n_items) bool, aligned with `collate_windows`: row k of window i marks the
+    items its user had before output k's target (`dynemb.evaluation.seen`)."""
+    length = max(w.count for w in windows)
+    out = np.zeros((len(windows), length + 1, n_items), bool)
+    for i, w in enumerate(windows):
+        out[i, : w.count + 1] = seen_before(w.history, w.start + np.arange(w.count + 1), n_items)
+    return out
 
 
 def collate_windows(windows: list[Window]) -> Batch:

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from dynemb.config import DIMS, Dims
 from dynemb.data.types import Dataset
 from dynemb.evaluation.metrics import evaluate_scores
+from dynemb.evaluation.seen import exclude_seen
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.joint import JointModel
 from dynemb.repository import Checkpoint
-from dynemb.training.examples import ExampleBuilder, collate, collate_windows
+from dynemb.training.examples import ExampleBuilder, collate, collate_windows, seen_items
 from dynemb.training.model import TrainModel, Variant, build_joint
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class TrainOptions:
     # initial popularity plateau.
     embedding_lr: float | None = 2e-2
     scale: float = 20.0  # softmax temperature 1/tau on cosine scores
+    # Leave the user's earlier items out of the training softmax, as the protocol's ranking
+    # does (dynemb.evaluation.seen); valid NDCG@10 0.1388 vs 0.1193 (seed 0).
+    exclude_seen: bool = True
     llm_layers: int = 2  # MiniLM layers kept (pretrained, frozen weights; grads flow through)
     llm_trainable: bool = False
     llm_lr: float | None = None  # learning rate of MiniLM's own weights when trainable
@@ -223,14 +227,19 @@ def fit(
         model.train()
         total, seen = 0.0, 0
         for start in range(0, len(order), options.batch_size):
-            batch = collate_windows([windows[i] for i in order[start : start + options.batch_size]])
+            chunk = [windows[i] for i in order[start : start + options.batch_size]]
+            batch = collate_windows(chunk)
             text, image = model.text_table(), model.image_table()
             users_e = model.window_embeddings(batch, text, image)
             targets = torch.from_numpy(batch.target)
             real = targets > 0
             items = model.item_vectors(text, image)
             logits = model.logits(users_e[real], items, model.item_bias())
-            loss = F.cross_entropy(logits, targets[real] - 1)
+            target = targets[real] - 1
+            if options.exclude_seen:
+                had = torch.from_numpy(seen_items(chunk, split.n_items))[real]
+                logits = exclude_seen(logits, had, target)
+            loss = F.cross_entropy(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
