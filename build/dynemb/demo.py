@@ -98,25 +98,40 @@ def training_status(repository: Path) -> str:
     return "UNTRAINED (seeded initial weights; run `dynemb train` for a trained model)"
 
 
+@dataclass
+class SampleUser:
+    events: list[Event]
+    seen: frozenset[str]  # item ids of those events: left out of the recommendations
+
+
 def sample_histories(
     catalogue: str, cache: Path, repository: Path, n_users: int = 3
-) -> dict[str, list[Event]]:
-    """A few real users' histories from the catalogue's data set, and a cold-start user."""
+) -> dict[str, SampleUser]:
+    """A few real users' newest 60 events from the catalogue's data set, and a cold-start user."""
     users = load_dataset(catalogue, cache).by_user()
     convert = event_converter(repository)
     chosen = sorted(users, key=lambda u: (-len(users[u]), u))[:: max(1, len(users) // n_users)]
-    histories = {f"user {u}": [convert(e) for e in users[u][-60:]] for u in chosen[:n_users]}
-    histories["cold-start user (no history)"] = []
-    return histories
+    samples = {}
+    for u in chosen[:n_users]:
+        newest = users[u][-60:]
+        samples[f"user {u}"] = SampleUser(
+            [convert(e) for e in newest], frozenset(e.item_id for e in newest)
+        )
+    samples["cold-start user (no history)"] = SampleUser([], frozenset())
+    return samples
 
 
-def query(url: str, histories: dict[str, list[Event]], k: int = 10) -> list[UserResult]:
+def query(url: str, users: dict[str, SampleUser], k: int = 10) -> list[UserResult]:
+    """E_t and the top k items for each user at the time of their newest event. Items the
+    user already had are left out, as in the quality protocol (the model is trained to rank
+    the items a user has not had yet)."""
     with InterestClient(url) as client:
         results = []
-        for name, events in histories.items():
+        for name, user in users.items():
+            events = user.events
             at = events[-1].time if events else None
             embedding = client.embed(events, at=at)
-            recommendations = client.recommend(events, k=k, at=at)
+            recommendations = client.recommend(events, k=k, at=at, exclude=user.seen)
             results.append(UserResult(name, len(events), embedding, recommendations))
     return results
 

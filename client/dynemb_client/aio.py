@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -78,17 +78,30 @@ class AsyncInterestClient(ClientBase):
         return parse_embeddings(await self._infer(call), call.model, call.batch)
 
     async def recommend(
-        self, events: Sequence[Event], k: int = 10, at: TimeLike | None = None
+        self,
+        events: Sequence[Event],
+        k: int = 10,
+        at: TimeLike | None = None,
+        exclude: Iterable[str] = (),
     ) -> list[Recommendation]:
-        """Up to k items for one user, best first."""
-        return (await self.recommend_many([events], k=k, at=[at]))[0]
+        """Up to k items for one user, best first, none of them in `exclude` (item ids)."""
+        return (await self.recommend_many([events], k=k, at=[at], exclude=[exclude]))[0]
 
     async def recommend_many(
-        self, histories: Sequence[Sequence[Event]], k: int = 10, at: QueryTimes = None
+        self,
+        histories: Sequence[Sequence[Event]],
+        k: int = 10,
+        at: QueryTimes = None,
+        exclude: Sequence[Iterable[str]] | None = None,
     ) -> list[list[Recommendation]]:
-        """Up to k items for each of many users, in one request."""
-        call = recommend_call(self.model_recommend, histories, at, await self.model_shape(), k)
-        return parse_recommendations(await self._infer(call), call.model, call.batch, k)
+        """Up to k items for each of many users, in one request; `exclude` gives per user
+        the item ids to leave out (e.g. those already in the history)."""
+        call = recommend_call(
+            self.model_recommend, histories, at, await self.model_shape(), k, exclude
+        )
+        return parse_recommendations(
+            await self._infer(call), call.model, call.batch, k, call.exclude
+        )
 
     async def is_ready(self) -> bool:
         """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""

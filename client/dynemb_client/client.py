@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -75,17 +75,26 @@ class InterestClient(ClientBase):
         return parse_embeddings(self._infer(call), call.model, call.batch)
 
     def recommend(
-        self, events: Sequence[Event], k: int = 10, at: TimeLike | None = None
+        self,
+        events: Sequence[Event],
+        k: int = 10,
+        at: TimeLike | None = None,
+        exclude: Iterable[str] = (),
     ) -> list[Recommendation]:
-        """Up to k items for one user, best first."""
-        return self.recommend_many([events], k=k, at=[at])[0]
+        """Up to k items for one user, best first, none of them in `exclude` (item ids)."""
+        return self.recommend_many([events], k=k, at=[at], exclude=[exclude])[0]
 
     def recommend_many(
-        self, histories: Sequence[Sequence[Event]], k: int = 10, at: QueryTimes = None
+        self,
+        histories: Sequence[Sequence[Event]],
+        k: int = 10,
+        at: QueryTimes = None,
+        exclude: Sequence[Iterable[str]] | None = None,
     ) -> list[list[Recommendation]]:
-        """Up to k items for each of many users, in one request."""
-        call = recommend_call(self.model_recommend, histories, at, self.model_shape(), k)
-        return parse_recommendations(self._infer(call), call.model, call.batch, k)
+        """Up to k items for each of many users, in one request; `exclude` gives per user
+        the item ids to leave out (e.g. those already in the history)."""
+        call = recommend_call(self.model_recommend, histories, at, self.model_shape(), k, exclude)
+        return parse_recommendations(self._infer(call), call.model, call.batch, k, call.exclude)
 
     def is_ready(self) -> bool:
         """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""

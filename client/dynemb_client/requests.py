@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +42,14 @@ from dynemb_client.events import (
     to_unix_seconds,
 )
 
-__all__ = ["InferCall", "ModelShape", "build_inputs", "embedding_call", "recommend_call"]
+__all__ = [
+    "InferCall",
+    "ModelShape",
+    "build_inputs",
+    "embedding_call",
+    "exclusion_sets",
+    "recommend_call",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,8 @@ class InferCall:
     inputs: list[InferInput]
     outputs: list[InferRequestedOutput]
     batch: int
+    # recommend only: item ids to leave out of each user's list (asked for k + len of them).
+    exclude: tuple[frozenset[str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,15 +239,46 @@ def recommend_call(
     at: TimeLike | Sequence[TimeLike | None] | None,
     shape: ModelShape,
     k: int,
+    exclude: Sequence[Iterable[str]] | None = None,
 ) -> InferCall:
-    """A `recommend` request for a batch of users, asking for up to `k` items each."""
+    """A `recommend` request for a batch of users, asking for up to `k` items each.
+
+    `exclude` holds, per user, item ids to leave out (e.g. what the user already had): the
+    server is asked for k more items per excluded id (at most MAX_TOP_K) and
+    `parse_recommendations` drops them, so up to k remain."""
     histories = list(histories)
+    _check_top_k(k)
+    excluded = exclusion_sets(exclude, len(histories))
+    asked = min(MAX_TOP_K, k + max((len(ids) for ids in excluded), default=0))
     arrays = build_inputs(
-        histories, broadcast_at(at, len(histories)), shape.max_events, shape.max_labels, top_k=k
+        histories,
+        broadcast_at(at, len(histories)),
+        shape.max_events,
+        shape.max_labels,
+        top_k=asked,
     )
     return InferCall(
         model=model,
         inputs=_to_infer_inputs(arrays),
         outputs=[InferRequestedOutput(name) for name in (ITEM_IDS, ITEM_SCORES, ITEM_TITLES)],
         batch=len(histories),
+        exclude=tuple(excluded),
     )
+
+
+def exclusion_sets(exclude: Sequence[Iterable[str]] | None, n: int) -> list[frozenset[str]]:
+    """One set of item ids per user (empty sets for None)."""
+    if exclude is None:
+        return [frozenset()] * n
+    sets = []
+    for i, ids in enumerate(exclude):
+        if isinstance(ids, (str, bytes)):
+            raise ClientInputError(
+                "exclude must hold a collection of item ids per user, not one id",
+                field="exclude",
+                history=i,
+            )
+        sets.append(frozenset(str(item) for item in ids))
+    if len(sets) != n:
+        raise ClientInputError(f"exclude has {len(sets)} entries for {n} users", field="exclude")
+    return sets

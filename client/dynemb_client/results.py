@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,9 +43,14 @@ def parse_embeddings(result: _Result, model: str, batch: int) -> np.ndarray:
 
 
 def parse_recommendations(
-    result: _Result, model: str, batch: int, k: int
+    result: _Result,
+    model: str,
+    batch: int,
+    k: int,
+    exclude: Sequence[AbstractSet[str]] = (),
 ) -> list[list[Recommendation]]:
-    """Up to k items per user; empty item ids are padding and are skipped."""
+    """Up to k items per user; empty item ids are padding and are skipped, and so are the
+    ids in `exclude[user]` (when given, one set per user)."""
     ids = _output(result, ITEM_IDS, model, batch).reshape(batch, -1)
     scores = _output(result, ITEM_SCORES, model, batch).reshape(batch, -1)
     titles = _output(result, ITEM_TITLES, model, batch).reshape(batch, -1)
@@ -52,7 +59,7 @@ def parse_recommendations(
         items = [
             Recommendation(item_id=_text(item), score=float(score), title=_text(title))
             for item, score, title in zip(ids[row], scores[row], titles[row], strict=True)
-            if _text(item)
+            if _text(item) and not (exclude and _text(item) in exclude[row])
         ]
         users.append(items[:k])
     return users

@@ -96,3 +96,16 @@ def test_recommend_returns_titled_items_matching_the_pipeline(live, pipeline):
     x = build_inputs([events], [None], L, DIMS.max_labels, top_k=10)
     local = pipeline.run(x, ensemble="recommend")
     assert [i.item_id for i in items] == [v.decode() for v in local["ITEM_IDS"][0]]
+
+
+def test_recommend_leaves_out_excluded_items(live):
+    events = history(12, images=True)
+    with InterestClient(live.url) as client:
+        ranked = client.recommend(events, k=20)
+        left_out = {ranked[0].item_id, ranked[2].item_id, "not-an-item"}
+        items = client.recommend(events, k=10, exclude=left_out)
+        (batched,) = client.recommend_many([events], k=10, exclude=[left_out])
+    # The next items of the same ranking, still 10 of them.
+    expected = [r.item_id for r in ranked if r.item_id not in left_out][:10]
+    assert [i.item_id for i in items] == expected
+    assert [i.item_id for i in batched] == expected

@@ -18,11 +18,16 @@ from dynemb_client.contract import (
     EVENT_LABELS,
     EVENT_TEXT,
     EVENT_TIME,
+    ITEM_IDS,
+    ITEM_SCORES,
+    ITEM_TITLES,
     MAX_TIME_S,
     MAX_TOP_K,
     QUERY_TIME,
     TOP_K,
 )
+from dynemb_client.requests import exclusion_sets
+from dynemb_client.results import parse_recommendations
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
@@ -245,3 +250,32 @@ def test_import_needs_no_torch_transformers_or_pil() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_exclusion_sets_are_per_user_and_reject_a_bare_id() -> None:
+    assert exclusion_sets(None, 2) == [frozenset(), frozenset()]
+    assert exclusion_sets([["1", 2], []], 2) == [frozenset({"1", "2"}), frozenset()]
+    with pytest.raises(ClientInputError, match="not one id"):
+        exclusion_sets(["12"], 1)
+    with pytest.raises(ClientInputError, match="1 entries for 2 users"):
+        exclusion_sets([["1"]], 2)
+
+
+def test_parse_recommendations_drops_excluded_ids_and_keeps_k() -> None:
+    arrays = {
+        ITEM_IDS: np.array([[b"a", b"b", b"c", b""], [b"a", b"b", b"c", b"d"]]),
+        ITEM_SCORES: np.array([[4.0, 3.0, 2.0, 0.0], [4.0, 3.0, 2.0, 1.0]], np.float32),
+        ITEM_TITLES: np.array([[b"A", b"B", b"C", b""], [b"A", b"B", b"C", b"D"]]),
+    }
+
+    class Result:
+        def as_numpy(self, name):
+            return arrays[name]
+
+    got = parse_recommendations(Result(), "recommend", 2, 2, [frozenset({"a"}), frozenset()])
+    assert [[r.item_id for r in user] for user in got] == [["b", "c"], ["a", "b"]]
+    assert [r.item_id for r in parse_recommendations(Result(), "recommend", 2, 5)[0]] == [
+        "a",
+        "b",
+        "c",
+    ]
