@@ -56,11 +56,14 @@ def parse_recommendations(
     titles = _output(result, ITEM_TITLES, model, batch).reshape(batch, -1)
     users = []
     for row in range(batch):
-        items = [
-            Recommendation(item_id=_text(item), score=float(score), title=_text(title))
-            for item, score, title in zip(ids[row], scores[row], titles[row], strict=True)
-            if _text(item) and not (exclude and _text(item) in exclude[row])
-        ]
+        skip = exclude[row] if exclude else frozenset()
+        items = []
+        for item, score, title in zip(ids[row], scores[row], titles[row], strict=True):
+            item_id = _text(item)
+            if item_id and item_id not in skip:
+                items.append(
+                    Recommendation(item_id=item_id, score=float(score), title=_text(title))
+                )
         users.append(items[:k])
     return users
 

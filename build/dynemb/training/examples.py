@@ -236,9 +236,10 @@ class ExampleBuilder:
                 ends.append(ends[-1] - width + 1)
         elif mode != "last":
             raise ValueError(f"unknown window mode {mode!r}")
-        return [self._window(events, max(0, end - width), end) for end in ends if end >= 2]
+        items = self.split.train[user]  # the item indices of `events`
+        return [self._window(events, items, max(0, end - width), end) for end in ends if end >= 2]
 
-    def _window(self, events: list[Interaction], start: int, end: int) -> Window:
+    def _window(self, events: list[Interaction], items: np.ndarray, start: int, end: int) -> Window:
         d, t = self.dims, self.tables
         run = events[start:end]
         inputs = run[:-1]
@@ -250,7 +251,7 @@ class ExampleBuilder:
         for i, event in enumerate(inputs):
             text[i] = t.text_index[event.text]
             image[i] = t.image_index[_image_key(event.image)] if event.image else 0
-        targets = np.array([self.split.item_index[e.item_id] for e in run], np.int64)
+        targets = items[start:end].astype(np.int64)  # a copy: targets[0] may be zeroed
         if start > 0:
             targets[0] = 0  # an empty history in mid-sequence is not a real request
         return Window(
@@ -262,7 +263,7 @@ class ExampleBuilder:
             query_features=np.stack([query_features(times[:k], times[k], d) for k in range(n + 1)]),
             targets=targets,
             count=n,
-            history=np.array([self.split.item_index[e.item_id] for e in events[: end - 1]]),
+            history=items[: end - 1],
             start=start,
         )
 
