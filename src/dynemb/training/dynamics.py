@@ -29,7 +29,7 @@ from dynemb.data.synthetic import SyntheticConfig, SyntheticData, generate
 from dynemb.evaluation.metrics import evaluate_scores, format_mean_std, summarize
 from dynemb.evaluation.split import leave_one_out
 from dynemb.manifest import git_commit
-from dynemb.paths import ROOT
+from dynemb.paths import RESULTS_DIR
 from dynemb.training.evaluate import machine, save_report
 from dynemb.training.train import (
     Trained,
@@ -56,7 +56,7 @@ class DynamicsOptions:
     holdout: float = 0.2  # share of users never trained on
     after: tuple[int, ...] = (1, 2, 3)  # events after the change point to score
     stale_hours: float = 1.0
-    out_dir: Path = ROOT / "benchmarks" / "results"
+    out_dir: Path = RESULTS_DIR
     stem: str = "dynamics-synthetic"
     command: str = ""
 

@@ -25,7 +25,7 @@ from dynemb.data.types import Dataset
 from dynemb.evaluation.metrics import evaluate_scores, format_mean_std, summarize_runs
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.manifest import git_commit
-from dynemb.paths import ROOT
+from dynemb.paths import RESULTS_DIR
 from dynemb.training.model import Variant
 from dynemb.training.train import Trained, TrainOptions, fit, scores_for
 
@@ -107,7 +107,7 @@ class QualityOptions:
     ablation_epochs: int | None = None  # their epochs (the cosine schedule's length)
     ablations: bool = True
     baselines: bool = True
-    out_dir: Path = ROOT / "benchmarks" / "results"
+    out_dir: Path = RESULTS_DIR
     stem: str = "quality-ml100k"
     checkpoint: Path | None = None  # save seed 0's checkpoint here
     command: str = ""
