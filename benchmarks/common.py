@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dynemb.specs import ENSEMBLES, STAGES
+from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,7 +50,7 @@ class RunContext:
     machine: dict[str, Any]
     load_average: tuple[float, float, float]  # 1, 5, 15 minutes, at start
     versions: dict[str, str]
-    stages: dict[str, StageSettings]  # from dynemb.specs.STAGES
+    stages: dict[str, StageSettings]  # from dynemb.ensembles.STAGE_SPECS
     served: dict[str, StageSettings] = field(default_factory=dict)  # from the live server
     load_average_end: tuple[float, float, float] | None = None  # set by finish()
     data: str = SYNTHETIC_LABEL
@@ -203,10 +203,10 @@ def spec_settings() -> dict[str, StageSettings]:
     """Instance counts and dynamic-batching settings of every stage, from dynemb.specs."""
     out = {
         name: StageSettings(spec.instances, spec.max_batch_size, spec.max_queue_delay_us)
-        for name, spec in STAGES.items()
+        for name, spec in STAGE_SPECS.items()
     }
     out.update(
-        {name: StageSettings(1, spec.max_batch_size, None) for name, spec in ENSEMBLES.items()}
+        {name: StageSettings(1, spec.max_batch_size, None) for name, spec in ENSEMBLE_SPECS.items()}
     )
     return out
 
@@ -301,7 +301,7 @@ def stage_stats(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Mode
 
 
 def _model_order(name: str) -> tuple[int, str]:
-    order = [*STAGES, *ENSEMBLES]
+    order = [*STAGE_SPECS, *ENSEMBLE_SPECS]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -353,7 +353,7 @@ def context_markdown(ctx: RunContext) -> str:
     for name, s in settings.items():
         delay = "ensemble" if s.max_queue_delay_us is None else str(s.max_queue_delay_us)
         lines.append(f"| {name} | {s.instances} | {s.max_batch_size} | {delay} |")
-    source = "the live server's configs" if ctx.served else "dynemb.specs.STAGES"
+    source = "the live server's configs" if ctx.served else "dynemb.ensembles.STAGE_SPECS"
     lines.append(f"\n(batching settings as read from {source})")
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ from locust import User, constant, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 from dynemb.data.synthetic import SyntheticConfig, generate  # noqa: E402
-from dynemb.specs import ENSEMBLES, STAGES  # noqa: E402
+from dynemb.ensembles import MODELS  # noqa: E402
 from dynemb_client import Event, InterestClient  # noqa: E402
 
 log = logging.getLogger("benchmarks.locust")
@@ -109,7 +109,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         if ctx is not None:
             ctx.versions["tritonserver"] = admin.get_server_metadata(as_json=True)["version"]
             ctx.served = common.served_settings(
-                {m: admin.get_model_config(m, as_json=True) for m in [*STAGES, *ENSEMBLES]}
+                {m: admin.get_model_config(m, as_json=True) for m in MODELS}
             )
         STATE.stats_at_start = admin.get_inference_statistics(as_json=True)
     finally:

@@ -41,12 +41,13 @@ import tritonclient.grpc as grpcclient
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from dynemb import stages
 from dynemb.data.synthetic import SyntheticConfig, generate
+from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
 from dynemb.repository import BuildOptions, build_repository
 from dynemb.server import ServerConfig, TritonServer, free_port
-from dynemb.specs import ENSEMBLES, STAGES
 from dynemb_client import AsyncInterestClient, Event, InterestClient
 from dynemb_client.requests import ModelShape, embedding_call
 
@@ -384,9 +385,9 @@ def client_build_ms(histories: Sequence[Sequence[Event]], shape: ModelShape) -> 
 
 
 def repository_note(repository: Path) -> str:
-    manifests = [Manifest.load(latest_version(repository / s)) for s in STAGES]
-    trained = all(m.trained for m in manifests if m.stage != "preprocess")
-    data = manifests[0].provenance.get("catalogue", "?")
+    manifests = [Manifest.load(latest_version(repository / s)) for s in STAGE_SPECS]
+    trained = all(m.trained for m in manifests if stages.get(m.stage).learned)
+    data = manifests[0].provenance.catalogue or "?"
     state = "trained" if trained else "untrained (seeded initial weights; cost is the same)"
     return f"repository {repository}: catalogue {data}, weights {state}"
 
@@ -474,7 +475,7 @@ def batching_table(rows: list[dict[str, Any]]) -> list[str]:
         header,
         "|---|" + "---:|" * len(rows),
     ]
-    for stage in STAGES:
+    for stage in STAGE_SPECS:
         cells = []
         for row in rows:
             s = row["stages"].get(stage)
@@ -577,7 +578,7 @@ def measure(
     admin = grpcclient.InferenceServerClient(url)
     try:
         ctx.versions["tritonserver"] = admin.get_server_metadata(as_json=True)["version"]
-        models = [*STAGES, *ENSEMBLES]
+        models = [*STAGE_SPECS, *ENSEMBLE_SPECS]
         ctx.served = common.served_settings(
             {m: admin.get_model_config(m, as_json=True) for m in models}
         )

@@ -13,9 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def assets():
-    from dynemb.config import DIMS
-    from dynemb.features import PreprocessAssets, build_label_vocab
-    from dynemb.repository import tokenizer_json
+    from dynemb.dims import DIMS
+    from dynemb.stages.llm_encoder import tokenizer_json
+    from dynemb.stages.preprocess.features import PreprocessAssets, build_label_vocab
 
     labels = build_label_vocab(
         ["genre:Comedy", "genre:Drama", "rating:4", "rating:5", "category:c1"]

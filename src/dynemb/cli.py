@@ -1,4 +1,9 @@
-"""The `dynemb` command line: parses flags, calls library functions, shows progress."""
+"""The `dynemb` command line: parses flags, calls library functions, shows progress.
+
+A mistake of the user's (a bad events file, a missing checkpoint, a server that is not
+up, a refused swap) prints one line and exits with status 1; anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -13,14 +19,36 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dynemb.paths import MODEL_REPOSITORY, cache_dir
+from dynemb.errors import DynembError
+from dynemb.paths import MODEL_REPOSITORY, RESULTS_DIR, cache_dir
 
-app = typer.Typer(help="Dynamic user-interest embeddings served by Triton.", no_args_is_help=True)
+app = typer.Typer(
+    help="Dynamic user-interest embeddings served by Triton.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console(stderr=True)
 log = logging.getLogger("dynemb")
 
 Repository = Annotated[Path, typer.Option("--repository", help="Triton model repository")]
 Url = Annotated[str, typer.Option("--url", help="gRPC endpoint host:port")]
+Data = Annotated[
+    str, typer.Option("--data", "--dataset", help="ml-100k, synthetic, or a JSONL path")
+]
+Seeds = Annotated[str, typer.Option(help="comma-separated seeds, fixed before running")]
+Threads = Annotated[int, typer.Option(help="torch intra-op threads")]
+
+
+def main() -> None:
+    """Entry point of the `dynemb` script: user errors as one line, not a traceback."""
+    from dynemb_client import ClientInputError
+    from dynemb_client import ServerError as ClientServerError
+
+    try:
+        app()
+    except (DynembError, ClientInputError, ClientServerError) as exc:
+        print(f"dynemb: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _progress() -> Progress:
@@ -33,8 +61,22 @@ def _progress() -> Progress:
     )
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be integers like 0,1,2, got {text!r}") from None
+    if not seeds:
+        raise typer.BadParameter("at least one seed")
+    return seeds
+
+
+def _command() -> str:
+    return "dynemb " + " ".join(sys.argv[1:])
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def options(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -43,8 +85,8 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 @app.command()
 def configs(repository: Repository = MODEL_REPOSITORY) -> None:
-    """Regenerate every config.pbtxt from the typed stage specs."""
-    from dynemb.pbtxt import write_configs
+    """Regenerate every config.pbtxt and model.py from the stage registry's specs."""
+    from dynemb.configs import write_configs
 
     for path in write_configs(repository):
         console.print(f"wrote {path}")
@@ -58,20 +100,22 @@ def build(
     seed: int = 0,
 ) -> None:
     """Write every stage's version directory (artifact + manifest) and the item table."""
+    from dynemb import stages
     from dynemb.repository import BuildOptions, build_repository
 
     options = BuildOptions(repository, catalogue, checkpoint, seed)
     with _progress() as progress:
-        task = progress.add_task("exporting stages", total=7)
+        task = progress.add_task("exporting stages", total=len(stages.NAMES))
 
-        def track(stages: list[str]):
-            for stage in stages:
-                progress.update(task, description=f"exporting {stage}")
-                yield stage
+        def track(names: Iterable[str]) -> Iterator[str]:
+            for name in names:
+                progress.update(task, description=f"exporting {name}")
+                yield name
                 progress.advance(task)
 
         manifests = build_repository(options, progress=track)
-    trained = all(m.trained for m in manifests.values() if m.stage != "preprocess")
+    learned = [m for name, m in manifests.items() if stages.get(name).learned]
+    trained = all(m.trained for m in learned)
     console.print(f"built {repository} ({'trained' if trained else 'UNTRAINED'} weights)")
 
 
@@ -92,15 +136,11 @@ def serve(
     Model control (load, unload, repository index) needs the token from
     DYNEMB_CONTROL_TOKEN or the 0600 token file created on first serve; inference is open.
     """
-    from dynemb.control import ControlError, load_token, server_args
+    from dynemb.control import load_token, server_args
     from dynemb.server import ServerConfig, TritonServer
 
     token = None if insecure_control else load_token(create=True)
-    try:
-        server_args(token, host)
-    except ControlError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from exc
+    server_args(token, host)  # refuses an open non-loopback server before anything starts
     config = ServerConfig(
         repository, host, grpc_port, http_port, metrics_port, log_file, control_token=token
     )
@@ -125,14 +165,6 @@ def serve(
         server.stop()
 
 
-def _histories(events: Path, user: str | None, repository: Path) -> list[tuple[str, list]]:
-    from dynemb.data.jsonl import iter_user_events
-    from dynemb.demo import event_converter
-
-    convert = event_converter(repository)
-    return [(u, [convert(e) for e in evs]) for u, evs in iter_user_events(events, user)]
-
-
 @app.command()
 def embed(
     events: Annotated[Path, typer.Option(help="JSON Lines: user, time, text, image, labels")],
@@ -142,12 +174,10 @@ def embed(
     repository: Repository = MODEL_REPOSITORY,
 ) -> None:
     """Print each user's E_t as one JSON line."""
-    from dynemb_client import InterestClient
+    from dynemb.queries import embed_events
 
-    with InterestClient(url) as client:
-        for user_id, history in _histories(events, user, repository):
-            vector = client.embed(history, at=at)
-            print(json.dumps({"user": user_id, "at": at, "embedding": vector.tolist()}))
+    for row in embed_events(events, user, at, url, repository):
+        print(json.dumps({"user": row.user, "at": at, "embedding": row.embedding.tolist()}))
 
 
 @app.command()
@@ -156,17 +186,19 @@ def recommend(
     user: Annotated[str | None, typer.Option(help="only this user")] = None,
     at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
     k: int = 10,
+    include_seen: Annotated[
+        bool, typer.Option(help="also recommend the items of the history sent")
+    ] = False,
     url: Url = "127.0.0.1:8001",
     repository: Repository = MODEL_REPOSITORY,
 ) -> None:
-    """Print each user's top-k items as one JSON line."""
-    from dynemb_client import InterestClient
+    """Print each user's top-k items as one JSON line, leaving out the items of the history
+    sent (the model ranks the items a user has not had) unless --include-seen."""
+    from dynemb.queries import recommend_events
 
-    with InterestClient(url) as client:
-        for user_id, history in _histories(events, user, repository):
-            items = client.recommend(history, k=k, at=at)
-            rows = [{"item_id": i.item_id, "score": i.score, "title": i.title} for i in items]
-            print(json.dumps({"user": user_id, "at": at, "items": rows}, ensure_ascii=False))
+    for row in recommend_events(events, user, at, k, not include_seen, url, repository):
+        items = [{"item_id": i.item_id, "score": i.score, "title": i.title} for i in row.items]
+        print(json.dumps({"user": row.user, "at": at, "items": items}, ensure_ascii=False))
 
 
 @app.command()
@@ -215,14 +247,14 @@ def demo(
 
 @app.command()
 def train(
-    data: Annotated[
-        str, typer.Option("--data", "--dataset", help="ml-100k, synthetic, or a JSONL path")
-    ] = "ml-100k",
+    data: Data = "ml-100k",
     out: Annotated[
         Path | None, typer.Option(help="checkpoint (or, with --only, version dir)")
     ] = None,
     seed: int = 0,
     max_minutes: Annotated[float, typer.Option(help="training budget (wall clock)")] = 25.0,
+    max_epochs: Annotated[int | None, typer.Option(help="epochs (the cosine schedule)")] = None,
+    threads: Threads = 2,
     only: Annotated[str | None, typer.Option(help="fine-tune only this stage")] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="with --only: the model to start from")
@@ -231,12 +263,16 @@ def train(
 ) -> None:
     """Train all stages jointly (next-item prediction, full softmax over items), or with
     --only STAGE fine-tune one stage of a checkpoint into a swappable version directory."""
+    from dataclasses import replace
+
     from dynemb.data import load_dataset
     from dynemb.training.train import TrainOptions
     from dynemb.training.train import train as train_model
 
     dataset = load_dataset(data, cache_dir())
-    options = TrainOptions(seed=seed, max_minutes=max_minutes)
+    options = TrainOptions(seed=seed, max_minutes=max_minutes, num_threads=threads)
+    if max_epochs is not None:
+        options = replace(options, max_epochs=max_epochs)
     default_checkpoint = cache_dir() / "checkpoints" / f"{dataset.name}.pt"
     if only is None:
         path = out or default_checkpoint
@@ -250,28 +286,131 @@ def train(
         dataset, checkpoint or default_checkpoint, only, target, options, repository
     )
     console.print(f"wrote {target}; swap it with `dynemb swap {only} {target}`")
-    print(json.dumps(manifest.provenance, indent=1, default=str))
+    print(json.dumps(manifest.provenance.to_json(), indent=1, default=str))
 
 
-_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True}
+@app.command()
+def evaluate(
+    data: Data = "ml-100k",
+    seeds: Seeds = "0,1,2",
+    max_minutes: Annotated[float, typer.Option(help="training budget per seed")] = 25.0,
+    max_epochs: Annotated[int, typer.Option(help="epochs per seed (cosine schedule)")] = 16,
+    threads: Threads = 2,
+    ablations: Annotated[bool, typer.Option(help="train the ablation variants (seed 1st)")] = True,
+    ablation_minutes: Annotated[float | None, typer.Option(help="budget per ablation")] = None,
+    ablation_epochs: Annotated[int | None, typer.Option(help="epochs per ablation")] = None,
+    baselines: Annotated[bool, typer.Option(help="MostPop and the tuned SASRec-CE")] = True,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    stem: Annotated[str, typer.Option(help="results file name, without extension")] = (
+        "quality-ml100k"
+    ),
+    checkpoint: Annotated[Path | None, typer.Option(help="save the first seed's model")] = None,
+) -> None:
+    """The quality benchmark: dynemb vs MostPop vs SASRec-CE on the leave-one-out protocol
+    (full ranking), ablations and cold-start slices; writes STEM.md and STEM.json."""
+    from dynemb.data import load_dataset
+    from dynemb.evaluation.quality import QualityOptions, quality_benchmark
+    from dynemb.training.train import TrainOptions
+
+    options = QualityOptions(
+        data=data,
+        seeds=_seeds(seeds),
+        train=TrainOptions(
+            max_minutes=max_minutes,
+            max_epochs=max_epochs,
+            num_threads=threads,
+            progress=sys.stderr.isatty(),
+        ),
+        ablation_minutes=ablation_minutes,
+        ablation_epochs=ablation_epochs,
+        ablations=ablations,
+        baselines=baselines,
+        out_dir=out_dir,
+        stem=stem,
+        checkpoint=checkpoint,
+        command=_command(),
+    )
+    result = quality_benchmark(load_dataset(data, cache_dir()), options)
+    for name, model in result.models.items():
+        mean, std = model.summary()["ndcg@10"]
+        console.print(f"{name}: NDCG@10 {mean:.4f} ± {std:.4f} (seen excluded)")
+    console.print(f"wrote {out_dir / stem}.md and .json")
 
 
-@app.command(context_settings=_FORWARD)
-def evaluate(ctx: typer.Context) -> None:
-    """The quality benchmark (dynemb vs MostPop vs SASRec-CE, ablations, cold start);
-    options as `python -m dynemb.training.evaluate --help`."""
-    from dynemb.training.evaluate import main as evaluate_main
+@app.command()
+def baselines(
+    data: Data = "ml-100k",
+    seeds: Seeds = "0,1,2",
+    tune: Annotated[bool, typer.Option(help="pick SASRec's config on validation first")] = False,
+    threads: Threads = 2,
+    out: Annotated[Path | None, typer.Option(help="also write the Markdown here")] = None,
+) -> None:
+    """MostPop and SASRec-CE on the leave-one-out protocol (tuned config, or --tune the
+    grid on validation first); prints a Markdown report."""
+    from dataclasses import replace
 
-    evaluate_main(ctx.args)
+    from dynemb.data import load_dataset
+    from dynemb.evaluation.baselines import (
+        TUNED_SASREC,
+        BaselineOptions,
+        baseline_benchmark,
+        config_label,
+        render_markdown,
+    )
+    from dynemb.evaluation.split import leave_one_out
+
+    dataset = load_dataset(data, cache_dir())
+    options = BaselineOptions(
+        seeds=_seeds(seeds), tune=tune, config=replace(TUNED_SASREC, num_threads=threads)
+    )
+    report = baseline_benchmark(
+        leave_one_out(dataset),
+        dataset.name,
+        options,
+        on_tuned=lambda row: console.print(
+            f"tuned {config_label(row.config)}: valid NDCG@10 {row.valid_ndcg10:.4f}"
+        ),
+    )
+    text = render_markdown(report)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+    print(text, end="")
 
 
-@app.command(context_settings=_FORWARD)
-def dynamics(ctx: typer.Context) -> None:
-    """E_t after interest changes on synthetic data; options as
-    `python -m dynemb.training.dynamics --help`."""
-    from dynemb.training.dynamics import main as dynamics_main
+@app.command()
+def dynamics(
+    seeds: Seeds = "0,1,2",
+    max_minutes: Annotated[float, typer.Option(help="training budget per seed")] = 3.0,
+    max_epochs: Annotated[int, typer.Option(help="epochs per seed (cosine schedule)")] = 16,
+    patience: Annotated[
+        int | None, typer.Option(help="early stopping (default: run every epoch)")
+    ] = None,
+    threads: Threads = 2,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+) -> None:
+    """Does E_t follow a change of interest? Fresh vs stale query time vs a static profile,
+    on SYNTHETIC users whose interest changes at known points; writes
+    dynamics-synthetic.md/.json/.png."""
+    from dynemb.evaluation.dynamics import DynamicsOptions, criterion_met, dynamics_benchmark
+    from dynemb.training.train import TrainOptions
 
-    dynamics_main(ctx.args)
+    # By default every epoch of the schedule runs and the best one is kept: before the
+    # lookup tables had their own learning rate, early stopping once ended a seed still on
+    # the initial popularity plateau (benchmarks/results/dynamics-synthetic.md).
+    train_options = TrainOptions(
+        max_minutes=max_minutes,
+        num_threads=threads,
+        max_epochs=max_epochs,
+        patience=patience or max_epochs,
+        windows="all",
+        progress=sys.stderr.isatty(),
+    )
+    options = DynamicsOptions(
+        seeds=_seeds(seeds), train=train_options, out_dir=out_dir, command=_command()
+    )
+    result = dynamics_benchmark(options)
+    verdict = "met" if criterion_met(result) else "NOT met"
+    console.print(f"fresh E_t beats the static profile by > 3 std: {verdict} (SYNTHETIC data)")
 
 
 def _swapper(repository: Path, url: str):
@@ -290,14 +429,8 @@ def swap(
     url: Url = "127.0.0.1:8001",
 ) -> None:
     """Check, probe drift, install as the next version, load, verify; restore on failure."""
-    from dynemb.swap.swapper import SwapFailedError, SwapRefusedError
-
     swapper = _swapper(repository, url)
-    try:
-        result = swapper.swap(stage, artifact, accept_drift=accept_drift, progress=console.print)
-    except (SwapRefusedError, SwapFailedError) as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        raise typer.Exit(1) from exc
+    result = swapper.swap(stage, artifact, accept_drift=accept_drift, progress=console.print)
     print(
         json.dumps(
             {
@@ -319,13 +452,7 @@ def rollback(
     url: Url = "127.0.0.1:8001",
 ) -> None:
     """Serve an earlier version of STAGE again (installed as a new, newest version)."""
-    from dynemb.swap.swapper import SwapFailedError, SwapRefusedError
-
-    try:
-        result = _swapper(repository, url).rollback(stage, to, progress=console.print)
-    except (SwapRefusedError, SwapFailedError) as exc:
-        console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
-        raise typer.Exit(1) from exc
+    result = _swapper(repository, url).rollback(stage, to, progress=console.print)
     print(json.dumps({"stage": stage, "old": result.old_version, "new": result.new_version}))
 
 
@@ -358,4 +485,4 @@ def candidate(
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    main()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from dynemb.errors import DynembError
 from dynemb.paths import cache_dir
 
 TOKEN_ENV = "DYNEMB_CONTROL_TOKEN"
@@ -23,7 +24,7 @@ HEADER_KEY = "dynemb-control"
 GRPC_HEADER = f"triton-grpc-protocol-{HEADER_KEY}"
 
 
-class ControlError(RuntimeError):
+class ControlError(DynembError, RuntimeError):
     """Model control was refused or failed."""
 
 

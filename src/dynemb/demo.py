@@ -9,30 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dynemb.config import DIMS
+from dynemb import stages
 from dynemb.data import load_dataset
-from dynemb.data.types import Interaction
-from dynemb.manifest import Manifest
 from dynemb.paths import cache_dir
-from dynemb.pipeline import latest_version
-from dynemb.specs import STAGES
+from dynemb.pipeline import serving_manifest_paths, serving_manifests
+from dynemb.queries import event_converter
 from dynemb_client import Event, InterestClient
 
 log = logging.getLogger(__name__)
 DEMO_EPOCHS = 12
-
-
-def event_converter(repository: Path) -> Callable[[Interaction], Event]:
-    """Interaction -> client Event as the served model was trained to read it (with the
-    "item:<id>" label if its training used one), labels cut to the model's M."""
-    from dynemb.training.examples import to_client_event
-
-    manifest_dir = repository / "label_mlp"
-    item_labels = False
-    if manifest_dir.exists() and any(p.name.isdigit() for p in manifest_dir.iterdir()):
-        manifest = Manifest.load(latest_version(manifest_dir))
-        item_labels = bool(manifest.provenance.get("item_labels", False))
-    return lambda e: to_client_event(e, DIMS.max_labels, item_labels)
 
 
 def demo_checkpoint(
@@ -40,7 +25,7 @@ def demo_checkpoint(
 ) -> tuple[Path | None, bool]:
     """The full training run's checkpoint if there is one, else a short demo run's
     (trained now if missing). Returns (path, whether it was just trained)."""
-    from dynemb.repository import Checkpoint, StaleCheckpointError
+    from dynemb.checkpoint import Checkpoint, StaleCheckpointError
 
     directory = cache_dir() / "checkpoints"
     full, short = directory / f"{catalogue}.pt", directory / f"{catalogue}-demo.pt"
@@ -64,17 +49,18 @@ def demo_checkpoint(
     # (about 15 s an epoch on two cores) instead of the full run's every-event windows.
     options = TrainOptions(max_minutes=minutes, max_epochs=DEMO_EPOCHS, windows="last")
     checkpoint = train(dataset, options)
-    checkpoint.provenance["budget"] = f"short demo run, {minutes:g} min"
+    checkpoint.provenance.budget = f"short demo run, {minutes:g} min"
     checkpoint.save(short)
     return short, True
 
 
 def needs_build(repository: Path, checkpoint: Path | None) -> bool:
     """No built repository yet, or one built before the checkpoint it should serve."""
-    manifest = repository / "retrieve" / "1" / "manifest.json"
-    if not manifest.exists():
+    built = serving_manifest_paths(repository)
+    if len(built) < len(stages.NAMES):
         return True
-    return checkpoint is not None and checkpoint.stat().st_mtime > manifest.stat().st_mtime
+    oldest = min(path.stat().st_mtime for path in built)
+    return checkpoint is not None and checkpoint.stat().st_mtime > oldest
 
 
 @dataclass
@@ -87,14 +73,15 @@ class UserResult:
 
 def training_status(repository: Path) -> str:
     """'trained (data, metrics)' or 'untrained (seeded initial weights)', from the manifests."""
-    manifests = [Manifest.load(latest_version(repository / s)) for s in STAGES if s != "preprocess"]
-    if all(m.trained for m in manifests):
+    served = serving_manifests(repository)
+    manifests = [m for name, m in served.items() if stages.get(name).learned]
+    if manifests and all(m.trained for m in manifests):
         p = manifests[0].provenance
-        budget = p.get("budget", f"{p.get('train_seconds', '?')} s of training")
-        return (
-            f"trained on {p.get('data')} (seed {p.get('seed')}, {budget}, "
-            f"validation NDCG@10 {p.get('valid_ndcg10', float('nan')):.4f})"
+        budget = (
+            p.budget or f"{p.train_seconds if p.train_seconds is not None else '?'} s of training"
         )
+        valid = p.valid_ndcg10 if p.valid_ndcg10 is not None else float("nan")
+        return f"trained on {p.data} (seed {p.seed}, {budget}, validation NDCG@10 {valid:.4f})"
     return "UNTRAINED (seeded initial weights; run `dynemb train` for a trained model)"
 
 

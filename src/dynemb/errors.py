@@ -1,7 +1,20 @@
-"""Errors the stages raise for one request's bad input; the adapters turn them into
-per-request Triton errors so the other requests of a batch still succeed."""
+"""dynemb's own error types.
+
+`DynembError` marks a failure the command line reports as one clear line and a non-zero
+exit, without a traceback: a bad line in an events file, a missing checkpoint, a server
+that is not up, a refused swap. `InputError` is one request's bad input; the adapters
+turn it into that request's own Triton error so the rest of its batch still succeeds.
+"""
 
 from __future__ import annotations
+
+
+class DynembError(Exception):
+    """A failure with a message meant for the user."""
+
+
+class UsageError(DynembError, ValueError):
+    """Arguments that cannot be carried out (e.g. a stage that cannot be fine-tuned)."""
 
 
 class InputError(ValueError):

@@ -1,50 +1,116 @@
-"""The five stages and the item tower as one module, for joint training and for export."""
+"""The five torch stages and the item tower as one module, for joint training and export.
+
+This is the torch twin of the ensemble wiring (dynemb.ensembles): `user_embedding` runs
+the stages in the ensemble's order on preprocessed tensors, so a checkpoint's stages
+exported one by one compute exactly what was trained (a parity test checks it).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from dynemb.config import Dims
-from dynemb.stages import TORCH_STAGES
-from dynemb.stages.item_tower import ItemTower
-from dynemb.stages.llm_encoder import minilm_config
+from dynemb import stages
+from dynemb.dims import Dims
+from dynemb.stages.image_cnn import ImageCNNParams
+from dynemb.stages.label_mlp import LabelMLPParams
+from dynemb.stages.llm_encoder import LLMEncoderParams, minilm_config
+from dynemb.stages.temporal_lstm import TemporalLSTMParams
+from dynemb.stages.text_rnn import TextRNNParams
+
+
+@dataclass(frozen=True)
+class JointParams:
+    """Each torch stage's typed hyperparameters; field name = stage name."""
+
+    text_rnn: TextRNNParams
+    image_cnn: ImageCNNParams
+    label_mlp: LabelMLPParams
+    temporal_lstm: TemporalLSTMParams
+    llm_encoder: LLMEncoderParams
+
+    @classmethod
+    def default(cls, n_labels: int, bert_config: dict[str, Any] | None = None) -> JointParams:
+        return cls(
+            text_rnn=TextRNNParams(),
+            image_cnn=ImageCNNParams(),
+            label_mlp=LabelMLPParams(n_labels=n_labels),
+            temporal_lstm=TemporalLSTMParams(),
+            llm_encoder=LLMEncoderParams(bert_config=bert_config or minilm_config()),
+        )
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self))
+
+    def of(self, stage: str) -> Any:
+        return getattr(self, stage)
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(self.of(name)) for name in self.stage_names}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, dict[str, Any]]) -> JointParams:
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: stages.get(name).params_type(**raw[name]) for name in names})
+
+
+class ItemTower(nn.Module):
+    """Item content G_item = text ⊕ image ⊕ label (from the same stages as events), projected
+    to E_t's space, plus an optional id embedding (row 0 = no id / withheld).
+
+    With ids, each item also has a score bias (in cosine units, added to E_t · v by
+    retrieve): unit vectors cannot say that an item is popular, a bias can."""
+
+    def __init__(self, dims: Dims, n_items: int = 0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dims.event_dim, dims.embed_dim)
+        self.ids = nn.Embedding(n_items + 1, dims.embed_dim) if n_items else None
+        self.bias = nn.Embedding(n_items + 1, 1) if n_items else None
+        for table in (self.ids, self.bias):
+            if table is not None:
+                nn.init.zeros_(table.weight)
+
+    def forward(
+        self, content: torch.Tensor, item_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        vectors = self.proj(content)
+        if self.ids is not None and item_index is not None:
+            vectors = vectors + self.ids(item_index)
+        return F.normalize(vectors, dim=-1)
+
+    def item_bias(self, item_index: torch.Tensor) -> torch.Tensor:
+        """(N,) score bias of each item (0 without ids, and for row 0)."""
+        if self.bias is None:
+            return torch.zeros(item_index.shape, dtype=torch.float32)
+        return self.bias(item_index)[..., 0]
 
 
 class JointModel(nn.Module):
-    """Holds one instance of every torch stage; `stage_hparams` rebuilds each on its own."""
+    """Holds one network of every torch stage (built through the stage registry) and the
+    item tower; `params` rebuilds each stage on its own."""
 
-    def __init__(
-        self, dims: Dims, n_labels: int, n_items: int = 0, bert_config: dict | None = None
-    ):
+    def __init__(self, dims: Dims, params: JointParams, n_items: int = 0) -> None:
         super().__init__()
         self.dims = dims
-        self.hparams = {
-            "text_rnn": {},
-            "image_cnn": {},
-            "label_mlp": {"n_labels": n_labels},
-            "temporal_lstm": {},
-            "llm_encoder": {"bert_config": bert_config or minilm_config()},
-        }
+        self.params = params
+        self.n_items = n_items
         self.stages = nn.ModuleDict(
-            {name: TORCH_STAGES[name]()(dims, **kw) for name, kw in self.hparams.items()}
+            {name: stages.get(name).network(dims, params.of(name)) for name in params.stage_names}
         )
         self.item_tower = ItemTower(dims, n_items)
 
     @classmethod
     def initial(
-        cls,
-        dims: Dims,
-        n_labels: int,
-        n_items: int = 0,
-        seed: int = 0,
-        bert_config: dict | None = None,
+        cls, dims: Dims, params: JointParams, n_items: int = 0, seed: int = 0
     ) -> JointModel:
         """Seeded initial weights; MiniLM and the token embeddings start pretrained."""
         torch.manual_seed(seed)
-        model = cls(dims, n_labels, n_items, bert_config)
+        model = cls(dims, params, n_items)
         model.stages["llm_encoder"].load_pretrained()
         bert = model.stages["llm_encoder"].bert
         model.stages["text_rnn"].embed.weight.data.copy_(bert.embeddings.word_embeddings.weight)
@@ -66,6 +132,3 @@ class JointModel(nn.Module):
         image = s["image_cnn"](x["IMAGE_PIXELS"][None], x["IMAGE_MASK"][None])[0]
         label = s["label_mlp"](x["LABEL_IDS"][None])[0]
         return torch.cat([text, image, label], dim=-1)
-
-    def config(self) -> dict:
-        return {"dims": asdict(self.dims), "hparams": self.hparams}

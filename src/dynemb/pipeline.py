@@ -1,5 +1,5 @@
 """The whole ensemble in-process: same runners, same order, no server. Used by the parity
-tests (served == local), by `dynemb build` (item table) and by offline evaluation."""
+tests (served == local), by swap's drift probes and by offline evaluation."""
 
 from __future__ import annotations
 
@@ -7,21 +7,51 @@ from pathlib import Path
 
 import numpy as np
 
-from dynemb.serving.runners import Runner, load_runner
-from dynemb.specs import ENSEMBLES
+from dynemb import stages
+from dynemb.ensembles import ENSEMBLE_SPECS
+from dynemb.errors import DynembError
+from dynemb.manifest import MANIFEST, Manifest
+from dynemb.stages import Runner, load_runner
 from dynemb_client import contract as wire
+
+
+class RepositoryError(DynembError, FileNotFoundError):
+    """A model repository without the model folders or version directories asked for."""
 
 
 def versions_of(model_dir: Path) -> list[int]:
     """A model's version numbers, ascending (Triton serves the newest: policy latest 1)."""
+    if not model_dir.is_dir():
+        raise RepositoryError(f"{model_dir}: no such model folder; run `dynemb build`")
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def latest_version(model_dir: Path) -> Path:
     versions = versions_of(model_dir)
     if not versions:
-        raise FileNotFoundError(f"{model_dir}: no version directory; run `dynemb build`")
+        raise RepositoryError(f"{model_dir}: no version directory; run `dynemb build`")
     return model_dir / str(versions[-1])
+
+
+def serving_manifest_paths(repository: Path) -> list[Path]:
+    """The manifest file of each stage's serving (newest) version; stages not built (or
+    whose newest version has no manifest) are left out."""
+    found = []
+    for name in stages.NAMES:
+        model_dir = repository / name
+        if model_dir.is_dir() and versions_of(model_dir):
+            path = latest_version(model_dir) / MANIFEST
+            if path.is_file():
+                found.append(path)
+    return found
+
+
+def serving_manifests(repository: Path) -> dict[str, Manifest]:
+    """The manifest of each stage's serving version, by stage; stages not built are absent."""
+    return {
+        path.parent.parent.name: Manifest.load(path.parent)
+        for path in serving_manifest_paths(repository)
+    }
 
 
 class Pipeline:
@@ -30,13 +60,13 @@ class Pipeline:
 
     @classmethod
     def from_repository(cls, repository: Path) -> Pipeline:
-        steps = ENSEMBLES[wire.RECOMMEND].steps
+        steps = ENSEMBLE_SPECS[wire.RECOMMEND].steps
         return cls({name: load_runner(latest_version(repository / name)) for name in steps})
 
     def run(self, inputs: dict[str, np.ndarray], ensemble: str = wire.USER_INTEREST) -> dict:
         """Every tensor the ensemble computes, keyed by name (like the ensemble's wiring)."""
         tensors = dict(inputs)
-        for name in ENSEMBLES[ensemble].steps:
+        for name in ENSEMBLE_SPECS[ensemble].steps:
             runner = self.runners[name]
             step_inputs = {t.name: tensors[t.name] for t in runner.spec.inputs}
             runner.check(step_inputs)

@@ -1,9 +1,10 @@
 """Start the tritonserver binary that nvidia-pytriton bundles, on our own repository.
 
-What the environment needs (measured, see DESIGN.md): a copy of the server tree with the
-backend stub that matches this interpreter; the venv's bin first on PATH (the stub finds
-its Python through `python3`); the base interpreter's LIBDIR first on LD_LIBRARY_PATH,
-before nvidia_pytriton.libs, so the stub loads the right libpython (else `ssl` fails).
+What the environment needs (measured on tritonserver 2.51 from nvidia-pytriton 0.7.0, see
+the README's serving notes): a copy of the server tree with the backend stub that matches
+this interpreter; the venv's bin first on PATH (the stub finds its Python through
+`python3`); the base interpreter's LIBDIR first on LD_LIBRARY_PATH, before
+nvidia_pytriton.libs, so the stub loads the right libpython (else `ssl` fails).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 
 from dynemb import control
+from dynemb.ensembles import MODELS
+from dynemb.errors import DynembError
 from dynemb.paths import MODEL_REPOSITORY, cache_dir
-from dynemb.specs import ENSEMBLES, STAGES
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
-class ServerError(RuntimeError):
+class ServerError(DynembError, RuntimeError):
     """The server could not start, died, or did not get ready in time."""
 
 
@@ -43,7 +45,7 @@ class ServerConfig:
     http_port: int = 8000
     metrics_port: int = 8002
     log_file: Path | None = None  # default: <cache>/logs/tritonserver-<grpc_port>.log
-    models: tuple[str, ...] = (*STAGES, *ENSEMBLES)
+    models: tuple[str, ...] = MODELS
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 15
     control_token: str | None = None  # None: model control unprotected (loopback only)

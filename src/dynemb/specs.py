@@ -1,18 +1,18 @@
-"""Typed stage specs: the single source of truth for every Triton model's tensors.
+"""Typed specs: what every Triton model reads and writes, and how it is batched.
 
-The committed `config.pbtxt` files are generated from these specs (dynemb.pbtxt), the
-ensembles' wiring is derived from them (tensor names are global inside an ensemble), and
-the Python-backend adapters validate requests against them.
+Each stage declares its own `StageSpec` in its module (dynemb.stages.<name>); the tensors
+that cross stage boundaries are named once in dynemb.tensors; the ensembles' wiring is
+derived from the stage specs (dynemb.ensembles). The committed `config.pbtxt` files are
+generated from these specs (dynemb.configs), and the adapters validate requests against
+them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-
-from dynemb.config import DIMS, Dims
-from dynemb_client import contract as wire
 
 # Triton data types <-> numpy. BYTES travels as numpy object arrays of bytes.
 NUMPY_DTYPES: dict[str, type] = {
@@ -24,6 +24,7 @@ NUMPY_DTYPES: dict[str, type] = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,47 @@ class TensorSpec:
     def numpy_dtype(self) -> type:
         return NUMPY_DTYPES[self.dtype]
 
+    def to_json(self) -> list[Any]:
+        return [self.name, self.dtype, list(self.dims)]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> TensorSpec:
+        name, dtype, dims = raw
+        return cls(name, dtype, tuple(int(d) for d in dims))
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A stage's input and output tensors: stored in each version's manifest, compared
+    with the stage spec on load and on swap."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_json(self) -> dict[str, list[list[Any]]]:
+        return {
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, list[list[Any]]]) -> Signature:
+        return cls(
+            tuple(TensorSpec.from_json(t) for t in raw["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
+        )
+
+    def widened(self) -> Signature:
+        """The same signature with one more channel on the first output (a drill that a
+        swap must refuse)."""
+        first = self.outputs[0]
+        wider = replace(first, dims=(*first.dims[:-1], first.dims[-1] + 1))
+        return replace(self, outputs=(wider, *self.outputs[1:]))
+
+    def __str__(self) -> str:
+        show = lambda ts: ", ".join(f"{t.name}:{t.dtype}{list(t.dims)}" for t in ts)  # noqa: E731
+        return f"({show(self.inputs)}) -> ({show(self.outputs)})"
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -50,19 +92,23 @@ class StageSpec:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 32
     instances: int = 1
+    instance_kind: str = "KIND_CPU"
     max_queue_delay_us: int = 200
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise ValueError(f"{self.name}: instance_kind must be one of {INSTANCE_KINDS}")
+
     def input(self, name: str) -> TensorSpec:
-        return next(t for t in self.inputs if t.name == name)
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"{self.name} has no input {name!r}")
 
     @property
-    def signature(self) -> dict[str, list[list]]:
-        """JSON-friendly signature, stored in each version's manifest and compared on swap."""
-        return {
-            "inputs": [[t.name, t.dtype, list(t.dims)] for t in self.inputs],
-            "outputs": [[t.name, t.dtype, list(t.dims)] for t in self.outputs],
-        }
+    def signature(self) -> Signature:
+        return Signature(self.inputs, self.outputs)
 
 
 @dataclass(frozen=True)
@@ -72,102 +118,3 @@ class EnsembleSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 32
-
-
-def stage_specs(dims: Dims = DIMS) -> dict[str, StageSpec]:
-    """Every stage of the pipeline, in execution order."""
-    n, t, m, s = dims.max_events, dims.max_tokens, dims.max_labels, dims.image_size
-    text = TensorSpec(wire.EVENT_TEXT, "BYTES", (n,))
-    image = TensorSpec(wire.EVENT_IMAGE, "BYTES", (n,))
-    labels = TensorSpec(wire.EVENT_LABELS, "BYTES", (n, m))
-    times = TensorSpec(wire.EVENT_TIME, "FP64", (n,))
-    count = TensorSpec(wire.EVENT_COUNT, "INT32", (1,))
-    query = TensorSpec(wire.QUERY_TIME, "FP64", (1,))
-    top_k = TensorSpec(wire.TOP_K, "INT32", (1,))
-
-    token_ids = TensorSpec("TOKEN_IDS", "INT64", (n, t))
-    token_count = TensorSpec("TOKEN_COUNT", "INT64", (n,))
-    pixels = TensorSpec("IMAGE_PIXELS", "UINT8", (n, 3, s, s))
-    image_mask = TensorSpec("IMAGE_MASK", "BOOL", (n,))
-    label_ids = TensorSpec("LABEL_IDS", "INT64", (n, m))
-    time_features = TensorSpec("TIME_FEATURES", "FP32", (n, dims.time_dim))
-    query_features = TensorSpec("QUERY_FEATURES", "FP32", (dims.query_dim,))
-    event_mask = TensorSpec("EVENT_MASK", "BOOL", (n,))
-    text_vec = TensorSpec("TEXT_VEC", "FP32", (n, dims.text_dim))
-    image_vec = TensorSpec("IMAGE_VEC", "FP32", (n, dims.image_dim))
-    label_vec = TensorSpec("LABEL_VEC", "FP32", (n, dims.label_dim))
-    seq = TensorSpec("SEQ_FEATURES", "FP32", (n, dims.seq_dim))
-    embedding = TensorSpec(wire.USER_EMBEDDING, "FP32", (dims.embed_dim,))
-
-    specs = [
-        StageSpec(
-            "preprocess",
-            inputs=(text, image, labels, times, count, query),
-            outputs=(
-                token_ids,
-                token_count,
-                pixels,
-                image_mask,
-                label_ids,
-                time_features,
-                query_features,
-                event_mask,
-            ),
-            description="tokenise, decode images, map labels, time and window features",
-        ),
-        StageSpec("text_rnn", (token_ids, token_count), (text_vec,), description="GRU over tokens"),
-        StageSpec("image_cnn", (pixels, image_mask), (image_vec,), description="CNN, masked"),
-        StageSpec("label_mlp", (label_ids,), (label_vec,), description="embedding-bag + MLP"),
-        StageSpec(
-            "temporal_lstm",
-            (text_vec, image_vec, label_vec, time_features, event_mask),
-            (seq,),
-            description="LSTM over events -> F_t",
-        ),
-        StageSpec(
-            "llm_encoder",
-            (seq, text_vec, image_vec, label_vec, event_mask, query_features),
-            (embedding,),
-            description="MiniLM over [F_t ⊕ G] soft tokens -> E_t",
-        ),
-        StageSpec(
-            "retrieve",
-            (embedding, top_k),
-            (
-                TensorSpec(wire.ITEM_IDS, "BYTES", (-1,)),
-                TensorSpec(wire.ITEM_SCORES, "FP32", (-1,)),
-                TensorSpec(wire.ITEM_TITLES, "BYTES", (-1,)),
-            ),
-            description="cosine top-K over the item table",
-        ),
-    ]
-    return {spec.name: spec for spec in specs}
-
-
-def ensemble_specs(dims: Dims = DIMS) -> dict[str, EnsembleSpec]:
-    """The two ensembles; their steps and tensors come from the stage specs."""
-    stages = stage_specs(dims)
-    interest_steps = ("preprocess", "text_rnn", "image_cnn", "label_mlp", "temporal_lstm")
-    interest_steps += ("llm_encoder",)
-    pre = stages["preprocess"]
-    retrieve = stages["retrieve"]
-    return {
-        wire.USER_INTEREST: EnsembleSpec(
-            wire.USER_INTEREST,
-            interest_steps,
-            inputs=pre.inputs,
-            outputs=stages["llm_encoder"].outputs,
-        ),
-        wire.RECOMMEND: EnsembleSpec(
-            wire.RECOMMEND,
-            (*interest_steps, "retrieve"),
-            inputs=(*pre.inputs, retrieve.input(wire.TOP_K)),
-            # USER_EMBEDDING is internal here: an ensemble output that a later step also
-            # consumes deadlocks Triton 2.51 when a client requests only the other outputs.
-            outputs=retrieve.outputs,
-        ),
-    }
-
-
-STAGES = stage_specs()
-ENSEMBLES = ensemble_specs()

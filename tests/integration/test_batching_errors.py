@@ -12,9 +12,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from dynemb.config import DIMS
 from dynemb.data.synthetic import draw_item_image
-from dynemb.specs import STAGES
+from dynemb.dims import DIMS
+from dynemb.ensembles import STAGE_SPECS
 from dynemb_client import ClientInputError, Event, InterestClient, build_inputs
 
 T0 = 1_700_000_000.0
@@ -38,7 +38,7 @@ def stage_counts(client) -> dict[str, tuple[int, int]]:
     return {
         s["name"]: (int(s.get("inference_count", 0)), int(s.get("execution_count", 0)))
         for s in stats
-        if s["name"] in STAGES
+        if s["name"] in STAGE_SPECS
     }
 
 
@@ -52,7 +52,7 @@ def settled_counts(client, before, expected: int, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while True:
         after = stage_counts(client)
-        done = all(after[s][0] - before[s][0] >= expected for s in STAGES)
+        done = all(after[s][0] - before[s][0] >= expected for s in STAGE_SPECS)
         if done or time.monotonic() > deadline:
             return after
         time.sleep(0.05)
@@ -73,7 +73,7 @@ def test_dynamic_batching_merges_concurrent_requests(live):
         results = list(pool.map(worker, range(16)))
     assert all(np.isfinite(r).all() for r in results)
     after = settled_counts(admin, before, 16 * 6)
-    for stage in STAGES:
+    for stage in STAGE_SPECS:
         inferences = after[stage][0] - before[stage][0]
         executions = after[stage][1] - before[stage][1]
         assert inferences == 16 * 6, stage

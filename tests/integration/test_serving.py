@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from dynemb.config import DIMS
 from dynemb.data.synthetic import draw_item_image
+from dynemb.dims import DIMS
+from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
-from dynemb.specs import ENSEMBLES, STAGES
 from dynemb_client import Event, InterestClient, build_inputs
 
 T0 = 1_700_000_000.0
@@ -35,7 +35,7 @@ def history(n: int, images: bool, seed: int = 0) -> list[Event]:
 
 def test_every_model_is_ready(live):
     client = grpcclient.InferenceServerClient(live.url)
-    for name in (*STAGES, *ENSEMBLES):
+    for name in (*STAGE_SPECS, *ENSEMBLE_SPECS):
         assert client.is_model_ready(name), name
     assert client.is_server_ready()
 
@@ -43,7 +43,7 @@ def test_every_model_is_ready(live):
 def test_the_served_stages_are_the_trained_ones(live):
     for stage in ("text_rnn", "image_cnn", "label_mlp", "temporal_lstm", "llm_encoder"):
         manifest = Manifest.load(latest_version(live.repository / stage))
-        assert manifest.trained and manifest.provenance["best_epoch"] >= 1
+        assert manifest.trained and manifest.provenance.best_epoch >= 1
 
 
 @pytest.mark.parametrize("n", [0, 1, L, L + 7])

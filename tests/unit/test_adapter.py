@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from dynemb.config import DIMS
-from dynemb.paths import MODEL_REPOSITORY
-from dynemb.specs import STAGES
+from dynemb.dims import DIMS
+from dynemb.ensembles import STAGE_SPECS
 from dynemb_client import Event, build_inputs
 
 from . import fake_pb_utils
 
 T0 = 1_700_000_000.0
+CHECKOUT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 def load_model(repo, stage):
     """Import the committed model.py the way the backend does, with the fake utils."""
     sys.modules["triton_python_backend_utils"] = fake_pb_utils
     try:
-        path = MODEL_REPOSITORY / stage / "1" / "model.py"
+        path = CHECKOUT_REPOSITORY / stage / "1" / "model.py"
         spec = importlib.util.spec_from_file_location(f"model_{stage}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -105,7 +106,7 @@ def test_internal_error_is_logged_with_traceback_and_reported(repo, monkeypatch)
         raise RuntimeError("kaput")
 
     monkeypatch.setattr(model.runner.module, "forward", boom)
-    spec = STAGES["temporal_lstm"]
+    spec = STAGE_SPECS["temporal_lstm"]
     x = {t.name: np.zeros((1, *t.dims), dtype=t.numpy_dtype) for t in spec.inputs}
     out = model.execute([fake_pb_utils.InferenceRequest(x)])
     assert out[0].has_error() and "kaput" in out[0].error.message()

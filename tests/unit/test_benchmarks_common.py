@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynemb.specs import ENSEMBLES, STAGES
+from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 
 PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
 
@@ -56,8 +56,8 @@ def test_context_records_what_a_result_needs(common):
     assert ctx.machine["cpu_count"] and ctx.machine["platform"]
     assert len(ctx.load_average) == 3
     assert ctx.versions["python"].count(".") == 2 and "torch" in ctx.versions
-    assert set(ctx.stages) == {*STAGES, *ENSEMBLES}
-    for name, spec in STAGES.items():
+    assert set(ctx.stages) == {*STAGE_SPECS, *ENSEMBLE_SPECS}
+    for name, spec in STAGE_SPECS.items():
         settings = ctx.stages[name]
         assert settings.instances == spec.instances
         assert settings.max_batch_size == spec.max_batch_size

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from dynemb import demo
+from dynemb import demo, stages
 
 
 def test_needs_build_follows_the_checkpoint(tmp_path):
@@ -14,9 +14,12 @@ def test_needs_build_follows_the_checkpoint(tmp_path):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"x")
     assert demo.needs_build(repository, checkpoint)  # nothing built yet
-    manifest = repository / "retrieve" / "1" / "manifest.json"
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text("{}")
+    for name in stages.NAMES[:-1]:
+        (repository / name / "1").mkdir(parents=True)
+        (repository / name / "1" / "manifest.json").write_text("{}")
+    assert demo.needs_build(repository, None)  # one stage not built yet
+    (repository / stages.NAMES[-1] / "1").mkdir(parents=True)
+    (repository / stages.NAMES[-1] / "1" / "manifest.json").write_text("{}")
     os.utime(checkpoint, (1_000, 1_000))
     assert not demo.needs_build(repository, checkpoint)
     assert not demo.needs_build(repository, None)

@@ -102,8 +102,14 @@ def test_most_popular_counts_visible_history(split: Split) -> None:
     assert test_scores[0, 1:].sum() - valid_scores[0, 1:].sum() == len(split.eval_users)
 
 
-def test_cli_prints_a_table_for_both_models(tmp_path, capsys) -> None:
-    from dynemb.evaluation.baselines import main
+def test_baseline_report_has_both_models_and_renders_them(tmp_path) -> None:
+    from dynemb.data.movielens import load_ml100k
+    from dynemb.evaluation.baselines import (
+        BaselineOptions,
+        SASRecConfig,
+        baseline_benchmark,
+        render_markdown,
+    )
 
     (tmp_path / "ml-100k.item").write_text(
         "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
@@ -115,26 +121,17 @@ def test_cli_prints_a_table_for_both_models(tmp_path, capsys) -> None:
     (tmp_path / "ml-100k.inter").write_text(
         "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(rows)
     )
-    main(
-        [
-            "--data-dir",
-            str(tmp_path),
-            "--seeds",
-            "0",
-            "1",
-            "--max-epochs",
-            "2",
-            "--hidden",
-            "8",
-            "--threads",
-            "1",
-        ]
-    )
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[:2] for line in table[1:]] == [
-        ["| MostPop", "kept"],
-        ["| SASRec", "kept"],
-        ["| MostPop", "excluded"],
-        ["| SASRec", "excluded"],
-    ]
-    assert all(len(line.split(" | ")) == 7 for line in table)
+    split = leave_one_out(load_ml100k(tmp_path))
+    config = SASRecConfig(hidden=8, max_epochs=2, num_threads=1)
+    report = baseline_benchmark(split, "tiny", BaselineOptions(seeds=(0, 1), config=config))
+    assert [r.seed for r in report.sasrec] == [0, 1] and report.chosen == config
+    assert not report.tuning
+    for metrics in (report.most_popular, *(r.test for r in report.sasrec)):
+        for seen in ("kept", "excluded"):
+            assert 0.0 <= metrics.of(seen)["ndcg@10"] <= metrics.of(seen)["recall@10"] <= 1.0
+    assert all(1 <= r.best_epoch <= 2 and r.epochs <= 2 for r in report.sasrec)
+    # The report renders both models for both seen-item settings, from the same record.
+    text = render_markdown(report)
+    for name in ("MostPop", "SASRec"):
+        for seen in ("kept", "excluded"):
+            assert f"| {name} | {seen} |" in text

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from dynemb.config import DIMS
+from dynemb.dims import DIMS
 from dynemb.errors import InputError
-from dynemb.features import UNK_LABEL, Preprocessor
+from dynemb.stages.preprocess.features import UNK_LABEL, Preprocessor
 from dynemb_client import Event, build_inputs
 
 T0 = 1_700_000_000.0

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dynemb.config import DIMS
-from dynemb.features import Preprocessor
-from dynemb.joint import JointModel
+from dynemb.dims import DIMS
+from dynemb.joint import JointModel, JointParams
+from dynemb.stages.preprocess.features import Preprocessor
 from dynemb_client import Event, build_inputs
 
 T0 = 1_700_000_000.0
@@ -16,7 +16,7 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture(scope="module")
 def model(assets):
-    return JointModel(DIMS, len(assets.labels)).eval()
+    return JointModel(DIMS, JointParams.default(len(assets.labels))).eval()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_embedding_moves_with_query_time(model, batch):
 
 
 def test_item_tower_ids_add_to_content(model):
-    from dynemb.stages.item_tower import ItemTower
+    from dynemb.joint import ItemTower
 
     tower = ItemTower(DIMS, n_items=3)
     content = torch.randn(3, DIMS.event_dim)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dynemb.pipeline import Pipeline
-from dynemb.serving.runners import load_runner
+from dynemb.stages import load_runner
 from dynemb.swap.candidates import make_candidate
 from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
 from dynemb.swap.swapper import SwapRefusedError, check_candidate

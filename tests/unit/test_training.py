@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dynemb.config import DIMS
+from dynemb.checkpoint import Checkpoint, StaleCheckpointError
 from dynemb.data.synthetic import SyntheticConfig, generate
+from dynemb.dims import DIMS
+from dynemb.evaluation.quality import evaluate
 from dynemb.evaluation.split import leave_one_out
-from dynemb.features import Preprocessor
-from dynemb.repository import Checkpoint, StaleCheckpointError, item_table
-from dynemb.training.evaluate import evaluate
+from dynemb.manifest import Provenance
+from dynemb.stages.retrieve.table import build_item_table
 from dynemb.training.examples import (
     ExampleBuilder,
     collate,
@@ -94,8 +95,8 @@ def test_table_gather_equals_the_served_computation(data, builder):
         items = model.item_vectors(text, image)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     ids = builder.split.item_ids[1:]
-    checkpoint = Checkpoint(joint, builder.labels, ids, {}, trained=True)
-    table = item_table(checkpoint, data, Preprocessor(builder.assets))
+    checkpoint = Checkpoint(joint, builder.labels, ids, Provenance(), trained=True)
+    table = build_item_table(checkpoint, data)
     assert table.ids == ids
     np.testing.assert_allclose(table.vectors, items.numpy(), atol=1e-5)
     np.testing.assert_allclose(table.bias, model.item_bias().detach().numpy(), atol=1e-6)
@@ -203,8 +204,7 @@ def test_training_is_deterministic_and_evaluates(data, builder, tmp_path):
     assert a.epochs[0].loss == b.epochs[0].loss
     np.testing.assert_array_equal(item_matrix(a.model), item_matrix(b.model))
     metrics = evaluate(a)
-    assert set(metrics) == {"kept", "excluded"}
-    for values in metrics.values():
+    for values in (metrics.kept, metrics.excluded):
         assert 0.0 <= values["ndcg@10"] <= values["recall@10"] <= values["recall@20"] <= 1.0
     # The saved checkpoint round-trips through Checkpoint.load (what `dynemb build` reads).
     path = tmp_path / "c.pt"
@@ -218,6 +218,25 @@ def test_training_is_deterministic_and_evaluates(data, builder, tmp_path):
     torch.save(raw, path)
     with pytest.raises(StaleCheckpointError, match="retrain"):
         Checkpoint.load(path)
+
+
+def test_checkpoint_loads_with_its_own_dims_and_refuses_others(data, builder, tmp_path):
+    from dynemb.checkpoint import CheckpointError
+
+    wide = replace(DIMS, max_events=12, text_dim=16)
+    trained = fit(data, builder.split, replace(TINY, max_epochs=1), dims=wide)
+    path = tmp_path / "wide.pt"
+    trained.checkpoint(data).save(path)
+    loaded = Checkpoint.load(path)
+    assert loaded.dims == wide  # not the global DIMS
+    assert loaded.model.stages["text_rnn"].gru.hidden_size == 16
+    with pytest.raises(CheckpointError, match="max_events: 12 != 50"):
+        Checkpoint.load(path, dims=DIMS)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        Checkpoint.load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        Checkpoint.load(tmp_path / "junk.pt")
 
 
 def test_ablation_variant_without_ids_trains(data, builder):

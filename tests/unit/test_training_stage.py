@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dynemb.checkpoint import Checkpoint
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.evaluation.split import leave_one_out
-from dynemb.repository import Checkpoint
-from dynemb.serving.runners import load_runner
+from dynemb.manifest import Manifest
+from dynemb.stages import load_runner
 from dynemb.swap.swapper import check_candidate
 from dynemb.training.stage import fine_tune_stage
 from dynemb.training.train import TrainOptions, fit
@@ -58,8 +59,9 @@ def test_only_the_chosen_stage_changes(trained, tmp_path):
 def test_fine_tuned_stage_is_a_swappable_version(trained, tmp_path):
     data, path = trained
     manifest = fine_tune_stage(data, path, "label_mlp", tmp_path / "v", TINY)
-    assert manifest.trained and manifest.provenance["only"] == "label_mlp"
-    assert "valid_ndcg10" in manifest.provenance
+    assert manifest.trained and manifest.provenance.only == "label_mlp"
+    assert manifest.provenance.valid_ndcg10 is not None
+    assert manifest.hparams == Manifest.load(tmp_path / "v").hparams  # typed, round-trips
     check_candidate("label_mlp", tmp_path / "v")
     assert load_runner(tmp_path / "v").spec.name == "label_mlp"
     with pytest.raises(ValueError, match="torch stage"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dynemb.data.types import Dataset, Interaction, Item
+from dynemb.errors import DynembError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ KNOWN_KEYS = frozenset({"user", "time", "text", "image", "labels", "item", "rati
 EVENT_LABEL_PREFIXES = ("rating:", "action:")
 
 
-class DataError(ValueError):
+class DataError(DynembError, ValueError):
     """A malformed input record; the message starts with `file:line:`."""
 
 

@@ -5,44 +5,41 @@ items, pessimistic ties, metrics averaged over evaluated users; reported with an
 excluding already-seen items. SASRec is tuned on validation NDCG@10 only (seed 0), then
 the chosen configuration is trained with several seeds and read once on test.
 
-    python -m dynemb.evaluation.baselines --data-dir /tmp/rb/recbole/dataset_example/ml-100k
-    python -m dynemb.evaluation.baselines --data-dir ... --tune  # grid below, then test
+    dynemb baselines --data ml-100k            # the tuned SASRec-CE, seeds 0 1 2
+    dynemb baselines --data ml-100k --tune     # the grid below on validation, then test
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from dynemb.data.types import Dataset
 from dynemb.evaluation.metrics import (
     evaluate_scores,
     format_mean_std,
     summarize,
     summarize_runs,
 )
-from dynemb.evaluation.sasrec import (
-    EpochReport,
-    SASRec,
-    SASRecConfig,
-    score_sasrec,
-    train_sasrec,
-)
-from dynemb.evaluation.split import Split, Which, leave_one_out
+from dynemb.evaluation.results import RunResult, SeenMetrics
+from dynemb.evaluation.sasrec import SASRec, SASRecConfig, score_sasrec, train_sasrec
+from dynemb.evaluation.split import Split, Which
+from dynemb.training.loop import EpochReport
 
 __all__ = [
+    "TUNED_SASREC",
     "TUNING_GRID",
+    "BaselineOptions",
+    "BaselineReport",
     "SASRec",
     "SASRecConfig",
+    "baseline_benchmark",
     "evaluate",
     "most_popular",
+    "render_markdown",
     "score_sasrec",
     "train_sasrec",
 ]
@@ -93,14 +90,12 @@ def evaluate(
     return evaluate_scores(scores, split.targets(which), histories, ks=REPORT_KS)
 
 
-@dataclass
-class SeedResult:
-    seed: int
-    best_epoch: int
-    epochs: int
-    seconds: float
-    valid_ndcg10: float
-    test: dict[bool, dict[str, float]]  # exclude_seen -> metrics
+def most_popular_metrics(split: Split) -> SeenMetrics:
+    """MostPop's test metrics, seen items kept and excluded."""
+    scores = most_popular(split, "test")
+    return SeenMetrics(
+        kept=evaluate(scores, split, "test", False), excluded=evaluate(scores, split, "test", True)
+    )
 
 
 def run_sasrec_seeds(
@@ -108,7 +103,7 @@ def run_sasrec_seeds(
     config: SASRecConfig,
     seeds: Sequence[int],
     progress: Callable[[EpochReport], None] | None = None,
-) -> list[SeedResult]:
+) -> list[RunResult]:
     """Train one model per seed and read each once on test (with and without exclusion)."""
     results = []
     for seed in seeds:
@@ -116,150 +111,138 @@ def run_sasrec_seeds(
         assert model.log is not None
         scores = score_sasrec(model, split, "test")
         results.append(
-            SeedResult(
+            RunResult(
+                test=SeenMetrics(
+                    kept=evaluate(scores, split, "test", False),
+                    excluded=evaluate(scores, split, "test", True),
+                ),
                 seed=seed,
                 best_epoch=model.log.best_epoch,
                 epochs=len(model.log.epochs),
-                seconds=model.log.seconds,
+                train_seconds=round(model.log.seconds, 1),
                 valid_ndcg10=model.log.best_valid_ndcg10,
-                test={flag: evaluate(scores, split, "test", flag) for flag in (False, True)},
             )
         )
     return results
 
 
-def load_dataset(data_dir: Path) -> Dataset:
-    """ML-100k atomic files through dynemb.data.movielens (the project's loader)."""
-    from dynemb.data.movielens import load_ml100k
+@dataclass
+class TuningRow:
+    config: SASRecConfig
+    valid_ndcg10: float
+    best_epoch: int
+    epochs: int
+    seconds: float
 
-    return load_ml100k(data_dir)
+
+@dataclass
+class BaselineOptions:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    tune: bool = False  # pick the config from TUNING_GRID on validation (seed 0) first
+    config: SASRecConfig = field(default_factory=lambda: TUNED_SASREC)  # when not tuning
 
 
-# ---------------------------------------------------------------- command line
+@dataclass
+class BaselineReport:
+    """MostPop and SASRec on one split: the tuning grid (if run), the chosen config and
+    its test results per seed."""
+
+    data: str
+    users: int
+    evaluated_users: int
+    items: int
+    tuning: list[TuningRow]
+    chosen: SASRecConfig
+    most_popular: SeenMetrics
+    sasrec: list[RunResult]
+    seconds: float
 
 
-def _config_label(config: SASRecConfig) -> str:
+def baseline_benchmark(
+    split: Split,
+    data: str,
+    options: BaselineOptions,
+    progress: Callable[[EpochReport], None] | None = None,
+    on_tuned: Callable[[TuningRow], None] | None = None,
+) -> BaselineReport:
+    """Tune SASRec on validation (if asked), then train the chosen config per seed and read
+    it once on test, next to MostPop."""
+    started = time.perf_counter()
+    tuning: list[TuningRow] = []
+    config = options.config
+    if options.tune:
+        for candidate in TUNING_GRID:
+            tried = replace(
+                candidate,
+                max_epochs=config.max_epochs,
+                patience=config.patience,
+                num_threads=config.num_threads,
+            )
+            model = train_sasrec(split, tried, seed=0, progress=progress)
+            assert model.log is not None
+            row = TuningRow(
+                tried,
+                model.log.best_valid_ndcg10,
+                model.log.best_epoch,
+                len(model.log.epochs),
+                round(model.log.seconds, 1),
+            )
+            tuning.append(row)
+            if on_tuned is not None:
+                on_tuned(row)
+        config = max(tuning, key=lambda row: row.valid_ndcg10).config
+    return BaselineReport(
+        data=data,
+        users=split.n_users,
+        evaluated_users=len(split.eval_users),
+        items=split.n_items,
+        tuning=tuning,
+        chosen=config,
+        most_popular=most_popular_metrics(split),
+        sasrec=run_sasrec_seeds(split, config, options.seeds, progress=progress),
+        seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def config_label(config: SASRecConfig) -> str:
+    """The fields that differ from the default config, e.g. 'hidden=128, heads=2'."""
     default = SASRecConfig()
     changed = {k: v for k, v in asdict(config).items() if getattr(default, k) != v}
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "default"
 
 
-def _metric_row(model: str, seen: str, runs: Sequence[dict[str, float]]) -> str:
-    summary = summarize_runs(runs)
-    cells = [model, seen, *(format_mean_std(*summary[c]) for c in REPORT_COLUMNS)]
-    return "| " + " | ".join(cells) + " |"
-
-
-def _results_table(pop: dict[bool, dict[str, float]], seeds: list[SeedResult]) -> list[str]:
+def render_markdown(report: BaselineReport) -> str:
     lines = [
-        "| model | seen items | " + " | ".join(REPORT_COLUMNS) + " |",
-        "|---|---|" + "---|" * len(REPORT_COLUMNS),
+        f"# Baselines on {report.data}",
+        "",
+        f"{report.users} users ({report.evaluated_users} evaluated), {report.items} items; "
+        "leave-one-out, full ranking, pessimistic ties.",
     ]
-    for flag in (False, True):
-        label = "excluded" if flag else "kept"
-        lines.append(_metric_row("MostPop", label, [pop[flag]]))
-        lines.append(_metric_row("SASRec", label, [s.test[flag] for s in seeds]))
-    return lines
-
-
-def _progress_printer(every: int) -> Callable[[EpochReport], None]:
-    def show(report: EpochReport) -> None:
-        if report.epoch % every == 0:
-            print(
-                f"  epoch {report.epoch:3d} loss {report.loss:.4f} "
-                f"valid ndcg@10 {report.valid_ndcg10:.4f} (best {report.best_ndcg10:.4f} "
-                f"@ {report.best_epoch}) {report.seconds:.0f}s",
-                file=sys.stderr,
-                flush=True,
+    if report.tuning:
+        lines += ["", "## Tuning (seed 0, validation only)", ""]
+        lines += ["| config | valid NDCG@10 (excl. seen) | best epoch | epochs | seconds |"]
+        lines += ["|---|---|---|---|---|"]
+        for row in report.tuning:
+            lines.append(
+                f"| {config_label(row.config)} | {row.valid_ndcg10:.4f} | {row.best_epoch} | "
+                f"{row.epochs} | {row.seconds:.0f} |"
             )
-
-    return show
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="ML-100k atomic files")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tune", action="store_true", help="pick the config on validation")
-    parser.add_argument("--hidden", type=int, default=SASRecConfig.hidden)
-    parser.add_argument("--layers", type=int, default=SASRecConfig.layers)
-    parser.add_argument("--heads", type=int, default=SASRecConfig.heads)
-    parser.add_argument("--dropout", type=float, default=SASRecConfig.dropout)
-    parser.add_argument("--windows", choices=("last", "all"), default=SASRecConfig.windows)
-    parser.add_argument(
-        "--exclude-seen", action="store_true", help="leave seen items out of the training loss"
-    )
-    parser.add_argument("--max-epochs", type=int, default=SASRecConfig.max_epochs)
-    parser.add_argument("--patience", type=int, default=SASRecConfig.patience)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=SASRecConfig.num_threads,
-        help="torch intra-op threads (1 is much faster when other jobs share the cores)",
-    )
-    parser.add_argument("--progress-every", type=int, default=10, help="epochs between lines")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    started = time.perf_counter()
-    split = leave_one_out(load_dataset(args.data_dir))
-    progress = _progress_printer(args.progress_every)
-    print(
-        f"# Baselines on {args.data_dir.name}\n\n{split.n_users} users "
-        f"({len(split.eval_users)} evaluated), {split.n_items} items; leave-one-out, "
-        "full ranking, pessimistic ties.\n"
-    )
-
-    base = SASRecConfig(
-        max_epochs=args.max_epochs, patience=args.patience, num_threads=args.threads
-    )
-    if args.tune:
-        print("## Tuning (seed 0, validation only)\n")
-        print("| config | valid NDCG@10 (excl. seen) | best epoch | epochs | seconds |")
-        print("|---|---|---|---|---|")
-        tried = []
-        for candidate in TUNING_GRID:
-            config = replace(
-                candidate,
-                max_epochs=base.max_epochs,
-                patience=base.patience,
-                num_threads=base.num_threads,
-            )
-            print(f"tuning {_config_label(config)}", file=sys.stderr, flush=True)
-            model = train_sasrec(split, config, seed=0, progress=progress)
-            assert model.log is not None
-            log = model.log
-            tried.append((log.best_valid_ndcg10, config))
-            print(
-                f"| {_config_label(config)} | {log.best_valid_ndcg10:.4f} | "
-                f"{log.best_epoch} | {len(log.epochs)} | {log.seconds:.0f} |",
-                flush=True,
-            )
-        config = max(tried, key=lambda pair: pair[0])[1]
-        print(f"\nChosen on validation: **{_config_label(config)}**\n")
-    else:
-        config = replace(
-            base,
-            hidden=args.hidden,
-            layers=args.layers,
-            heads=args.heads,
-            dropout=args.dropout,
-            windows=args.windows,
-            exclude_seen=args.exclude_seen,
-        )
-
-    pop_scores = most_popular(split, "test")
-    pop = {flag: evaluate(pop_scores, split, "test", flag) for flag in (False, True)}
-    seeds = run_sasrec_seeds(split, config, args.seeds, progress=progress)
-    print(f"## Test, SASRec {_config_label(config)}, seeds {args.seeds} (mean ± std)\n")
-    print("\n".join(_results_table(pop, seeds)))
-    valid = summarize([s.valid_ndcg10 for s in seeds])
-    print(
-        f"\nSASRec validation NDCG@10 (excl. seen): {format_mean_std(*valid)}; best epochs "
-        f"{[s.best_epoch for s in seeds]}; seconds per run "
-        f"{[round(s.seconds) for s in seeds]}; total {time.perf_counter() - started:.0f} s."
-    )
-
-
-if __name__ == "__main__":
-    main()
+        lines += ["", f"Chosen on validation: **{config_label(report.chosen)}**"]
+    seeds = [r.seed for r in report.sasrec]
+    lines += ["", f"## Test, SASRec {config_label(report.chosen)}, seeds {seeds} (mean ± std)", ""]
+    lines += ["| model | seen items | " + " | ".join(REPORT_COLUMNS) + " |"]
+    lines += ["|---|---|" + "---|" * len(REPORT_COLUMNS)]
+    for seen in ("kept", "excluded"):
+        for name, runs in (("MostPop", [report.most_popular]), ("SASRec", None)):
+            metrics = runs if runs is not None else [r.test for r in report.sasrec]
+            summary = summarize_runs([m.of(seen) for m in metrics])
+            cells = [name, seen, *(format_mean_std(*summary[c]) for c in REPORT_COLUMNS)]
+            lines.append("| " + " | ".join(cells) + " |")
+    valid = summarize([r.valid_ndcg10 for r in report.sasrec])
+    lines += [
+        "",
+        f"SASRec validation NDCG@10 (excl. seen): {format_mean_std(*valid)}; best epochs "
+        f"{[r.best_epoch for r in report.sasrec]}; seconds per run "
+        f"{[round(r.train_seconds) for r in report.sasrec]}; total {report.seconds:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"

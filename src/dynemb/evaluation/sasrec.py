@@ -11,12 +11,10 @@ which found it much stronger). Early stopping reads validation NDCG@10 only.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -27,6 +25,7 @@ from torch.nn import functional as F
 from dynemb.evaluation.metrics import evaluate_scores
 from dynemb.evaluation.seen import exclude_seen, seen_before
 from dynemb.evaluation.split import PAD, Split, Which
+from dynemb.training.loop import EpochReport, EpochStats, run_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +53,9 @@ class SASRecConfig:
     num_threads: int = 2
 
 
-@dataclass(frozen=True)
-class EpochReport:
-    epoch: int
-    loss: float
-    valid_ndcg10: float
-    best_ndcg10: float
-    best_epoch: int
-    seconds: float  # since training started
-
-
 @dataclass
 class TrainingLog:
-    config: dict[str, object]
+    config: SASRecConfig
     seed: int
     epochs: list[EpochReport] = field(default_factory=list)
     best_epoch: int = 0
@@ -261,13 +250,9 @@ def train_sasrec(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
     )
-    log = TrainingLog(config=asdict(config), seed=seed)
-    best_state = copy.deepcopy(model.state_dict())
-    started = time.perf_counter()
     logger.info("SASRec: %d training windows, %d items, %s", len(inputs), split.n_items, config)
 
-    for epoch in range(1, config.max_epochs + 1):
-        model.train()
+    def train_epoch(epoch: int) -> EpochStats:
         order = rng.permutation(len(inputs))
         total, count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
@@ -286,36 +271,25 @@ def train_sasrec(
             n = int((target >= 0).sum())
             total += loss.item() * n
             count += n
+        return EpochStats(total / max(count, 1), count)
 
-        ndcg = _valid_ndcg10(model, split, config.select_exclude_seen)
-        if ndcg > log.best_valid_ndcg10:
-            log.best_valid_ndcg10, log.best_epoch = ndcg, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        report = EpochReport(
-            epoch=epoch,
-            loss=total / max(count, 1),
-            valid_ndcg10=ndcg,
-            best_ndcg10=log.best_valid_ndcg10,
-            best_epoch=log.best_epoch,
-            seconds=time.perf_counter() - started,
-        )
-        log.epochs.append(report)
-        logger.debug("epoch %d loss %.4f valid ndcg@10 %.4f", epoch, report.loss, ndcg)
-        if progress is not None:
-            progress(report)
-        if epoch - log.best_epoch >= config.patience:
-            break
-
-    model.load_state_dict(best_state)
-    model.eval()
-    log.seconds = time.perf_counter() - started
-    model.log = log
+    result = run_epochs(
+        model,
+        train_epoch,
+        lambda: _valid_ndcg10(model, split, config.select_exclude_seen),
+        config.max_epochs,
+        config.patience,
+        progress,
+    )
+    model.log = TrainingLog(
+        config, seed, result.epochs, result.best_epoch, result.best_valid_ndcg10, result.seconds
+    )
     logger.info(
         "SASRec seed %d: best epoch %d of %d, valid ndcg@10 %.4f, %.1f s",
         seed,
-        log.best_epoch,
-        len(log.epochs),
-        log.best_valid_ndcg10,
-        log.seconds,
+        result.best_epoch,
+        len(result.epochs),
+        result.best_valid_ndcg10,
+        result.seconds,
     )
     return model

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from dynemb.errors import InputError
-from dynemb.serving.runners import Runner, load_runner
 from dynemb.specs import StageSpec
+from dynemb.stages import Runner, load_runner
 
 
 class StageAdapter:

@@ -1,53 +1,81 @@
-"""The torch stage networks, one per file, and the explicit registry the loaders use.
+"""The stage registry: every served stage, in ensemble order, one package each.
 
-Each entry imports its module when called: a stage's server process then imports only
-what it runs (transformers only in llm_encoder), which keeps seven processes' start-up
-cheap on two cores.
+Everything that handles stages generically (building the repository, loading runners,
+swapping, making candidates, generating configs) goes through `get` / `all_stages`; only
+a stage's own package and the ensemble wiring (dynemb.ensembles, dynemb.joint) know a
+stage by name. A stage's package is imported on first use, so a stage's server process
+imports only its own stage (see dynemb.stages.base). Adding a stage: CONTRIBUTING.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import logging
+from importlib import import_module
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from torch import nn
+from dynemb.errors import DynembError
+from dynemb.stages.base import Runner, Stage
 
+log = logging.getLogger(__name__)
 
-def _text_rnn() -> type[nn.Module]:
-    from dynemb.stages.text_rnn import TextRNN
-
-    return TextRNN
-
-
-def _image_cnn() -> type[nn.Module]:
-    from dynemb.stages.image_cnn import ImageCNN
-
-    return ImageCNN
-
-
-def _label_mlp() -> type[nn.Module]:
-    from dynemb.stages.label_mlp import LabelMLP
-
-    return LabelMLP
-
-
-def _temporal_lstm() -> type[nn.Module]:
-    from dynemb.stages.temporal_lstm import TemporalLSTM
-
-    return TemporalLSTM
-
-
-def _llm_encoder() -> type[nn.Module]:
-    from dynemb.stages.llm_encoder import LLMEncoder
-
-    return LLMEncoder
-
-
-TORCH_STAGES: dict[str, Callable[[], type[nn.Module]]] = {
-    "text_rnn": _text_rnn,
-    "image_cnn": _image_cnn,
-    "label_mlp": _label_mlp,
-    "temporal_lstm": _temporal_lstm,
-    "llm_encoder": _llm_encoder,
+# Stage name -> the package whose `STAGE` it is. Order = the recommend ensemble's steps.
+PACKAGES: dict[str, str] = {
+    "preprocess": "dynemb.stages.preprocess",
+    "text_rnn": "dynemb.stages.text_rnn",
+    "image_cnn": "dynemb.stages.image_cnn",
+    "label_mlp": "dynemb.stages.label_mlp",
+    "temporal_lstm": "dynemb.stages.temporal_lstm",
+    "llm_encoder": "dynemb.stages.llm_encoder",
+    "retrieve": "dynemb.stages.retrieve",
 }
+NAMES: tuple[str, ...] = tuple(PACKAGES)
+
+
+class UnknownStageError(DynembError, KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown stage {name!r}; stages: {', '.join(NAMES)}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get(name: str) -> Stage:
+    if name not in PACKAGES:
+        raise UnknownStageError(name)
+    stage = import_module(PACKAGES[name]).STAGE
+    if stage.name != name:
+        raise RuntimeError(f"{PACKAGES[name]}.STAGE is named {stage.name!r}, not {name!r}")
+    return stage
+
+
+def all_stages() -> dict[str, Stage]:
+    return {name: get(name) for name in NAMES}
+
+
+def trainable(name: str) -> bool:
+    """Whether `dynemb train --only` can fine-tune the stage (a torch network)."""
+    from dynemb.stages.torch_stage import TorchStage
+
+    return isinstance(get(name), TorchStage)
+
+
+def load_runner(directory: Path, verify: bool = True) -> Runner:
+    """Load one version directory; refuse it if its files are not the ones its manifest
+    hashed (`verify`) or its signature is not the stage spec's."""
+    from dynemb.manifest import Manifest
+
+    manifest = Manifest.load(directory)
+    if verify:
+        manifest.verify(directory)
+    stage = get(manifest.stage)
+    spec = stage.spec(manifest.dims)
+    if manifest.signature != spec.signature:
+        raise ValueError(
+            f"{directory}: signature {manifest.signature} does not match the {stage.name} "
+            f"spec {spec.signature}"
+        )
+    log.info("loading %s from %s (trained=%s)", stage.name, directory, manifest.trained)
+    return stage.runner(directory, manifest)
+
+
+__all__ = ["NAMES", "Runner", "Stage", "UnknownStageError", "all_stages", "get", "load_runner"]

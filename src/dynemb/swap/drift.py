@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from dynemb.config import DIMS
 from dynemb.data.synthetic import SyntheticConfig, generate
-from dynemb.serving.runners import Runner
+from dynemb.dims import DIMS
+from dynemb.manifest import DriftReport
+from dynemb.stages import Runner
 from dynemb_client import Event, build_inputs
 from dynemb_client import contract as wire
 
@@ -19,32 +20,6 @@ PROBE_K = 10
 class DriftThresholds:
     min_embedding_cosine: float = 0.95  # mean cosine(E_t current, E_t candidate)
     min_top10_overlap: float = 0.5  # mean |top-10 current ∩ top-10 candidate| / 10
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    stage_cosine: float  # mean cosine of the stage's float outputs over real rows
-    embedding_cosine_mean: float
-    embedding_cosine_min: float
-    top10_overlap: float
-    finite: bool  # every candidate output finite
-
-    def problems(self, thresholds: DriftThresholds) -> list[str]:
-        found = []
-        if not self.finite:
-            found.append("the candidate's probe outputs contain NaN or inf")
-        if self.embedding_cosine_mean < thresholds.min_embedding_cosine:
-            found.append(
-                f"E_t cosine {self.embedding_cosine_mean:.4f} < {thresholds.min_embedding_cosine}"
-            )
-        if self.top10_overlap < thresholds.min_top10_overlap:
-            found.append(
-                f"top-10 overlap {self.top10_overlap:.3f} < {thresholds.min_top10_overlap}"
-            )
-        return found
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def probe_inputs(n_users: int = 24, seed: int = 20_260_101) -> dict[str, np.ndarray]:

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-from dynemb import control
-from dynemb.manifest import Manifest
+from dynemb import control, stages
+from dynemb.ensembles import ENSEMBLE_NAMES, ENSEMBLE_SPECS, RECOMMEND_STEPS
+from dynemb.errors import DynembError
+from dynemb.manifest import ADAPTER, MANIFEST, DriftReport, Manifest, ManifestError
 from dynemb.pipeline import Pipeline, latest_version, versions_of
-from dynemb.serving.runners import Runner, load_runner
-from dynemb.specs import ENSEMBLES, STAGES
-from dynemb.swap.drift import DriftReport, DriftThresholds, measure, probe_inputs
+from dynemb.stages import Runner, UnknownStageError, load_runner
+from dynemb.swap.drift import DriftThresholds, measure, probe_inputs
 from dynemb_client import contract as wire
 from dynemb_client.contract import RECOMMEND
 
@@ -32,11 +34,11 @@ log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
 
 
-class SwapRefusedError(RuntimeError):
+class SwapRefusedError(DynembError, RuntimeError):
     """The candidate was not installed; the server was not touched."""
 
 
-class SwapFailedError(RuntimeError):
+class SwapFailedError(DynembError, RuntimeError):
     """The candidate was installed but failed on the server; the previous version is back."""
 
 
@@ -52,14 +54,19 @@ class SwapResult:
 
 def check_candidate(stage: str, artifact: Path) -> Manifest:
     """Signature and integrity, before anything is loaded."""
-    if stage not in STAGES:
-        raise SwapRefusedError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    if not (artifact / "manifest.json").exists():
-        raise SwapRefusedError(f"{artifact}: no manifest.json; not a stage version directory")
-    manifest = Manifest.load(artifact)
+    try:
+        found = stages.get(stage)
+    except UnknownStageError as exc:
+        raise SwapRefusedError(str(exc)) from exc
+    if not (artifact / MANIFEST).exists():
+        raise SwapRefusedError(f"{artifact}: no {MANIFEST}; not a stage version directory")
+    try:
+        manifest = Manifest.load(artifact)
+    except ManifestError as exc:
+        raise SwapRefusedError(str(exc)) from exc
     if manifest.stage != stage:
         raise SwapRefusedError(f"{artifact} is a {manifest.stage!r} artifact, not {stage!r}")
-    expected = STAGES[stage].signature
+    expected = found.spec(manifest.dims).signature
     if manifest.signature != expected:
         raise SwapRefusedError(
             f"signature differs from the {stage} spec:\n  candidate {manifest.signature}\n"
@@ -130,7 +137,7 @@ class Swapper:
                     f"{stage}: drift out of bounds ({'; '.join(problems)}); "
                     "pass --accept-drift to swap anyway"
                 )
-        self._require_ready([stage, *ENSEMBLES])
+        self._require_ready([stage, *ENSEMBLE_NAMES])
         model_dir = self.repository / stage
         old = versions_of(model_dir)[-1]
         new = self._install(model_dir, artifact, manifest, old, drift, note)
@@ -151,10 +158,10 @@ class Swapper:
     def current_pipeline(self) -> Pipeline:
         """The repository's newest versions; unchanged stages are not loaded again."""
         runners = {}
-        for name in ENSEMBLES[wire.RECOMMEND].steps:
+        for name in RECOMMEND_STEPS:
             directory = latest_version(self.repository / name)
             # A failed swap's directory number is reused: key on the manifest's content too.
-            key = (directory, (directory / "manifest.json").read_bytes())
+            key = (directory, (directory / MANIFEST).read_bytes())
             if key not in self._runners:
                 self._runners[key] = load_runner(directory)
             runners[name] = self._runners[key]
@@ -166,7 +173,7 @@ class Swapper:
         existing = versions_of(model_dir)
         if to is None:
             current = Manifest.load(model_dir / str(existing[-1]))
-            to = current.provenance.get("parent_version")
+            to = current.provenance.parent_version
             if to is None or to not in existing:
                 raise SwapRefusedError(
                     f"{stage} v{existing[-1]} has no earlier version to go back to"
@@ -190,13 +197,10 @@ class Swapper:
         staging = model_dir / f"{new}.incoming"  # not a number: Triton ignores it
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(artifact, staging, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(model_dir / str(old) / "model.py", staging / "model.py")
-        manifest.provenance = {
-            **manifest.provenance,
-            "parent_version": old,
-            "drift": drift.as_dict() if drift else None,
-            "note": note,
-        }
+        shutil.copy2(model_dir / str(old) / ADAPTER, staging / ADAPTER)
+        manifest.provenance.parent_version = old
+        manifest.provenance.drift = drift
+        manifest.provenance.note = note
         manifest.save(staging)
         staging.rename(model_dir / str(new))
         return new
@@ -212,14 +216,18 @@ class Swapper:
 
     def _require_ready(self, models: list[str]) -> None:
         for model in models:
-            if not self.client.is_model_ready(model):
+            try:
+                ready = self.client.is_model_ready(model)
+            except InferenceServerException as exc:
+                raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
+            if not ready:
                 raise SwapRefusedError(f"{model} is not ready on {self.url}; not swapping")
 
     def _wait_ready(self, stage: str, version: int) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.client.is_model_ready(stage, str(version)) and all(
-                self.client.is_model_ready(e) for e in ENSEMBLES
+                self.client.is_model_ready(e) for e in ENSEMBLE_NAMES
             ):
                 return
             time.sleep(0.2)
@@ -234,23 +242,26 @@ class Swapper:
 
     def _verify(self, want: dict[str, np.ndarray]) -> None:
         """The served ensembles answer the probes as the candidate pipeline did locally."""
-        inputs = []
-        for name, value in self.probes.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), _dtype(value))
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        got = self.client.infer(wire.RECOMMEND, inputs).as_numpy(wire.ITEM_SCORES)
-        interest = self.client.infer(wire.USER_INTEREST, inputs[:-1]).as_numpy(wire.USER_EMBEDDING)
+        got = self._infer(wire.RECOMMEND).as_numpy(wire.ITEM_SCORES)
+        interest = self._infer(wire.USER_INTEREST).as_numpy(wire.USER_EMBEDDING)
         if np.abs(interest - want[wire.USER_EMBEDDING]).max() > PARITY_ATOL:
             raise RuntimeError("served E_t differs from the candidate's on the probes")
         if np.abs(got - want[wire.ITEM_SCORES]).max() > PARITY_ATOL:
             raise RuntimeError("served recommendations differ from the candidate's on the probes")
 
+    def _infer(self, ensemble: str) -> grpcclient.InferResult:
+        """The probes as one request to `ensemble`: each of its inputs, by name."""
+        from tritonclient.utils import np_to_triton_dtype
 
-def _dtype(value: np.ndarray) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return np_to_triton_dtype(value.dtype)
+        inputs = []
+        for tensor in ENSEMBLE_SPECS[ensemble].inputs:
+            value = self.probes[tensor.name]
+            infer_input = grpcclient.InferInput(
+                tensor.name, list(value.shape), np_to_triton_dtype(value.dtype)
+            )
+            infer_input.set_data_from_numpy(value)
+            inputs.append(infer_input)
+        return self.client.infer(ensemble, inputs)
 
 
 @dataclass
@@ -265,21 +276,21 @@ class VersionInfo:
 
 def list_versions(repository: Path) -> list[VersionInfo]:
     rows = []
-    for stage in STAGES:
+    for stage in stages.NAMES:
         model_dir = repository / stage
         latest = int(latest_version(model_dir).name)
         for version in versions_of(model_dir):
             m = Manifest.load(model_dir / str(version))
             p = m.provenance
-            bits = [f"data={p.get('data', '?')}"]
-            if p.get("parent_version") is not None:
-                bits.append(f"parent=v{p['parent_version']}")
-            if p.get("note"):
-                bits.append(p["note"])
-            if p.get("candidate"):
-                bits.append(f"candidate={p['candidate']}")
-            if p.get("drift"):
-                bits.append(f"E_t cos={p['drift']['embedding_cosine_mean']:.3f}")
+            bits = [f"data={p.data or '?'}"]
+            if p.parent_version is not None:
+                bits.append(f"parent=v{p.parent_version}")
+            if p.note:
+                bits.append(p.note)
+            if p.candidate:
+                bits.append(f"candidate={p.candidate}")
+            if p.drift:
+                bits.append(f"E_t cos={p.drift.embedding_cosine_mean:.3f}")
             rows.append(
                 VersionInfo(
                     stage, version, version == latest, m.trained, m.created, ", ".join(bits)

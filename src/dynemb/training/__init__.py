@@ -1,17 +1,2 @@
-"""Joint training of the five stages, evaluation against baselines, and the dynamics study."""
-
-from dynemb.training.examples import ExampleBuilder, item_label, to_client_event
-from dynemb.training.model import TrainModel, Variant
-from dynemb.training.train import Trained, TrainOptions, fit, train
-
-__all__ = [
-    "ExampleBuilder",
-    "TrainModel",
-    "TrainOptions",
-    "Trained",
-    "Variant",
-    "fit",
-    "item_label",
-    "to_client_event",
-    "train",
-]
+"""Joint training of the five stages: examples built as served requests, the training
+model, the shared epoch loop, and fine-tuning of one stage (`dynemb train --only`)."""

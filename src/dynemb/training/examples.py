@@ -23,18 +23,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynemb.config import Dims
+from dynemb.checkpoint import label_vocab
 from dynemb.data.types import Dataset, Interaction
+from dynemb.dims import Dims
 from dynemb.evaluation.seen import seen_before
 from dynemb.evaluation.split import Split, Which
-from dynemb.features import (
+from dynemb.stages.llm_encoder import tokenizer_json
+from dynemb.stages.preprocess.features import (
     PreprocessAssets,
     Preprocessor,
     build_label_vocab,
     query_features,
     time_features,
 )
-from dynemb.repository import label_vocab, tokenizer_json
 from dynemb_client import Event, build_inputs
 
 ITEM_LABEL_PREFIX = "item:"
@@ -62,7 +63,7 @@ def to_client_event(event: Interaction, max_labels: int, item_labels: bool) -> E
 
 
 def training_vocab(dataset: Dataset, item_labels: bool) -> dict[str, int]:
-    """`repository.label_vocab`, plus one "item:<id>" label per item when ids are used."""
+    """`checkpoint.label_vocab`, plus one "item:<id>" label per item when ids are used."""
     vocab = label_vocab(dataset)
     if not item_labels:
         return vocab

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynemb.config import Dims
-from dynemb.joint import JointModel
-from dynemb.stages.llm_encoder import CausalEncoder, minilm_config
+from dynemb.dims import Dims
+from dynemb.joint import JointModel, JointParams
+from dynemb.stages.llm_encoder import minilm_config
+from dynemb.stages.llm_encoder.network import CausalEncoder
 from dynemb.training.examples import Batch, ItemInputs, Tables
 
 
@@ -38,9 +39,8 @@ def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: 
     Fewer layers change only `bert_config`, which travels in the checkpoint's hparams, so
     `Checkpoint.load` and `dynemb build` rebuild the same encoder.
     """
-    config = minilm_config()
-    config["num_hidden_layers"] = min(llm_layers, config["num_hidden_layers"])
-    return JointModel.initial(dims, n_labels, n_items, seed, bert_config=config)
+    params = JointParams.default(n_labels, bert_config=minilm_config(layers=llm_layers))
+    return JointModel.initial(dims, params, n_items, seed)
 
 
 class MeanPoolEncoder(CausalEncoder):
@@ -103,9 +103,13 @@ class TrainModel(nn.Module):
     def freeze(self, llm_trainable: bool = False) -> None:
         """Freeze MiniLM's weights (gradients still flow through it to the projections
         below) and the pretrained token embeddings of text_rnn."""
-        for p in self.stages["llm_encoder"].bert.parameters():
+        for p in self.llm_parameters():
             p.requires_grad_(llm_trainable)
         self.stages["text_rnn"].embed.weight.requires_grad_(False)
+
+    def llm_parameters(self) -> list[nn.Parameter]:
+        """MiniLM's own pretrained weights (frozen unless `llm_trainable`)."""
+        return list(self.stages["llm_encoder"].bert.parameters())
 
     def text_table(self) -> torch.Tensor:
         """text_rnn over every unique text: (n_texts, text_dim), row 0 = no text = zeros."""

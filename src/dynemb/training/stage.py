@@ -8,16 +8,16 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-
+from dynemb import stages
+from dynemb.checkpoint import Checkpoint
 from dynemb.data.types import Dataset
+from dynemb.errors import UsageError
 from dynemb.evaluation.split import leave_one_out
-from dynemb.manifest import Manifest
+from dynemb.manifest import Manifest, Provenance
 from dynemb.pipeline import Pipeline
-from dynemb.repository import Checkpoint
-from dynemb.serving.runners import WEIGHTS, load_runner
-from dynemb.specs import STAGES
-from dynemb.stages import TORCH_STAGES
+from dynemb.repository import write_version
+from dynemb.stages import load_runner
+from dynemb.stages.torch_stage import TorchStage
 from dynemb.swap.drift import measure, probe_inputs
 from dynemb.training.train import TrainOptions, fit
 from dynemb_client.contract import RECOMMEND
@@ -34,39 +34,39 @@ def fine_tune_stage(
     repository: Path | None = None,
 ) -> Manifest:
     """Train `stage` of `checkpoint` further on `dataset`; write its version dir to `out`."""
-    if stage not in TORCH_STAGES:
-        raise ValueError(f"only a torch stage can be fine-tuned: {', '.join(TORCH_STAGES)}")
-    parent = Checkpoint.load(checkpoint)
+    found = stages.get(stage)
+    if not isinstance(found, TorchStage):
+        trainable = [name for name in stages.NAMES if stages.trainable(name)]
+        raise UsageError(f"only a torch stage can be fine-tuned: {', '.join(trainable)}")
+    current = Pipeline.from_repository(repository) if _built(repository, stage) else None
+    serving_dims = current.runners[stage].manifest.dims if current else None
+    parent = Checkpoint.load(checkpoint, dims=serving_dims)
     options = dataclasses.replace(options, only=stage)
     trained = fit(dataset, leave_one_out(dataset), options, init=parent.model)
     joint = trained.model.joint
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(joint.stages[stage].state_dict(), out / WEIGHTS)
-    manifest = Manifest(
-        stage=stage,
-        signature=STAGES[stage].signature,
-        dims=joint.config()["dims"],
-        hparams=joint.hparams[stage],
-        trained=True,
-        provenance={
-            "data": dataset.name,
-            "synthetic": dataset.synthetic,
-            "seed": options.seed,
-            "fine_tuned_from": str(checkpoint),
-            "only": stage,
-            "valid_ndcg10": trained.best_valid_ndcg10,
-            "parent_valid_ndcg10": parent.provenance.get("valid_ndcg10"),
-            "train_seconds": round(trained.seconds, 1),
-        },
+    found.save_weights(joint.stages[stage], out)
+    provenance = Provenance(
+        data=dataset.name,
+        synthetic=dataset.synthetic,
+        seed=options.seed,
+        fine_tuned_from=str(checkpoint),
+        only=stage,
+        valid_ndcg10=trained.best_valid_ndcg10,
+        parent_valid_ndcg10=parent.provenance.valid_ndcg10,
+        train_seconds=round(trained.seconds, 1),
+        item_labels=parent.provenance.item_labels,
     )
-    manifest.save(out)
-    if repository is not None and (repository / stage).exists():
-        current = Pipeline.from_repository(repository)
+    manifest = write_version(out, stage, joint.params.of(stage), joint.dims, True, provenance)
+    if current is not None:
         candidate = load_runner(out)
         probes = probe_inputs()
         new = Pipeline({**current.runners, stage: candidate}).run(probes, RECOMMEND)
         drift = measure(current.run(probes, RECOMMEND), new, candidate)
-        manifest.provenance["drift_vs_serving"] = drift.as_dict()
+        manifest.provenance.drift_vs_serving = drift
         manifest.save(out)
         log.info("%s candidate drift vs serving: %s", stage, drift.as_dict())
     return manifest
+
+
+def _built(repository: Path | None, stage: str) -> bool:
+    return repository is not None and (repository / stage).is_dir()

@@ -24,14 +24,22 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from dynemb.config import DIMS, Dims
+from dynemb.checkpoint import Checkpoint
 from dynemb.data.types import Dataset
+from dynemb.dims import DIMS, Dims
 from dynemb.evaluation.metrics import evaluate_scores
 from dynemb.evaluation.seen import exclude_seen
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.joint import JointModel
-from dynemb.repository import Checkpoint
-from dynemb.training.examples import ExampleBuilder, collate, collate_windows, seen_items
+from dynemb.manifest import Provenance
+from dynemb.training.examples import (
+    ExampleBuilder,
+    Window,
+    collate,
+    collate_windows,
+    seen_items,
+)
+from dynemb.training.loop import EpochReport, EpochStats, run_epochs
 from dynemb.training.model import TrainModel, Variant, build_joint
 
 logger = logging.getLogger(__name__)
@@ -71,15 +79,6 @@ class TrainOptions:
     only: str | None = None  # fine-tune this stage of `init`, every other weight frozen
 
 
-@dataclass(frozen=True)
-class EpochReport:
-    epoch: int
-    examples: int
-    loss: float
-    valid_ndcg10: float
-    seconds: float  # since training started
-
-
 @dataclass
 class Trained:
     """Everything evaluation needs besides the Checkpoint: the split, the example builder
@@ -95,17 +94,17 @@ class Trained:
     seconds: float
 
     def checkpoint(self, dataset: Dataset) -> Checkpoint:
-        provenance = {
-            "data": dataset.name,
-            "synthetic": dataset.synthetic,
-            "seed": self.options.seed,
-            "options": _jsonable(asdict(self.options)),
-            "best_epoch": self.best_epoch,
-            "valid_ndcg10": self.best_valid_ndcg10,
-            "train_seconds": round(self.seconds, 1),
-            "item_labels": self.builder.item_labels,
-            "query_time": "time of the target event",
-        }
+        provenance = Provenance(
+            data=dataset.name,
+            synthetic=dataset.synthetic,
+            seed=self.options.seed,
+            options=_jsonable(asdict(self.options)),
+            best_epoch=self.best_epoch,
+            valid_ndcg10=self.best_valid_ndcg10,
+            train_seconds=round(self.seconds, 1),
+            item_labels=self.builder.item_labels,
+            query_time="time of the target event",
+        )
         return Checkpoint(
             self.model.joint.eval(),
             self.builder.labels,
@@ -132,7 +131,7 @@ def _embedding_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def make_optimizer(model: TrainModel, options: TrainOptions) -> torch.optim.AdamW:
     """AdamW over the trainable weights in up to three groups: lookup tables at
     `embedding_lr`, MiniLM's own weights (when trainable) at `llm_lr`, the rest at `lr`."""
-    bert = list(model.stages["llm_encoder"].bert.parameters())
+    bert = model.llm_parameters()
     in_bert = {id(p) for p in bert}
     tables = [p for p in _embedding_tables(model) if p.requires_grad and id(p) not in in_bert]
     if not options.embedding_lr:
@@ -172,18 +171,84 @@ def fit(
     users: np.ndarray | None = None,
     init: JointModel | None = None,
 ) -> Trained:
-    """The training loop; returns the best epoch's weights by validation NDCG@10.
+    """The training run; returns the best epoch's weights by validation NDCG@10.
 
-    `users` restricts training and validation to those split rows (others stay unseen).
+    `users` restricts training and validation to those split rows (others stay unseen);
+    `init` starts from a trained model instead of seeded weights (with `options.only`,
+    only that stage learns).
     """
     seed_everything(options.seed, options.num_threads, options.deterministic)
     started = time.perf_counter()
     deadline = started + 60.0 * options.max_minutes
-    variant = options.variant
+    builder = example_builder(dataset, split, dims, options.variant, builder)
+    model = training_model(builder, split, dims, options, init)
+    optimizer = make_optimizer(model, options)
+    rng = np.random.default_rng(options.seed)
+    windows, valid_users = training_data(builder, split, options, users, rng)
+    scheduler = cosine_schedule(optimizer, options, len(windows))
+    bar = tqdm(desc="train", unit="target", disable=not options.progress, dynamic_ncols=True)
+
+    def train_epoch(epoch: int) -> EpochStats:
+        order = rng.permutation(len(windows))
+        total, seen = 0.0, 0
+        for start in range(0, len(order), options.batch_size):
+            chunk = [windows[i] for i in order[start : start + options.batch_size]]
+            loss, count = train_step(model, chunk, split.n_items, options, optimizer, scheduler)
+            total += loss * count
+            seen += count
+            bar.update(count)
+            bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}")
+            if time.perf_counter() > deadline:
+                return EpochStats(total / max(seen, 1), seen, out_of_time=True)
+        return EpochStats(total / max(seen, 1), seen)
+
+    def validate() -> float:
+        return score_split(model, builder, "valid", users=valid_users)["ndcg@10"]
+
+    def report(epoch: EpochReport) -> None:
+        bar.set_postfix(
+            epoch=epoch.epoch, loss=f"{epoch.loss:.3f}", best=f"{epoch.best_ndcg10:.4f}"
+        )
+        if on_epoch is not None:
+            on_epoch(epoch)
+
+    result = run_epochs(
+        model, train_epoch, validate, options.max_epochs, options.patience, report, started
+    )
+    bar.close()
+    return Trained(
+        model,
+        builder,
+        split,
+        options,
+        result.epochs,
+        result.best_epoch,
+        result.best_valid_ndcg10,
+        result.seconds,
+    )
+
+
+def example_builder(
+    dataset: Dataset, split: Split, dims: Dims, variant: Variant, builder: ExampleBuilder | None
+) -> ExampleBuilder:
+    """`builder` when it fits the variant (its example cache is reused), else a new one."""
     if builder is None or builder.item_labels != variant.item_ids:
         builder = ExampleBuilder(dataset, split, dims, item_labels=variant.item_ids)
-    n_items = split.n_items if variant.item_ids else 0
+    return builder
+
+
+def training_model(
+    builder: ExampleBuilder,
+    split: Split,
+    dims: Dims,
+    options: TrainOptions,
+    init: JointModel | None,
+) -> TrainModel:
+    """Seeded (or `init`'s) joint model in its training wrapper, with what must not learn
+    frozen: MiniLM's own weights unless `llm_trainable`, every stage but `options.only`."""
+    variant = options.variant
     if init is None:
+        n_items = split.n_items if variant.item_ids else 0
         joint = build_joint(dims, len(builder.labels), n_items, options.llm_layers, options.seed)
     else:
         joint = copy.deepcopy(init)
@@ -198,80 +263,68 @@ def fit(
             param.requires_grad_(
                 param.requires_grad and name.startswith(f"joint.stages.{options.only}.")
             )
-    optimizer = make_optimizer(model, options)
-    rng = np.random.default_rng(options.seed)
+    return model
+
+
+def training_data(
+    builder: ExampleBuilder,
+    split: Split,
+    options: TrainOptions,
+    users: np.ndarray | None,
+    rng: np.random.Generator,
+) -> tuple[list[Window], np.ndarray]:
+    """The training windows of `users` (default: all) and the users validated each epoch."""
     pool = range(split.n_users) if users is None else [int(u) for u in users]
     valid_users = split.eval_users
     if users is not None:
         valid_users = np.intersect1d(valid_users, np.asarray(users))
-    users = [u for u in pool if len(builder.train_cuts(u)) > 0]
-    windows = [w for u in users for w in builder.windows(u, options.windows)]
+    trained = [u for u in pool if len(builder.train_cuts(u)) > 0]
+    windows = [w for u in trained for w in builder.windows(u, options.windows)]
     if options.valid_users is not None and options.valid_users < len(valid_users):
         valid_users = np.sort(rng.choice(valid_users, options.valid_users, replace=False))
+    return windows, valid_users
 
-    steps = options.max_epochs * -(-len(windows) // options.batch_size)
-    scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
-        )
-        if options.cosine
-        else None
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, options: TrainOptions, n_windows: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Half a cosine from the full rate to zero over `max_epochs` epochs (None: constant)."""
+    if not options.cosine:
+        return None
+    steps = options.max_epochs * -(-n_windows // options.batch_size)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
     )
 
-    epochs: list[EpochReport] = []
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    bar = tqdm(desc="train", unit="target", disable=not options.progress, dynamic_ncols=True)
-    out_of_time = False
-    for epoch in range(1, options.max_epochs + 1):
-        order = rng.permutation(len(windows))
-        model.train()
-        total, seen = 0.0, 0
-        for start in range(0, len(order), options.batch_size):
-            chunk = [windows[i] for i in order[start : start + options.batch_size]]
-            batch = collate_windows(chunk)
-            text, image = model.text_table(), model.image_table()
-            users_e = model.window_embeddings(batch, text, image)
-            targets = torch.from_numpy(batch.target)
-            real = targets > 0
-            items = model.item_vectors(text, image)
-            logits = model.logits(users_e[real], items, model.item_bias())
-            target = targets[real] - 1
-            if options.exclude_seen:
-                had = torch.from_numpy(seen_items(chunk, split.n_items))[real]
-                logits = exclude_seen(logits, had, target)
-            loss = F.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            count = int(real.sum())
-            total += loss.item() * count
-            seen += count
-            bar.update(count)
-            bar.set_postfix(epoch=epoch, loss=f"{total / seen:.3f}", best_ndcg10=f"{best[0]:.4f}")
-            if time.perf_counter() > deadline:
-                out_of_time = True
-                break
-        ndcg = score_split(model, builder, "valid", users=valid_users)["ndcg@10"]
-        report = EpochReport(epoch, seen, total / max(seen, 1), ndcg, time.perf_counter() - started)
-        epochs.append(report)
-        logger.info(
-            "epoch %d: %d examples, loss %.4f, valid ndcg@10 %.4f, %.0f s", *asdict(report).values()
-        )
-        if on_epoch is not None:
-            on_epoch(report)
-        if ndcg > best[0]:
-            best = (ndcg, epoch, copy.deepcopy(model.state_dict()))
-        bar.set_postfix(epoch=epoch, loss=f"{report.loss:.3f}", best_ndcg10=f"{best[0]:.4f}")
-        if out_of_time or epoch - best[1] >= options.patience:
-            break
-    bar.close()
-    model.load_state_dict(best[2])
-    model.eval()
-    return Trained(
-        model, builder, split, options, epochs, best[1], best[0], time.perf_counter() - started
-    )
+
+def train_step(
+    model: TrainModel,
+    chunk: list[Window],
+    n_items: int,
+    options: TrainOptions,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None,
+) -> tuple[float, int]:
+    """One optimiser step on a batch of windows: cross-entropy over all items at every
+    prefix with a target; returns (mean loss, number of targets)."""
+    batch = collate_windows(chunk)
+    text, image = model.text_table(), model.image_table()
+    users_e = model.window_embeddings(batch, text, image)
+    targets = torch.from_numpy(batch.target)
+    real = targets > 0
+    items = model.item_vectors(text, image)
+    logits = model.logits(users_e[real], items, model.item_bias())
+    target = targets[real] - 1
+    if options.exclude_seen:
+        had = torch.from_numpy(seen_items(chunk, n_items))[real]
+        logits = exclude_seen(logits, had, target)
+    loss = F.cross_entropy(logits, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.item(), int(real.sum())
 
 
 @torch.inference_mode()

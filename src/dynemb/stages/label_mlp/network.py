@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynemb.config import Dims
+from dynemb.dims import Dims
+from dynemb.stages.label_mlp import LabelMLPParams
 
 
 class LabelMLP(nn.Module):
     """Mean of the label embeddings (padding id 0 excluded), then a two-layer MLP."""
 
-    def __init__(self, dims: Dims, n_labels: int, bag_dim: int | None = None) -> None:
+    def __init__(self, dims: Dims, params: LabelMLPParams) -> None:
         super().__init__()
         self.dims = dims
-        bag_dim = bag_dim or 2 * dims.label_dim
-        self.bag = nn.EmbeddingBag(n_labels, bag_dim, mode="mean", padding_idx=0)
+        bag_dim = params.bag_dim or 2 * dims.label_dim
+        self.bag = nn.EmbeddingBag(params.n_labels, bag_dim, mode="mean", padding_idx=0)
         self.mlp = nn.Sequential(
             nn.Linear(bag_dim, bag_dim), nn.GELU(), nn.Linear(bag_dim, dims.label_dim)
         )

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynemb.config import Dims
+from dynemb.dims import Dims
+from dynemb.stages.image_cnn import ImageCNNParams
 
 
 class ImageCNN(nn.Module):
     """Three conv blocks and global pooling. An event without an image is masked: it gets a
     learned "no image" vector, never the features of an all-black picture."""
 
-    def __init__(self, dims: Dims, width: int = 32) -> None:
+    def __init__(self, dims: Dims, params: ImageCNNParams) -> None:
         super().__init__()
         self.dims = dims
+        width = params.width
         self.net = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1),
             nn.ReLU(),

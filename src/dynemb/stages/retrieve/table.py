@@ -1,0 +1,41 @@
+"""Build the item table at `dynemb build`: every catalogue item's content through the same
+preprocess / text / image / label stages as events, then the item tower (torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dynemb.checkpoint import Checkpoint
+from dynemb.data.types import Dataset
+from dynemb.stages.preprocess import assets_for
+from dynemb.stages.preprocess.features import Preprocessor
+from dynemb.stages.retrieve.items import ItemTable
+
+ITEM_BATCH = 256
+
+
+@torch.inference_mode()
+def build_item_table(checkpoint: Checkpoint, catalogue: Dataset) -> ItemTable:
+    """Unit vectors and score biases of the catalogue's items, in catalogue order; an item
+    the checkpoint has no id row for is scored by its content alone."""
+    model = checkpoint.model.eval()
+    preprocessor = Preprocessor(assets_for(checkpoint))
+    index = {item_id: i + 1 for i, item_id in enumerate(checkpoint.item_ids)}
+    items = list(catalogue.items.values())
+    vectors, bias = [], []
+    for start in range(0, len(items), ITEM_BATCH):
+        chunk = items[start : start + ITEM_BATCH]
+        x = preprocessor.items(
+            [i.title for i in chunk], [i.image for i in chunk], [list(i.labels) for i in chunk]
+        )
+        content = model.item_content({k: torch.from_numpy(v) for k, v in x.items()})
+        ids = torch.tensor([index.get(i.item_id, 0) for i in chunk])
+        vectors.append(model.item_tower(content, ids).numpy())
+        bias.append(model.item_tower.item_bias(ids).numpy())
+    return ItemTable(
+        [i.item_id for i in items],
+        [i.title for i in items],
+        np.concatenate(vectors),
+        np.concatenate(bias).astype(np.float32),
+    )
