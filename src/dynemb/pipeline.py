@@ -3,6 +3,7 @@ tests (served == local), by swap's drift probes and by offline evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from dynemb import stages
 from dynemb.ensembles import ENSEMBLE_SPECS
 from dynemb.errors import DynembError
 from dynemb.manifest import MANIFEST, Manifest
-from dynemb.stages import Runner, load_runner
+from dynemb.stages import Runner, RunnerOptions, load_runner
 from dynemb_client import contract as wire
 
 
@@ -54,14 +55,33 @@ def serving_manifests(repository: Path) -> dict[str, Manifest]:
     }
 
 
+def eager_uncached() -> dict[str, RunnerOptions]:
+    """Every stage as it served before per-item caches and ONNX Runtime: torch eager (for
+    torch stages), no cache. The reference the optimised path is checked against."""
+    return {
+        name: RunnerOptions(runtime="torch" if stages.trainable(name) else "")
+        for name in stages.NAMES
+    }
+
+
 class Pipeline:
     def __init__(self, runners: dict[str, Runner]) -> None:
         self.runners = runners
 
     @classmethod
-    def from_repository(cls, repository: Path) -> Pipeline:
+    def from_repository(
+        cls, repository: Path, options: Mapping[str, RunnerOptions] | None = None
+    ) -> Pipeline:
+        """The serving versions, each with its stage's serving options unless `options`
+        says otherwise for it (e.g. `EAGER_UNCACHED`)."""
         steps = ENSEMBLE_SPECS[wire.RECOMMEND].steps
-        return cls({name: load_runner(latest_version(repository / name)) for name in steps})
+        options = options or {}
+        return cls(
+            {
+                name: load_runner(latest_version(repository / name), options=options.get(name))
+                for name in steps
+            }
+        )
 
     def run(self, inputs: dict[str, np.ndarray], ensemble: str = wire.USER_INTEREST) -> dict:
         """Every tensor the ensemble computes, keyed by name (like the ensemble's wiring)."""

@@ -95,6 +95,9 @@ class StageSpec:
     instance_kind: str = "KIND_CPU"
     max_queue_delay_us: int = 200
     description: str = ""
+    # Free-form model parameters written into config.pbtxt (the runtime, cache bounds):
+    # the adapter reads them back into the stage's typed RunnerOptions.
+    parameters: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.instance_kind not in INSTANCE_KINDS:

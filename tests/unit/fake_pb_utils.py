@@ -54,3 +54,27 @@ class Logger:
     @classmethod
     def log_error(cls, message: str) -> None:
         cls.messages.append(message)
+
+
+class Metric:
+    def __init__(self, family: MetricFamily, labels: dict[str, str]) -> None:
+        self.family, self.labels, self.value = family, labels, 0.0
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class MetricFamily:
+    COUNTER, GAUGE = "counter", "gauge"
+    created: ClassVar[list[Metric]] = []
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.description, self.kind = name, description, kind
+
+    def Metric(self, labels: dict[str, str]) -> Metric:  # noqa: N802 (pb_utils' spelling)
+        metric = Metric(self, labels)
+        MetricFamily.created.append(metric)
+        return metric

@@ -51,14 +51,16 @@ def test_preprocess_bad_request_fails_alone(repo, png):
 def test_torch_stage_runs_once_for_all_requests(repo, monkeypatch):
     model = load_model(repo, "label_mlp")
     calls = []
-    original = model.runner.module.forward
-    monkeypatch.setattr(model.runner.module, "forward", lambda *a: calls.append(a) or original(*a))
+    original = model.runner.runtime
+    monkeypatch.setattr(model.runner, "runtime", lambda x: calls.append(x) or original(x))
     ids = [
         np.random.default_rng(i).integers(0, 5, (n, DIMS.max_events, 8))
         for i, n in enumerate((1, 3, 2))
     ]
     out = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": x}) for x in ids])
-    assert len(calls) == 1 and calls[0][0].shape[0] == 6
+    # One runtime call for the whole batch, on each distinct label set once.
+    distinct = {row.tobytes() for x in ids for row in x.reshape(-1, 8)}
+    assert len(calls) == 1 and len(calls[0]["LABEL_IDS"]) == len(distinct)
     assert [r.output_tensors["LABEL_VEC"].shape[0] for r in out] == [1, 3, 2]
     alone = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": ids[1]})])[0]
     np.testing.assert_allclose(
@@ -105,7 +107,7 @@ def test_internal_error_is_logged_with_traceback_and_reported(repo, monkeypatch)
     def boom(*args):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(model.runner.module, "forward", boom)
+    monkeypatch.setattr(model.runner, "runtime", boom)
     spec = STAGE_SPECS["temporal_lstm"]
     x = {t.name: np.zeros((1, *t.dims), dtype=t.numpy_dtype) for t in spec.inputs}
     out = model.execute([fake_pb_utils.InferenceRequest(x)])

@@ -6,6 +6,7 @@ fake), so this module is importable and tested without a server.
 
 from __future__ import annotations
 
+import json
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dynemb.errors import InputError
+from dynemb.serving.metrics import CacheMetrics
 from dynemb.specs import StageSpec
 from dynemb.stages import Runner, load_runner
 
@@ -25,15 +27,25 @@ class StageAdapter:
 
     def initialize(self, args: dict[str, str]) -> None:
         directory = Path(args["model_repository"]) / args["model_version"]
-        self.runner = load_runner(directory)
+        config = json.loads(args.get("model_config") or "{}")
+        parameters = {
+            key: value.get("string_value", "")
+            for key, value in config.get("parameters", {}).items()
+        }
+        self.runner = load_runner(directory, parameters=parameters)
+        self.metrics = CacheMetrics(
+            self.pb_utils, self.runner.spec.name, args["model_version"], self.runner.caches()
+        )
         self.logger = self.pb_utils.Logger
         self.logger.log_info(
             f"{self.runner.spec.name} v{args['model_version']} ready "
-            f"(trained={self.runner.manifest.trained})"
+            f"(trained={self.runner.manifest.trained}, caches={sorted(self.runner.caches())})"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return respond(self.pb_utils, requests, self.runner)
+        responses = respond(self.pb_utils, requests, self.runner)
+        self.metrics.update()
+        return responses
 
     def finalize(self) -> None:
         self.runner = None

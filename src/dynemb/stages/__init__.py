@@ -10,11 +10,12 @@ imports only its own stage (see dynemb.stages.base). Adding a stage: CONTRIBUTIN
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib import import_module
 from pathlib import Path
 
 from dynemb.errors import DynembError
-from dynemb.stages.base import Runner, Stage
+from dynemb.stages.base import Runner, RunnerOptions, Stage
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,15 @@ def trainable(name: str) -> bool:
     return isinstance(get(name), TorchStage)
 
 
-def load_runner(directory: Path, verify: bool = True) -> Runner:
+def load_runner(
+    directory: Path,
+    verify: bool = True,
+    options: RunnerOptions | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> Runner:
     """Load one version directory; refuse it if its files are not the ones its manifest
-    hashed (`verify`) or its signature is not the stage spec's."""
+    hashed (`verify`) or its signature is not the stage spec's. The runner's options are
+    `options`, else the stage's own defaults overridden by a config's `parameters`."""
     from dynemb.manifest import Manifest
 
     manifest = Manifest.load(directory)
@@ -74,8 +81,19 @@ def load_runner(directory: Path, verify: bool = True) -> Runner:
             f"{directory}: signature {manifest.signature} does not match the {stage.name} "
             f"spec {spec.signature}"
         )
-    log.info("loading %s from %s (trained=%s)", stage.name, directory, manifest.trained)
-    return stage.runner(directory, manifest)
+    if options is None:
+        options = RunnerOptions.from_parameters(dict(parameters or {}), stage.options)
+    log.info("loading %s from %s (%s)", stage.name, directory, options)
+    return stage.runner(directory, manifest, options)
 
 
-__all__ = ["NAMES", "Runner", "Stage", "UnknownStageError", "all_stages", "get", "load_runner"]
+__all__ = [
+    "NAMES",
+    "Runner",
+    "RunnerOptions",
+    "Stage",
+    "UnknownStageError",
+    "all_stages",
+    "get",
+    "load_runner",
+]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 
 from dynemb.dims import Dims
+from dynemb.serving.cache import RowCache
 from dynemb.specs import StageSpec, TensorSpec
 from dynemb.tensors import Tensors
 
@@ -27,6 +28,42 @@ if TYPE_CHECKING:
 
 CandidateKind = Literal["perturb", "reinit", "nan", "broken", "signature"]
 CANDIDATE_KINDS: tuple[str, ...] = ("perturb", "reinit", "nan", "broken", "signature")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a stage's runner serves: its runtime (torch stages) and its per-item cache
+    bound (0 = no cache). A stage sets its defaults; they are written into its
+    config.pbtxt as parameters, which the server hands back to the adapter."""
+
+    runtime: str = ""  # torch stages: "torch" or "onnxruntime" (dynemb.serving.runtime)
+    cache_entries: int = 0
+    cache_mb: float = 0.0
+
+    def parameters(self) -> tuple[tuple[str, str], ...]:
+        runtime = (("runtime", self.runtime),) if self.runtime else ()
+        return (
+            *runtime,
+            ("cache_entries", str(self.cache_entries)),
+            ("cache_mb", f"{self.cache_mb:g}"),
+        )
+
+    @classmethod
+    def from_parameters(cls, raw: dict[str, str], default: RunnerOptions) -> RunnerOptions:
+        """Options from a config's parameters; absent ones keep `default`'s values."""
+        try:
+            return cls(
+                runtime=raw.get("runtime", default.runtime),
+                cache_entries=int(raw.get("cache_entries", default.cache_entries)),
+                cache_mb=float(raw.get("cache_mb", default.cache_mb)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bad runner parameters {raw}: {exc}") from exc
+
+    def cache(self) -> RowCache | None:
+        if self.cache_entries <= 0 or self.cache_mb <= 0:
+            return None
+        return RowCache(self.cache_entries, int(self.cache_mb * 2**20))
 
 
 class Runner:
@@ -48,6 +85,10 @@ class Runner:
 
     def trim(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
         return outputs
+
+    def caches(self) -> dict[str, RowCache]:
+        """The runner's per-item caches by name (for metrics and benchmarks)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -77,6 +118,7 @@ class Stage(ABC):
     description: ClassVar[str]
     params_type: ClassVar[type]  # the typed hyperparameters, a dataclass
     learned: ClassVar[bool] = True  # its artifact holds trained weights (preprocess: no)
+    options: ClassVar[RunnerOptions] = RunnerOptions()  # serving defaults (config parameters)
     # Kinds of `CandidateChange` this stage can make ("signature" works for every stage).
     candidate_kinds: ClassVar[tuple[str, ...]] = CANDIDATE_KINDS
 
@@ -85,16 +127,22 @@ class Stage(ABC):
         """(inputs, outputs), picked from the ensembles' named tensors."""
 
     def spec(self, dims: Dims) -> StageSpec:
-        """The tensors it reads and writes, and how it is batched."""
+        """The tensors it reads and writes, how it is batched, its serving options."""
         inputs, outputs = self.tensors(Tensors(dims))
-        return StageSpec(self.name, inputs, outputs, description=self.description)
+        return StageSpec(
+            self.name,
+            inputs,
+            outputs,
+            description=self.description,
+            parameters=self.options.parameters(),
+        )
 
     @abstractmethod
     def export(self, context: ExportContext, directory: Path) -> Any:
         """Write the artifact into a version directory; return the hyperparameters."""
 
     @abstractmethod
-    def runner(self, directory: Path, manifest: Manifest) -> Runner:
+    def runner(self, directory: Path, manifest: Manifest, options: RunnerOptions) -> Runner:
         """Load a version directory (already checked against its manifest)."""
 
     @abstractmethod

@@ -44,7 +44,7 @@ def fine_tune_stage(
     options = dataclasses.replace(options, only=stage)
     trained = fit(dataset, leave_one_out(dataset), options, init=parent.model)
     joint = trained.model.joint
-    found.save_weights(joint.stages[stage], out)
+    found.save(joint.stages[stage], out)
     provenance = Provenance(
         data=dataset.name,
         synthetic=dataset.synthetic,

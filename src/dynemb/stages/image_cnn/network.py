@@ -40,5 +40,21 @@ class ImageCNN(nn.Module):
         mask = image_mask.reshape(-1)
         out = self.missing.expand(batch * events, -1).clone()
         if bool(mask.any()):
-            out[mask] = self.norm(self.net(flat[mask].float() / 127.5 - 1.0))
+            out[mask] = self.encode(flat[mask])
         return out.reshape(batch, events, self.dims.image_dim)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 real images -> (N, image_dim), one image per row (what serving
+        caches per image and exports to ONNX)."""
+        return self.norm(self.net(pixels.float() / 127.5 - 1.0))
+
+
+class ImageRows(nn.Module):
+    """The served function: one image per row, the "no image" vector where not `mask`."""
+
+    def __init__(self, network: ImageCNN) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.unsqueeze(-1), self.network.encode(pixels), self.network.missing)

@@ -5,13 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dynemb.dims import Dims
-from dynemb.specs import TensorSpec
+from dynemb.serving.cache import RowCache, cached_rows, row_keys
+from dynemb.specs import StageSpec, TensorSpec
+from dynemb.stages.base import Runner, RunnerOptions
 from dynemb.stages.torch_stage import TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from dynemb.manifest import Manifest
+    from dynemb.serving.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -20,10 +27,36 @@ class LabelMLPParams:
     bag_dim: int | None = None  # width of the label embeddings; None = 2 x label_dim
 
 
+class LabelRunner(Runner):
+    """Each distinct label set of the batch through the runtime once (padded events
+    included: their empty set is one more row), and not at all when cached."""
+
+    def __init__(
+        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, cache: RowCache | None
+    ) -> None:
+        super().__init__(spec, manifest)
+        self.runtime = runtime
+        self.cache = cache
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = inputs["LABEL_IDS"]
+        users, events, labels = ids.shape
+        rows = ids.reshape(-1, labels)
+        out = cached_rows(
+            row_keys(rows), lambda first: self.runtime({"LABEL_IDS": rows[first]}), self.cache
+        )
+        return {"LABEL_VEC": out.reshape(users, events, -1)}
+
+    def caches(self) -> dict[str, RowCache]:
+        return {"labels": self.cache} if self.cache is not None else {}
+
+
 class LabelMLPStage(TorchStage):
     name = "label_mlp"
     description = "embedding-bag + MLP"
     params_type = LabelMLPParams
+    # ~0.5 kB a label set with Python's overhead.
+    options = RunnerOptions(runtime="onnxruntime", cache_entries=100_000, cache_mb=64)
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return (t.label_ids,), (t.label_vec,)
@@ -32,6 +65,21 @@ class LabelMLPStage(TorchStage):
         from dynemb.stages.label_mlp.network import LabelMLP
 
         return LabelMLP(dims, params)
+
+    def served(self, network: nn.Module) -> nn.Module:
+        from dynemb.stages.label_mlp.network import LabelRows
+
+        return LabelRows(network)
+
+    def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
+        ids = np.zeros((2, dims.max_labels), np.int64)
+        ids[0, :2] = [1, 2]
+        return {"LABEL_IDS": ids}
+
+    def make_runner(
+        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
+    ) -> Runner:
+        return LabelRunner(spec, manifest, runtime, options.cache())
 
 
 STAGE = LabelMLPStage()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dynemb.dims import Dims
 from dynemb.stages.label_mlp import LabelMLPParams
@@ -27,3 +28,23 @@ class LabelMLP(nn.Module):
         batch, events, labels = label_ids.shape
         pooled = self.bag(label_ids.reshape(batch * events, labels))
         return self.norm(self.mlp(pooled)).reshape(batch, events, self.dims.label_dim)
+
+    def encode(self, label_ids: torch.Tensor) -> torch.Tensor:
+        """(N, M) ids -> (N, label_dim), one event's labels per row: the same function as
+        `forward`, with the bag's mean written out (padding id 0 left out, an empty bag is
+        zeros) so that it exports to ONNX and serving can cache it per label set."""
+        real = (label_ids != 0).unsqueeze(-1).to(self.bag.weight.dtype)
+        summed = (F.embedding(label_ids, self.bag.weight) * real).sum(1)
+        pooled = summed / real.sum(1).clamp(min=1.0)
+        return self.norm(self.mlp(pooled))
+
+
+class LabelRows(nn.Module):
+    """The served function: `LabelMLP.encode`, one event's labels per row."""
+
+    def __init__(self, network: LabelMLP) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, label_ids: torch.Tensor) -> torch.Tensor:
+        return self.network.encode(label_ids)

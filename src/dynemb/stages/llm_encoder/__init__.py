@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynemb.dims import Dims
-from dynemb.specs import TensorSpec
-from dynemb.stages.torch_stage import TorchStage
+from dynemb.specs import StageSpec, TensorSpec
+from dynemb.stages.base import Runner, RunnerOptions
+from dynemb.stages.torch_stage import SequenceRunner, TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from dynemb.manifest import Manifest
+    from dynemb.serving.runtime import Runtime
 
 
 def minilm_path() -> Path:
@@ -46,6 +50,7 @@ class LLMEncoderParams:
 class LLMEncoderStage(TorchStage):
     name = "llm_encoder"
     description = "MiniLM over [F_t ⊕ G] soft tokens -> E_t"
+    event_tensors = ("SEQ_FEATURES", "TEXT_VEC", "IMAGE_VEC", "LABEL_VEC", "EVENT_MASK")
     params_type = LLMEncoderParams
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -56,6 +61,12 @@ class LLMEncoderStage(TorchStage):
         from dynemb.stages.llm_encoder.network import LLMEncoder
 
         return LLMEncoder(dims, params)
+
+    def make_runner(
+        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
+    ) -> Runner:
+        mask = Tensors(manifest.dims).event_mask.name
+        return SequenceRunner(spec, manifest, runtime, self.event_tensors, mask)
 
 
 STAGE = LLMEncoderStage()

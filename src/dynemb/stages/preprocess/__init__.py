@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dynemb.serving.cache import RowCache
 from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import CandidateChange, ExportContext, Runner, Stage
+from dynemb.stages.base import CandidateChange, ExportContext, Runner, RunnerOptions, Stage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
@@ -32,14 +33,24 @@ class PreprocessParams:
 class PreprocessRunner(Runner):
     per_request = True  # tokenising and decoding are per user anyway
 
-    def __init__(self, spec: StageSpec, manifest: Manifest, directory: Path) -> None:
-        from dynemb.stages.preprocess.features import PreprocessAssets, Preprocessor
+    def __init__(
+        self, spec: StageSpec, manifest: Manifest, directory: Path, options: RunnerOptions
+    ) -> None:
+        from dynemb.stages.preprocess.features import (
+            PreprocessAssets,
+            PreprocessCaches,
+            Preprocessor,
+        )
 
         super().__init__(spec, manifest)
-        self.preprocessor = Preprocessor(PreprocessAssets.load(directory))
+        caches = PreprocessCaches.bounded(options.cache_entries, options.cache_mb)
+        self.preprocessor = Preprocessor(PreprocessAssets.load(directory), caches)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.preprocessor(inputs)
+
+    def caches(self) -> dict[str, RowCache]:
+        return self.preprocessor.caches.by_name()
 
 
 def assets_for(checkpoint: Checkpoint) -> PreprocessAssets:
@@ -59,6 +70,8 @@ class PreprocessStage(Stage):
     # perturb: retuned trailing windows (same shapes, other features); broken: a label
     # vocabulary that is not one, so initialize raises.
     candidate_kinds = ("perturb", "broken", "signature")
+    # Texts' tokens (~0.5 kB), labels (~0.7 kB) and images' pixels (~3.3 kB) by content.
+    options = RunnerOptions(cache_entries=100_000, cache_mb=96)
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         inputs = (t.event_text, t.event_image, t.event_labels, t.event_time, t.event_count)
@@ -70,8 +83,8 @@ class PreprocessStage(Stage):
         assets.save(directory)
         return PreprocessParams(len(assets.labels))
 
-    def runner(self, directory: Path, manifest: Manifest) -> Runner:
-        return PreprocessRunner(self.spec(manifest.dims), manifest, directory)
+    def runner(self, directory: Path, manifest: Manifest, options: RunnerOptions) -> Runner:
+        return PreprocessRunner(self.spec(manifest.dims), manifest, directory, options)
 
     def change(self, directory: Path, manifest: Manifest, change: CandidateChange) -> None:
         from dynemb.stages.preprocess.features import PreprocessAssets

@@ -6,6 +6,7 @@ in-process pipeline and training call the same functions, so they agree exactly.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer
 
 from dynemb.dims import Dims
 from dynemb.errors import InputError
+from dynemb.serving.cache import RowCache
 from dynemb_client import contract as wire
 
 PAD_LABEL, UNK_LABEL = 0, 1
@@ -63,12 +65,49 @@ def build_label_vocab(labels: set[str] | list[str]) -> dict[str, int]:
     return vocab
 
 
+@dataclass(frozen=True)
+class EventLabels:
+    """One event's labels as decoded strings and as vocabulary ids (what the label cache
+    keeps: time features read the strings, label_mlp the ids)."""
+
+    labels: tuple[str, ...]
+    ids: np.ndarray  # (M,) int64
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + sum(50 + len(label) for label in self.labels)
+
+
+@dataclass(frozen=True)
+class PreprocessCaches:
+    """Per-item work of preprocess, remembered by content: a text's tokens (keyed by its
+    raw bytes), an image's pixels (by a digest of its encoded bytes), an event's labels
+    (by its label row). Only content that passed validation is ever cached."""
+
+    texts: RowCache | None = None
+    images: RowCache | None = None
+    labels: RowCache | None = None
+
+    @classmethod
+    def bounded(cls, entries: int, megabytes: float) -> PreprocessCaches:
+        """Three caches of `entries` each, sharing `megabytes` (a third each)."""
+        if entries <= 0 or megabytes <= 0:
+            return cls()
+        size = int(megabytes * 2**20 / 3)
+        return cls(RowCache(entries, size), RowCache(entries, size), RowCache(entries, size))
+
+    def by_name(self) -> dict[str, RowCache]:
+        named = {"texts": self.texts, "images": self.images, "labels": self.labels}
+        return {name: cache for name, cache in named.items() if cache is not None}
+
+
 class Preprocessor:
     """Turns one user's raw tensors into stage inputs; raises InputError naming the field."""
 
-    def __init__(self, assets: PreprocessAssets) -> None:
+    def __init__(self, assets: PreprocessAssets, caches: PreprocessCaches | None = None) -> None:
         self.dims = assets.dims
         self.labels = assets.labels
+        self.caches = caches or PreprocessCaches()
         self.tokenizer = Tokenizer.from_str(assets.tokenizer_json)
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
@@ -94,26 +133,66 @@ class Preprocessor:
         # Events after the query time are in t's future: E_t must not see them.
         n = int(np.searchsorted(times, query_time, side="right"))
         # Every real event must be well-formed, even one past t that is then ignored.
-        texts = [_utf8(f"{wire.EVENT_TEXT}[{i}]", x[wire.EVENT_TEXT][i]) for i in range(count)]
-        labels = [self.event_labels(i, x[wire.EVENT_LABELS][i]) for i in range(count)][:n]
-        texts = texts[:n]
+        token_ids, token_count = self.event_tokens(x[wire.EVENT_TEXT][:count], d.max_events, n)
+        events = [self.event_labels(i, x[wire.EVENT_LABELS][i]) for i in range(count)][:n]
+        labels = [list(e.labels) for e in events]
+        label_ids = np.full((d.max_events, d.max_labels), PAD_LABEL, dtype=np.int64)
+        if events:
+            label_ids[:n] = np.stack([e.ids for e in events])
         pixels, image_mask = self.images(x[wire.EVENT_IMAGE][:count], d.max_events, keep=n)
-        token_ids, token_count = self.tokens(texts, d.max_events)
         return {
             "TOKEN_IDS": token_ids,
             "TOKEN_COUNT": token_count,
             "IMAGE_PIXELS": pixels,
             "IMAGE_MASK": image_mask,
-            "LABEL_IDS": self.label_ids(labels, d.max_events),
+            "LABEL_IDS": label_ids,
             "TIME_FEATURES": time_features(times[:n], labels, d),
             "QUERY_FEATURES": query_features(times[:n], query_time, d),
             "EVENT_MASK": np.arange(d.max_events) < n,
         }
 
-    @staticmethod
-    def event_labels(i: int, row: np.ndarray) -> list[str]:
-        decoded = (_utf8(f"{wire.EVENT_LABELS}[{i}][{j}]", v) for j, v in enumerate(row))
-        return [label for label in decoded if label]
+    def event_labels(self, i: int, row: np.ndarray) -> EventLabels:
+        """Event i's labels, decoded and mapped to ids (cached by the row's bytes)."""
+        raw = [v if isinstance(v, bytes) else bytes(v) for v in row]
+        joined = b"\0".join(raw)
+        # NUL-joined rows of a fixed width are distinct keys unless a label holds a NUL.
+        cache = self.caches.labels if joined.count(b"\0") == len(raw) - 1 else None
+        found = cache.get(joined) if cache is not None else None
+        if found is not None:
+            return found
+        decoded = (_utf8(f"{wire.EVENT_LABELS}[{i}][{j}]", v) for j, v in enumerate(raw))
+        labels = tuple(label for label in decoded if label)
+        event = EventLabels(labels, self.label_ids([list(labels)], 1)[0])
+        if cache is not None:
+            cache.put(joined, event, event.nbytes)
+        return event
+
+    def event_tokens(
+        self, raw_texts: np.ndarray, rows: int, keep: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and counts of the first `keep` texts (each text is checked to be UTF-8,
+        even one past `keep`); texts seen before come from the cache."""
+        t = self.dims.max_tokens
+        ids = np.zeros((rows, t), dtype=np.int64)
+        counts = np.zeros(rows, dtype=np.int64)
+        cache = self.caches.texts
+        todo: list[tuple[int, bytes, str]] = []
+        for i, value in enumerate(raw_texts):
+            raw = value if isinstance(value, bytes) else bytes(value)
+            found = cache.get(raw) if cache is not None else None
+            if found is None:
+                text = _utf8(f"{wire.EVENT_TEXT}[{i}]", raw)
+                if i < keep:
+                    todo.append((i, raw, text))
+            elif i < keep:
+                ids[i], counts[i] = found[:t], found[t]
+        if todo:
+            fresh_ids, fresh_counts = self.tokens([text for _, _, text in todo], len(todo))
+            for (i, raw, _), row, n in zip(todo, fresh_ids, fresh_counts, strict=True):
+                ids[i], counts[i] = row, n
+                if cache is not None:
+                    cache.put(raw, np.append(row, n))
+        return ids, counts
 
     def items(self, texts: list[str], images: list[bytes | None], labels: list[list[str]]) -> dict:
         """Content tensors of catalogue items (one row per item), for the item table."""
@@ -144,11 +223,17 @@ class Preprocessor:
         s = self.dims.image_size
         pixels = np.zeros((rows, 3, s, s), dtype=np.uint8)
         mask = np.zeros(rows, dtype=bool)
+        cache = self.caches.images
         for i, data in enumerate(encoded):
             data = bytes(data)
             if not data:
                 continue
-            decoded = decode_image(f"{wire.EVENT_IMAGE}[{i}]", data, s)
+            key = hashlib.blake2b(data, digest_size=16).digest() if cache is not None else b""
+            decoded = cache.get(key) if cache is not None else None
+            if decoded is None:
+                decoded = decode_image(f"{wire.EVENT_IMAGE}[{i}]", data, s)
+                if cache is not None:
+                    cache.put(key, decoded)
             if i < keep:
                 pixels[i], mask[i] = decoded, True
         return pixels, mask

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import CandidateChange, ExportContext, Runner, Stage
+from dynemb.stages.base import CandidateChange, ExportContext, Runner, RunnerOptions, Stage
 from dynemb.stages.retrieve.items import ItemTable, Retriever, check_top_k
 from dynemb.tensors import Tensors
 from dynemb_client import contract as wire
@@ -59,7 +59,7 @@ class RetrieveStage(Stage):
         table.save(directory)
         return RetrieveParams(len(table.ids))
 
-    def runner(self, directory: Path, manifest: Manifest) -> Runner:
+    def runner(self, directory: Path, manifest: Manifest, options: RunnerOptions) -> Runner:
         return RetrieveRunner(self.spec(manifest.dims), manifest, ItemTable.load(directory))
 
     def change(self, directory: Path, manifest: Manifest, change: CandidateChange) -> None:

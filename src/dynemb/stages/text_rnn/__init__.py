@@ -5,13 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dynemb.dims import Dims
-from dynemb.specs import TensorSpec
+from dynemb.serving.cache import RowCache, cached_rows, row_keys
+from dynemb.specs import StageSpec, TensorSpec
+from dynemb.stages.base import Runner, RunnerOptions
 from dynemb.stages.torch_stage import TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from dynemb.manifest import Manifest
+    from dynemb.serving.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -20,10 +27,42 @@ class TextRNNParams:
     token_dim: int = 384
 
 
+class TextRunner(Runner):
+    """Each distinct text of the batch through the runtime once, and not at all when the
+    cache has it (a text's vector depends on its tokens and the weights only)."""
+
+    def __init__(
+        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, cache: RowCache | None
+    ) -> None:
+        super().__init__(spec, manifest)
+        self.runtime = runtime
+        self.cache = cache
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, count = inputs["TOKEN_IDS"], inputs["TOKEN_COUNT"]
+        users, events, tokens = ids.shape
+        ids, count = ids.reshape(-1, tokens), count.reshape(-1)
+        out = np.zeros((users * events, self.manifest.dims.text_dim), np.float32)
+        real = np.flatnonzero(count > 0)  # events without text stay zeros
+        if real.size:
+            ids, count = ids[real], count[real]
+            out[real] = cached_rows(
+                row_keys(ids, count),
+                lambda rows: self.runtime({"TOKEN_IDS": ids[rows], "TOKEN_COUNT": count[rows]}),
+                self.cache,
+            )
+        return {"TEXT_VEC": out.reshape(users, events, -1)}
+
+    def caches(self) -> dict[str, RowCache]:
+        return {"text": self.cache} if self.cache is not None else {}
+
+
 class TextRNNStage(TorchStage):
     name = "text_rnn"
     description = "GRU over tokens"
     params_type = TextRNNParams
+    # ~0.65 kB a text with Python's overhead: about 100k texts in 64 MB.
+    options = RunnerOptions(runtime="onnxruntime", cache_entries=200_000, cache_mb=64)
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return (t.token_ids, t.token_count), (t.text_vec,)
@@ -32,6 +71,20 @@ class TextRNNStage(TorchStage):
         from dynemb.stages.text_rnn.network import TextRNN
 
         return TextRNN(dims, params)
+
+    def served(self, network: nn.Module) -> nn.Module:
+        from dynemb.stages.text_rnn.network import TextRows
+
+        return TextRows(network)
+
+    def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
+        ids = np.ones((2, dims.max_tokens), np.int64)
+        return {"TOKEN_IDS": ids, "TOKEN_COUNT": np.array([dims.max_tokens, 1], np.int64)}
+
+    def make_runner(
+        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
+    ) -> Runner:
+        return TextRunner(spec, manifest, runtime, options.cache())
 
 
 STAGE = TextRNNStage()

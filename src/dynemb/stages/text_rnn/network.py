@@ -31,7 +31,23 @@ class TextRNN(nn.Module):
         out = ids.new_zeros((batch * events, self.dims.text_dim), dtype=torch.float32)
         real = count > 0
         if bool(real.any()):
-            states, _ = self.gru(self.embed(ids[real]))
-            last = states[torch.arange(states.shape[0]), count[real] - 1]
-            out[real] = self.norm(last)
+            out[real] = self.encode(ids[real], count[real])
         return out.reshape(batch, events, self.dims.text_dim)
+
+    def encode(self, token_ids: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:
+        """(N, T) ids, (N,) counts >= 1 -> (N, text_dim): one text per row, independent of
+        the other rows (what serving caches per text and exports to ONNX)."""
+        states, _ = self.gru(self.embed(token_ids))
+        last = states[torch.arange(states.shape[0]), token_count - 1]
+        return self.norm(last)
+
+
+class TextRows(nn.Module):
+    """The served function: `TextRNN.encode`, one text per row."""
+
+    def __init__(self, network: TextRNN) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, token_ids: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:
+        return self.network.encode(token_ids, token_count)

@@ -1,0 +1,61 @@
+"""The per-item caches as Prometheus metrics, through Triton's custom metrics API: served
+on the server's metrics port next to Triton's own (`nv_inference_*`).
+
+`dynemb_cache_hits_total`, `_misses_total`, `_evictions_total` (counters) and
+`dynemb_cache_entries`, `dynemb_cache_bytes` (gauges), labelled by model, version and
+cache (e.g. text_rnn / 1 / text).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from dynemb.serving.cache import CacheStats, RowCache
+
+COUNTERS = ("hits", "misses", "evictions")
+GAUGES = ("entries", "bytes")
+DESCRIPTIONS = {
+    "hits": "Per-item cache lookups answered from the cache",
+    "misses": "Per-item cache lookups that had to compute the row",
+    "evictions": "Rows dropped from a per-item cache to stay within its bounds",
+    "entries": "Rows held by a per-item cache",
+    "bytes": "Approximate memory held by a per-item cache",
+}
+
+
+class CacheMetrics:
+    """Publishes each cache's statistics after every execute (counters by their increase)."""
+
+    def __init__(
+        self, pb_utils: ModuleType, model: str, version: str, caches: dict[str, RowCache]
+    ) -> None:
+        self.caches = caches
+        self._last = {name: CacheStats() for name in caches}
+        self._metrics: dict[tuple[str, str], Any] = {}
+        if not caches:
+            return
+        families = {}
+        for stat in (*COUNTERS, *GAUGES):
+            counter = stat in COUNTERS
+            families[stat] = pb_utils.MetricFamily(
+                name=f"dynemb_cache_{stat}{'_total' if counter else ''}",
+                description=DESCRIPTIONS[stat],
+                kind=pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE,
+            )
+        self._families = families  # kept alive as long as their metrics
+        for cache in caches:
+            labels = {"model": model, "version": version, "cache": cache}
+            for stat, family in families.items():
+                self._metrics[cache, stat] = family.Metric(labels=labels)
+
+    def update(self) -> None:
+        for name, cache in self.caches.items():
+            now, before = cache.stats(), self._last[name]
+            for stat in COUNTERS:
+                delta = getattr(now, stat) - getattr(before, stat)
+                if delta:
+                    self._metrics[name, stat].increment(delta)
+            for stat in GAUGES:
+                self._metrics[name, stat].set(getattr(now, stat))
+            self._last[name] = now
