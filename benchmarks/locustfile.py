@@ -27,11 +27,11 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import common  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
+from dynemb.bench import context as common  # noqa: E402
 from dynemb.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from dynemb.ensembles import MODELS  # noqa: E402
 from dynemb_client import Event, InterestClient  # noqa: E402

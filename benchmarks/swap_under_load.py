@@ -21,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RunContext, collect_context, context_markdown
-
+from dynemb.bench.context import RunContext, collect_context, context_markdown
 from dynemb.loadgen import LoadGenerator, latency_summary
 from dynemb.paths import MODEL_REPOSITORY
 from dynemb.repository import BuildOptions, build_repository

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import common
 import numpy as np
 import tritonclient.grpc as grpcclient
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dynemb import stages
+from dynemb.bench import context as common
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 from dynemb.manifest import Manifest

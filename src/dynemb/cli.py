@@ -413,6 +413,73 @@ def dynamics(
     console.print(f"fresh E_t beats the static profile by > 3 std: {verdict} (SYNTHETIC data)")
 
 
+@app.command()
+def bench(
+    repository: Repository = MODEL_REPOSITORY,
+    quick: Annotated[bool, typer.Option(help="smoke run: 3 concurrencies, 3 s each")] = False,
+    seconds: Annotated[float | None, typer.Option(help="measured seconds per point")] = None,
+    concurrency: Annotated[
+        str | None, typer.Option(help="comma-separated client counts (default 1..64)")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="ml-100k,synthetic-images")] = None,
+    perf_analyzer: Annotated[bool, typer.Option(help="cross-check with perf_analyzer")] = True,
+    soak_minutes: Annotated[float | None, typer.Option(help="memory soak (0: none)")] = None,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    stem: Annotated[str | None, typer.Option(help="results file name")] = None,
+) -> None:
+    """Serving benchmark: Triton (C) vs the same pipeline in-process (A) vs a plain FastAPI
+    server (B), at concurrency 1..64; writes STEM.md/.json/.png with ratios and targets."""
+    from dataclasses import replace
+
+    from dynemb.bench.serving import ServingOptions, serving_benchmark
+
+    if quick:
+        options = ServingOptions.quick_run(repository, out_dir, cache_dir(), _command())
+    else:
+        options = ServingOptions(repository, out_dir, cache_dir(), command=_command())
+    changes: dict[str, object] = {"perf_analyzer": perf_analyzer and options.perf_analyzer}
+    if seconds is not None:
+        changes["seconds"] = seconds
+    if concurrency is not None:
+        changes["concurrencies"] = _seeds(concurrency)
+    if data is not None:
+        changes["data"] = tuple(part for part in data.split(",") if part)
+    if soak_minutes is not None:
+        changes["soak_minutes"] = soak_minutes
+    if stem is not None:
+        changes["stem"] = stem
+    options = replace(options, **changes)
+    result = serving_benchmark(options, console.print)
+    for check in result.targets:
+        console.print(f"{'met ' if check.met else 'MISSED'}  {check.target}: {check.measured}")
+    console.print(f"wrote {out_dir / options.stem}.md, .json, .png")
+
+
+@app.command(name="bench-runtimes")
+def bench_runtimes(
+    repository: Repository = MODEL_REPOSITORY,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    max_users: Annotated[int, typer.Option(help="MovieLens users to feed")] = 256,
+) -> None:
+    """Each torch stage under torch eager and ONNX Runtime, one thread, batch 1 and 32:
+    ms per user and the largest difference; writes runtimes.md/.json."""
+    from dataclasses import asdict
+
+    from dynemb.bench.context import collect_context
+    from dynemb.bench.histories import movielens
+    from dynemb.bench.runtimes import render_markdown, sweep
+
+    context = collect_context(data="MovieLens-100k users")
+    histories = movielens(repository, cache_dir(), max_users)
+    result = sweep(repository, histories, context)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = asdict(result)
+    payload["context"] = result.context.as_dict()
+    (out_dir / "runtimes.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (out_dir / "runtimes.md").write_text(render_markdown(result), encoding="utf-8")
+    console.print(render_markdown(result).split("## Context")[0])
+
+
 def _swapper(repository: Path, url: str):
     from dynemb.control import load_token
     from dynemb.swap.swapper import Swapper

@@ -58,6 +58,7 @@ def stage_config(spec: StageSpec) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=spec.max_batch_size)
     config.input.extend(_io(t, mc.ModelInput) for t in spec.inputs)
     config.output.extend(_io(t, mc.ModelOutput) for t in spec.outputs)
+    config.dynamic_batching.SetInParent()  # present even with every field at its default
     config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
     config.instance_group.append(
         mc.ModelInstanceGroup(kind=_KINDS[spec.instance_kind], count=spec.instances)

@@ -93,7 +93,7 @@ class StageSpec:
     max_batch_size: int = 32
     instances: int = 1
     instance_kind: str = "KIND_CPU"
-    max_queue_delay_us: int = 200
+    max_queue_delay_us: int = 0
     description: str = ""
     # Free-form model parameters written into config.pbtxt (the runtime, cache bounds):
     # the adapter reads them back into the stage's typed RunnerOptions.

@@ -1,27 +1,16 @@
-"""benchmarks/common.py: recorded context, loopback-only targets, batching statistics."""
+"""dynemb.bench.context: recorded context, loopback-only targets, batching statistics."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from dynemb.bench import context as bench_context
 from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
-
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "common.py"
 
 
 @pytest.fixture(scope="module")
 def common():
-    # benchmarks/ is a folder of scripts, not a package: load the module from its file.
-    spec = importlib.util.spec_from_file_location("benchmarks_common", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return bench_context
 
 
 def _snapshot(**models: tuple[int, int, int, int]) -> dict:

@@ -107,6 +107,8 @@ def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner) -> list[A
 
 def _run(runner: Runner, group: list[tuple[int, dict[str, np.ndarray]]]) -> list[dict]:
     """Concatenate the group's users, run once, split the outputs back per request."""
+    if len(group) == 1:  # nothing to merge or split
+        return [runner(group[0][1])]
     sizes = [len(next(iter(inputs.values()))) for _, inputs in group]
     names = group[0][1].keys()
     batch = {name: np.concatenate([inputs[name] for _, inputs in group]) for name in names}

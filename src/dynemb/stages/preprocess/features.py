@@ -312,8 +312,7 @@ def time_features(times: np.ndarray, labels: list[list[str]], dims: Dims) -> np.
     out[:n, 6] = np.arange(n) / dims.max_events
     ratings = np.array([_rating(row) for row in labels], dtype=np.float64)
     rated = np.isfinite(ratings)
-    first = [row[0] if row else None for row in labels]
-    same = np.array([[a is not None and a in row for row in labels] for a in first], dtype=bool)
+    same = _shares_first_label(labels)
     # in_window[i, j]: event j is in event i's trailing window (j <= i).
     age = times[:, None] - times[None, :]
     causal = np.tri(n, dtype=bool)
@@ -327,6 +326,20 @@ def time_features(times: np.ndarray, labels: list[list[str]], dims: Dims) -> np.
         out[:n, col + 1] = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
         out[:n, col + 2] = (in_window & same).sum(axis=1) / count
     return out
+
+
+def _shares_first_label(labels: list[list[str]]) -> np.ndarray:
+    """(n, n) bool: event j carries event i's first label (False where i has none). Labels
+    are compared as strings (two different unknown labels differ), through codes that
+    this history's labels get here."""
+    codes: dict[str, int] = {}
+    width = max((len(row) for row in labels), default=0) or 1
+    matrix = np.full((len(labels), width), -1, dtype=np.int64)
+    for i, row in enumerate(labels):
+        for j, label in enumerate(row):
+            matrix[i, j] = codes.setdefault(label, len(codes))
+    first = matrix[:, 0]
+    return (first[:, None, None] == matrix[None, :, :]).any(axis=-1) & (first >= 0)[:, None]
 
 
 def query_features(times: np.ndarray, query_time: float, dims: Dims) -> np.ndarray:

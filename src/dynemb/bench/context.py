@@ -23,13 +23,21 @@ from typing import Any
 
 from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 RESULTS_PREFIX = "benchmarks/results/"
 BUSY_LOAD = 1.0  # 1-minute load average above which another process may hold the CPUs
 SYNTHETIC_LABEL = "synthetic histories (dynemb.data.synthetic, seeded): not real users' behaviour"
 MAX_LISTED = 8  # uncommitted paths named in markdown (the JSON has them all)
-PACKAGES = ("torch", "nvidia-pytriton", "tritonclient", "grpcio", "numpy", "locust")
+PACKAGES = (
+    "torch",
+    "onnxruntime",
+    "nvidia-pytriton",
+    "tritonclient",
+    "grpcio",
+    "numpy",
+    "fastapi",
+    "uvicorn",
+    "locust",
+)
 
 
 @dataclass(frozen=True)
@@ -124,9 +132,10 @@ def _relative(path: str) -> str:
         return path
 
 
-def git_state(root: Path = ROOT) -> tuple[str, list[str] | None]:
+def git_state(root: Path | None = None) -> tuple[str, list[str] | None]:
     """(commit, uncommitted paths, untracked ones included, result files left out): a result
     made from code that is not in the commit says so. ("unknown", None) without git."""
+    root = root or Path(__file__).resolve().parent  # the code that runs, not the cwd
     try:
         commit = _git(root, "rev-parse", "HEAD").strip()
         status = _git(root, "status", "--porcelain", "--untracked-files=all")
@@ -200,7 +209,7 @@ def versions(tritonserver: str | None = None) -> dict[str, str]:
 
 
 def spec_settings() -> dict[str, StageSettings]:
-    """Instance counts and dynamic-batching settings of every stage, from dynemb.specs."""
+    """Instance counts and dynamic-batching settings of every stage, from its spec."""
     out = {
         name: StageSettings(spec.instances, spec.max_batch_size, spec.max_queue_delay_us)
         for name, spec in STAGE_SPECS.items()

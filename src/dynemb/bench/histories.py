@@ -1,0 +1,59 @@
+"""The request sets every variant of the serving benchmark is given: the same users, the
+same events, in the same order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynemb.data import load_dataset
+from dynemb.data.synthetic import SyntheticConfig, generate
+from dynemb.dims import DIMS
+from dynemb.queries import event_converter
+from dynemb_client import Event
+
+
+@dataclass(frozen=True)
+class HistorySet:
+    name: str  # short, used in result keys: "ml-100k", "synthetic-images"
+    description: str  # what the numbers were measured on (SYNTHETIC said where it applies)
+    synthetic: bool
+    users: list[list[Event]]  # newest L events of each user, oldest first
+    at: list[float]  # each user's query time: the time of their newest event
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def movielens(repository: Path, cache: Path, max_users: int | None = None) -> HistorySet:
+    """MovieLens-100k users' newest L events, sent as the served model was trained to read
+    them (dynemb.queries.event_converter), no images."""
+    convert = event_converter(repository)
+    users = load_dataset("ml-100k", cache).by_user()
+    chosen = sorted(users)[:max_users] if max_users else sorted(users)
+    histories = [[convert(e) for e in users[u][-DIMS.max_events :]] for u in chosen]
+    return HistorySet(
+        "ml-100k",
+        f"MovieLens-100k: {len(histories)} users' newest {DIMS.max_events} events "
+        "(titles, genres, ratings; no images)",
+        False,
+        histories,
+        [h[-1].time for h in histories],
+    )
+
+
+def synthetic_with_images(n_users: int = 256, seed: int = 7) -> HistorySet:
+    """SYNTHETIC users (dynemb.data.synthetic, seeded) with drawn images on their items."""
+    data = generate(SyntheticConfig(n_users=n_users, events_per_user=(50, 80), seed=seed))
+    histories = [
+        [Event(e.time, e.text, e.image, e.labels) for e in events[-DIMS.max_events :]]
+        for events in data.dataset.by_user().values()
+    ]
+    return HistorySet(
+        "synthetic-images",
+        f"SYNTHETIC: {len(histories)} generated users' newest {DIMS.max_events} events, "
+        "each item with a drawn 32x32 image",
+        True,
+        histories,
+        [h[-1].time for h in histories],
+    )
