@@ -77,6 +77,16 @@ class AsyncInterestClient(ClientBase):
         call = embedding_call(self.model_interest, histories, at, await self.model_shape())
         return parse_embeddings(await self._infer(call), call.model, call.batch)
 
+    async def prepare_embed(
+        self, histories: Sequence[Sequence[Event]], at: QueryTimes = None
+    ) -> InferCall:
+        """The request `embed_many` sends, built (and validated) once (see InterestClient)."""
+        return embedding_call(self.model_interest, histories, at, await self.model_shape())
+
+    async def embed_prepared(self, call: InferCall) -> np.ndarray:
+        """E_t for a request from `prepare_embed`: float32 (N, D)."""
+        return parse_embeddings(await self._infer(call), call.model, call.batch)
+
     async def recommend(
         self,
         events: Sequence[Event],

@@ -74,6 +74,17 @@ class InterestClient(ClientBase):
         call = embedding_call(self.model_interest, histories, at, self.model_shape())
         return parse_embeddings(self._infer(call), call.model, call.batch)
 
+    def prepare_embed(
+        self, histories: Sequence[Sequence[Event]], at: QueryTimes = None
+    ) -> InferCall:
+        """The request `embed_many` sends, built (and validated) once: a caller that sends
+        the same users again and again (a load test) pays for building it only once."""
+        return embedding_call(self.model_interest, histories, at, self.model_shape())
+
+    def embed_prepared(self, call: InferCall) -> np.ndarray:
+        """E_t for a request from `prepare_embed`: float32 (N, D)."""
+        return parse_embeddings(self._infer(call), call.model, call.batch)
+
     def recommend(
         self,
         events: Sequence[Event],
