@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-unit test-integration test-gpu lint format configs bench clean
+.PHONY: install demo test test-unit test-integration test-gpu lint format configs bench \
+	bench-quick bench-runtimes bench-swap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +44,18 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The serving benchmark (about 25 minutes, on a quiet machine, for the record) and its
+# smoke run (about 2 minutes); both need a built repository (`make demo` builds one).
 bench: install
-	$(PY) benchmarks/throughput.py --seconds 30
+	$(VENV)/bin/dynemb bench
+
+bench-quick: install
+	$(VENV)/bin/dynemb bench --quick
+
+bench-runtimes: install
+	$(VENV)/bin/dynemb bench-runtimes
+
+bench-swap: install
 	$(PY) benchmarks/swap_under_load.py --clients 16 --settle-seconds 20
 
 configs: install

@@ -466,12 +466,12 @@ def bench_runtimes(
     from dataclasses import asdict
 
     from dynemb.bench.context import collect_context
-    from dynemb.bench.histories import movielens
+    from dynemb.bench.histories import movielens, synthetic_with_images
     from dynemb.bench.runtimes import render_markdown, sweep
 
-    context = collect_context(data="MovieLens-100k users")
-    histories = movielens(repository, cache_dir(), max_users)
-    result = sweep(repository, histories, context)
+    context = collect_context(data="MovieLens-100k users and SYNTHETIC users with images")
+    sets = [movielens(repository, cache_dir(), max_users), synthetic_with_images(max_users)]
+    result = sweep(repository, sets, context)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = asdict(result)
     payload["context"] = result.context.as_dict()

@@ -34,8 +34,8 @@ def _snapshot(**models: tuple[int, int, int, int]) -> dict:
 
 
 def test_context_records_what_a_result_needs(common):
-    ctx = common.collect_context(["benchmarks/throughput.py", "--seconds", "30"])
-    assert "benchmarks/throughput.py --seconds 30" in ctx.command
+    ctx = common.collect_context(["benchmarks/swap_under_load.py", "--seconds", "30"])
+    assert "benchmarks/swap_under_load.py --seconds 30" in ctx.command
     assert ctx.git_commit == "unknown" or len(ctx.git_commit) == 40
     assert ctx.uncommitted is None or not [
         p for p in ctx.uncommitted if p.startswith("benchmarks/results/")

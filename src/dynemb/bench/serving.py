@@ -508,6 +508,7 @@ def render_markdown(result: ServingResult, options: ServingOptions) -> str:
                 f"{c_point.failed} | {'–' if ratio is None else f'{ratio:.2f}'} | {c_over_a:.2f} |"
             )
         q = r.ratios
+        lines += ["", *reading(r, result.context.machine.get("cpu_count") or 1)]
         lines += [
             "",
             f"Ratios: C/A (saturation) **{q.served_over_inprocess:.3f}**; C/B at >= 16 clients "
@@ -588,6 +589,35 @@ def render_markdown(result: ServingResult, options: ServingOptions) -> str:
     lines += ["", f"![latency vs throughput]({options.stem}.png)", "", "## Context", ""]
     lines.append(context_markdown(result.context))
     return "\n".join(lines) + "\n"
+
+
+def reading(r: DataResult, cores: int) -> list[str]:
+    """What the numbers say about the two ratio targets, from the numbers themselves."""
+    best = max(r.triton, key=lambda p: p.users_per_s)
+    a_cpu = 1000 * r.inprocess.processes / r.inprocess.users_per_s
+    c_cpu = 1000 * cores / best.users_per_s
+    out = [
+        f"Reading: at saturation A spends {a_cpu:.2f} ms of CPU per user (its "
+        f"{r.inprocess.processes} processes' time / users) and C at most {c_cpu:.2f} ms "
+        f"({cores} cores / "
+        f"{best.users_per_s:.0f} users/s at {best.concurrency} clients, the load generator "
+        f"included): the {c_cpu - a_cpu:.2f} ms between them is serving overhead (gRPC, the "
+        "ensemble's scheduling, and a Python-backend request per stage per user)."
+    ]
+    half = next(
+        (p for p in r.triton if p.concurrency == r.ratios.half_saturation_concurrency), None
+    )
+    single = next((p for p in r.triton if p.concurrency == 1), None)
+    if half is not None and single is not None and single.p50_ms:
+        floor = 1000 * half.concurrency / half.users_per_s
+        out.append(
+            f"A closed loop of {half.concurrency} clients at {half.users_per_s:.0f} users/s "
+            f"holds each request {floor:.1f} ms on average (Little's law: clients / "
+            f"throughput), {floor / single.p50_ms:.2f}x the single-client p50, before any "
+            "spread: p99 <= 2x that p50 at half saturation needs throughput that grows with "
+            "clients faster than two cores allow here."
+        )
+    return out
 
 
 def _fmt(value: float | None) -> str:
