@@ -19,11 +19,18 @@ class Tensor:
 
 
 class TritonError:
-    def __init__(self, message: str) -> None:
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE = range(5)
+    UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(5, 8)
+
+    def __init__(self, message: str, code: int = 1) -> None:
         self._message = message
+        self._code = code
 
     def message(self) -> str:
         return self._message
+
+    def code(self) -> int:
+        return self._code
 
 
 class InferenceResponse:

@@ -7,6 +7,7 @@ fake), so this module is importable and tested without a server.
 from __future__ import annotations
 
 import json
+import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -64,15 +65,23 @@ def read_inputs(pb_utils: ModuleType, request: Any, spec: StageSpec) -> dict[str
             tensor.dtype == "BYTES" and value.dtype.kind in "OSU"
         ):
             raise InputError(tensor.name, f"dtype {value.dtype}, expected {tensor.dtype}")
-        if tuple(value.shape[1:]) != tensor.dims and -1 not in tensor.dims:
+        if value.ndim != len(tensor.dims) + 1 or (
+            tuple(value.shape[1:]) != tensor.dims and -1 not in tensor.dims
+        ):
             raise InputError(tensor.name, f"shape {value.shape[1:]}, expected {tensor.dims}")
         inputs[tensor.name] = value
+    sizes = {name: len(value) for name, value in inputs.items()}
+    if len(set(sizes.values())) > 1 or 0 in sizes.values():
+        raise InputError(", ".join(sizes), f"batch sizes must be equal and positive, got {sizes}")
     return inputs
 
 
 def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner) -> list[Any]:
-    """One response per request, in order. A request with bad input gets its own error; the
-    valid ones run together in one call (or one call each for per-request runners)."""
+    """One response per request, in order. A request with bad input gets its own
+    INVALID_ARG error before it joins the batch; the valid ones run together in one call
+    (or one call each for per-request runners). Should that call still fail, each of its
+    requests is run alone, so one request can never fail its neighbours: only the one that
+    fails alone gets an error (INTERNAL, logged with its traceback)."""
     responses: list[Any] = [None] * len(requests)
     valid: list[tuple[int, dict[str, np.ndarray]]] = []
     for i, request in enumerate(requests):
@@ -87,22 +96,47 @@ def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner) -> list[A
     for group in groups:
         try:
             outputs = _run(runner, group)
-        except InputError as exc:  # per-request runners: the group is one request
-            for i, _ in group:
-                responses[i] = _error(pb_utils, runner, exc)
-            continue
-        except Exception as exc:  # logged with its traceback, reported per request
-            pb_utils.Logger.log_error(f"{runner.spec.name}: {traceback.format_exc()}")
-            for i, _ in group:
-                responses[i] = _error(pb_utils, runner, exc, internal=True)
+        except Exception:
+            if len(group) == 1:
+                responses[group[0][0]] = _failure(pb_utils, runner)
+                continue
+            for item in group:  # find the culprit: everyone else still gets an answer
+                try:
+                    [out] = _run(runner, [item])
+                except Exception:
+                    responses[item[0]] = _failure(pb_utils, runner)
+                else:
+                    responses[item[0]] = _response(pb_utils, runner, item[1], out)
             continue
         for (i, inputs), out in zip(group, outputs, strict=True):
-            out = runner.trim(inputs, out)
-            tensors = [
-                pb_utils.Tensor(t.name, _wire(out[t.name], t.dtype)) for t in runner.spec.outputs
-            ]
-            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            responses[i] = _response(pb_utils, runner, inputs, out)
     return responses
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A stage computed NaN or inf from valid inputs: a fault of its version, not the
+    caller's (the next stage would otherwise refuse it as bad input)."""
+
+
+def _response(pb_utils: ModuleType, runner: Runner, inputs: dict, outputs: dict) -> Any:
+    out = runner.trim(inputs, outputs)
+    for tensor in runner.spec.outputs:
+        if tensor.dtype == "FP32" and not np.isfinite(out[tensor.name]).all():
+            error = NonFiniteOutputError(f"{tensor.name} is not finite")
+            pb_utils.Logger.log_error(f"{runner.spec.name}: computed a non-finite {tensor.name}")
+            return _error(pb_utils, runner, error, internal=True)
+    tensors = [pb_utils.Tensor(t.name, _wire(out[t.name], t.dtype)) for t in runner.spec.outputs]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _failure(pb_utils: ModuleType, runner: Runner) -> Any:
+    """The response for the exception being handled: bad input found late (a per-request
+    runner's own checks) is INVALID_ARG; anything else is ours, INTERNAL, and logged."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, InputError):
+        return _error(pb_utils, runner, exc)
+    pb_utils.Logger.log_error(f"{runner.spec.name}: {traceback.format_exc()}")
+    return _error(pb_utils, runner, exc, internal=True)
 
 
 def _run(runner: Runner, group: list[tuple[int, dict[str, np.ndarray]]]) -> list[dict]:
@@ -123,6 +157,13 @@ def _wire(value: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _error(pb_utils: ModuleType, runner: Runner, exc: Exception, internal: bool = False) -> Any:
-    kind = f"internal error ({type(exc).__name__}), see the server log" if internal else "bad input"
-    message = f"{runner.spec.name}: {kind}: {exc}"
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    """Bad input -> INVALID_ARG naming the tensor; a failure of ours -> INTERNAL."""
+    if internal:
+        kind = f"internal error ({type(exc).__name__}), see the server log"
+        message = f"{runner.spec.name}: {kind}: {exc}"
+        code = pb_utils.TritonError.INTERNAL
+    else:
+        message = f"{runner.spec.name}: bad input: {exc}"
+        code = pb_utils.TritonError.INVALID_ARG
+    error = pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)

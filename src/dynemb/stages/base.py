@@ -146,6 +146,17 @@ class Stage(ABC):
             parameters=self.options.parameters(),
         )
 
+    def probe_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
+        """One valid request of one user, cheap to answer: what the stage supervisor sends
+        to tell a healthy stage process from a dead or hung one. Zeros (an empty history)
+        are valid for every stage unless it says otherwise."""
+        return {
+            t.name: np.zeros((1, *t.dims), dtype=t.numpy_dtype)
+            if t.dtype != "BYTES"
+            else np.full((1, *t.dims), b"", dtype=object)
+            for t in self.spec(dims).inputs
+        }
+
     @abstractmethod
     def export(self, context: ExportContext, directory: Path) -> Any:
         """Write the artifact into a version directory; return the hyperparameters."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from dynemb.dims import Dims
+from dynemb.serving import checks
 from dynemb.serving.runtime import RUNTIMES, OnnxRuntime, Runtime, TorchRuntime
 from dynemb.stages.base import CandidateChange, ExportContext, Runner, RunnerOptions, Stage
 
@@ -59,6 +60,12 @@ class SequenceRunner(NetworkRunner):
         super().__init__(spec, manifest, runtime)
         self.event_tensors = set(event_tensors)
         self.mask_name = mask_name
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        for tensor in self.spec.inputs:
+            if tensor.dtype == "FP32":
+                checks.finite(tensor.name, inputs[tensor.name])
+        checks.prefix_mask(self.mask_name, inputs[self.mask_name])
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = inputs[self.mask_name]

@@ -125,7 +125,8 @@ class Swapper:
             candidate = None  # only tests skip this, to exercise the server-side refusal
         drift, expected = None, None
         if candidate is not None:
-            expected = Pipeline({**current.runners, stage: candidate}).run(self.probes, RECOMMEND)
+            candidate_pipeline = Pipeline({**current.runners, stage: candidate})
+            expected = candidate_pipeline.run(self.probes, RECOMMEND, checks=False)
             drift = measure(self._baseline(current), expected, candidate)
         if drift is not None:
             progress(f"{stage}: drift {drift.as_dict()}")
@@ -193,15 +194,25 @@ class Swapper:
         drift: DriftReport | None,
         note: str,
     ) -> int:
+        """Write the candidate as version N+1: into a staging directory Triton ignores (not
+        a number), checked against its manifest there, then renamed in one step. A failed
+        write (a full disk) leaves no version directory and no staging directory behind."""
         new = old + 1
-        staging = model_dir / f"{new}.incoming"  # not a number: Triton ignores it
+        staging = model_dir / f"{new}.incoming"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(artifact, staging, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy2(model_dir / str(old) / ADAPTER, staging / ADAPTER)
-        manifest.provenance.parent_version = old
-        manifest.provenance.drift = drift
-        manifest.provenance.note = note
-        manifest.save(staging)
+        try:
+            shutil.copytree(artifact, staging, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(model_dir / str(old) / ADAPTER, staging / ADAPTER)
+            manifest.provenance.parent_version = old
+            manifest.provenance.drift = drift
+            manifest.provenance.note = note
+            manifest.save(staging)
+            Manifest.load(staging).verify(staging)  # what was written is what was meant
+        except (OSError, ManifestError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SwapRefusedError(
+                f"could not write the candidate into {model_dir} ({exc}); nothing installed"
+            ) from exc
         staging.rename(model_dir / str(new))
         return new
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dynemb.dims import Dims
+from dynemb.serving import checks
 from dynemb.serving.cache import RowCache, cached_rows, row_keys
 from dynemb.specs import StageSpec, TensorSpec
 from dynemb.stages.base import Runner, RunnerOptions
@@ -46,6 +47,9 @@ class LabelRunner(Runner):
             row_keys(rows), lambda first: self.runtime({"LABEL_IDS": rows[first]}), self.cache
         )
         return {"LABEL_VEC": out.reshape(users, events, -1)}
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        checks.in_range("LABEL_IDS", inputs["LABEL_IDS"], 0, self.manifest.hparams.n_labels)
 
     def caches(self) -> dict[str, RowCache]:
         return {"labels": self.cache} if self.cache is not None else {}

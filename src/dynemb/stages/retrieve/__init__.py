@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dynemb.dims import Dims
+from dynemb.serving import checks
 from dynemb.specs import StageSpec, TensorSpec
 from dynemb.stages.base import CandidateChange, ExportContext, Runner, RunnerOptions, Stage
 from dynemb.stages.retrieve.items import ItemTable, Retriever, check_top_k
@@ -36,6 +38,7 @@ class RetrieveRunner(Runner):
         return self.retriever(inputs[wire.USER_EMBEDDING])
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
+        checks.finite(wire.USER_EMBEDDING, inputs[wire.USER_EMBEDDING])
         check_top_k(inputs[wire.TOP_K], self.retriever.max_k)
 
     def trim(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
@@ -51,6 +54,11 @@ class RetrieveStage(Stage):
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return (t.user_embedding, t.top_k), (t.item_ids, t.item_scores, t.item_titles)
+
+    def probe_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
+        inputs = super().probe_inputs(dims)
+        inputs[wire.TOP_K][:] = 1  # k = 0 is bad input
+        return inputs
 
     def export(self, context: ExportContext, directory: Path) -> RetrieveParams:
         from dynemb.stages.retrieve.table import build_item_table

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dynemb.dims import Dims
+from dynemb.serving import checks
 from dynemb.serving.cache import RowCache, cached_rows, row_keys
 from dynemb.specs import StageSpec, TensorSpec
 from dynemb.stages.base import Runner, RunnerOptions
@@ -52,6 +53,10 @@ class TextRunner(Runner):
                 self.cache,
             )
         return {"TEXT_VEC": out.reshape(users, events, -1)}
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        checks.in_range("TOKEN_IDS", inputs["TOKEN_IDS"], 0, self.manifest.hparams.vocab_size)
+        checks.in_range("TOKEN_COUNT", inputs["TOKEN_COUNT"], 0, self.manifest.dims.max_tokens + 1)
 
     def caches(self) -> dict[str, RowCache]:
         return {"text": self.cache} if self.cache is not None else {}

@@ -1,0 +1,38 @@
+"""Checks a stage runs on one request's tensors before the request joins a batch: any
+client can call an internal stage directly, so each stage defends itself. Each raises
+InputError naming the tensor and the first offending element."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dynemb.errors import InputError
+
+
+def _where(name: str, bad: np.ndarray) -> str:
+    index = np.argwhere(bad)[0]
+    return name + "".join(f"[{i}]" for i in index)
+
+
+def in_range(name: str, values: np.ndarray, low: int, high: int) -> None:
+    """Integers in [low, high)."""
+    bad = (values < low) | (values >= high)
+    if bad.any():
+        where = _where(name, bad)
+        raise InputError(where, f"{values[bad][0]} is not in [{low}, {high})")
+
+
+def finite(name: str, values: np.ndarray) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(_where(name, bad), f"must be finite, got {values[bad][0]}")
+
+
+def prefix_mask(name: str, mask: np.ndarray) -> None:
+    """Each row's True entries come first: real events, then padding."""
+    rows = mask.reshape(len(mask), -1)
+    counts = rows.sum(axis=1)
+    expected = np.arange(rows.shape[1])[None, :] < counts[:, None]
+    bad = rows != expected
+    if bad.any():
+        raise InputError(_where(name, bad), "real events must come first, then padding")
