@@ -7,7 +7,7 @@ with InterestClient("127.0.0.1:8001") as client:
 
 from dynemb_client.aio import AsyncInterestClient
 from dynemb_client.client import InterestClient
-from dynemb_client.errors import ClientInputError, ServerError, ServerUnavailable
+from dynemb_client.errors import ClientInputError, ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.events import Event
 from dynemb_client.requests import ModelShape, build_inputs
 from dynemb_client.results import Recommendation
@@ -20,6 +20,7 @@ __all__ = [
     "ModelShape",
     "Recommendation",
     "ServerError",
+    "ServerInputError",
     "ServerUnavailable",
     "build_inputs",
 ]

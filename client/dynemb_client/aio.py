@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TypeVar
@@ -37,12 +38,16 @@ class AsyncInterestClient(ClientBase):
     async def _call(
         self, model: str, fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]]
     ) -> T:
+        started = time.monotonic()
         for attempt in itertools.count():
             url, inner = self._pool.next()
             try:
                 return await fn(inner)
             except Exception as exc:
-                delay = self._retry.after_failure(exc, attempt, model=model, url=url)
+                elapsed = time.monotonic() - started
+                delay = self._retry.after_failure(
+                    exc, attempt, model=model, url=url, elapsed_s=elapsed
+                )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -36,12 +36,16 @@ class InterestClient(ClientBase):
     grpc_module = grpcclient
 
     def _call(self, model: str, fn: Callable[[grpcclient.InferenceServerClient], T]) -> T:
+        started = time.monotonic()
         for attempt in itertools.count():
             url, inner = self._pool.next()
             try:
                 return fn(inner)
             except Exception as exc:
-                delay = self._retry.after_failure(exc, attempt, model=model, url=url)
+                elapsed = time.monotonic() - started
+                delay = self._retry.after_failure(
+                    exc, attempt, model=model, url=url, elapsed_s=elapsed
+                )
             time.sleep(delay)
         raise AssertionError("unreachable")
 

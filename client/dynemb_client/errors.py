@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientInputError", "ServerError", "ServerUnavailable"]
+__all__ = ["ClientInputError", "ServerError", "ServerInputError", "ServerUnavailable"]
 
 
 class ClientInputError(ValueError):
@@ -58,3 +58,8 @@ class ServerError(RuntimeError):
 
 class ServerUnavailable(ServerError):  # noqa: N818 (public name fixed by the API)
     """Every attempt failed to reach a server (UNAVAILABLE or a connection error)."""
+
+
+class ServerInputError(ServerError, ValueError):
+    """The server refused the request as malformed (INVALID_ARGUMENT): the caller's mistake,
+    found by the server's own checks; the message names the tensor. Not retried."""

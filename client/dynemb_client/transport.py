@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Generic, TypeVar
 from tritonclient.utils import InferenceServerException
 
 from dynemb_client.contract import EVENT_LABELS, EVENT_TEXT, RECOMMEND, USER_INTEREST
-from dynemb_client.errors import ServerError, ServerUnavailable
+from dynemb_client.errors import ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.requests import ModelShape
 
 __all__ = ["EndpointPool", "RetryPolicy", "shape_from_metadata"]
@@ -27,6 +28,8 @@ T = TypeVar("T")
 
 # gRPC statuses that mean "no server took the request": safe and useful to retry elsewhere.
 _RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+_STUB_DOWN = "is not healthy"
+_RELOADING = "has no available versions"
 
 
 class EndpointPool(Generic[T]):
@@ -71,45 +74,83 @@ def status_of(exc: BaseException) -> str | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A connection-level failure: the request never reached a server that could judge it."""
-    return status_of(exc) in _RETRYABLE_STATUSES or isinstance(exc, ConnectionError)
+    """No server could judge the request, so sending it again (here or elsewhere) is safe:
+    a connection-level failure, UNAVAILABLE, or one of the two answers tritonserver 2.51
+    gives while a stage is down and being reloaded (dynemb.supervisor): INTERNAL "Stub
+    process ... is not healthy" before the reload, NOT_FOUND "... has no available
+    versions" during it (a model that does not exist at all says "is not found")."""
+    if isinstance(exc, ConnectionError):
+        return True
+    status = status_of(exc)
+    message = _message(exc) or ""
+    if status in _RETRYABLE_STATUSES:
+        return True
+    return (status == "INTERNAL" and _STUB_DOWN in message) or (
+        status == "NOT_FOUND" and _RELOADING in message
+    )
+
+
+def _message(exc: BaseException) -> str:
+    return exc.message() if isinstance(exc, InferenceServerException) else str(exc)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential back-off on transient failures; everything else surfaces at once."""
+    """Transient failures (`is_transient`) are retried, after an exponentially growing
+    back-off with jitter (each wait is drawn from [b/2, b], b doubling from `backoff_s` up
+    to `max_backoff_s`), until `deadline_s` has passed since the first attempt, or after
+    `retries` retries when that is set (0: never retry); anything else surfaces at once.
 
-    retries: int = 3
-    backoff_s: float = 0.1
+    The default deadline outlasts a restart of one server as measured here (start-up and
+    shutdown together, benchmarks/results/faults.md), so a caller rides through one."""
+
+    deadline_s: float = 30.0
+    retries: int | None = None
+    backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    jitter: bool = True
 
     def __post_init__(self) -> None:
-        if self.retries < 0 or self.backoff_s < 0:
-            raise ValueError("retries and backoff_s must be >= 0")
+        if self.deadline_s < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError("deadline_s, backoff_s and max_backoff_s must be >= 0")
+        if self.retries is not None and self.retries < 0:
+            raise ValueError("retries must be >= 0 (or None: the deadline alone)")
 
-    def after_failure(self, exc: Exception, attempt: int, *, model: str, url: str) -> float:
+    def delay(self, attempt: int) -> float:
+        cap = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        return random.uniform(cap / 2, cap) if self.jitter else cap
+
+    def after_failure(
+        self, exc: Exception, attempt: int, *, model: str, url: str, elapsed_s: float = 0.0
+    ) -> float:
         """Seconds to wait before attempt `attempt + 1`, or raise what the caller should see."""
         status = status_of(exc)
-        message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+        message = _message(exc)
         if not is_transient(exc):
+            if status == "INVALID_ARGUMENT":
+                raise ServerInputError(message, model=model, status=status, url=url) from exc
             if isinstance(exc, InferenceServerException):
                 raise ServerError(message or str(exc), model=model, status=status, url=url) from exc
             raise exc
-        if attempt >= self.retries:
+        delay = self.delay(attempt)
+        out_of_retries = self.retries is not None and attempt >= self.retries
+        if out_of_retries or elapsed_s + delay > self.deadline_s:
             raise ServerUnavailable(
-                f"no server answered after {attempt + 1} attempts (last {url}: {message})",
+                f"no server answered in {elapsed_s:.1f} s and {attempt + 1} attempts "
+                f"(last {url}: {message})",
                 model=model,
                 status=status,
                 url=url,
             ) from exc
-        delay = self.backoff_s * 2**attempt
         logger.warning(
-            "%s at %s unavailable (%s); retry %d/%d in %.2fs",
+            "%s at %s unavailable (%s); retry %d in %.2fs (%.1f s of %.0f s spent)",
             model,
             url,
             message,
             attempt + 1,
-            self.retries,
             delay,
+            elapsed_s,
+            self.deadline_s,
         )
         return delay
 
@@ -147,8 +188,10 @@ class ClientBase:
         *,
         urls: Sequence[str] | None = None,
         timeout_s: float = 10.0,
-        retries: int = 3,
-        backoff_s: float = 0.1,
+        retry_deadline_s: float = RetryPolicy.deadline_s,
+        retries: int | None = None,
+        backoff_s: float = RetryPolicy.backoff_s,
+        jitter: bool = True,
         model_interest: str = USER_INTEREST,
         model_recommend: str = RECOMMEND,
     ) -> None:
@@ -156,7 +199,9 @@ class ClientBase:
             list(urls) if urls is not None else [url],
             lambda u: self.grpc_module.InferenceServerClient(url=u),
         )
-        self._retry = RetryPolicy(retries=retries, backoff_s=backoff_s)
+        self._retry = RetryPolicy(
+            deadline_s=retry_deadline_s, retries=retries, backoff_s=backoff_s, jitter=jitter
+        )
         self._timeout_s = timeout_s
         self.model_interest = model_interest
         self.model_recommend = model_recommend

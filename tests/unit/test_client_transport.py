@@ -16,6 +16,7 @@ from dynemb_client import (
     InterestClient,
     Recommendation,
     ServerError,
+    ServerInputError,
     ServerUnavailable,
 )
 from dynemb_client.contract import (
@@ -190,7 +191,7 @@ def test_recommend_skips_padding_and_decodes(monkeypatch, sleeps) -> None:
 
 def test_unavailable_is_retried_with_exponential_backoff(monkeypatch, sleeps) -> None:
     server = fake_server(monkeypatch, failures=[unavailable(), unavailable()])
-    client = InterestClient(retries=3, backoff_s=0.1)
+    client = InterestClient(retries=3, backoff_s=0.1, jitter=False)
     assert client.embed(HISTORY).shape == (D,)
     assert sleeps == pytest.approx([0.1, 0.2])
     assert [m for _, m in server.calls] == ["metadata"] * 3 + ["infer"]
@@ -198,13 +199,13 @@ def test_unavailable_is_retried_with_exponential_backoff(monkeypatch, sleeps) ->
 
 def test_connection_error_is_retried(monkeypatch, sleeps) -> None:
     fake_server(monkeypatch, failures=[ConnectionResetError("reset by peer")])
-    assert InterestClient(backoff_s=0.5).embed(HISTORY).shape == (D,)
+    assert InterestClient(backoff_s=0.5, jitter=False).embed(HISTORY).shape == (D,)
     assert sleeps == [0.5]
 
 
 def test_unavailable_after_all_retries_raises_server_unavailable(monkeypatch, sleeps) -> None:
     server = fake_server(monkeypatch, failures=[unavailable()] * 10)
-    client = InterestClient(retries=2, backoff_s=0.1)
+    client = InterestClient(retries=2, backoff_s=0.1, jitter=False)
     with pytest.raises(ServerUnavailable) as info:
         client.embed(HISTORY)
     assert len(server.calls) == 3
@@ -218,8 +219,9 @@ def test_invalid_argument_is_not_retried(monkeypatch, sleeps) -> None:
     client = InterestClient(retries=5)
     client.model_shape()
     server.failures = [invalid()]
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(ServerInputError) as info:
         client.embed(HISTORY)
+    assert isinstance(info.value, ServerError) and isinstance(info.value, ValueError)
     assert not isinstance(info.value, ServerUnavailable)
     assert info.value.status == "INVALID_ARGUMENT"
     assert info.value.model == "user_interest"
@@ -289,7 +291,7 @@ def test_async_unavailable_backoff_and_invalid_argument(monkeypatch, sleeps) -> 
     server = fake_server(monkeypatch, failures=[unavailable(), unavailable()])
 
     async def main():
-        client = AsyncInterestClient(retries=3, backoff_s=0.1)
+        client = AsyncInterestClient(retries=3, backoff_s=0.1, jitter=False)
         await client.embed(HISTORY)
         server.failures = [invalid()]
         with pytest.raises(ServerError) as info:
@@ -309,3 +311,38 @@ def test_shape_from_metadata_rejects_a_foreign_model() -> None:
     bad = {"inputs": [METADATA["inputs"][0], {"name": EVENT_LABELS, "shape": [-1, L + 1, M]}]}
     with pytest.raises(ServerError):
         shape_from_metadata(bad, "m")
+
+
+def test_retries_stop_at_the_deadline_with_jittered_back_off(monkeypatch) -> None:
+    """The default policy retries until its deadline; each wait is in [b/2, b]."""
+    clock = [0.0]
+    waits: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr("dynemb_client.client.time.sleep", fake_sleep)
+    monkeypatch.setattr("dynemb_client.client.time.monotonic", lambda: clock[0])
+    fake_server(monkeypatch, failures=[unavailable()] * 10_000)
+    client = InterestClient(retry_deadline_s=10.0, backoff_s=0.1)
+    with pytest.raises(ServerUnavailable, match="no server answered in"):
+        client.embed(HISTORY)
+    assert sum(waits) <= 10.0 and sum(waits) > 10.0 - 2.0  # up to the deadline, not past
+    for attempt, wait in enumerate(waits):
+        cap = min(2.0, 0.1 * 2**attempt)
+        assert cap / 2 <= wait <= cap
+
+
+def test_a_stage_being_reloaded_is_transient_other_errors_are_not() -> None:
+    from dynemb_client.transport import is_transient
+
+    def error(message: str, status: str) -> InferenceServerException:
+        return InferenceServerException(msg=message, status=f"StatusCode.{status}")
+
+    assert is_transient(error("Stub process 'text_rnn_0_0' is not healthy.", "INTERNAL"))
+    reloading = "Request for unknown model: 'recommend' has no available versions"
+    assert is_transient(error(reloading, "NOT_FOUND"))
+    assert not is_transient(error("Request for unknown model: 'x' is not found", "NOT_FOUND"))
+    assert not is_transient(error("boom", "INTERNAL"))
+    assert not is_transient(error("bad", "INVALID_ARGUMENT"))
