@@ -130,14 +130,22 @@ def serve(
     insecure_control: Annotated[
         bool, typer.Option(help="leave load/unload unprotected (loopback only)")
     ] = False,
+    supervise: Annotated[
+        bool, typer.Option(help="bring a dead or hung stage process back by itself")
+    ] = True,
+    supervisor_port: Annotated[
+        int, typer.Option(help="the supervisor's Prometheus metrics (0: none)")
+    ] = 8003,
 ) -> None:
     """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM.
 
-    Model control (load, unload, repository index) needs the token from
-    DYNEMB_CONTROL_TOKEN or the 0600 token file created on first serve; inference is open.
+    Model control (load, unload, repository index, log and trace settings) needs the token
+    from DYNEMB_CONTROL_TOKEN or the 0600 token file created on first serve; inference is
+    open. A stage whose process dies or hangs is reloaded by the supervisor (dynemb.supervisor).
     """
     from dynemb.control import load_token, server_args
     from dynemb.server import ServerConfig, TritonServer
+    from dynemb.supervisor import StageSupervisor
 
     token = None if insecure_control else load_token(create=True)
     server_args(token, host)  # refuses an open non-loopback server before anything starts
@@ -149,11 +157,16 @@ def serve(
     # A process started in the background by a non-interactive shell inherits SIGINT as
     # ignored, and Python then leaves it ignored: Ctrl-C / kill -INT must still stop us.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    supervisor = None
     try:
         server.start()
         with _progress() as progress:
             task = progress.add_task("loading models", total=len(config.models))
             server.wait_ready(lambda done, total: progress.update(task, completed=done))
+        if supervise:
+            supervisor = StageSupervisor(
+                server, token, metrics_port=supervisor_port or None
+            ).start()
         console.print(f"serving on {config.grpc_url} (gRPC); log: {server.log_file}")
         console.print("Ctrl-C to stop")
         server.process.wait()
@@ -162,6 +175,8 @@ def serve(
     except KeyboardInterrupt:
         console.print("stopping")
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         server.stop()
 
 
@@ -477,6 +492,24 @@ def bench_runtimes(
     payload["context"] = result.context.as_dict()
     (out_dir / "runtimes.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     (out_dir / "runtimes.md").write_text(render_markdown(result), encoding="utf-8")
+    console.print(render_markdown(result).split("## Context")[0])
+
+
+@app.command(name="bench-faults")
+def bench_faults(
+    repository: Repository = MODEL_REPOSITORY,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    fuzz_per_model: Annotated[int, typer.Option(help="malformed requests per model")] = 120,
+) -> None:
+    """Faults, measured: a killed stage process under load (back in how long, calls lost),
+    a server restart under load, and malformed requests to all nine models beside good
+    ones; writes faults.md/.json."""
+    from dynemb.bench.faults import bench_faults as run_faults
+    from dynemb.bench.faults import render_markdown
+
+    result = run_faults(
+        repository, out_dir, cache_dir(), fuzz_per_model=fuzz_per_model, say=console.print
+    )
     console.print(render_markdown(result).split("## Context")[0])
 
 

@@ -191,8 +191,11 @@ class TritonServer:
             return None
         process, self.process = self.process, None
         if process.poll() is None:
+            # SIGTERM to tritonserver alone: it stops taking requests, lets the in-flight
+            # ones finish (up to --exit-timeout-secs) and stops its stage processes itself;
+            # signalling the whole group would kill the stubs under the in-flight requests.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=self.config.exit_timeout_s + 10)
             except subprocess.TimeoutExpired:

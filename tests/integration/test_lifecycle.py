@@ -53,6 +53,8 @@ def test_cli_serve_stops_with_its_stubs(built_repository, tmp_path, sig):
             str(free_port()),
             "--metrics-port",
             str(free_port()),
+            "--supervisor-port",
+            str(free_port()),
             "--log-file",
             str(tmp_path / "serve.log"),
         ],

@@ -43,8 +43,9 @@ from dynemb.bench.inprocess import (
     pipeline_dims,
     stage_costs,
 )
-from dynemb.bench.soak import SoakResult, tree_rss
+from dynemb.bench.soak import SoakResult
 from dynemb.pipeline import Pipeline, eager_uncached
+from dynemb.processes import tree_rss
 from dynemb_client import AsyncInterestClient
 
 log = logging.getLogger(__name__)

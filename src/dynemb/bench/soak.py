@@ -3,43 +3,7 @@ it started, after warm-up and again after minutes at saturation."""
 
 from __future__ import annotations
 
-import os
-from collections import defaultdict
 from dataclasses import dataclass, field
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children[parent].append(int(entry))
-    found, i = [root], 0
-    while i < len(found):
-        found.extend(children.get(found[i], []))
-        i += 1
-    return found
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
-
-
-def tree_rss(root: int) -> int:
-    return sum(rss_bytes(pid) for pid in process_tree(root))
 
 
 @dataclass
