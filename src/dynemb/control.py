@@ -1,7 +1,9 @@
-"""Protected model control: a token guards load/unload/index; inference stays open.
+"""Protected model control: a token guards load/unload/index, log and trace settings and
+shared-memory registration; inference stays open.
 
-The server starts with `--grpc-restricted-protocol=model-repository:dynemb-control=TOKEN`
-(and the HTTP twin); gRPC clients send `triton-grpc-protocol-dynemb-control: TOKEN`.
+The server starts with `--grpc-restricted-protocol=model-repository,logging,trace,
+shared-memory:dynemb-control=TOKEN` (and the HTTP twin); gRPC clients send
+`triton-grpc-protocol-dynemb-control: TOKEN`, HTTP clients `dynemb-control: TOKEN`.
 The token comes from DYNEMB_CONTROL_TOKEN, else from a file created on first use with
 mode 0600. Note: Triton takes it as a command-line flag, so local users who can list
 processes can read it; bind to loopback (the default) unless the host is trusted.
@@ -20,6 +22,9 @@ from dynemb.errors import DynembError
 from dynemb.paths import cache_dir
 
 TOKEN_ENV = "DYNEMB_CONTROL_TOKEN"
+# What needs the token: model control, and what changes the server's behaviour (log and
+# trace settings, shared-memory regions). Inference, health, metadata, statistics stay open.
+PROTECTED = ("model-repository", "logging", "trace", "shared-memory")
 HEADER_KEY = "dynemb-control"
 GRPC_HEADER = f"triton-grpc-protocol-{HEADER_KEY}"
 
@@ -70,9 +75,10 @@ def server_args(token: str | None, host: str) -> list[str]:
         return []
     if not token.isascii() or any(c.isspace() or c in ",=" for c in token):
         raise ControlError("the control token must be ASCII without spaces, ',' or '='")
+    protected = ",".join(PROTECTED)
     return [
-        f"--grpc-restricted-protocol=model-repository:{HEADER_KEY}={token}",
-        f"--http-restricted-api=model-repository:{HEADER_KEY}={token}",
+        f"--grpc-restricted-protocol={protected}:{HEADER_KEY}={token}",
+        f"--http-restricted-api={protected}:{HEADER_KEY}={token}",
     ]
 
 
@@ -81,5 +87,17 @@ def headers(token: str | None) -> dict[str, str] | None:
 
 
 def load_model(client: grpcclient.InferenceServerClient, model: str, token: str | None) -> None:
-    """Load (or reload) a model through the protected repository API."""
-    client.load_model(model, headers=headers(token))
+    """Load (or reload) a model through the protected repository API. A refusal for the
+    token is a ControlError (Triton answers it as UNAVAILABLE, which looks transient)."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client.load_model(model, headers=headers(token))
+    except InferenceServerException as exc:
+        message = (exc.message() or "").lower()
+        if "not allowed" in message or "restricted" in message:
+            raise ControlError(
+                "model control refused by the server (missing or wrong control token): "
+                f"{exc.message()}"
+            ) from exc
+        raise

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -172,3 +174,35 @@ def test_model_control_needs_the_token_but_inference_does_not(live):
         headers={"triton-grpc-protocol-dynemb-control": live.token}
     )
     assert index is not None
+
+
+def test_log_and_trace_settings_need_the_token_over_grpc_and_http(live):
+    client = grpcclient.InferenceServerClient(live.url)
+    token = {"triton-grpc-protocol-dynemb-control": live.token}
+    for call in (
+        lambda h: client.update_log_settings({"log_verbose_level": 0}, headers=h),
+        lambda h: client.get_log_settings(headers=h),
+        lambda h: client.update_trace_settings(settings={"trace_rate": "1000"}, headers=h),
+        lambda h: client.get_system_shared_memory_status(headers=h),
+    ):
+        with pytest.raises(InferenceServerException) as info:
+            call(None)
+        assert "not allowed" in info.value.message() or "restricted" in info.value.message().lower()
+        call(token)  # with the token it is allowed
+    base = f"http://127.0.0.1:{live.config.http_port}"
+    for path, body in (
+        ("/v2/logging", b'{"log_verbose_level": 0}'),
+        ("/v2/trace/setting", b'{"trace_rate": "1000"}'),
+        ("/v2/repository/models/label_mlp/load", b"{}"),
+        ("/v2/repository/index", b"{}"),
+    ):
+        request = urllib.request.Request(base + path, data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as http_info:
+            urllib.request.urlopen(request, timeout=10)
+        assert http_info.value.code in (400, 403), (path, http_info.value.code)
+        allowed = urllib.request.Request(
+            base + path, data=body, method="POST", headers={"dynemb-control": live.token}
+        )
+        if "load" not in path:  # a real load would reload label_mlp under other tests
+            assert urllib.request.urlopen(allowed, timeout=10).status == 200, path
+    assert client.is_model_ready("label_mlp")

@@ -39,8 +39,9 @@ def test_a_token_file_others_can_read_is_refused(cache):
 
 def test_server_args_protect_grpc_and_http():
     args = control.server_args("s3cret", "127.0.0.1")
-    assert "--grpc-restricted-protocol=model-repository:dynemb-control=s3cret" in args
-    assert "--http-restricted-api=model-repository:dynemb-control=s3cret" in args
+    protected = "model-repository,logging,trace,shared-memory"
+    assert f"--grpc-restricted-protocol={protected}:dynemb-control=s3cret" in args
+    assert f"--http-restricted-api={protected}:dynemb-control=s3cret" in args
     assert control.headers("s3cret") == {"triton-grpc-protocol-dynemb-control": "s3cret"}
 
 
