@@ -153,7 +153,7 @@ class Manifest:
         self.files = {
             p.name: sha256(p)
             for p in sorted(directory.iterdir())
-            if p.is_file() and p.name not in (MANIFEST, ADAPTER)
+            if p.is_file() and p.name not in (MANIFEST, ADAPTER) and not p.name.endswith(".partial")
         }
         self.created = self.created or dt.datetime.now(dt.timezone.utc).isoformat(
             timespec="seconds"
@@ -161,7 +161,9 @@ class Manifest:
         self.git_commit = self.git_commit or git_commit()
         path = directory / MANIFEST
         text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
-        path.write_text(text, encoding="utf-8")
+        partial = path.with_name(MANIFEST + ".partial")  # never a half-written manifest
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
         return path
 
     @classmethod

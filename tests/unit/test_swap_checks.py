@@ -37,7 +37,9 @@ def test_drift_of_a_small_perturbation_is_small_and_of_nan_is_flagged(repo, tmp_
 
     def drift(kind: str, scale: float = 0.01) -> DriftReport:
         runner = load_runner(make_candidate(repo, "temporal_lstm", tmp_path / kind, kind, scale))
-        new = Pipeline({**current.runners, "temporal_lstm": runner}).run(probes, RECOMMEND)
+        new = Pipeline({**current.runners, "temporal_lstm": runner}).run(
+            probes, RECOMMEND, checks=False
+        )
         return measure(old, new, runner)
 
     small = drift("perturb")
@@ -54,3 +56,32 @@ def test_probe_set_is_fixed():
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert a["EVENT_COUNT"][-1, 0] == 0  # a cold-start user is among the probes
+
+
+def test_a_full_disk_while_installing_leaves_nothing_half_written(repo, tmp_path, monkeypatch):
+    """The swap's write of version N+1 fails part-way (ENOSPC): no version directory and no
+    staging directory are left, so nothing half-written can ever be loaded."""
+    import errno
+    import shutil
+
+    from dynemb.swap.swapper import Swapper
+
+    repository = tmp_path / "repo"
+    shutil.copytree(repo, repository)
+    model_dir = repository / "label_mlp"
+    candidate = make_candidate(repository, "label_mlp", tmp_path / "c")
+    manifest = check_candidate("label_mlp", candidate)
+    real_copy = shutil.copyfile
+    written = []
+
+    def copy_until_full(src, dst, *args, **kwargs):
+        if written:  # the disk fills up after the first file
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        written.append(dst)
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_until_full)
+    swapper = Swapper(repository, "127.0.0.1:1")  # no server is needed to install
+    with pytest.raises(SwapRefusedError, match="nothing installed"):
+        swapper._install(model_dir, candidate, manifest, 1, None, "")
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
