@@ -499,7 +499,7 @@ def bench_runtimes(
 def bench_faults(
     repository: Repository = MODEL_REPOSITORY,
     out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
-    fuzz_per_model: Annotated[int, typer.Option(help="malformed requests per model")] = 120,
+    fuzz_per_model: Annotated[int, typer.Option(help="malformed requests per model")] = 150,
 ) -> None:
     """Faults, measured: a killed stage process under load (back in how long, calls lost),
     a server restart under load, and malformed requests to all nine models beside good

@@ -268,7 +268,7 @@ def bench_faults(
     repository: Path,
     out_dir: Path,
     work_dir: Path,
-    fuzz_per_model: int = 120,
+    fuzz_per_model: int = 150,
     say: Callable[[str], None] = log.info,
 ) -> FaultsResult:
     context = collect_context(data="synthetic histories with images (dynemb.data.synthetic)")
@@ -360,11 +360,6 @@ def restart_run(server: TritonServer, config: ServerConfig) -> tuple[RestartResu
 def fuzz_run(
     server: TritonServer, supervisor: StageSupervisor, repository: Path, per_model: int
 ) -> FuzzResult:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    from dynemb.bench.fuzz import malformed
-
     targets = fuzz_targets(Pipeline.from_repository(repository), repository)
     client = grpcclient.InferenceServerClient(server.config.grpc_url)
     pool = ThreadPoolExecutor(3)
@@ -374,39 +369,7 @@ def fuzz_run(
     other: list[str] = []
     recoveries_before = len(supervisor.state.recoveries)
     for model, target in targets.items():
-
-        @settings(
-            max_examples=per_model,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(st.data())
-        def one(data, target=target, model=model):
-            bad = data.draw(malformed(model, target.inputs, target.good[2], target.ranges))
-            futures = [
-                pool.submit(send, client, model, request)
-                for request in (target.good[0], bad.inputs, target.good[1])
-            ]
-            first, refused, second = (f.result() for f in futures)
-            counts["malformed"] += 1
-            models[model] += 1
-            kinds[bad.how] += 1
-            counts["good"] += 2
-            counts["good_failed"] += sum(isinstance(a, Exception) for a in (first, second))
-            invalid = isinstance(refused, InferenceServerException) and (
-                "INVALID_ARGUMENT" in str(refused.status())
-            )
-            if invalid:
-                counts["invalid"] += 1
-                if bad.field in (refused.message() or ""):
-                    counts["named"] += 1
-                    return
-            if len(other) < 10:
-                other.append(f"{model} {bad.field} {bad.how}: {refused}")
-
-        one()
+        fuzz_model(model, target, per_model, client, pool, counts, kinds, models, other)
     pool.shutdown()
     return FuzzResult(
         malformed=counts["malformed"],
@@ -420,6 +383,48 @@ def fuzz_run(
         server_alive=server.running(),
         stage_recoveries=len(supervisor.state.recoveries) - recoveries_before,
     )
+
+
+def fuzz_model(model, target, per_model, client, pool, counts, kinds, models, other) -> None:
+    """Hypothesis draws `per_model` malformed requests of `model`; each goes out beside two
+    good ones, and the answers are counted."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dynemb.bench.fuzz import malformed
+
+    @settings(
+        max_examples=per_model,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.data())
+    def one(data):
+        bad = data.draw(malformed(model, target.inputs, target.good[2], target.ranges))
+        futures = [
+            pool.submit(send, client, model, request)
+            for request in (target.good[0], bad.inputs, target.good[1])
+        ]
+        first, refused, second = (f.result() for f in futures)
+        counts["malformed"] += 1
+        models[model] += 1
+        kinds[bad.how] += 1
+        counts["good"] += 2
+        counts["good_failed"] += sum(isinstance(a, Exception) for a in (first, second))
+        invalid = isinstance(refused, InferenceServerException) and (
+            "INVALID_ARGUMENT" in str(refused.status())
+        )
+        if invalid:
+            counts["invalid"] += 1
+            if bad.field in (refused.message() or ""):
+                counts["named"] += 1
+                return
+        if len(other) < 10:
+            other.append(f"{model} {bad.field} {bad.how}: {refused}")
+
+    one()
 
 
 def write(result: FaultsResult, out_dir: Path) -> None:
