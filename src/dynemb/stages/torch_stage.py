@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dynemb.manifest import Manifest
+    from dynemb.serving.cache import RowCache
     from dynemb.specs import StageSpec
 
 WEIGHTS = "weights.pt"
@@ -42,6 +43,24 @@ class NetworkRunner(Runner):
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {self.spec.outputs[0].name: self.runtime(inputs)}
+
+
+class RowCacheRunner(Runner):
+    """Per-item rows (a text's vector, an image's) through the runtime, each distinct row
+    once a batch and not at all when its stage version's cache has it. Subclasses write
+    `__call__` with `dynemb.serving.cache.cached_rows` and name their cache."""
+
+    cache_name: ClassVar[str]
+
+    def __init__(
+        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, cache: RowCache | None
+    ) -> None:
+        super().__init__(spec, manifest)
+        self.runtime = runtime
+        self.cache = cache
+
+    def caches(self) -> dict[str, RowCache]:
+        return {self.cache_name: self.cache} if self.cache is not None else {}
 
 
 class SequenceRunner(NetworkRunner):
@@ -118,9 +137,14 @@ class TorchStage(Stage):
     def output_name(self, dims: Dims) -> str:
         return self.spec(dims).outputs[0].name
 
+    # The runner class of a stage that caches rows (its `make_runner` builds it).
+    row_runner: ClassVar[type[RowCacheRunner] | None] = None
+
     def make_runner(
         self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
     ) -> Runner:
+        if self.row_runner is not None:
+            return self.row_runner(spec, manifest, runtime, options.cache())
         return NetworkRunner(spec, manifest, runtime)
 
     # --- artifacts ----------------------------------------------------------------------

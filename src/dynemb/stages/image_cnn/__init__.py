@@ -10,8 +10,8 @@ import numpy as np
 from dynemb.dims import Dims
 from dynemb.serving.cache import RowCache, cached_rows, row_keys
 from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import Runner, RunnerOptions
-from dynemb.stages.torch_stage import TorchStage
+from dynemb.stages.base import RunnerOptions
+from dynemb.stages.torch_stage import RowCacheRunner, TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
@@ -26,17 +26,17 @@ class ImageCNNParams:
     width: int = 32  # channels of the first conv block (then 2x)
 
 
-class ImageRunner(Runner):
+class ImageRunner(RowCacheRunner):
     """Each distinct image of the batch through the runtime once, and not at all when the
     cache has it (keyed by a digest of its pixels); events without an image get the
     learned "no image" vector."""
 
+    cache_name = "image"
+
     def __init__(
         self, spec: StageSpec, manifest: Manifest, runtime: Runtime, cache: RowCache | None
     ) -> None:
-        super().__init__(spec, manifest)
-        self.runtime = runtime
-        self.cache = cache
+        super().__init__(spec, manifest, runtime, cache)
         s = manifest.dims.image_size
         none = {"IMAGE_PIXELS": np.zeros((1, 3, s, s), np.uint8), "IMAGE_MASK": np.zeros(1, bool)}
         self.missing = runtime(none)[0]
@@ -57,9 +57,6 @@ class ImageRunner(Runner):
             )
         return {"IMAGE_VEC": out.reshape(users, events, -1)}
 
-    def caches(self) -> dict[str, RowCache]:
-        return {"image": self.cache} if self.cache is not None else {}
-
 
 class ImageCNNStage(TorchStage):
     name = "image_cnn"
@@ -67,6 +64,7 @@ class ImageCNNStage(TorchStage):
     params_type = ImageCNNParams
     # ~0.5 kB an image with Python's overhead (a digest key and a 64-float row).
     options = RunnerOptions(runtime="onnxruntime", cache_entries=100_000, cache_mb=64)
+    row_runner = ImageRunner
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return (t.image_pixels, t.image_mask), (t.image_vec,)
@@ -85,11 +83,6 @@ class ImageCNNStage(TorchStage):
         s = dims.image_size
         pixels = np.random.default_rng(0).integers(0, 256, (2, 3, s, s), dtype=np.uint8)
         return {"IMAGE_PIXELS": pixels, "IMAGE_MASK": np.array([True, False])}
-
-    def make_runner(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
-    ) -> Runner:
-        return ImageRunner(spec, manifest, runtime, options.cache())
 
 
 STAGE = ImageCNNStage()

@@ -9,17 +9,14 @@ import numpy as np
 
 from dynemb.dims import Dims
 from dynemb.serving import checks
-from dynemb.serving.cache import RowCache, cached_rows, row_keys
-from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import Runner, RunnerOptions
-from dynemb.stages.torch_stage import TorchStage
+from dynemb.serving.cache import cached_rows, row_keys
+from dynemb.specs import TensorSpec
+from dynemb.stages.base import RunnerOptions
+from dynemb.stages.torch_stage import RowCacheRunner, TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from dynemb.manifest import Manifest
-    from dynemb.serving.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -28,16 +25,11 @@ class LabelMLPParams:
     bag_dim: int | None = None  # width of the label embeddings; None = 2 x label_dim
 
 
-class LabelRunner(Runner):
+class LabelRunner(RowCacheRunner):
     """Each distinct label set of the batch through the runtime once (padded events
     included: their empty set is one more row), and not at all when cached."""
 
-    def __init__(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, cache: RowCache | None
-    ) -> None:
-        super().__init__(spec, manifest)
-        self.runtime = runtime
-        self.cache = cache
+    cache_name = "labels"
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = inputs["LABEL_IDS"]
@@ -51,9 +43,6 @@ class LabelRunner(Runner):
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         checks.in_range("LABEL_IDS", inputs["LABEL_IDS"], 0, self.manifest.hparams.n_labels)
 
-    def caches(self) -> dict[str, RowCache]:
-        return {"labels": self.cache} if self.cache is not None else {}
-
 
 class LabelMLPStage(TorchStage):
     name = "label_mlp"
@@ -61,6 +50,7 @@ class LabelMLPStage(TorchStage):
     params_type = LabelMLPParams
     # ~0.5 kB a label set with Python's overhead.
     options = RunnerOptions(runtime="onnxruntime", cache_entries=100_000, cache_mb=64)
+    row_runner = LabelRunner
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return (t.label_ids,), (t.label_vec,)
@@ -79,11 +69,6 @@ class LabelMLPStage(TorchStage):
         ids = np.zeros((2, dims.max_labels), np.int64)
         ids[0, :2] = [1, 2]
         return {"LABEL_IDS": ids}
-
-    def make_runner(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
-    ) -> Runner:
-        return LabelRunner(spec, manifest, runtime, options.cache())
 
 
 STAGE = LabelMLPStage()

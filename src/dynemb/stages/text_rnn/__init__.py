@@ -9,17 +9,14 @@ import numpy as np
 
 from dynemb.dims import Dims
 from dynemb.serving import checks
-from dynemb.serving.cache import RowCache, cached_rows, row_keys
-from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import Runner, RunnerOptions
-from dynemb.stages.torch_stage import TorchStage
+from dynemb.serving.cache import cached_rows, row_keys
+from dynemb.specs import TensorSpec
+from dynemb.stages.base import RunnerOptions
+from dynemb.stages.torch_stage import RowCacheRunner, TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from dynemb.manifest import Manifest
-    from dynemb.serving.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -28,16 +25,11 @@ class TextRNNParams:
     token_dim: int = 384
 
 
-class TextRunner(Runner):
+class TextRunner(RowCacheRunner):
     """Each distinct text of the batch through the runtime once, and not at all when the
     cache has it (a text's vector depends on its tokens and the weights only)."""
 
-    def __init__(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, cache: RowCache | None
-    ) -> None:
-        super().__init__(spec, manifest)
-        self.runtime = runtime
-        self.cache = cache
+    cache_name = "text"
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, count = inputs["TOKEN_IDS"], inputs["TOKEN_COUNT"]
@@ -58,9 +50,6 @@ class TextRunner(Runner):
         checks.in_range("TOKEN_IDS", inputs["TOKEN_IDS"], 0, self.manifest.hparams.vocab_size)
         checks.in_range("TOKEN_COUNT", inputs["TOKEN_COUNT"], 0, self.manifest.dims.max_tokens + 1)
 
-    def caches(self) -> dict[str, RowCache]:
-        return {"text": self.cache} if self.cache is not None else {}
-
 
 class TextRNNStage(TorchStage):
     name = "text_rnn"
@@ -68,6 +57,7 @@ class TextRNNStage(TorchStage):
     params_type = TextRNNParams
     # ~0.65 kB a text with Python's overhead: about 100k texts in 64 MB.
     options = RunnerOptions(runtime="onnxruntime", cache_entries=200_000, cache_mb=64)
+    row_runner = TextRunner
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return (t.token_ids, t.token_count), (t.text_vec,)
@@ -85,11 +75,6 @@ class TextRNNStage(TorchStage):
     def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
         ids = np.ones((2, dims.max_tokens), np.int64)
         return {"TOKEN_IDS": ids, "TOKEN_COUNT": np.array([dims.max_tokens, 1], np.int64)}
-
-    def make_runner(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
-    ) -> Runner:
-        return TextRunner(spec, manifest, runtime, options.cache())
 
 
 STAGE = TextRNNStage()
