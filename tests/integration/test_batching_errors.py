@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
+from dynemb.bench.faults import infer_inputs
 from dynemb.data.synthetic import draw_item_image
 from dynemb.dims import DIMS
 from dynemb.ensembles import STAGE_SPECS
@@ -80,15 +81,6 @@ def test_dynamic_batching_merges_concurrent_requests(live):
         assert executions < inferences, f"{stage}: no batching ({executions} executions)"
 
 
-def raw_request(x: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, value in x.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
-
-
 def good_inputs(seed: int) -> dict[str, np.ndarray]:
     return build_inputs([events(5, seed)], [None], DIMS.max_events, DIMS.max_labels)
 
@@ -129,7 +121,7 @@ def test_bad_input_fails_alone_with_a_clear_error(live, case):
     for i, x in enumerate(payloads):  # all in flight together, so they can share batches
         client.async_infer(
             "user_interest",
-            raw_request(x),
+            infer_inputs(x),
             callback=lambda result, error, i=i: done.put((i, result, error)),
         )
     outcomes = dict((i, (r, e)) for i, r, e in (done.get(timeout=60) for _ in payloads))

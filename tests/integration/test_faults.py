@@ -1,21 +1,20 @@
 """Fault injection against a real tritonserver, under load from the project's client with
-its default retry policy: a killed stage process comes back by itself, a restarted
-server loses no caller, a broken artifact fails start-up naming it."""
+its default retry policy, through the same code as `dynemb bench-faults`: a killed stage
+process comes back by itself, a restarted server loses no caller, a broken artifact fails
+start-up naming it."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import time
 
 import pytest
 
-from dynemb.bench.faults import Load, stub_pid
+from dynemb.bench.faults import crash, restart_run
 from dynemb.server import ServerConfig, ServerError, TritonServer, free_port
 from dynemb.supervisor import StageSupervisor, stub_counts
 
 RECOVERY_TARGET_S = 15.0
+STARTUP_TARGET_S = 20.0
 
 
 def server_config(repository, log_dir) -> ServerConfig:
@@ -45,27 +44,12 @@ def supervised(built_repository, tmp_path_factory):
 @pytest.mark.parametrize("stage", ["text_rnn", "llm_encoder"])
 def test_a_killed_stage_comes_back_by_itself_and_no_call_fails(supervised, stage):
     server, supervisor = supervised
-    before = len(supervisor.state.recoveries)
-    with Load(server.config.grpc_url) as load:
-        time.sleep(2)
-        served_before = load.ok
-        killed_at = time.time()
-        os.kill(stub_pid(server, stage), signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while len(supervisor.state.recoveries) == before and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(supervisor.state.recoveries) > before, "the supervisor did not recover it"
-        recovery = supervisor.state.recoveries[-1]
-        back_at = recovery.detected_at + recovery.seconds
-        time.sleep(2)
-    assert recovery.stage == stage and recovery.ok, recovery
-    assert back_at - killed_at <= RECOVERY_TARGET_S, (back_at - killed_at, recovery)
-    assert not load.failures, load.failures[:3]
-    assert set(load.raw_errors) <= {"INTERNAL", "NOT_FOUND"}  # what Triton itself answers
-    assert load.ok > served_before  # it served again after the recovery
-    outage = [ready for t, ready in load.readiness if killed_at + 1.5 < t < back_at - 0.2]
-    assert outage and not all(outage), "readiness never said not ready during the outage"
-    assert load.readiness[-1][1]  # ready again
+    result = crash(server, supervisor, stage)
+    assert result.ok and result.back_after_s <= RECOVERY_TARGET_S, result
+    assert result.calls_failed == 0 and result.calls_ok > 0, result
+    assert result.not_ready_seen, "readiness never said not ready during the outage"
+    assert set(result.raw_errors) <= {"INTERNAL", "NOT_FOUND"}  # what Triton itself answers
+    assert supervisor.state.recoveries[-1].stage == stage
     assert stub_counts(server.process.pid).get(stage, 0) >= 1
 
 
@@ -77,23 +61,12 @@ def test_a_restart_under_load_loses_no_caller(built_repository, tmp_path):
     server.start()
     server.wait_ready()
     try:
-        with Load(config.grpc_url) as load:
-            time.sleep(2)
-            stopped = time.monotonic()
-            server.stop()
-            shutdown_s = time.monotonic() - stopped
-            started = time.monotonic()
-            server = TritonServer(config)
-            server.start()
-            server.wait_ready()
-            startup_s = time.monotonic() - started
-            time.sleep(2)
-        assert not load.failures, load.failures[:3]
-        assert startup_s <= 20.0, startup_s
-        assert shutdown_s + startup_s < 30.0  # inside the client's default retry deadline
-        assert load.ok > 0
+        result, server = restart_run(server, config)
     finally:
         server.stop()
+    assert result.calls_failed == 0 and result.calls_ok > 0, result
+    assert result.startup_s <= STARTUP_TARGET_S, result
+    assert result.shutdown_s + result.startup_s < 30.0  # inside the default retry deadline
 
 
 def test_a_broken_artifact_fails_start_up_naming_it(built_repository, tmp_path):

@@ -4,7 +4,6 @@ bad candidates refused; model control needs the token, inference does not."""
 
 from __future__ import annotations
 
-import random
 import time
 import urllib.error
 import urllib.request
@@ -14,30 +13,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from dynemb.data.synthetic import draw_item_image
+from dynemb.bench.faults import histories as load_histories
 from dynemb.loadgen import LoadGenerator
 from dynemb.swap.candidates import make_candidate
 from dynemb.swap.swapper import SwapFailedError, Swapper, SwapRefusedError, versions_of
-from dynemb_client import Event, build_inputs
+from dynemb_client import build_inputs
 
 FIVE = ("text_rnn", "image_cnn", "label_mlp", "temporal_lstm", "llm_encoder")
 T0 = 1_700_000_000.0
-
-
-def load_histories() -> list[list[Event]]:
-    rng = random.Random(7)
-    return [
-        [
-            Event(
-                T0 + 900 * i,
-                f"Azure ring lamp #{rng.randrange(60)}",
-                draw_item_image(i % 6, rng, 32) if i % 3 else None,
-                [f"category:c{i % 6}", "action:view"],
-            )
-            for i in range(n)
-        ]
-        for n in (4, 12, 30)
-    ]
 
 
 def expected_scores(swapper: Swapper, histories) -> list[np.ndarray]:

@@ -4,84 +4,33 @@ tensor it broke; its neighbours get exactly the answer they get alone."""
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynemb import stages
-from dynemb.bench.fuzz import Ranges, malformed
-from dynemb.data.synthetic import draw_item_image
-from dynemb.dims import DIMS
+from dynemb.bench.faults import fuzz_targets
+from dynemb.bench.fuzz import malformed
 from dynemb.pipeline import Pipeline
-from dynemb_client import Event, build_inputs
 
 from . import fake_pb_utils
 from .test_adapter import load_model
 
-T0 = 1_700_000_000.0
-EXAMPLES = 150  # per stage: 7 stages, over a thousand malformed requests in all
-
-
-def users(n: int, seed: int) -> list[list[Event]]:
-    rng = random.Random(seed)
-    return [
-        [
-            Event(
-                T0 + 600 * i + u,
-                f"{rng.choice(['red', 'blue'])} lamp {rng.randrange(9)}",
-                draw_item_image(i % 3, random.Random(i), 32) if i % 2 else None,
-                [f"category:c{i % 4}", "rating:4"],
-            )
-            for i in range(3 + 4 * u)
-        ]
-        for u in range(n)
-    ]
+EXAMPLES = 150  # per stage: seven stages, over a thousand malformed requests in all
 
 
 @pytest.fixture(scope="module")
-def requests_by_model(repo):
-    """Three good requests (two users each) of every stage, as the ensemble feeds it."""
-    pipeline = Pipeline.from_repository(repo)
-    out = {}
-    history = users(6, seed=3)
-    x = build_inputs(history, [None] * 6, DIMS.max_events, DIMS.max_labels, top_k=5)
-    tensors = pipeline.run(x, "recommend")
-    for name, runner in pipeline.runners.items():
-        names = [t.name for t in runner.spec.inputs]
-        out[name] = [{n: tensors[n][i : i + 2] for n in names} for i in (0, 2, 4)]
-    return out
-
-
-@pytest.fixture(scope="module")
-def ranges(repo):
-    pipeline = Pipeline.from_repository(repo)
-    manifests = {name: r.manifest for name, r in pipeline.runners.items()}
-    return Ranges.of(
-        vocab_size=manifests["text_rnn"].hparams.vocab_size,
-        n_labels=manifests["label_mlp"].hparams.n_labels,
-        max_tokens=DIMS.max_tokens,
-        max_events=DIMS.max_events,
-        max_k=DIMS.max_top_k,
-    )
-
-
-@pytest.fixture(scope="module")
-def models(repo):
-    return {name: load_model(repo, name) for name in stages.NAMES}
+def targets(repo):
+    return fuzz_targets(Pipeline.from_repository(repo), repo)
 
 
 @pytest.mark.parametrize("name", stages.NAMES)
-def test_a_malformed_request_fails_alone_and_names_its_tensor(
-    name, models, requests_by_model, ranges
-):
-    model, good = models[name], requests_by_model[name]
-    spec = stages.get(name).spec(DIMS)
+def test_a_malformed_request_fails_alone_and_names_its_tensor(name, repo, targets):
+    model, target = load_model(repo, name), targets[name]
+    good = target.good
     alone = [model.execute([fake_pb_utils.InferenceRequest(r)])[0] for r in good[:2]]
     assert not any(a.has_error() for a in alone)
-
     seen: set[tuple[str, str]] = set()
 
     @settings(
@@ -92,7 +41,7 @@ def test_a_malformed_request_fails_alone_and_names_its_tensor(
     )
     @given(st.data())
     def check(data):
-        bad = data.draw(malformed(name, spec.inputs, good[2], ranges))
+        bad = data.draw(malformed(name, target.inputs, good[2], target.ranges))
         seen.add((bad.field, bad.how))
         out = model.execute(
             [fake_pb_utils.InferenceRequest(x) for x in (good[0], bad.inputs, good[1])]
@@ -110,5 +59,5 @@ def test_a_malformed_request_fails_alone_and_names_its_tensor(
 
     check()
     # Every tensor of the stage was broken, in more than one way.
-    assert {field for field, _ in seen} == {t.name for t in spec.inputs}, seen
-    assert len(seen) >= 3 * len(spec.inputs), seen
+    assert {field for field, _ in seen} == {t.name for t in target.inputs}, seen
+    assert len(seen) >= 3 * len(target.inputs), seen

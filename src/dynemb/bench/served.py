@@ -63,15 +63,7 @@ def triton_sweep(
 async def _triton_sweep(url, histories, concurrencies, seconds, warmup_s) -> list[ServedPoint]:
     admin = grpcclient.InferenceServerClient(url)
     async with AsyncInterestClient(url, retries=0, timeout_s=60) as client:
-        calls = [
-            await client.prepare_embed([user], at=[t])
-            for user, t in zip(histories.users, histories.at, strict=True)
-        ]
-
-        async def one(i: int) -> int:
-            await client.embed_prepared(calls[i % len(calls)])
-            return 1
-
+        one, calls = await one_user_calls(client, histories)
         await warm(one, len(calls))
         points = []
         for concurrency in concurrencies:
@@ -81,6 +73,21 @@ async def _triton_sweep(url, histories, concurrencies, seconds, warmup_s) -> lis
             points.append(ServedPoint(load, stage_stats(before, after)))
     admin.close()
     return points
+
+
+async def one_user_calls(client: AsyncInterestClient, histories: HistorySet):
+    """A closed-loop call that sends user i's prepared request (one user per request), and
+    the prepared requests."""
+    calls = [
+        await client.prepare_embed([user], at=[t])
+        for user, t in zip(histories.users, histories.at, strict=True)
+    ]
+
+    async def one(i: int) -> int:
+        await client.embed_prepared(calls[i % len(calls)])
+        return 1
+
+    return one, calls
 
 
 async def warm(one, n: int, concurrency: int = 8) -> None:

@@ -328,14 +328,7 @@ async def _soak(server, histories: HistorySet, options: ServingOptions) -> SoakR
     seconds = 60 * options.soak_minutes
     samples: list[float] = []
     async with AsyncInterestClient(url, retries=0, timeout_s=60) as client:
-        calls = [
-            await client.prepare_embed([u], at=[t])
-            for u, t in zip(histories.users, histories.at, strict=True)
-        ]
-
-        async def one(i: int) -> int:
-            await client.embed_prepared(calls[i % len(calls)])
-            return 1
+        one, _ = await served.one_user_calls(client, histories)
 
         async def sample() -> None:
             while True:
