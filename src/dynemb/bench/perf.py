@@ -58,10 +58,11 @@ def library_dir(cache: Path) -> Path:
     return target
 
 
-def input_data(histories: HistorySet, dims: Dims, path: Path, max_users: int = 128) -> Path:
-    """perf_analyzer's --input-data JSON: one entry per user, the wire tensors the client
-    would send. Its JSON takes a BYTES tensor's elements as text (one base64 blob is one
-    element), so users with encoded images cannot be written and are left out."""
+def input_data(histories: HistorySet, dims: Dims, path: Path, max_users: int | None = None) -> Path:
+    """perf_analyzer's --input-data JSON: one entry per user (every user, unless
+    `max_users`), the wire tensors the client would send, so that both load generators
+    send the same requests. Its JSON takes a BYTES tensor's elements as text (one base64
+    blob is one element), so users with encoded images cannot be written and are left out."""
     rows = []
     for user, at in zip(histories.users, histories.at, strict=True):
         if any(e.image for e in user):
@@ -77,7 +78,7 @@ def input_data(histories: HistorySet, dims: Dims, path: Path, max_users: int = 1
             )
             row[name] = {"content": content, "shape": list(value.shape)}
         rows.append(row)
-        if len(rows) >= max_users:
+        if max_users is not None and len(rows) >= max_users:
             break
     if not rows:
         raise PerfAnalyzerError(f"{histories.name}: every user has images; perf_analyzer skipped")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +55,23 @@ def triton(repository: Path, log_dir: Path) -> Iterator[TritonServer]:
 
 
 def triton_sweep(
-    url: str, histories: HistorySet, concurrencies: list[int], seconds: float, warmup_s: float
+    url: str,
+    histories: HistorySet,
+    concurrencies: list[int],
+    seconds: float,
+    warmup_s: float,
+    after_each: Callable[[int], None] | None = None,
 ) -> list[ServedPoint]:
-    return asyncio.run(_triton_sweep(url, histories, concurrencies, seconds, warmup_s))
+    """C at each concurrency. `after_each(concurrency)` runs right after that point, while
+    the server is idle (the perf_analyzer cross-check), so that the two measurements of
+    one concurrency are seconds apart, not a whole sweep: this VM's speed drifts by more
+    than 15% over minutes."""
+    return asyncio.run(_triton_sweep(url, histories, concurrencies, seconds, warmup_s, after_each))
 
 
-async def _triton_sweep(url, histories, concurrencies, seconds, warmup_s) -> list[ServedPoint]:
+async def _triton_sweep(
+    url, histories, concurrencies, seconds, warmup_s, after_each
+) -> list[ServedPoint]:
     admin = grpcclient.InferenceServerClient(url)
     async with AsyncInterestClient(url, retries=0, timeout_s=60) as client:
         one, calls = await one_user_calls(client, histories)
@@ -71,6 +82,8 @@ async def _triton_sweep(url, histories, concurrencies, seconds, warmup_s) -> lis
             load = await closed_loop(one, concurrency, seconds, warmup_s)
             after = admin.get_inference_statistics(as_json=True)
             points.append(ServedPoint(load, stage_stats(before, after)))
+            if after_each is not None:
+                await asyncio.to_thread(after_each, concurrency)
     admin.close()
     return points
 

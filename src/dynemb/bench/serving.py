@@ -212,16 +212,17 @@ def bench_data(
                 {m: admin.get_model_config(m, as_json=True) for m in server.config.models}
             )
             admin.close()
-        say(f"C (Triton, gRPC): concurrency {concurrencies}, {options.seconds:g} s each")
+        perf_points: list[perf.PerfPoint] = []
+        cross_check = None
+        if options.perf_analyzer and not histories.synthetic:
+            cross_check = perf_analyzer_check(url, histories, options, perf_points)
+        also = ", each followed by perf_analyzer" if cross_check else ""
+        say(f"C (Triton, gRPC): concurrency {concurrencies}, {options.seconds:g} s each{also}")
         triton_points = served.triton_sweep(
-            url, histories, concurrencies, options.seconds, options.warmup_s
+            url, histories, concurrencies, options.seconds, options.warmup_s, cross_check
         )
         metrics_url = f"http://{server.config.host}:{server.config.metrics_port}/metrics"
         caches = served.cache_metrics(metrics_url)
-        perf_points = []
-        if options.perf_analyzer and not histories.synthetic:
-            say("perf_analyzer on the same server")
-            perf_points = perf_analyzer_sweep(url, histories, options, concurrencies)
         if options.soak_minutes > 0 and not histories.synthetic:
             minutes, clients = options.soak_minutes, options.soak_concurrency
             say(f"memory soak: {minutes:g} min at concurrency {clients}")
@@ -301,22 +302,25 @@ def ratios(inprocess: InProcessResult, plain: list[LoadPoint], triton: list[Load
     )
 
 
-def perf_analyzer_sweep(
-    url: str, histories: HistorySet, options: ServingOptions, concurrencies: list[int]
-) -> list[perf.PerfPoint]:
+def perf_analyzer_check(
+    url: str, histories: HistorySet, options: ServingOptions, points: list[perf.PerfPoint]
+) -> Callable[[int], None]:
+    """perf_analyzer on the same server and the same users, one concurrency at a time:
+    the returned function measures one and appends it to `points`."""
     binary = perf.perf_analyzer_binary()
     libs = perf.library_dir(options.cache)
     dims = pipeline_dims(Pipeline.from_repository(options.repository))
     data = perf.input_data(histories, dims, options.cache / "perf_analyzer_input.json")
     window = int(1000 * max(options.seconds / 3, 2))
-    points = []
-    for c in concurrencies:
+
+    def measure(c: int) -> None:
         try:
             points.append(perf.run(binary, libs, url, "user_interest", data, c, window))
         except perf.PerfAnalyzerError as exc:  # recorded, not fatal: the rest still counts
             log.warning("perf_analyzer at concurrency %d: %s", c, exc)
             points.append(perf.PerfPoint(c, 0.0, 0.0, 0.0, error=str(exc)[-500:]))
-    return points
+
+    return measure
 
 
 def soak_run(server, histories: HistorySet, options: ServingOptions) -> SoakResult:
