@@ -18,7 +18,14 @@ from dynemb_client.client import QueryTimes
 from dynemb_client.events import Event, TimeLike
 from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
 from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
-from dynemb_client.transport import ClientBase, shape_from_metadata
+from dynemb_client.sessions import (
+    SessionAnswer,
+    forget_steps,
+    parse_session,
+    retrieve_call,
+    update_steps,
+)
+from dynemb_client.transport import ClientBase, is_transient, shape_from_metadata
 
 __all__ = ["AsyncInterestClient"]
 
@@ -36,7 +43,10 @@ class AsyncInterestClient(ClientBase):
     grpc_module = grpcclient
 
     async def _call(
-        self, model: str, fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]]
+        self,
+        model: str,
+        fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]],
+        retry: bool = True,
     ) -> T:
         started = time.monotonic()
         for attempt in itertools.count():
@@ -44,6 +54,8 @@ class AsyncInterestClient(ClientBase):
             try:
                 return await fn(inner)
             except Exception as exc:
+                if not retry and is_transient(exc):
+                    raise  # the caller decides what is safe to send instead
                 elapsed = time.monotonic() - started
                 delay = self._retry.after_failure(
                     exc, attempt, model=model, url=url, elapsed_s=elapsed
@@ -51,12 +63,13 @@ class AsyncInterestClient(ClientBase):
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _infer(self, call: InferCall) -> grpcclient.InferResult:
+    async def _infer(self, call: InferCall, retry: bool = True) -> grpcclient.InferResult:
         return await self._call(
             call.model,
             lambda inner: inner.infer(
                 call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
             ),
+            retry,
         )
 
     async def model_shape(self) -> ModelShape:
@@ -117,6 +130,49 @@ class AsyncInterestClient(ClientBase):
         return parse_recommendations(
             await self._infer(call), call.model, call.batch, k, call.exclude
         )
+
+    # --- sessions (see InterestClient.update) --------------------------------------------
+
+    async def update(
+        self,
+        user_id: str,
+        events: Sequence[Event] = (),
+        at: TimeLike | None = None,
+        history: Sequence[Event] | None = None,
+    ) -> np.ndarray:
+        """E_t after the user's new `events`, from the server's state for `user_id`."""
+        shape = await self.model_shape()
+        steps = update_steps(self.sessions, self.model_session, user_id, events, at, shape, history)
+        return (await self._session(steps)).embedding
+
+    async def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
+        return await self.update(user_id, (), at)
+
+    async def recommend_user(
+        self, user_id: str, k: int = 10, at: TimeLike | None = None, exclude: Iterable[str] = ()
+    ) -> list[Recommendation]:
+        embedding = await self.embed_user(user_id, at)
+        call = retrieve_call(self.model_retrieve, embedding, k, exclude)
+        return parse_recommendations(await self._infer(call), call.model, 1, k, call.exclude)[0]
+
+    async def forget(self, user_id: str) -> None:
+        shape = await self.model_shape()
+        await self._session(forget_steps(self.sessions, self.model_session, user_id, shape))
+
+    async def _session(self, steps) -> SessionAnswer:
+        call = next(steps)
+        while True:
+            try:
+                try:
+                    result = await self._infer(call, retry=call.retry_safe)
+                except Exception as exc:
+                    if call.retry_safe:
+                        raise
+                    call = steps.throw(exc)  # the steps choose a call that is safe
+                    continue
+                call = steps.send(parse_session(result, call.model))
+            except StopIteration as done:
+                return done.value
 
     async def is_ready(self) -> bool:
         """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""

@@ -16,7 +16,14 @@ from tritonclient.utils import InferenceServerException
 from dynemb_client.events import Event, TimeLike
 from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
 from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
-from dynemb_client.transport import ClientBase, shape_from_metadata
+from dynemb_client.sessions import (
+    SessionAnswer,
+    forget_steps,
+    parse_session,
+    retrieve_call,
+    update_steps,
+)
+from dynemb_client.transport import ClientBase, is_transient, shape_from_metadata
 
 __all__ = ["InterestClient"]
 
@@ -35,13 +42,17 @@ class InterestClient(ClientBase):
 
     grpc_module = grpcclient
 
-    def _call(self, model: str, fn: Callable[[grpcclient.InferenceServerClient], T]) -> T:
+    def _call(
+        self, model: str, fn: Callable[[grpcclient.InferenceServerClient], T], retry: bool = True
+    ) -> T:
         started = time.monotonic()
         for attempt in itertools.count():
             url, inner = self._pool.next()
             try:
                 return fn(inner)
             except Exception as exc:
+                if not retry and is_transient(exc):
+                    raise  # the caller decides what is safe to send instead
                 elapsed = time.monotonic() - started
                 delay = self._retry.after_failure(
                     exc, attempt, model=model, url=url, elapsed_s=elapsed
@@ -49,12 +60,13 @@ class InterestClient(ClientBase):
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _infer(self, call: InferCall) -> grpcclient.InferResult:
+    def _infer(self, call: InferCall, retry: bool = True) -> grpcclient.InferResult:
         return self._call(
             call.model,
             lambda inner: inner.infer(
                 call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
             ),
+            retry,
         )
 
     def model_shape(self) -> ModelShape:
@@ -110,6 +122,57 @@ class InterestClient(ClientBase):
         the item ids to leave out (e.g. those already in the history)."""
         call = recommend_call(self.model_recommend, histories, at, self.model_shape(), k, exclude)
         return parse_recommendations(self._infer(call), call.model, call.batch, k, call.exclude)
+
+    # --- sessions: E_t advanced event by event (server-side state per user) -------------
+
+    def update(
+        self,
+        user_id: str,
+        events: Sequence[Event] = (),
+        at: TimeLike | None = None,
+        history: Sequence[Event] | None = None,
+    ) -> np.ndarray:
+        """E_t after the user's new `events` (float32 (D,)): the server advances the state it
+        holds for `user_id` by them alone. Where it holds none (a new user, or one evicted,
+        expired, restarted or swapped away), the client re-sends the newest L events it
+        kept for the user (or `history`, the caller's, when given) with the new ones: the
+        answer is the same, only slower. `at` defaults to the newest event's time."""
+        return self._session(
+            update_steps(
+                self.sessions, self.model_session, user_id, events, at, self.model_shape(), history
+            )
+        ).embedding
+
+    def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
+        """E_t of the session at `at` (default: its newest event's time), no new events."""
+        return self.update(user_id, (), at)
+
+    def recommend_user(
+        self, user_id: str, k: int = 10, at: TimeLike | None = None, exclude: Iterable[str] = ()
+    ) -> list[Recommendation]:
+        """Up to k items for the session's E_t, best first, none of them in `exclude`."""
+        embedding = self.embed_user(user_id, at)
+        call = retrieve_call(self.model_retrieve, embedding, k, exclude)
+        return parse_recommendations(self._infer(call), call.model, 1, k, call.exclude)[0]
+
+    def forget(self, user_id: str) -> None:
+        """Drop the session here and on the server."""
+        self._session(forget_steps(self.sessions, self.model_session, user_id, self.model_shape()))
+
+    def _session(self, steps) -> SessionAnswer:
+        call = next(steps)
+        while True:
+            try:
+                try:
+                    result = self._infer(call, retry=call.retry_safe)
+                except Exception as exc:
+                    if call.retry_safe:
+                        raise
+                    call = steps.throw(exc)  # the steps choose a call that is safe
+                    continue
+                call = steps.send(parse_session(result, call.model))
+            except StopIteration as done:
+                return done.value
 
     def is_ready(self) -> bool:
         """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""

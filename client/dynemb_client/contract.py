@@ -37,3 +37,24 @@ DEFAULT_MAX_LABELS = 8
 MAX_TOP_K = 100
 # Latest accepted time: 2100-01-01T00:00:00Z. Larger values are overflow, not dates.
 MAX_TIME_S = 4_102_444_800.0
+
+# The `session` model: E_t advanced by a user's new events (server-side state per user).
+#   SESSION_ID    BYTES [1]  the user (or session) id, 1-256 bytes
+#   SESSION_OP    INT32 [1]  OP_UPDATE: append the events to the session's state;
+#                            OP_START: the events are the whole history (replaces any state);
+#                            OP_FORGET: drop the session's state (the events are ignored)
+#   + EVENT_TEXT, EVENT_IMAGE, EVENT_LABELS, EVENT_TIME, EVENT_COUNT, QUERY_TIME as above
+#     (the new events only; none may precede the session's newest event or follow t)
+# ->USER_EMBEDDING FP32 [D]; SESSION_STATUS INT32 [1]; SESSION_EVENTS INT32 [1] (events held)
+SESSION = "session"
+RETRIEVE = "retrieve"  # called directly by a session's recommend
+SESSION_ID = "SESSION_ID"
+SESSION_OP = "SESSION_OP"
+SESSION_STATUS = "SESSION_STATUS"
+SESSION_EVENTS = "SESSION_EVENTS"
+OP_UPDATE, OP_START, OP_FORGET = 0, 1, 2
+# STATUS_UNKNOWN: the server holds no state for the session (never seen, evicted, expired,
+# restarted, or computed by a stage version no longer served): send OP_START with the
+# history. USER_EMBEDDING is then zeros and must not be used.
+STATUS_OK, STATUS_UNKNOWN, STATUS_FORGOTTEN = 0, 1, 2
+MAX_SESSION_ID_BYTES = 256

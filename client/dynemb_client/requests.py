@@ -72,6 +72,9 @@ class InferCall:
     batch: int
     # recommend only: item ids to leave out of each user's list (asked for k + len of them).
     exclude: tuple[frozenset[str], ...] = ()
+    # False for a call that must not be sent twice (a session update: its events would
+    # be added twice had a lost answer been applied).
+    retry_safe: bool = True
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,17 @@ from typing import Any, Generic, TypeVar
 
 from tritonclient.utils import InferenceServerException
 
-from dynemb_client.contract import EVENT_LABELS, EVENT_TEXT, RECOMMEND, USER_INTEREST
+from dynemb_client.contract import (
+    EVENT_LABELS,
+    EVENT_TEXT,
+    RECOMMEND,
+    RETRIEVE,
+    SESSION,
+    USER_INTEREST,
+)
 from dynemb_client.errors import ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.requests import ModelShape
+from dynemb_client.sessions import SessionHistories
 
 __all__ = ["EndpointPool", "RetryPolicy", "shape_from_metadata"]
 
@@ -194,6 +202,9 @@ class ClientBase:
         jitter: bool = True,
         model_interest: str = USER_INTEREST,
         model_recommend: str = RECOMMEND,
+        model_session: str = SESSION,
+        model_retrieve: str = RETRIEVE,
+        max_sessions: int = 100_000,
     ) -> None:
         self._pool = EndpointPool(
             list(urls) if urls is not None else [url],
@@ -205,6 +216,10 @@ class ClientBase:
         self._timeout_s = timeout_s
         self.model_interest = model_interest
         self.model_recommend = model_recommend
+        self.model_session = model_session
+        self.model_retrieve = model_retrieve
+        # The newest L events of each session, re-sent when a server lost its state.
+        self.sessions = SessionHistories(max_sessions)
         self._shape: ModelShape | None = None
 
     @property

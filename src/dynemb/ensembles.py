@@ -47,4 +47,4 @@ def ensemble_specs(dims: Dims = DIMS) -> dict[str, EnsembleSpec]:
 
 STAGE_SPECS = stage_specs()
 ENSEMBLE_SPECS = ensemble_specs()
-MODELS: tuple[str, ...] = (*stages.NAMES, *ENSEMBLE_NAMES)  # everything a server loads
+MODELS: tuple[str, ...] = (*stages.NAMES, *ENSEMBLE_NAMES, wire.SESSION)  # all a server loads

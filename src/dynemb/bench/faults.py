@@ -42,9 +42,11 @@ from dynemb.ensembles import ENSEMBLE_SPECS, MODELS, STAGE_SPECS
 from dynemb.pipeline import Pipeline
 from dynemb.processes import process_tree
 from dynemb.server import ServerConfig, TritonServer, free_port
+from dynemb.sessions.spec import session_spec
 from dynemb.specs import TensorSpec
 from dynemb.supervisor import StageSupervisor
 from dynemb_client import Event, InterestClient, build_inputs
+from dynemb_client import contract as wire
 
 log = logging.getLogger(__name__)
 T0 = 1_700_000_000.0
@@ -208,7 +210,10 @@ def fuzz_targets(pipeline: Pipeline, repository: Path) -> dict[str, FuzzTarget]:
         max_events=dims.max_events,
         max_k=dims.max_top_k,
     )
-    specs = {**STAGE_SPECS, **ENSEMBLE_SPECS}
+    specs = {**STAGE_SPECS, **ENSEMBLE_SPECS, wire.SESSION: session_spec(dims)}
+    # The session model: each good request starts its own session from its history.
+    tensors[wire.SESSION_ID] = np.array([[f"fuzz-{u}".encode()] for u in range(6)], dtype=object)
+    tensors[wire.SESSION_OP] = np.full((6, 1), wire.OP_START, dtype=np.int32)
     out = {}
     for model in MODELS:
         spec = specs[model]

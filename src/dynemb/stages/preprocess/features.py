@@ -111,6 +111,18 @@ class PreprocessCaches:
         return {name: cache for name, cache in named.items() if cache is not None}
 
 
+@dataclass(frozen=True)
+class SessionEvents:
+    """A session's new events, preprocessed: their times and labels, and the per-item
+    stage inputs (k rows each, no events axis padding) by tensor name."""
+
+    times: np.ndarray  # (k,) float64
+    query_time: float
+    labels: list[list[str]]
+    raw_labels: list[tuple[bytes, ...]]
+    tensors: dict[str, np.ndarray]
+
+
 class Preprocessor:
     """Turns one user's raw tensors into stage inputs; raises InputError naming the field."""
 
@@ -160,6 +172,54 @@ class Preprocessor:
             "QUERY_FEATURES": query_features(times[:n], query_time, d),
             "EVENT_MASK": np.arange(d.max_events) < n,
         }
+
+    def session_events(self, x: dict[str, np.ndarray], newest: float | None) -> SessionEvents:
+        """One session's new events (the first EVENT_COUNT of `x`, checked as `user` checks
+        a history) and the query time, for a session whose newest event is at `newest`
+        (None: it holds none). New events may not precede `newest` nor follow the query
+        time: a session cannot take back what E_t has already read."""
+        d = self.dims
+        count = int(x[wire.EVENT_COUNT].reshape(-1)[0])
+        if not 0 <= count <= d.max_events:
+            raise InputError(wire.EVENT_COUNT, f"must be in [0, {d.max_events}], got {count}")
+        query_time = _check_time(wire.QUERY_TIME, float(x[wire.QUERY_TIME].reshape(-1)[0]))
+        times = np.asarray(x[wire.EVENT_TIME], dtype=np.float64)[:count]
+        for i, value in enumerate(times):
+            _check_time(f"{wire.EVENT_TIME}[{i}]", float(value))
+        if count > 1 and np.any(np.diff(times) < 0):
+            first = int(np.argmax(np.diff(times) < 0)) + 1
+            raise InputError(f"{wire.EVENT_TIME}[{first}]", "event times must be non-decreasing")
+        if count and newest is not None and times[0] < newest:
+            raise InputError(
+                f"{wire.EVENT_TIME}[0]", f"{times[0]} precedes the session's newest event {newest}"
+            )
+        latest = times[-1] if count else newest
+        if latest is not None and query_time < latest:
+            raise InputError(
+                wire.QUERY_TIME,
+                f"{query_time} precedes the newest event {latest}; a session's "
+                "events cannot be in t's future",
+            )
+        token_ids, token_count = self.event_tokens(x[wire.EVENT_TEXT][:count], count, count)
+        rows = [x[wire.EVENT_LABELS][i] for i in range(count)]
+        events = [self.event_labels(i, row) for i, row in enumerate(rows)]
+        label_ids = np.full((count, d.max_labels), PAD_LABEL, dtype=np.int64)
+        if events:
+            label_ids[:] = np.stack([e.ids for e in events])
+        pixels, image_mask = self.images(x[wire.EVENT_IMAGE][:count], count, keep=count)
+        return SessionEvents(
+            times=times,
+            query_time=query_time,
+            labels=[list(e.labels) for e in events],
+            raw_labels=[tuple(v if isinstance(v, bytes) else bytes(v) for v in r) for r in rows],
+            tensors={
+                "TOKEN_IDS": token_ids,
+                "TOKEN_COUNT": token_count,
+                "IMAGE_PIXELS": pixels,
+                "IMAGE_MASK": image_mask,
+                "LABEL_IDS": label_ids,
+            },
+        )
 
     def event_labels(self, i: int, row: np.ndarray) -> EventLabels:
         """Event i's labels, decoded and mapped to ids (cached by the row's bytes)."""
@@ -329,41 +389,53 @@ def _rating(labels: list[str]) -> float:
 
 
 def time_features(times: np.ndarray, labels: list[list[str]], dims: Dims) -> np.ndarray:
-    """Per-event features that depend only on the event and the events before it.
+    """Per-event features that depend only on the event and the events before it, padded
+    to L rows (see `time_feature_rows`)."""
+    out = np.zeros((dims.max_events, dims.time_dim), dtype=np.float32)
+    out[: len(times)] = time_feature_rows(times, labels, dims)
+    return out
+
+
+def time_feature_rows(
+    times: np.ndarray, labels: list[list[str]], dims: Dims, first: int = 0
+) -> np.ndarray:
+    """The time features of events `first`.. of a history, (n - first, time_dim).
 
     Nothing here reads the query time t or a later event, so the features of the first k
     events of a history are the same whatever follows them: a causal model can score every
-    prefix of a sequence in one pass (training), and t enters through `query_features`.
+    prefix of a sequence in one pass (training), a session computes only its new events'
+    rows (`first` = the events it held), and t enters through `query_features`.
 
     Columns: log time since the history's first event (hours), log gap to the previous
     event, hour sin/cos, weekday sin/cos, position from the oldest / L, then for each window
     w: log(1 + events in (t_i - w, t_i]), mean rating of those events / 5 (0 if none rated),
     share of them carrying the event's first label.
     """
-    out = np.zeros((dims.max_events, dims.time_dim), dtype=np.float32)
     n = len(times)
-    if n == 0:
+    out = np.zeros((n - first, dims.time_dim), dtype=np.float32)
+    if n == first:
         return out
-    prev_gap = np.diff(times, prepend=times[0])
-    out[:n, 0] = np.log1p((times - times[0]) / _HOUR_S)
-    out[:n, 1] = np.log1p(prev_gap / _HOUR_S)
-    out[:n, 2:6] = _cycles(times)
-    out[:n, 6] = np.arange(n) / dims.max_events
+    rows = times[first:]
+    prev_gap = np.diff(times, prepend=times[0])[first:]
+    out[:, 0] = np.log1p((rows - times[0]) / _HOUR_S)
+    out[:, 1] = np.log1p(prev_gap / _HOUR_S)
+    out[:, 2:6] = _cycles(rows)
+    out[:, 6] = np.arange(first, n) / dims.max_events
     ratings = np.array([_rating(row) for row in labels], dtype=np.float64)
     rated = np.isfinite(ratings)
-    same = _shares_first_label(labels)
-    # in_window[i, j]: event j is in event i's trailing window (j <= i).
-    age = times[:, None] - times[None, :]
-    causal = np.tri(n, dtype=bool)
+    same = _shares_first_label(labels)[first:]
+    # in_window[i, j]: event j is in event (first + i)'s trailing window (j <= first + i).
+    age = rows[:, None] - times[None, :]
+    causal = np.tri(n, dtype=bool)[first:]
     for k, window in enumerate(dims.windows_s):
         in_window = causal & (age < window)
         count = in_window.sum(axis=1)
         n_rated = (in_window & rated[None, :]).sum(axis=1)
         rating_sum = np.where(in_window & rated[None, :], np.nan_to_num(ratings)[None, :], 0).sum(1)
         col = 7 + 3 * k
-        out[:n, col] = np.log1p(count)
-        out[:n, col + 1] = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
-        out[:n, col + 2] = (in_window & same).sum(axis=1) / count
+        out[:, col] = np.log1p(count)
+        out[:, col + 1] = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
+        out[:, col + 2] = (in_window & same).sum(axis=1) / count
     return out
 
 

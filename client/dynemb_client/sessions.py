@@ -1,0 +1,219 @@
+"""Sessions on the client: the requests of the `session` model and the history the client
+keeps per session, so that a server that lost a session's state (evicted, expired,
+restarted, swapped a stage, or another replica) gets it back without the caller noticing.
+Pure (no I/O): shared by the sync and the asyncio client."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tritonclient.grpc import InferRequestedOutput
+
+from dynemb_client.contract import (
+    ITEM_IDS,
+    ITEM_SCORES,
+    ITEM_TITLES,
+    MAX_SESSION_ID_BYTES,
+    MAX_TOP_K,
+    OP_FORGET,
+    OP_START,
+    OP_UPDATE,
+    SESSION_EVENTS,
+    SESSION_ID,
+    SESSION_OP,
+    SESSION_STATUS,
+    STATUS_OK,
+    STATUS_UNKNOWN,
+    TOP_K,
+    USER_EMBEDDING,
+)
+from dynemb_client.errors import ClientInputError, ServerError
+from dynemb_client.events import Event, TimeLike, to_unix_seconds
+from dynemb_client.requests import (
+    InferCall,
+    ModelShape,
+    _check_top_k,
+    _to_infer_inputs,
+    build_inputs,
+    exclusion_sets,
+)
+from dynemb_client.results import _output
+
+__all__ = ["SessionAnswer", "SessionHistories", "parse_session", "session_call"]
+
+
+@dataclass(frozen=True)
+class SessionAnswer:
+    embedding: np.ndarray  # float32 (D,); zeros unless status is STATUS_OK
+    status: int
+    events_held: int
+
+
+class SessionHistories:
+    """The newest L events of each session this client updated, least recently used
+    first, at most `max_sessions` of them: what it re-sends when the server lost a state."""
+
+    def __init__(self, max_sessions: int = 100_000) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.max_sessions = max_sessions
+        self._events: OrderedDict[str, list[Event]] = OrderedDict()
+
+    def get(self, session: str) -> list[Event]:
+        return list(self._events.get(session, ()))
+
+    def extend(self, session: str, events: Sequence[Event], max_events: int) -> None:
+        kept = [*self._events.pop(session, []), *events][-max_events:]
+        self._events[session] = kept
+        while len(self._events) > self.max_sessions:
+            self._events.popitem(last=False)
+
+    def replace(self, session: str, events: Sequence[Event], max_events: int) -> None:
+        self._events.pop(session, None)
+        self.extend(session, events, max_events)
+
+    def forget(self, session: str) -> None:
+        self._events.pop(session, None)
+
+    def __contains__(self, session: str) -> bool:
+        return session in self._events
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+def check_session_id(session: object) -> str:
+    if not isinstance(session, str):
+        raise ClientInputError(
+            f"a session id is a str, not {type(session).__name__}", field=SESSION_ID
+        )
+    size = len(session.encode("utf-8"))
+    if not 0 < size <= MAX_SESSION_ID_BYTES:
+        raise ClientInputError(
+            f"a session id has 1-{MAX_SESSION_ID_BYTES} bytes, got {size}", field=SESSION_ID
+        )
+    return session
+
+
+def sorted_events(events: Sequence[Event]) -> list[Event]:
+    """The events oldest first (stable), each time checked."""
+    if isinstance(events, Event):
+        events = [events]
+    keyed = [
+        (to_unix_seconds(e.time, field="EVENT_TIME", index=i), e) for i, e in enumerate(events)
+    ]
+    return [e for _, e in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def query_time(at: TimeLike | None, events: Sequence[Event], kept: Sequence[Event]) -> float:
+    """The query time: `at`, else the newest event's (new or kept), else now."""
+    if at is not None:
+        return to_unix_seconds(at, field="QUERY_TIME")
+    for source in (events, kept):
+        if source:
+            return to_unix_seconds(source[-1].time, field="EVENT_TIME")
+    return time.time()
+
+
+def session_call(
+    model: str, session: str, op: int, events: Sequence[Event], at: float, shape: ModelShape
+) -> InferCall:
+    """One `session` request: the session, the operation, the (new) events and t. An
+    update must not be retried (InferCall.retry_safe); a start or a forget can be."""
+    arrays = build_inputs([events], [at], shape.max_events, shape.max_labels)
+    arrays[SESSION_ID] = np.array([[session.encode("utf-8")]], dtype=object)
+    arrays[SESSION_OP] = np.array([[op]], dtype=np.int32)
+    return InferCall(
+        model=model,
+        inputs=_to_infer_inputs(arrays),
+        outputs=[
+            InferRequestedOutput(USER_EMBEDDING),
+            InferRequestedOutput(SESSION_STATUS),
+            InferRequestedOutput(SESSION_EVENTS),
+        ],
+        batch=1,
+        retry_safe=op != OP_UPDATE,
+    )
+
+
+def retrieve_call(
+    model: str, embedding: np.ndarray, k: int, exclude: Iterable[str] = ()
+) -> InferCall:
+    """A `retrieve` request for one E_t: up to k items, leaving out `exclude`."""
+    _check_top_k(k)
+    [excluded] = exclusion_sets([exclude], 1)
+    asked = min(MAX_TOP_K, k + len(excluded))
+    arrays = {
+        USER_EMBEDDING: np.asarray(embedding, dtype=np.float32).reshape(1, -1),
+        TOP_K: np.array([[asked]], dtype=np.int32),
+    }
+    return InferCall(
+        model=model,
+        inputs=_to_infer_inputs(arrays),
+        outputs=[InferRequestedOutput(n) for n in (ITEM_IDS, ITEM_SCORES, ITEM_TITLES)],
+        batch=1,
+        exclude=(excluded,),
+    )
+
+
+def parse_session(result, model: str) -> SessionAnswer:
+    embedding = _output(result, USER_EMBEDDING, model, 1)
+    status = _output(result, SESSION_STATUS, model, 1)
+    held = _output(result, SESSION_EVENTS, model, 1)
+    return SessionAnswer(
+        np.asarray(embedding, dtype=np.float32).reshape(-1),
+        int(status.reshape(-1)[0]),
+        int(held.reshape(-1)[0]),
+    )
+
+
+def update_steps(
+    histories: SessionHistories,
+    model: str,
+    session: str,
+    events: Sequence[Event],
+    at: TimeLike | None,
+    shape: ModelShape,
+    history: Sequence[Event] | None = None,
+) -> Generator[InferCall, SessionAnswer, SessionAnswer]:
+    """The calls of one update, sans I/O: the client sends each yielded call and sends
+    back its answer. First the new events alone; if the server holds no state for the
+    session, the history kept here (or the caller's `history`) with them, from scratch."""
+    session = check_session_id(session)
+    events = sorted_events(events)
+    kept = sorted_events(history) if history is not None else histories.get(session)
+    t = query_time(at, events, kept)
+    if events and to_unix_seconds(events[-1].time, field="EVENT_TIME") > t:
+        raise ClientInputError(
+            f"{t} precedes the newest new event: a session's events cannot be in t's future",
+            field="QUERY_TIME",
+        )
+    try:
+        answer = yield session_call(model, session, OP_UPDATE, events, t, shape)
+    except Exception as exc:
+        from dynemb_client.transport import is_transient  # transport imports this module
+
+        if not is_transient(exc):
+            raise
+        # Whether the server applied it is unknown: start over from the kept history.
+        answer = SessionAnswer(np.zeros(0, np.float32), STATUS_UNKNOWN, 0)
+    if answer.status == STATUS_UNKNOWN:
+        whole = [*kept, *events][-shape.max_events :]
+        answer = yield session_call(model, session, OP_START, whole, t, shape)
+    if answer.status != STATUS_OK:
+        raise ServerError(f"session {session!r}: status {answer.status}", model=model)
+    histories.extend(session, events, shape.max_events)
+    return answer
+
+
+def forget_steps(
+    histories: SessionHistories, model: str, session: str, shape: ModelShape
+) -> Generator[InferCall, SessionAnswer, SessionAnswer]:
+    session = check_session_id(session)
+    histories.forget(session)
+    answer = yield session_call(model, session, OP_FORGET, [], time.time(), shape)
+    return answer

@@ -1,0 +1,277 @@
+"""Advance sessions by their new events: the session wiring.
+
+For a session's new events the engine runs the per-item stages (text_rnn, image_cnn,
+label_mlp, through their serving runners and caches) on those events only, one LSTM step
+per event from the stored state, and MiniLM over the new tokens attending to the stored
+keys and values; then the query-time fusion. The model is causal (per-event time features
+read only earlier events, the LSTM runs forward, MiniLM attends causally), so within the
+window the result is the full recompute's, at the cost of the new events.
+
+Past the window (a session holding L events that gets another) E_t keeps its meaning, the
+embedding of the newest L events: the engine re-windows to them and recomputes the
+sequence part (time features, LSTM, MiniLM) over the L stored vectors G; per-item work is
+still done once per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynemb import stages
+from dynemb.dims import Dims
+from dynemb.errors import InputError
+from dynemb.manifest import Manifest
+from dynemb.pipeline import latest_version, versions_of
+from dynemb.sessions.state import SessionState, Versions
+from dynemb.stages import Runner, load_runner
+from dynemb.stages.llm_encoder.network import KVCache, LLMEncoder, extend
+from dynemb.stages.preprocess.features import (
+    Preprocessor,
+    SessionEvents,
+    query_features,
+    time_feature_rows,
+)
+from dynemb.stages.temporal_lstm.network import TemporalLSTM
+
+PREPROCESS = "preprocess"
+PER_ITEM = ("text_rnn", "image_cnn", "label_mlp")  # -> TEXT_VEC, IMAGE_VEC, LABEL_VEC
+SEQUENCE = "temporal_lstm"
+ENCODER = "llm_encoder"
+SESSION_STAGES = (PREPROCESS, *PER_ITEM, SEQUENCE, ENCODER)
+
+
+@dataclass(frozen=True)
+class Advanced:
+    """One session after its new events: its new state and E_t (D,)."""
+
+    state: SessionState
+    embedding: np.ndarray
+
+
+@dataclass
+class _Plan:
+    """One request's work: the state it extends (None = from nothing), its new rows of G
+    and time features, and the query features."""
+
+    base: SessionState | None
+    events: SessionEvents
+    times: np.ndarray  # every event the new state holds
+    labels: list[list[str]]
+    raw_labels: list[tuple[bytes, ...]]
+    g_all: np.ndarray  # (n, event_dim) of the new state
+    g_new: np.ndarray  # (k, event_dim) rows the LSTM and MiniLM read now
+    time_new: np.ndarray  # (k, time_dim)
+    query: np.ndarray  # (Q,)
+
+
+class SessionEngine:
+    def __init__(
+        self,
+        versions: Versions,
+        dims: Dims,
+        preprocessor: Preprocessor,
+        item_runners: Mapping[str, Runner],
+        lstm: TemporalLSTM,
+        encoder: LLMEncoder,
+    ) -> None:
+        self.versions = versions
+        self.dims = dims
+        self.preprocessor = preprocessor
+        self.item_runners = dict(item_runners)
+        self.lstm = lstm
+        self.encoder = encoder
+
+    @classmethod
+    def from_repository(
+        cls, repository: Path, versions: Mapping[str, int] | None = None
+    ) -> SessionEngine:
+        """The engine of the given stage versions (default: each stage's newest)."""
+        versions = dict(versions or {})
+        dirs = {}
+        for name in SESSION_STAGES:
+            model_dir = repository / name
+            dirs[name] = (
+                model_dir / str(versions[name]) if name in versions else latest_version(model_dir)
+            )
+        runners = {name: load_runner(dirs[name]) for name in (PREPROCESS, *PER_ITEM)}
+        networks = {}
+        for name in (SEQUENCE, ENCODER):
+            manifest = Manifest.load(dirs[name])
+            manifest.verify(dirs[name])
+            networks[name] = stages.get(name).load_network(dirs[name], manifest)
+        return cls(
+            versions=tuple((name, dirs[name].name) for name in SESSION_STAGES),
+            dims=runners[PREPROCESS].manifest.dims,
+            preprocessor=runners[PREPROCESS].preprocessor,
+            item_runners={name: runners[name] for name in PER_ITEM},
+            lstm=networks[SEQUENCE],
+            encoder=networks[ENCODER],
+        )
+
+    def advance(
+        self, requests: Sequence[tuple[SessionState | None, dict[str, np.ndarray]]]
+    ) -> list[Advanced | InputError]:
+        """Each (state or None, one user's wire tensors holding only the new events) -> the
+        advanced session, or the InputError of a request with bad input (the others still
+        run, together)."""
+        results: list[Advanced | InputError | None] = [None] * len(requests)
+        prepared: list[tuple[int, SessionState | None, SessionEvents]] = []
+        for i, (state, inputs) in enumerate(requests):
+            newest = float(state.times[-1]) if state is not None and state.n_events else None
+            try:
+                prepared.append((i, state, self.preprocessor.session_events(inputs, newest)))
+            except InputError as exc:
+                results[i] = exc
+        if prepared:
+            g_rows = self._item_vectors([events for _, _, events in prepared])
+            plans = [
+                self._plan(state, events, g)
+                for (_, state, events), g in zip(prepared, g_rows, strict=True)
+            ]
+            for (i, _, _), done in zip(prepared, self._run(plans), strict=True):
+                results[i] = done
+        return results  # type: ignore[return-value]
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _item_vectors(self, batch: list[SessionEvents]) -> list[np.ndarray]:
+        """G of every new event of the batch, through the per-item runners in one call
+        each; split back per request."""
+        counts = [len(events.times) for events in batch]
+        total = sum(counts)
+        if total == 0:
+            return [np.zeros((0, self.dims.event_dim), np.float32) for _ in batch]
+        tensors = {
+            name: np.concatenate([events.tensors[name] for events in batch])[None]
+            for name in batch[0].tensors
+        }
+        parts = []
+        for runner in self.item_runners.values():
+            inputs = {t.name: tensors[t.name] for t in runner.spec.inputs}
+            out = runner.trim(inputs, runner(inputs))
+            parts.append(out[runner.spec.outputs[0].name][0])
+        g = np.concatenate(parts, axis=-1).astype(np.float32)
+        return np.split(g, np.cumsum(counts)[:-1])
+
+    def _plan(self, state: SessionState | None, events: SessionEvents, g: np.ndarray) -> _Plan:
+        d = self.dims
+        held = state.n_events if state is not None else 0
+        times = np.concatenate([state.times, events.times]) if state else events.times
+        labels = [*(state.labels if state else []), *events.labels]
+        raw = [*(state.raw_labels if state else []), *events.raw_labels]
+        g_all = np.concatenate([state.events, g]) if state else g
+        if len(times) <= d.max_events:
+            first, base = held, state
+        else:  # re-window: the newest L events, recomputed from their stored G
+            keep = slice(len(times) - d.max_events, None)
+            times, labels, raw, g_all = times[keep], labels[keep], raw[keep], g_all[keep]
+            first, base = 0, None
+        return _Plan(
+            base=base,
+            events=events,
+            times=times,
+            labels=labels,
+            raw_labels=raw,
+            g_all=g_all,
+            g_new=g_all[first:],
+            time_new=time_feature_rows(times, labels, d, first=first),
+            query=query_features(times, events.query_time, d),
+        )
+
+    @torch.inference_mode()
+    def _run(self, plans: list[_Plan]) -> list[Advanced]:
+        d = self.dims
+        users = len(plans)
+        longest = max(len(p.g_new) for p in plans)
+        g = np.zeros((users, longest, d.event_dim), np.float32)
+        tf = np.zeros((users, longest, d.time_dim), np.float32)
+        mask = np.zeros((users, longest), bool)
+        for b, p in enumerate(plans):
+            k = len(p.g_new)
+            g[b, :k], tf[b, :k], mask[b, :k] = p.g_new, p.time_new, True
+        g_t, mask_t = torch.from_numpy(g), torch.from_numpy(mask)
+        text, image, label = torch.split(g_t, [d.text_dim, d.image_dim, d.label_dim], dim=-1)
+        zeros = np.zeros(d.seq_dim, np.float32)
+        h0 = torch.from_numpy(np.stack([p.base.lstm_h if p.base else zeros for p in plans]))
+        c0 = torch.from_numpy(np.stack([p.base.lstm_c if p.base else zeros for p in plans]))
+        if longest:
+            seq, (h, c) = self.lstm.extend(
+                text, image, label, torch.from_numpy(tf), mask_t, (h0, c0)
+            )
+            tokens = self.encoder.tokens(seq, text, image, label)
+        else:
+            h, c = h0, c0
+            tokens = torch.zeros((users, 0, self.encoder.start_token.shape[0]))
+        # A session from nothing reads MiniLM's start token first.
+        fresh = torch.tensor([p.base is None for p in plans])
+        start = self.encoder.start_token.expand(users, 1, -1)
+        width = longest + int(bool(fresh.any()))
+        token_in = torch.zeros((users, width, tokens.shape[-1]))
+        token_mask = torch.zeros((users, width), dtype=torch.bool)
+        for b, p in enumerate(plans):
+            k = len(p.g_new)
+            if p.base is None:
+                token_in[b, :1], token_in[b, 1 : k + 1] = start[b], tokens[b, :k]
+                token_mask[b, : k + 1] = True
+            else:
+                token_in[b, :k] = tokens[b, :k]
+                token_mask[b, :k] = True
+        past = self._past(plans)
+        states, keys, values = extend(self.encoder, token_in, token_mask, past)
+        read = token_mask.sum(1)
+        newest = torch.stack(
+            [
+                states[b, read[b] - 1] if read[b] else torch.from_numpy(p.base.newest)
+                for b, p in enumerate(plans)
+            ]
+        )
+        query = torch.from_numpy(np.stack([p.query for p in plans]))
+        embeddings = self.encoder.embed(newest, query).numpy()
+        out = []
+        for b, p in enumerate(plans):
+            r = int(read[b])
+            new_k, new_v = keys[b, :, :, :r].numpy(), values[b, :, :, :r].numpy()
+            state = SessionState(
+                versions=self.versions,
+                times=p.times,
+                labels=p.labels,
+                raw_labels=p.raw_labels,
+                events=p.g_all,
+                lstm_h=h[b].numpy().copy(),
+                lstm_c=c[b].numpy().copy(),
+                keys=np.concatenate([p.base.keys, new_k], 2) if p.base else new_k.copy(),
+                values=np.concatenate([p.base.values, new_v], 2) if p.base else new_v.copy(),
+                newest=newest[b].numpy().copy(),
+            )
+            out.append(Advanced(state, embeddings[b]))
+        return out
+
+    def _past(self, plans: list[_Plan]) -> KVCache:
+        """The stored keys and values of the batch's sessions, padded to the longest."""
+        empty = KVCache.empty(self.encoder, len(plans))
+        longest = max((p.base.keys.shape[2] for p in plans if p.base), default=0)
+        if not longest:
+            return empty
+        layers, heads, _, head_dim = next(p.base.keys.shape for p in plans if p.base)
+        keys = np.zeros((len(plans), layers, heads, longest, head_dim), np.float32)
+        values = np.zeros_like(keys)
+        mask = np.zeros((len(plans), longest), bool)
+        for b, p in enumerate(plans):
+            if p.base is not None:
+                n = p.base.keys.shape[2]
+                keys[b, :, :, :n], values[b, :, :, :n], mask[b, :n] = (
+                    p.base.keys,
+                    p.base.values,
+                    True,
+                )
+        return KVCache(torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(mask))
+
+
+def serving_versions(repository: Path) -> dict[str, list[int]]:
+    """Each session stage's version numbers on disk, newest last."""
+    return {name: versions_of(repository / name) for name in SESSION_STAGES}

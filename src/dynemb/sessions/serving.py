@@ -1,0 +1,245 @@
+"""The Triton model `session`: a store of per-user states and the engine that advances
+them, over the stage versions the server serves.
+
+One instance holds every state (a user's next update must find it; Triton has no
+implicit state for the Python backend, and the sequence batcher's slots suit short
+sequences, not a population of users). Before each batch it asks the server which version
+of every session stage is loaded and ready; when one changed (a swap), it loads the new
+versions and drops every state: a state is never advanced by versions other than those
+that computed it, so a response never mixes two versions of a stage. A session the store
+does not hold (never seen, evicted, expired, dropped, or the server restarted) is answered
+STATUS_UNKNOWN, and the client sends the history it keeps (dynemb_client.sessions).
+
+Like dynemb.serving.adapter, nothing here imports Triton: `model.py` hands in pb_utils.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from dynemb.errors import InputError
+from dynemb.pipeline import versions_of
+from dynemb.serving.adapter import read_inputs
+from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
+from dynemb.sessions.spec import SessionOptions, session_spec
+from dynemb.sessions.state import SessionState, StateStore, StoreStats
+from dynemb.specs import StageSpec
+from dynemb_client import contract as wire
+
+
+class NoServingVersionError(RuntimeError):
+    """A session stage has no version loaded and ready (the server is starting, or the
+    stage is down): the request is UNAVAILABLE, for the client to retry."""
+
+
+@dataclass
+class _Row:
+    request: int
+    session: str
+    op: int
+    inputs: dict[str, np.ndarray]
+
+
+class SessionAdapter:
+    """Subclassed by the `session` model's `model.py` with pb_utils set."""
+
+    pb_utils: ModuleType
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.repository = Path(args["model_repository"]).parent
+        config = json.loads(args.get("model_config") or "{}")
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.options = SessionOptions.from_parameters(parameters)
+        self.store = self.options.store()
+        self.engine: SessionEngine | None = None
+        self.spec: StageSpec | None = None
+        self.metrics = SessionMetrics(self.pb_utils)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = self.pb_utils
+        try:
+            engine = self._engine()
+        except NoServingVersionError as exc:
+            return [_error(pb, exc, pb.TritonError.UNAVAILABLE) for _ in requests]
+        except Exception as exc:
+            pb.Logger.log_error(f"session: {traceback.format_exc()}")
+            return [_error(pb, exc, pb.TritonError.INTERNAL) for _ in requests]
+        responses: list[Any] = [None] * len(requests)
+        rows: list[_Row] = []
+        for i, request in enumerate(requests):
+            try:
+                rows.extend(self._rows(i, request))
+            except InputError as exc:
+                responses[i] = _error(pb, f"session: bad input: {exc}", pb.TritonError.INVALID_ARG)
+        answers = serve_rows(self.store, engine, rows)
+        by_request: dict[int, list[tuple[np.ndarray, int, int]]] = {}
+        for row, answer in zip(rows, answers, strict=True):
+            if isinstance(answer, InputError):
+                message = f"session: bad input: {answer}"
+                responses[row.request] = _error(pb, message, pb.TritonError.INVALID_ARG)
+            elif isinstance(answer, Exception):
+                pb.Logger.log_error(f"session: {answer!r}")
+                responses[row.request] = _error(pb, answer, pb.TritonError.INTERNAL)
+            else:
+                by_request.setdefault(row.request, []).append(answer)
+        for i, answers_i in by_request.items():
+            if responses[i] is None:
+                responses[i] = self._response(answers_i)
+        self.metrics.update(self.store.stats())
+        return responses
+
+    def finalize(self) -> None:
+        self.engine = None
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _engine(self) -> SessionEngine:
+        """The engine of the versions the server serves now (reloaded after a swap, every
+        state dropped with the old versions)."""
+        serving = {}
+        for name in SESSION_STAGES:
+            ready = [
+                v
+                for v in reversed(versions_of(self.repository / name))
+                if self.pb_utils.is_model_ready(name, str(v))
+            ]
+            if not ready:
+                raise NoServingVersionError(f"{name}: no version is loaded and ready")
+            serving[name] = ready[0]
+        key = tuple((name, str(v)) for name, v in serving.items())
+        if self.engine is None or self.engine.versions != key:
+            self.engine = None
+            self.store.clear()
+            self.engine = SessionEngine.from_repository(self.repository, serving)
+            self.spec = session_spec(self.engine.dims, self.options)
+            self.pb_utils.Logger.log_info(f"session: serving with {dict(key)}")
+        return self.engine
+
+    def _rows(self, i: int, request: Any) -> list[_Row]:
+        inputs = read_inputs(self.pb_utils, request, self.spec)
+        out = []
+        for j in range(len(inputs[wire.SESSION_ID])):
+            row = {name: value[j] for name, value in inputs.items()}
+            out.append(_Row(i, session_id(row[wire.SESSION_ID]), session_op(row), row))
+        return out
+
+    def _response(self, answers: list[tuple[np.ndarray, int, int]]) -> Any:
+        pb = self.pb_utils
+        embeddings, status, held = zip(*answers, strict=True)
+        tensors = [
+            pb.Tensor(wire.USER_EMBEDDING, np.stack(embeddings).astype(np.float32)),
+            pb.Tensor(wire.SESSION_STATUS, np.array(status, np.int32)[:, None]),
+            pb.Tensor(wire.SESSION_EVENTS, np.array(held, np.int32)[:, None]),
+        ]
+        return pb.InferenceResponse(output_tensors=tensors)
+
+
+def serve_rows(
+    store: StateStore, engine: SessionEngine, rows: list[_Row]
+) -> list[tuple[np.ndarray, int, int] | Exception]:
+    """Each row's (E_t, status, events held) or its error; the rows that advance run as
+    one batch (one row alone if the batch fails, so one row never fails its neighbours)."""
+    zeros = np.zeros(engine.dims.embed_dim, np.float32)
+    answers: list[tuple[np.ndarray, int, int] | Exception | None] = [None] * len(rows)
+    todo: list[tuple[int, SessionState | None]] = []
+    for k, row in enumerate(rows):
+        if row.op == wire.OP_FORGET:
+            store.forget(row.session)
+            answers[k] = (zeros, wire.STATUS_FORGOTTEN, 0)
+        elif row.op == wire.OP_START:
+            todo.append((k, None))
+        else:
+            state = store.get(row.session, engine.versions)
+            if state is None:
+                answers[k] = (zeros, wire.STATUS_UNKNOWN, 0)
+            else:
+                todo.append((k, state))
+    if todo:
+        batch = [(state, rows[k].inputs) for k, state in todo]
+        try:
+            results = engine.advance(batch)
+        except Exception:
+            results = []
+            for item in batch:
+                try:
+                    results.extend(engine.advance([item]))
+                except Exception as exc:
+                    traceback.print_exc(file=sys.stderr)
+                    results.append(exc)
+        for (k, _), result in zip(todo, results, strict=True):
+            if isinstance(result, Advanced):
+                store.put(rows[k].session, result.state)
+                answers[k] = (result.embedding, wire.STATUS_OK, result.state.n_events)
+            else:
+                answers[k] = result
+    return answers  # type: ignore[return-value]
+
+
+def session_id(value: Any) -> str:
+    raw = value.reshape(-1)[0]
+    raw = raw if isinstance(raw, bytes) else bytes(raw)
+    if not 0 < len(raw) <= wire.MAX_SESSION_ID_BYTES:
+        raise InputError(
+            wire.SESSION_ID, f"{len(raw)} bytes; must be 1-{wire.MAX_SESSION_ID_BYTES}"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(wire.SESSION_ID, "not UTF-8") from exc
+
+
+def session_op(row: dict[str, np.ndarray]) -> int:
+    op = int(row[wire.SESSION_OP].reshape(-1)[0])
+    ops = (wire.OP_UPDATE, wire.OP_START, wire.OP_FORGET)
+    if op not in ops:
+        raise InputError(wire.SESSION_OP, f"must be one of {ops}, got {op}")
+    return op
+
+
+def _error(pb_utils: ModuleType, exc: object, code: int) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+
+
+class SessionMetrics:
+    """The store as Prometheus metrics on the server's metrics port: gauges
+    `dynemb_session_users`, `dynemb_session_bytes`; counters `dynemb_session_hits_total`,
+    `_misses_total`, `_stale_total`, `_evictions_total`, `_expirations_total`. Published at
+    most once a second (each update is a round trip to the server process)."""
+
+    GAUGES = ("users", "bytes")
+
+    def __init__(self, pb_utils: ModuleType, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._last = StoreStats()
+        self._metrics = {}
+        for f in fields(StoreStats):
+            gauge = f.name in self.GAUGES
+            family = pb_utils.MetricFamily(
+                name=f"dynemb_session_{f.name}{'' if gauge else '_total'}",
+                description=f"Session store: {f.name}",
+                kind=pb_utils.MetricFamily.GAUGE if gauge else pb_utils.MetricFamily.COUNTER,
+            )
+            self._metrics[f.name] = (family, family.Metric(labels={"model": wire.SESSION}))
+
+    def update(self, stats: StoreStats, force: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._next and not force:
+            return
+        self._next = now + self.interval_s
+        for name, (_, metric) in self._metrics.items():
+            value = getattr(stats, name)
+            if name in self.GAUGES:
+                metric.set(value)
+            elif value > getattr(self._last, name):
+                metric.increment(value - getattr(self._last, name))
+        self._last = stats

@@ -1,0 +1,66 @@
+"""The `session` model's spec and options (no torch here: configs are generated from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from dynemb.dims import Dims
+from dynemb.sessions.state import StateStore
+from dynemb.specs import StageSpec, TensorSpec
+from dynemb.tensors import Tensors
+from dynemb_client import contract as wire
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """The store's bounds, as config.pbtxt parameters (`max_users`, `max_mb`, `ttl_s`). A
+    full session (50 events) holds about 1 MB, mostly MiniLM's keys and values."""
+
+    max_users: int = 100_000
+    max_mb: float = 1024.0
+    ttl_s: float = 3_600.0
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> SessionOptions:
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(parameters) - set(known))
+        if unknown:
+            raise ValueError(f"session: unknown parameters {unknown}; known: {sorted(known)}")
+        values = {}
+        for name, raw in parameters.items():
+            value = float(raw)
+            if value <= 0:
+                raise ValueError(f"session: parameter {name} must be > 0, got {raw!r}")
+            values[name] = int(value) if name == "max_users" else value
+        return cls(**values)
+
+    def parameters(self) -> tuple[tuple[str, str], ...]:
+        return tuple((f.name, str(getattr(self, f.name))) for f in fields(self))
+
+    def store(self) -> StateStore:
+        return StateStore(self.max_users, int(self.max_mb * 2**20), self.ttl_s)
+
+
+def session_spec(dims: Dims, options: SessionOptions | None = None) -> StageSpec:
+    t = Tensors(dims)
+    return StageSpec(
+        name=wire.SESSION,
+        inputs=(
+            TensorSpec(wire.SESSION_ID, "BYTES", (1,)),
+            TensorSpec(wire.SESSION_OP, "INT32", (1,)),
+            t.event_text,
+            t.event_image,
+            t.event_labels,
+            t.event_time,
+            t.event_count,
+            t.query_time,
+        ),
+        outputs=(
+            t.user_embedding,
+            TensorSpec(wire.SESSION_STATUS, "INT32", (1,)),
+            TensorSpec(wire.SESSION_EVENTS, "INT32", (1,)),
+        ),
+        instances=1,  # every state lives in this one process
+        description="E_t advanced by a user's new events (per-user state)",
+        parameters=(options or SessionOptions()).parameters(),
+    )

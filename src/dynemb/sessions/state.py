@@ -1,0 +1,141 @@
+"""What a session keeps per user, and the store that bounds how many it keeps.
+
+A session's state is exactly what the next event needs and no more: the events' times
+and labels (the time features of a new event read the events before it), their per-item
+vectors G (to re-window past L events), the LSTM state, MiniLM's keys and values of every
+token read, and the newest token's state. It is tagged with the stage versions that
+computed it: a state is only ever advanced by the same versions (`StateStore.get`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# (stage, version) of every stage a state was computed with, in session wiring order.
+Versions = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class SessionState:
+    versions: Versions
+    times: np.ndarray  # (n,) float64, non-decreasing
+    labels: list[list[str]]  # n events' labels, as strings
+    raw_labels: list[tuple[bytes, ...]]  # n events' label rows as sent (for re-windowing)
+    events: np.ndarray  # (n, event_dim) float32: G = text ⊕ image ⊕ label vectors
+    lstm_h: np.ndarray  # (seq_dim,) float32
+    lstm_c: np.ndarray  # (seq_dim,) float32
+    keys: np.ndarray  # (layers, heads, n + 1, head_dim) float32: start token + n events
+    values: np.ndarray  # same
+    newest: np.ndarray  # (hidden,) float32: the state of the newest token
+    used_at: float = 0.0  # monotonic time of the last use (TTL)
+
+    @property
+    def n_events(self) -> int:
+        return len(self.times)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.times, self.events, self.lstm_h, self.lstm_c, self.keys, self.values)
+        labels = sum(64 + sum(len(x) for x in row) for row in self.raw_labels)
+        return sum(a.nbytes for a in arrays) + self.newest.nbytes + 2 * labels + 512
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    users: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0  # no state for the session (never seen, evicted, forgotten)
+    stale: int = 0  # a state from other stage versions, dropped when asked for
+    evictions: int = 0  # dropped to stay within max_users / max_bytes
+    expirations: int = 0  # dropped after ttl_s unused
+
+
+@dataclass
+class StateStore:
+    """Sessions by id, least recently used first; bounded in users and bytes, and a state
+    unused for `ttl_s` is dropped. Only the session model's one instance touches it."""
+
+    max_users: int = 100_000
+    max_bytes: int = 1 << 30
+    ttl_s: float = 3_600.0
+    clock: Callable[[], float] = time.monotonic
+    _states: OrderedDict[str, SessionState] = field(default_factory=OrderedDict)
+    _bytes: int = 0
+    _counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("hits", "misses", "stale", "evictions", "expirations"), 0
+        )
+    )
+
+    def get(self, session: str, versions: Versions) -> SessionState | None:
+        """The session's state if it was computed by exactly `versions`, else None (a state
+        from other versions is dropped: it must never be advanced by these)."""
+        self._expire()
+        state = self._states.get(session)
+        if state is None:
+            self._counts["misses"] += 1
+            return None
+        if state.versions != versions:
+            self._drop(session)
+            self._counts["stale"] += 1
+            return None
+        self._counts["hits"] += 1
+        self._states.move_to_end(session)
+        state.used_at = self.clock()
+        return state
+
+    def put(self, session: str, state: SessionState) -> None:
+        """Keep `state` (replacing the session's old one); evict the least recently used
+        sessions while over a bound. A state larger than max_bytes alone is not kept."""
+        self._drop(session)
+        if state.nbytes > self.max_bytes:
+            self._counts["evictions"] += 1
+            return
+        state.used_at = self.clock()
+        self._states[session] = state
+        self._bytes += state.nbytes
+        while len(self._states) > self.max_users or self._bytes > self.max_bytes:
+            oldest = next(iter(self._states))
+            self._drop(oldest)
+            self._counts["evictions"] += 1
+
+    def forget(self, session: str) -> bool:
+        """Drop the session's state; whether there was one."""
+        return self._drop(session)
+
+    def clear(self) -> None:
+        """Drop every state (a stage version changed: none of them can be advanced)."""
+        self._counts["stale"] += len(self._states)
+        self._states.clear()
+        self._bytes = 0
+
+    def stats(self) -> StoreStats:
+        return StoreStats(users=len(self._states), bytes=self._bytes, **self._counts)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, session: str) -> bool:
+        return session in self._states
+
+    def _drop(self, session: str) -> bool:
+        state = self._states.pop(session, None)
+        if state is None:
+            return False
+        self._bytes -= state.nbytes
+        return True
+
+    def _expire(self) -> None:
+        deadline = self.clock() - self.ttl_s
+        while self._states:
+            oldest_id, oldest = next(iter(self._states.items()))
+            if oldest.used_at > deadline:
+                return
+            self._drop(oldest_id)
+            self._counts["expirations"] += 1

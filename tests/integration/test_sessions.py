@@ -1,0 +1,255 @@
+"""Sessions: E_t advanced event by event equals the full recompute (in-process here, on
+the trained synthetic repository: images, texts, labels), across batches and past L."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from dynemb.data.synthetic import draw_item_image
+from dynemb.pipeline import Pipeline
+from dynemb.server import ServerConfig, TritonServer, free_port
+from dynemb.sessions.engine import SessionEngine
+from dynemb.swap.candidates import make_candidate
+from dynemb.swap.swapper import Swapper
+from dynemb_client import (
+    ClientInputError,
+    Event,
+    InterestClient,
+    ServerInputError,
+    build_inputs,
+)
+
+T0 = 1_700_000_000.0
+TOL = 1e-4
+
+
+def stream(seed: int, n: int, images: bool = True) -> list[Event]:
+    """A user's events, some with images, some sharing a time, labels with ratings."""
+    rng = random.Random(seed)
+    t, out = T0, []
+    for _ in range(n):
+        t += rng.choice([0, 60, 3_600, 86_400, 9 * 86_400])
+        image = (
+            draw_item_image(rng.randrange(6), rng, 32) if images and rng.random() < 0.5 else None
+        )
+        labels = [f"category:c{rng.randrange(6)}", f"rating:{rng.randrange(1, 6)}"]
+        out.append(Event(t, f"item {rng.randrange(40)} lamp", image, labels[: rng.randrange(3)]))
+    return out
+
+
+def wire(events: list[Event], at: float, shape) -> dict[str, np.ndarray]:
+    x = build_inputs([events], [at], shape.max_events, shape.max_labels)
+    return {k: v[0] for k, v in x.items()}
+
+
+@pytest.fixture(scope="module")
+def engine(built_repository) -> SessionEngine:
+    return SessionEngine.from_repository(built_repository)
+
+
+@pytest.fixture(scope="module")
+def shape(engine):
+    from dynemb_client import ModelShape
+
+    return ModelShape(engine.dims.max_events, engine.dims.max_labels)
+
+
+def full(pipeline: Pipeline, events: list[Event], at: float, shape) -> np.ndarray:
+    x = build_inputs([events], [at], shape.max_events, shape.max_labels)
+    return pipeline.embed(x)[0]
+
+
+def test_event_by_event_equals_the_full_recompute(engine, pipeline, shape):
+    users = [stream(s, n, images=s % 2 == 0) for s, n in enumerate((0, 1, 7, 23, 50))]
+    states = [None] * len(users)
+    worst = 0.0
+    for step in range(max(map(len, users)) + 1):
+        batch, who = [], []
+        for u, events in enumerate(users):
+            if step < len(events) or (step == 0 and not events):
+                new = events[step : step + 1]
+                at = new[-1].time + 30 if new else T0
+                batch.append((states[u], wire(new, at, shape)))
+                who.append((u, at))
+        if not batch:
+            break
+        for (u, at), done in zip(who, engine.advance(batch), strict=True):
+            states[u] = done.state
+            expected = full(pipeline, users[u][: step + 1], at, shape)
+            worst = max(worst, float(np.abs(done.embedding - expected).max()))
+    assert worst < TOL, worst
+
+
+def test_a_whole_history_at_once_and_a_later_query_time(engine, pipeline, shape):
+    events = stream(11, 30)
+    [started] = engine.advance([(None, wire(events[:20], events[19].time, shape))])
+    at = events[-1].time + 7_200
+    [later] = engine.advance([(started.state, wire(events[20:], at, shape))])
+    assert np.abs(later.embedding - full(pipeline, events, at, shape)).max() < TOL
+    # No new events: only the query time moves.
+    [moved] = engine.advance([(later.state, wire([], at + 86_400, shape))])
+    expected = full(pipeline, events, at + 86_400, shape)
+    assert np.abs(moved.embedding - expected).max() < TOL
+    assert moved.state.n_events == 30
+
+
+def test_past_the_window_it_is_the_newest_l_events(engine, pipeline, shape):
+    events = stream(5, engine.dims.max_events + 9)
+    [done] = engine.advance([(None, wire(events[:45], events[44].time, shape))])
+    state = done.state
+    for i in range(45, len(events)):
+        [done] = engine.advance([(state, wire(events[i : i + 1], events[i].time, shape))])
+        state = done.state
+        window = events[max(0, i + 1 - engine.dims.max_events) : i + 1]
+        expected = full(pipeline, window, events[i].time, shape)
+        assert np.abs(done.embedding - expected).max() < TOL, i
+    assert state.n_events == engine.dims.max_events
+
+
+def test_bad_input_fails_alone(engine, shape):
+    events = stream(3, 5)
+    [start] = engine.advance([(None, wire(events, events[-1].time, shape))])
+    early = wire([Event(T0 - 10, "too early")], T0, shape)
+    future = wire([Event(events[-1].time + 100, "later")], events[-1].time + 100, shape)
+    future["QUERY_TIME"] = np.array([events[-1].time])  # before the new event
+    good = wire([Event(events[-1].time + 5, "fine")], events[-1].time + 5, shape)
+    results = engine.advance([(start.state, early), (start.state, future), (start.state, good)])
+    assert "EVENT_TIME[0]" in str(results[0]) and "precedes" in str(results[0])
+    assert "QUERY_TIME" in str(results[1])
+    assert results[2].state.n_events == 6
+
+
+# --- served: the `session` model through the project's client ------------------------
+
+
+def served_users():
+    return [stream(s, n, images=s % 2 == 1) for s, n in ((21, 6), (22, 14), (23, 3))]
+
+
+def stream_all(client, users, prefix: str) -> float:
+    """Every user's events one update at a time, users interleaved (concurrently, so the
+    session model batches them); the largest |E_t - user_interest(history)|."""
+    worst = 0.0
+
+    def one(u: int) -> float:
+        gap = 0.0
+        for i, event in enumerate(users[u]):
+            got = client.update(f"{prefix}{u}", [event])
+            want = client.embed(users[u][: i + 1])
+            gap = max(gap, float(np.abs(got - want).max()))
+        return gap
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        for gap in pool.map(one, range(len(users))):
+            worst = max(worst, gap)
+    return worst
+
+
+def test_served_updates_equal_the_ensemble(live):
+    users = served_users()
+    with InterestClient(live.url) as client:
+        assert stream_all(client, users, "equal-") < TOL
+        # No new events, a later query time; and recommend on the session.
+        at = users[1][-1].time + 3_600
+        np.testing.assert_allclose(
+            client.embed_user("equal-1", at=at), client.embed(users[1], at=at), atol=TOL
+        )
+        seen = {"item 3 lamp"}
+        mine = client.recommend_user("equal-1", k=5, at=at, exclude=seen)
+        theirs = client.recommend(users[1], k=5, at=at, exclude=seen)
+        assert [r.item_id for r in mine] == [r.item_id for r in theirs]
+
+
+def test_a_forgotten_or_unknown_session_is_rebuilt_from_the_kept_history(live):
+    users = served_users()
+    with InterestClient(live.url) as client, InterestClient(live.url) as other:
+        stream_all(client, users[:1], "forget-")
+        other.forget("forget-0")  # the server drops it; this client still keeps its events
+        extra = Event(users[0][-1].time + 60, "one more", None, ["category:c1"])
+        got = client.update("forget-0", [extra])
+        np.testing.assert_allclose(got, client.embed([*users[0], extra]), atol=TOL)
+        # A caller that keeps its own history (a fresh client knows nothing).
+        fresh = InterestClient(live.url)
+        later = Event(extra.time + 60, "and another")
+        other.forget("forget-0")
+        got = fresh.update("forget-0", [later], history=[*users[0], extra])
+        np.testing.assert_allclose(got, client.embed([*users[0], extra, later]), atol=TOL)
+        fresh.close()
+
+
+def test_bad_session_input_is_invalid_argument(live):
+    with InterestClient(live.url) as client:
+        client.update("bad-0", [Event(T0 + 100, "first")])
+        with pytest.raises(ServerInputError, match="EVENT_TIME"):
+            client.update("bad-0", [Event(T0, "before the newest")])
+        with pytest.raises(ClientInputError, match="QUERY_TIME"):
+            client.update("bad-0", [Event(T0 + 200, "x")], at=T0 + 150)
+        with pytest.raises(ServerInputError, match="QUERY_TIME"):
+            client.embed_user("bad-0", at=T0 + 50)
+        # The session is intact after both refusals.
+        got = client.update("bad-0", [Event(T0 + 300, "fine")])
+        want = client.embed([Event(T0 + 100, "first"), Event(T0 + 300, "fine")])
+        np.testing.assert_allclose(got, want, atol=TOL)
+
+
+def test_a_swap_drops_every_state_and_answers_stay_exact(live, tmp_path):
+    users = served_users()
+    swapper = Swapper(live.repository, live.url, token=live.token)
+    with InterestClient(live.url) as client:
+        stream_all(client, users, "swap-")
+        stale_before = session_counter(live, "stale")
+        candidate = make_candidate(live.repository, "label_mlp", tmp_path / "c", scale=0.2)
+        swapper.swap("label_mlp", candidate, accept_drift=True)
+        try:
+            extra = Event(users[0][-1].time + 60, "after the swap", None, ["category:c2"])
+            got = client.update("swap-0", [extra])
+            x = build_inputs([[*users[0], extra]], [extra.time], 50, 8)
+            want = swapper.current_pipeline().embed(x)[0]  # every stage at its new version
+            assert np.abs(got - want).max() < TOL
+            assert session_counter(live, "stale") > stale_before
+        finally:
+            swapper.rollback("label_mlp")
+
+
+def session_counter(live, stat: str) -> float:
+    url = f"http://127.0.0.1:{live.config.metrics_port}/metrics"
+    deadline = time.monotonic() + 5
+    while True:  # published at most once a second
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith(f"dynemb_session_{stat}_total{{"):
+                return float(line.rsplit(" ", 1)[1])
+        if time.monotonic() > deadline:
+            return 0.0
+        time.sleep(0.2)
+
+
+def test_a_restarted_server_loses_states_not_answers(built_repository, tmp_path):
+    repository = tmp_path / "repository"
+    shutil.copytree(built_repository, repository)
+    config = ServerConfig(
+        repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        log_file=tmp_path / "tritonserver.log",
+        startup_timeout_s=240,
+    )
+    users = served_users()
+    pipeline = Pipeline.from_repository(repository)
+    # One client across the restart: it keeps its sessions' histories, the server not.
+    with InterestClient(config.grpc_url, retry_deadline_s=120) as client:
+        with TritonServer(config):
+            stream_all(client, users[:2], "restart-")
+        with TritonServer(config):
+            extra = Event(users[1][-1].time + 5, "after restart")
+            got = client.update("restart-1", [extra])
+            want = full(pipeline, [*users[1], extra], extra.time, client.model_shape())
+            assert np.abs(got - want).max() < TOL
