@@ -502,7 +502,7 @@ def bench_faults(
     fuzz_per_model: Annotated[int, typer.Option(help="malformed requests per model")] = 150,
 ) -> None:
     """Faults, measured: a killed stage process under load (back in how long, calls lost),
-    a server restart under load, and malformed requests to all nine models beside good
+    a server restart under load, and malformed requests to every model beside good
     ones; writes faults.md/.json."""
     from dynemb.bench.faults import bench_faults as run_faults
     from dynemb.bench.faults import render_markdown
@@ -511,6 +511,28 @@ def bench_faults(
         repository, out_dir, cache_dir(), fuzz_per_model=fuzz_per_model, say=console.print
     )
     console.print(render_markdown(result).split("## Context")[0])
+
+
+@app.command(name="bench-sessions")
+def bench_sessions(
+    repository: Repository = MODEL_REPOSITORY,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    quick: Annotated[bool, typer.Option(help="smoke run: 64 users, 3 s per point")] = False,
+    hold: Annotated[int, typer.Option(help="events that start each session, untimed")] = 10,
+) -> None:
+    """One new event with sessions vs a whole-history recompute, in-process and served, in
+    one run (MovieLens-100k and SYNTHETIC users with images); writes sessions.md/.json."""
+    from dynemb.bench.sessions import SessionBenchOptions
+    from dynemb.bench.sessions import bench_sessions as run
+
+    options = SessionBenchOptions(repository=repository, out_dir=out_dir, hold=hold)
+    if quick:
+        options.quick, options.seconds, options.warmup_s = True, 3.0, 1.0
+        options.max_users, options.concurrencies = 64, (1, 8)
+        options.stem = "sessions-quick"
+    result = run(options, say=console.print)
+    for data in result.results:
+        console.print(data.data, {k: round(v, 2) for k, v in data.ratios.items()})
 
 
 def _swapper(repository: Path, url: str):

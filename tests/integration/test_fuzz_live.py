@@ -1,7 +1,7 @@
-"""Property-based fuzzing of every model (stages, ensembles, session) on the real server, through the same code as
-`dynemb bench-faults`: each malformed request is sent at the same moment as two good ones
-(the dynamic batcher may merge them); it alone fails, with INVALID_ARGUMENT naming the
-tensor it broke, and the good ones get their answers."""
+"""Property-based fuzzing of every model (stages, ensembles, session) on the real server,
+through the same code as `dynemb bench-faults`: each malformed request is sent at the same
+moment as two good ones (the dynamic batcher may merge them); it alone fails, with
+INVALID_ARGUMENT naming the tensor it broke, and the good ones get their answers."""
 
 from __future__ import annotations
 

@@ -111,6 +111,8 @@ def test_past_the_window_it_is_the_newest_l_events(engine, pipeline, shape):
         expected = full(pipeline, window, events[i].time, shape)
         assert np.abs(done.embedding - expected).max() < TOL, i
     assert state.n_events == engine.dims.max_events
+    # A full window keeps only what re-windowing reads: no keys and values.
+    assert state.windowed and state.nbytes < 100_000, state.nbytes
 
 
 def test_bad_input_fails_alone(engine, shape):
@@ -200,18 +202,36 @@ def test_bad_session_input_is_invalid_argument(live):
 
 
 def test_a_swap_drops_every_state_and_answers_stay_exact(live, tmp_path):
+    """Every answer during and after a swap is one version's exact answer: the old one's
+    until the session model sees the swap (within its version check), the new one's
+    after, and never a state of one version advanced by the other."""
     users = served_users()
     swapper = Swapper(live.repository, live.url, token=live.token)
     with InterestClient(live.url) as client:
         stream_all(client, users, "swap-")
+        at = users[0][-1].time + 600
+        x = build_inputs([users[0]], [at], 50, 8)
+        old = swapper.current_pipeline().embed(x)[0]
         stale_before = session_counter(live, "stale")
         candidate = make_candidate(live.repository, "label_mlp", tmp_path / "c", scale=0.2)
         swapper.swap("label_mlp", candidate, accept_drift=True)
         try:
+            new = swapper.current_pipeline().embed(x)[0]  # every stage at its new version
+            assert np.abs(new - old).max() > 1e-3
+            deadline = time.monotonic() + 10
+            while True:
+                got = client.embed_user("swap-0", at=at)
+                gap_new, gap_old = np.abs(got - new).max(), np.abs(got - old).max()
+                assert min(gap_new, gap_old) < TOL, (gap_new, gap_old)
+                if gap_new < TOL:
+                    break
+                assert time.monotonic() < deadline, "the session model never saw the swap"
+                time.sleep(0.05)
             extra = Event(users[0][-1].time + 60, "after the swap", None, ["category:c2"])
-            got = client.update("swap-0", [extra])
-            x = build_inputs([[*users[0], extra]], [extra.time], 50, 8)
-            want = swapper.current_pipeline().embed(x)[0]  # every stage at its new version
+            got = client.update("swap-0", [extra], at=at)
+            want = swapper.current_pipeline().embed(
+                build_inputs([[*users[0], extra]], [at], 50, 8)
+            )[0]
             assert np.abs(got - want).max() < TOL
             assert session_counter(live, "stale") > stale_before
         finally:

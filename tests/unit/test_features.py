@@ -113,3 +113,17 @@ def test_batch_equals_single(pre, png):
         single = pre.user({k: v[i] for k, v in x.items()})
         for key, value in single.items():
             np.testing.assert_array_equal(batch[key][i], value)
+
+
+def test_first_label_shares_are_the_same_for_a_few_rows_and_for_all():
+    import random
+
+    from dynemb.stages.preprocess.features import _shares_first_label
+
+    rng = random.Random(0)
+    for _ in range(100):
+        n = rng.randrange(1, 51)
+        labels = [[f"l{rng.randrange(5)}" for _ in range(rng.randrange(0, 4))] for _ in range(n)]
+        full = _shares_first_label(labels, 0)  # the vectorised path
+        for first in range(n):  # the last rows take the direct path
+            np.testing.assert_array_equal(_shares_first_label(labels, first), full[first:])

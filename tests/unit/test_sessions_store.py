@@ -21,6 +21,7 @@ def state(n: int = 3, versions=V1) -> SessionState:
         versions=versions,
         times=np.arange(n, dtype=np.float64),
         labels=[[]] * n,
+        ratings=np.full(n, np.nan),
         raw_labels=[()] * n,
         events=np.zeros((n, 4), np.float32),
         lstm_h=np.zeros(2, np.float32),
@@ -187,3 +188,69 @@ def test_histories_are_bounded_least_recent_first():
     for user in "abc":
         histories.extend(user, events(1), 4)
     assert "a" not in histories and len(histories) == 2
+
+
+# --- the session model's row logic, over a stand-in engine that counts events ---------
+
+
+class CountingEngine:
+    """Advances a session by appending its new events' count (no networks)."""
+
+    versions = V1
+
+    class dims:  # noqa: N801
+        embed_dim = 3
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def advance(self, batch):
+        from dynemb.errors import InputError
+        from dynemb.sessions.engine import Advanced
+
+        self.batches.append(len(batch))
+        out = []
+        for base, x in batch:
+            k = int(x[wire.EVENT_COUNT][0])
+            if k < 0:
+                out.append(InputError(wire.EVENT_COUNT, "negative"))
+                continue
+            n = (base.n_events if base else 0) + k
+            out.append(Advanced(state(n), np.full(3, n, np.float32)))
+        return out
+
+
+def row(session: str, op: int, k: int = 1):
+    from dynemb.sessions.serving import _Row
+
+    return _Row(0, session, op, {wire.EVENT_COUNT: np.array([k])})
+
+
+def test_rows_of_one_session_in_one_batch_advance_one_after_the_other():
+    from dynemb.sessions.serving import serve_rows
+
+    store, engine = StateStore(), CountingEngine()
+    rows = [row("a", wire.OP_START, 2), row("a", wire.OP_UPDATE), row("b", wire.OP_UPDATE)]
+    answers = serve_rows(store, engine, rows)
+    assert [a[2] for a in answers] == [2, 3, 0]
+    assert answers[2][1] == wire.STATUS_UNKNOWN  # b was never started
+    assert store.get("a", V1).n_events == 3
+
+
+def test_bad_rows_fail_alone_and_forget_drops():
+    from dynemb.errors import InputError
+    from dynemb.sessions.serving import serve_rows
+
+    store, engine = StateStore(), CountingEngine()
+    serve_rows(store, engine, [row("a", wire.OP_START, 1), row("b", wire.OP_START, 1)])
+    answers = serve_rows(
+        store,
+        engine,
+        [row("a", wire.OP_UPDATE, -1), row("b", wire.OP_UPDATE, 1), row("c", wire.OP_FORGET)],
+    )
+    assert isinstance(answers[0], InputError)
+    assert answers[1][1] == wire.STATUS_OK and answers[1][2] == 2
+    assert answers[2][1] == wire.STATUS_FORGOTTEN
+    assert store.get("a", V1).n_events == 1  # untouched by its bad update
+    serve_rows(store, engine, [row("b", wire.OP_FORGET)])
+    assert "b" not in store

@@ -41,6 +41,7 @@ class SessionBenchOptions:
     warmup_s: float = 3.0
     concurrencies: tuple[int, ...] = (1, 8, 32)
     max_users: int | None = None
+    inprocess_users: int = 128  # the in-process comparison's users (both variants)
     quick: bool = False
     stem: str = "sessions"
     cache: Path = field(default_factory=cache_dir)
@@ -227,7 +228,9 @@ def bench_sessions(
     for name in options.data:
         histories = load(name, options)
         say(f"{name}: {histories.description}")
-        inproc = inprocess(options.repository, histories.users, options.hold)
+        inproc = inprocess(
+            options.repository, histories.users[: options.inprocess_users], options.hold
+        )
         for rate in inproc:
             say(f"  in-process {rate.variant}: {rate.events_per_s:.0f} events/s")
         serv = served(options.repository, histories.users, options, say)

@@ -9,8 +9,10 @@ window the result is the full recompute's, at the cost of the new events.
 
 Past the window (a session holding L events that gets another) E_t keeps its meaning, the
 embedding of the newest L events: the engine re-windows to them and recomputes the
-sequence part (time features, LSTM, MiniLM) over the L stored vectors G; per-item work is
-still done once per event.
+sequence part (time features, LSTM, MiniLM, through their serving runtimes) over the L
+stored vectors G; per-item work is still done once per event. A full window keeps no
+keys, values or LSTM state (the next event changes its oldest one), about 35 kB a session
+instead of 1 MB.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dynemb.stages.llm_encoder.network import KVCache, LLMEncoder, extend
 from dynemb.stages.preprocess.features import (
     Preprocessor,
     SessionEvents,
+    event_ratings,
     query_features,
     time_feature_rows,
 )
@@ -62,11 +65,13 @@ class _Plan:
     events: SessionEvents
     times: np.ndarray  # every event the new state holds
     labels: list[list[str]]
+    ratings: np.ndarray
     raw_labels: list[tuple[bytes, ...]]
     g_all: np.ndarray  # (n, event_dim) of the new state
     g_new: np.ndarray  # (k, event_dim) rows the LSTM and MiniLM read now
     time_new: np.ndarray  # (k, time_dim)
     query: np.ndarray  # (Q,)
+    windowed: bool  # a full window: recomputed whole, no keys, values or LSTM state kept
 
 
 class SessionEngine:
@@ -76,6 +81,7 @@ class SessionEngine:
         dims: Dims,
         preprocessor: Preprocessor,
         item_runners: Mapping[str, Runner],
+        sequence_runners: Mapping[str, Runner],
         lstm: TemporalLSTM,
         encoder: LLMEncoder,
     ) -> None:
@@ -83,6 +89,7 @@ class SessionEngine:
         self.dims = dims
         self.preprocessor = preprocessor
         self.item_runners = dict(item_runners)
+        self.sequence_runners = dict(sequence_runners)  # serving runtimes, for full windows
         self.lstm = lstm
         self.encoder = encoder
 
@@ -98,7 +105,7 @@ class SessionEngine:
             dirs[name] = (
                 model_dir / str(versions[name]) if name in versions else latest_version(model_dir)
             )
-        runners = {name: load_runner(dirs[name]) for name in (PREPROCESS, *PER_ITEM)}
+        runners = {name: load_runner(dirs[name]) for name in SESSION_STAGES}
         networks = {}
         for name in (SEQUENCE, ENCODER):
             manifest = Manifest.load(dirs[name])
@@ -109,6 +116,7 @@ class SessionEngine:
             dims=runners[PREPROCESS].manifest.dims,
             preprocessor=runners[PREPROCESS].preprocessor,
             item_runners={name: runners[name] for name in PER_ITEM},
+            sequence_runners={name: runners[name] for name in (SEQUENCE, ENCODER)},
             lstm=networks[SEQUENCE],
             encoder=networks[ENCODER],
         )
@@ -163,28 +171,92 @@ class SessionEngine:
         held = state.n_events if state is not None else 0
         times = np.concatenate([state.times, events.times]) if state else events.times
         labels = [*(state.labels if state else []), *events.labels]
+        ratings = event_ratings(events.labels)
+        ratings = np.concatenate([state.ratings, ratings]) if state else ratings
         raw = [*(state.raw_labels if state else []), *events.raw_labels]
         g_all = np.concatenate([state.events, g]) if state else g
-        if len(times) <= d.max_events:
-            first, base = held, state
-        else:  # re-window: the newest L events, recomputed from their stored G
-            keep = slice(len(times) - d.max_events, None)
+        # A full window (L events) is recomputed whole from its stored G on every change:
+        # its oldest event leaves when the next arrives, so nothing else is worth keeping.
+        windowed = len(times) > d.max_events or (state is not None and state.windowed)
+        if windowed:
+            keep = slice(max(0, len(times) - d.max_events), None)
             times, labels, raw, g_all = times[keep], labels[keep], raw[keep], g_all[keep]
-            first, base = 0, None
+            ratings = ratings[keep]
+        first, base = (0, None) if windowed else (held, state)
         return _Plan(
             base=base,
             events=events,
             times=times,
             labels=labels,
+            ratings=ratings,
             raw_labels=raw,
             g_all=g_all,
             g_new=g_all[first:],
-            time_new=time_feature_rows(times, labels, d, first=first),
+            time_new=time_feature_rows(times, labels, d, first=first, ratings=ratings),
             query=query_features(times, events.query_time, d),
+            windowed=windowed,
         )
 
-    @torch.inference_mode()
     def _run(self, plans: list[_Plan]) -> list[Advanced]:
+        """Each plan's advanced session: full windows through the serving runtimes in one
+        batch, the others by steps from their stored state in another."""
+        out: list[Advanced | None] = [None] * len(plans)
+        for windowed in (True, False):
+            which = [i for i, p in enumerate(plans) if p.windowed == windowed]
+            if which:
+                run = self._windows if windowed else self._steps
+                for i, done in zip(which, run([plans[i] for i in which]), strict=True):
+                    out[i] = done
+        return out  # type: ignore[return-value]
+
+    def _windows(self, plans: list[_Plan]) -> list[Advanced]:
+        """Full windows: the sequence stages' serving runners over all L events."""
+        d = self.dims
+        users, length = len(plans), d.max_events
+        g = np.zeros((users, length, d.event_dim), np.float32)
+        tensors = {
+            "TIME_FEATURES": np.zeros((users, length, d.time_dim), np.float32),
+            "EVENT_MASK": np.zeros((users, length), bool),
+            "QUERY_FEATURES": np.stack([p.query for p in plans]).astype(np.float32),
+        }
+        for b, p in enumerate(plans):
+            n = len(p.g_all)
+            g[b, :n], tensors["TIME_FEATURES"][b, :n], tensors["EVENT_MASK"][b, :n] = (
+                p.g_all,
+                p.time_new,
+                True,
+            )
+        cuts = np.cumsum([d.text_dim, d.image_dim])
+        tensors["TEXT_VEC"], tensors["IMAGE_VEC"], tensors["LABEL_VEC"] = np.split(g, cuts, -1)
+        for runner in self.sequence_runners.values():
+            step = {t.name: np.ascontiguousarray(tensors[t.name]) for t in runner.spec.inputs}
+            tensors.update(runner.trim(step, runner(step)))
+        embeddings = tensors[runner.spec.outputs[0].name]
+        nothing = np.zeros((0,), np.float32)
+        return [
+            Advanced(
+                SessionState(
+                    versions=self.versions,
+                    times=p.times,
+                    labels=p.labels,
+                    ratings=p.ratings,
+                    raw_labels=p.raw_labels,
+                    events=p.g_all,
+                    lstm_h=nothing,
+                    lstm_c=nothing,
+                    keys=nothing,
+                    values=nothing,
+                    newest=nothing,
+                    windowed=True,
+                ),
+                embeddings[b],
+            )
+            for b, p in enumerate(plans)
+        ]
+
+    @torch.inference_mode()
+    def _steps(self, plans: list[_Plan]) -> list[Advanced]:
+        """Sessions within the window: their new events from their stored state."""
         d = self.dims
         users = len(plans)
         longest = max(len(p.g_new) for p in plans)
@@ -240,6 +312,7 @@ class SessionEngine:
                 versions=self.versions,
                 times=p.times,
                 labels=p.labels,
+                ratings=p.ratings,
                 raw_labels=p.raw_labels,
                 events=p.g_all,
                 lstm_h=h[b].numpy().copy(),

@@ -61,6 +61,7 @@ class SessionAdapter:
         self.options = SessionOptions.from_parameters(parameters)
         self.store = self.options.store()
         self.engine: SessionEngine | None = None
+        self._next_check = 0.0
         self.spec: StageSpec | None = None
         self.metrics = SessionMetrics(self.pb_utils)
 
@@ -103,18 +104,26 @@ class SessionAdapter:
     # --- steps --------------------------------------------------------------------------
 
     def _engine(self) -> SessionEngine:
-        """The engine of the versions the server serves now (reloaded after a swap, every
-        state dropped with the old versions)."""
+        """The engine of the versions the server serves (reloaded after a swap, every state
+        dropped with the old versions). The server is asked at most every
+        `version_check_s` (each question is a round trip per stage): for that long after
+        a swap, sessions still answer, consistently, from the old versions."""
+        now = time.monotonic()
+        if self.engine is not None and now < self._next_check:
+            return self.engine
         serving = {}
         for name in SESSION_STAGES:
-            ready = [
-                v
-                for v in reversed(versions_of(self.repository / name))
-                if self.pb_utils.is_model_ready(name, str(v))
-            ]
-            if not ready:
+            ready = next(
+                (
+                    v
+                    for v in reversed(versions_of(self.repository / name))
+                    if self.pb_utils.is_model_ready(name, str(v))
+                ),
+                None,
+            )
+            if ready is None:
                 raise NoServingVersionError(f"{name}: no version is loaded and ready")
-            serving[name] = ready[0]
+            serving[name] = ready
         key = tuple((name, str(v)) for name, v in serving.items())
         if self.engine is None or self.engine.versions != key:
             self.engine = None
@@ -122,6 +131,7 @@ class SessionAdapter:
             self.engine = SessionEngine.from_repository(self.repository, serving)
             self.spec = session_spec(self.engine.dims, self.options)
             self.pb_utils.Logger.log_info(f"session: serving with {dict(key)}")
+        self._next_check = time.monotonic() + self.options.version_check_s
         return self.engine
 
     def _rows(self, i: int, request: Any) -> list[_Row]:
@@ -146,8 +156,29 @@ class SessionAdapter:
 def serve_rows(
     store: StateStore, engine: SessionEngine, rows: list[_Row]
 ) -> list[tuple[np.ndarray, int, int] | Exception]:
-    """Each row's (E_t, status, events held) or its error; the rows that advance run as
-    one batch (one row alone if the batch fails, so one row never fails its neighbours)."""
+    """Each row's (E_t, status, events held) or its error, in order. A session named by
+    several rows of one batch is advanced by them one after the other (rounds), never twice
+    from the same state."""
+    seen: dict[str, int] = {}
+    rounds: list[list[int]] = []
+    for k, row in enumerate(rows):
+        n = seen.get(row.session, 0)
+        seen[row.session] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(k)
+    answers: list = [None] * len(rows)
+    for ks in rounds:
+        for k, answer in zip(ks, _serve_round(store, engine, [rows[k] for k in ks]), strict=True):
+            answers[k] = answer
+    return answers
+
+
+def _serve_round(
+    store: StateStore, engine: SessionEngine, rows: list[_Row]
+) -> list[tuple[np.ndarray, int, int] | Exception]:
+    """Rows of distinct sessions; those that advance run as one batch (one row alone if
+    the batch fails, so one row never fails its neighbours)."""
     zeros = np.zeros(engine.dims.embed_dim, np.float32)
     answers: list[tuple[np.ndarray, int, int] | Exception | None] = [None] * len(rows)
     todo: list[tuple[int, SessionState | None]] = []

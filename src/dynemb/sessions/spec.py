@@ -13,12 +13,14 @@ from dynemb_client import contract as wire
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """The store's bounds, as config.pbtxt parameters (`max_users`, `max_mb`, `ttl_s`). A
-    full session (50 events) holds about 1 MB, mostly MiniLM's keys and values."""
+    """The store's bounds and the version check, as config.pbtxt parameters. A session
+    within the window holds up to about 1 MB (MiniLM's keys and values), a full window
+    about 35 kB."""
 
     max_users: int = 100_000
     max_mb: float = 1024.0
     ttl_s: float = 3_600.0
+    version_check_s: float = 0.25  # how often it asks which stage versions are served
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> SessionOptions:
@@ -29,7 +31,7 @@ class SessionOptions:
         values = {}
         for name, raw in parameters.items():
             value = float(raw)
-            if value <= 0:
+            if value < 0 or (value == 0 and name != "version_check_s"):
                 raise ValueError(f"session: parameter {name} must be > 0, got {raw!r}")
             values[name] = int(value) if name == "max_users" else value
         return cls(**values)

@@ -25,6 +25,7 @@ class SessionState:
     versions: Versions
     times: np.ndarray  # (n,) float64, non-decreasing
     labels: list[list[str]]  # n events' labels, as strings
+    ratings: np.ndarray  # (n,) float64, NaN where unrated (from the labels)
     raw_labels: list[tuple[bytes, ...]]  # n events' label rows as sent (for re-windowing)
     events: np.ndarray  # (n, event_dim) float32: G = text ⊕ image ⊕ label vectors
     lstm_h: np.ndarray  # (seq_dim,) float32
@@ -32,6 +33,9 @@ class SessionState:
     keys: np.ndarray  # (layers, heads, n + 1, head_dim) float32: start token + n events
     values: np.ndarray  # same
     newest: np.ndarray  # (hidden,) float32: the state of the newest token
+    # A full window (L events): recomputed whole from `events` on every change, so the
+    # LSTM state, keys, values and newest state are not kept (empty).
+    windowed: bool = False
     used_at: float = 0.0  # monotonic time of the last use (TTL)
 
     @property
@@ -40,9 +44,10 @@ class SessionState:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.times, self.events, self.lstm_h, self.lstm_c, self.keys, self.values)
+        arrays = (self.times, self.ratings, self.events, self.lstm_h, self.lstm_c)
+        arrays += (self.keys, self.values, self.newest)
         labels = sum(64 + sum(len(x) for x in row) for row in self.raw_labels)
-        return sum(a.nbytes for a in arrays) + self.newest.nbytes + 2 * labels + 512
+        return sum(a.nbytes for a in arrays) + 2 * labels + 512
 
 
 @dataclass(frozen=True)

@@ -397,7 +397,11 @@ def time_features(times: np.ndarray, labels: list[list[str]], dims: Dims) -> np.
 
 
 def time_feature_rows(
-    times: np.ndarray, labels: list[list[str]], dims: Dims, first: int = 0
+    times: np.ndarray,
+    labels: list[list[str]],
+    dims: Dims,
+    first: int = 0,
+    ratings: np.ndarray | None = None,
 ) -> np.ndarray:
     """The time features of events `first`.. of a history, (n - first, time_dim).
 
@@ -409,7 +413,8 @@ def time_feature_rows(
     Columns: log time since the history's first event (hours), log gap to the previous
     event, hour sin/cos, weekday sin/cos, position from the oldest / L, then for each window
     w: log(1 + events in (t_i - w, t_i]), mean rating of those events / 5 (0 if none rated),
-    share of them carrying the event's first label.
+    share of them carrying the event's first label. `ratings` (`event_ratings(labels)`) may
+    be passed in by a caller that keeps them.
     """
     n = len(times)
     out = np.zeros((n - first, dims.time_dim), dtype=np.float32)
@@ -421,17 +426,19 @@ def time_feature_rows(
     out[:, 1] = np.log1p(prev_gap / _HOUR_S)
     out[:, 2:6] = _cycles(rows)
     out[:, 6] = np.arange(first, n) / dims.max_events
-    ratings = np.array([_rating(row) for row in labels], dtype=np.float64)
+    ratings = event_ratings(labels) if ratings is None else ratings
     rated = np.isfinite(ratings)
-    same = _shares_first_label(labels)[first:]
+    known = np.nan_to_num(ratings)
+    same = _shares_first_label(labels, first)
     # in_window[i, j]: event j is in event (first + i)'s trailing window (j <= first + i).
     age = rows[:, None] - times[None, :]
     causal = np.tri(n, dtype=bool)[first:]
     for k, window in enumerate(dims.windows_s):
         in_window = causal & (age < window)
         count = in_window.sum(axis=1)
-        n_rated = (in_window & rated[None, :]).sum(axis=1)
-        rating_sum = np.where(in_window & rated[None, :], np.nan_to_num(ratings)[None, :], 0).sum(1)
+        rated_in = in_window & rated[None, :]
+        n_rated = rated_in.sum(axis=1)
+        rating_sum = np.where(rated_in, known[None, :], 0).sum(1)
         col = 7 + 3 * k
         out[:, col] = np.log1p(count)
         out[:, col + 1] = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
@@ -439,18 +446,33 @@ def time_feature_rows(
     return out
 
 
-def _shares_first_label(labels: list[list[str]]) -> np.ndarray:
-    """(n, n) bool: event j carries event i's first label (False where i has none). Labels
-    are compared as strings (two different unknown labels differ), through codes that
-    this history's labels get here."""
+def event_ratings(labels: list[list[str]]) -> np.ndarray:
+    """Each event's rating from its labels ("rating:4"), NaN where it has none."""
+    return np.array([_rating(row) for row in labels], dtype=np.float64)
+
+
+def _shares_first_label(labels: list[list[str]], first: int = 0) -> np.ndarray:
+    """(n - first, n) bool: event j carries event (first + i)'s first label (False where it
+    has none). Labels are compared as strings (two different unknown labels differ),
+    through codes that this history's labels get here."""
+    n = len(labels)
+    if (n - first) * 8 <= n:  # a few new rows (a session's update): direct lookups
+        sets = [set(row) for row in labels]
+        return np.array(
+            [
+                [bool(labels[i]) and labels[i][0] in sets[j] for j in range(n)]
+                for i in range(first, n)
+            ],
+            dtype=bool,
+        ).reshape(n - first, n)
     codes: dict[str, int] = {}
     width = max((len(row) for row in labels), default=0) or 1
     matrix = np.full((len(labels), width), -1, dtype=np.int64)
     for i, row in enumerate(labels):
         for j, label in enumerate(row):
             matrix[i, j] = codes.setdefault(label, len(codes))
-    first = matrix[:, 0]
-    return (first[:, None, None] == matrix[None, :, :]).any(axis=-1) & (first >= 0)[:, None]
+    leading = matrix[first:, 0]
+    return (leading[:, None, None] == matrix[None, :, :]).any(axis=-1) & (leading >= 0)[:, None]
 
 
 def query_features(times: np.ndarray, query_time: float, dims: Dims) -> np.ndarray:
