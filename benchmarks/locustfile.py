@@ -1,7 +1,11 @@
 """Locust load test of the served ensembles over gRPC (synthetic histories).
 
     .venv/bin/locust -f benchmarks/locustfile.py --headless -u 16 -r 8 -t 60s \\
-        --host 127.0.0.1:8001 --csv benchmarks/results/locust-mixed
+        --host 127.0.0.1:8001 --csv benchmarks/results/locust-mixed InterestUser
+    .venv/bin/locust -f benchmarks/locustfile.py --headless -u 16 -r 8 -t 60s \\
+        --host 127.0.0.1:8001 --csv benchmarks/results/locust-sessions SessionUser
+
+`SessionUser` streams events into sessions (see its docstring); `InterestUser`:
 
 Each simulated user is a closed-loop gRPC client (no wait between calls) that calls
 `recommend` (top-10) and `user_interest` in equal shares, each with a synthetic history of
@@ -148,12 +152,23 @@ def summary_markdown(environment: Environment, stage_stats: dict[str, common.Mod
     stats = environment.stats
     options = environment.parsed_options
     users = getattr(options, "num_users", None)
+    classes = {cls.__name__ for cls in environment.user_classes}
+    if classes == {"SessionUser"}:
+        what = (
+            f"{users} closed-loop users streaming one event per `session` update (8 returning"
+            " : 1 new : 1 evicted, see SessionUser), every tenth answer checked against "
+            "`user_interest` over the same history (a gap over 1e-4 is a failure); "
+        )
+    else:
+        what = (
+            f"{users} closed-loop users (no wait between calls), `recommend` (top-{K}) and "
+            f"`user_interest` in equal shares, histories of {', '.join(map(str, LENGTHS))} "
+            "events (0 = cold start); "
+        )
     lines = [
         "# dynemb Locust run over gRPC (synthetic histories)",
         "",
-        f"{users} closed-loop users (no wait between calls), `recommend` (top-{K}) and "
-        f"`user_interest` in equal shares, histories of {', '.join(map(str, LENGTHS))} "
-        "events (0 = cold start); the client does not retry. "
+        what + "the client does not retry. "
         f"{WARMUP_ROUNDS} warm-up calls per kind and length ran before the users started "
         "and are not counted. Times in ms; Locust rounds response times above 100 ms "
         "to 2 significant digits in its percentiles.",
@@ -233,6 +248,85 @@ class InterestUser(User):
         length = self.rng.choice(LENGTHS)
         events_ = history(self.rng, length)
         self._timed(f"user_interest L={length:02d}", lambda: self.client.embed(events_))
+
+
+class SessionUser(User):
+    """Users streaming events into sessions, one event per `update`: mostly returning
+    sessions, some new ones, and some evicted (forgotten on the server by another client,
+    so the next update finds no state and this client re-sends its kept history). Every
+    tenth answer is checked against `user_interest` over the same kept history: one that
+    differs by more than 1e-4 is reported as a failure ("wrong answer")."""
+
+    wait_time = constant(0)
+    CHECK_EVERY = 10
+    TOLERANCE = 1e-4
+
+    def on_start(self) -> None:
+        self.rng = random.Random()
+        url = common.loopback_target(self.host)
+        self.client = InterestClient(url, retries=0, timeout_s=30)
+        self.evictor = InterestClient(url, retries=0, timeout_s=30)
+        self.prefix = f"locust-{id(self)}-"
+        self.sessions: dict[str, tuple[list[Event], int, float]] = {}  # events, next, shift
+        self.calls = 0
+
+    def on_stop(self) -> None:
+        self.client.close()
+        self.evictor.close()
+
+    def _next_event(self, session: str) -> Event:
+        events_, k, shift = self.sessions[session]
+        base = events_[k % len(events_)]
+        # Replayed events keep moving forward in time (laps of the same user's stream).
+        lap = (k // len(events_)) * (events_[-1].time - events_[0].time + 3_600)
+        self.sessions[session] = (events_, k + 1, shift)
+        return Event(base.time + shift + lap, base.text, base.image, base.labels)
+
+    @task(8)
+    def returning(self) -> None:
+        if not self.sessions:
+            return self.new()
+        self._update(self.rng.choice(list(self.sessions)))
+
+    @task(1)
+    def new(self) -> None:
+        session = f"{self.prefix}{len(self.sessions)}"
+        self.sessions[session] = (HISTORIES[self.rng.randrange(len(HISTORIES))], 0, 0.0)
+        self._update(session, name="session new")
+
+    @task(1)
+    def evicted(self) -> None:
+        if not self.sessions:
+            return self.new()
+        session = self.rng.choice(list(self.sessions))
+        self.evictor.forget(session)  # the server drops it; this client still keeps it
+        self.evictor.sessions.forget(session)
+        self._update(session, name="session evicted")
+
+    def _update(self, session: str, name: str = "session returning") -> None:
+        event = self._next_event(session)
+        self.calls += 1
+        check = self.calls % self.CHECK_EVERY == 0
+        started = time.perf_counter()
+        exception: BaseException | None = None
+        try:
+            got = self.client.update(session, [event])
+        except Exception as exc:
+            exception = exc
+        elapsed = 1000 * (time.perf_counter() - started)
+        if exception is None and check:
+            want = self.client.embed(self.client.sessions.get(session))
+            gap = float(abs(got - want).max())
+            if gap > self.TOLERANCE:
+                exception = AssertionError(f"wrong answer: |E_t - recompute| = {gap:.2e}")
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=name,
+            response_time=elapsed,
+            response_length=0,
+            exception=exception,
+            context={},
+        )
 
 
 if __name__ == "__main__":
