@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from dynemb.bench.faults import crash, restart_run
+from dynemb.pipeline import latest_version
 from dynemb.server import ServerConfig, ServerError, TritonServer, free_port
 from dynemb.supervisor import StageSupervisor, stub_counts
 
@@ -72,7 +73,7 @@ def test_a_restart_under_load_loses_no_caller(built_repository, tmp_path):
 def test_a_broken_artifact_fails_start_up_naming_it(built_repository, tmp_path):
     repository = tmp_path / "repository"
     shutil.copytree(built_repository, repository)
-    onnx = repository / "label_mlp" / "1" / "model.onnx"
+    onnx = latest_version(repository / "label_mlp") / "model.onnx"  # the one that serves
     onnx.write_bytes(onnx.read_bytes()[:100])  # truncated on disk: the hash no longer fits
     server = TritonServer(server_config(repository, tmp_path))
     server.start()

@@ -273,3 +273,28 @@ def test_a_restarted_server_loses_states_not_answers(built_repository, tmp_path)
             got = client.update("restart-1", [extra])
             want = full(pipeline, [*users[1], extra], extra.time, client.model_shape())
             assert np.abs(got - want).max() < TOL
+
+
+def test_the_asyncio_client_streams_the_same(live):
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient
+
+    events = served_users()[1]
+
+    async def run() -> float:
+        async with AsyncInterestClient(live.url) as client:
+            worst = 0.0
+            for i, event in enumerate(events):
+                got = await client.update("async-0", [event])
+                want = await client.embed(events[: i + 1])
+                worst = max(worst, float(np.abs(got - want).max()))
+            top = await client.recommend_user("async-0", k=3)
+            assert [r.item_id for r in top] == [
+                r.item_id for r in await client.recommend(events, k=3)
+            ]
+            await client.forget("async-0")
+            assert "async-0" not in client.sessions
+            return worst
+
+    assert asyncio.run(run()) < TOL

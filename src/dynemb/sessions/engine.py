@@ -31,7 +31,7 @@ from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version, versions_of
 from dynemb.sessions.state import SessionState, Versions
 from dynemb.stages import Runner, load_runner
-from dynemb.stages.llm_encoder.network import KVCache, LLMEncoder, extend
+from dynemb.stages.llm_encoder.step import EncoderStep, KVCache
 from dynemb.stages.preprocess.features import (
     Preprocessor,
     SessionEvents,
@@ -83,7 +83,7 @@ class SessionEngine:
         item_runners: Mapping[str, Runner],
         sequence_runners: Mapping[str, Runner],
         lstm: TemporalLSTM,
-        encoder: LLMEncoder,
+        encoder: EncoderStep,
     ) -> None:
         self.versions = versions
         self.dims = dims
@@ -106,19 +106,17 @@ class SessionEngine:
                 model_dir / str(versions[name]) if name in versions else latest_version(model_dir)
             )
         runners = {name: load_runner(dirs[name]) for name in SESSION_STAGES}
-        networks = {}
-        for name in (SEQUENCE, ENCODER):
-            manifest = Manifest.load(dirs[name])
+        manifests = {name: Manifest.load(dirs[name]) for name in (SEQUENCE, ENCODER)}
+        for name, manifest in manifests.items():
             manifest.verify(dirs[name])
-            networks[name] = stages.get(name).load_network(dirs[name], manifest)
         return cls(
             versions=tuple((name, dirs[name].name) for name in SESSION_STAGES),
             dims=runners[PREPROCESS].manifest.dims,
             preprocessor=runners[PREPROCESS].preprocessor,
             item_runners={name: runners[name] for name in PER_ITEM},
             sequence_runners={name: runners[name] for name in (SEQUENCE, ENCODER)},
-            lstm=networks[SEQUENCE],
-            encoder=networks[ENCODER],
+            lstm=stages.get(SEQUENCE).load_network(dirs[SEQUENCE], manifests[SEQUENCE]),
+            encoder=EncoderStep.load(dirs[ENCODER], manifests[ENCODER]),
         )
 
     def advance(
@@ -294,7 +292,7 @@ class SessionEngine:
                 token_in[b, :k] = tokens[b, :k]
                 token_mask[b, :k] = True
         past = self._past(plans)
-        states, keys, values = extend(self.encoder, token_in, token_mask, past)
+        states, keys, values = self.encoder.extend(token_in, token_mask, past)
         read = token_mask.sum(1)
         newest = torch.stack(
             [
@@ -326,7 +324,7 @@ class SessionEngine:
 
     def _past(self, plans: list[_Plan]) -> KVCache:
         """The stored keys and values of the batch's sessions, padded to the longest."""
-        empty = KVCache.empty(self.encoder, len(plans))
+        empty = self.encoder.empty(len(plans))
         longest = max((p.base.keys.shape[2] for p in plans if p.base), default=0)
         if not longest:
             return empty

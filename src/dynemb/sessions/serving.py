@@ -60,9 +60,11 @@ class SessionAdapter:
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.options = SessionOptions.from_parameters(parameters)
         self.store = self.options.store()
-        self.engine: SessionEngine | None = None
+        # Loaded now, from each stage's newest version, so that readiness means ready; the
+        # first batch checks these are the versions the server serves (else reloads).
+        self.engine: SessionEngine | None = SessionEngine.from_repository(self.repository)
+        self.spec: StageSpec = session_spec(self.engine.dims, self.options)
         self._next_check = 0.0
-        self.spec: StageSpec | None = None
         self.metrics = SessionMetrics(self.pb_utils)
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -128,77 +126,3 @@ class LLMEncoder(CausalEncoder):
     def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
         """States (..., hidden) and query features (..., Q) -> unit-norm E_t (..., D)."""
         return F.normalize(self.out(self.norm(states + self.query_proj(query_features))), dim=-1)
-
-
-class KVCache(NamedTuple):
-    """Every layer's keys and values of the tokens read so far, for a batch of users:
-    (B, layers, heads, P, head_dim) each, and which of the P positions are real (B, P):
-    users of one batch have read different numbers of tokens, real ones first."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    mask: torch.Tensor
-
-    @classmethod
-    def empty(cls, encoder: LLMEncoder, users: int) -> KVCache:
-        config = encoder.bert.config
-        heads = config.num_attention_heads
-        shape = (users, config.num_hidden_layers, heads, 0, config.hidden_size // heads)
-        zeros = torch.zeros(shape)
-        return cls(zeros, zeros.clone(), torch.zeros((users, 0), dtype=torch.bool))
-
-
-def extend(encoder: LLMEncoder, tokens: torch.Tensor, mask: torch.Tensor, past: KVCache):
-    """MiniLM over `tokens` (B, K, H) (real ones first, `mask` (B, K)) given the keys and
-    values of every token each user has read before: the same numbers as reading the whole
-    sequence again (causal attention: old tokens never look at new ones), at the cost of
-    the new tokens only. Returns their states (B, K, H), as `LLMEncoder.states` computes
-    them, and their keys and values (B, layers, heads, K, head_dim) to append.
-
-    Written out over the BERT modules' own weights (embeddings, attention, feed-forward)
-    rather than through transformers' cache classes, whose interface changes between
-    releases; the session parity tests hold it to `states`."""
-    bert = encoder.bert
-    config = bert.config
-    heads = config.num_attention_heads
-    head_dim = config.hidden_size // heads
-    users, new, _ = tokens.shape
-    if new == 0:
-        layers = config.num_hidden_layers
-        nothing = tokens.new_zeros((users, layers, heads, 0, head_dim))
-        return tokens, nothing, nothing.clone()
-    read = past.mask.sum(1)  # tokens each user has read: the new ones' first position
-    positions = read[:, None] + torch.arange(new)[None, :]
-    emb = bert.embeddings
-    hidden = tokens + emb.token_type_embeddings.weight[0] + emb.position_embeddings(positions)
-    hidden = emb.LayerNorm(hidden)
-    # allowed[b, j, p]: new token j of user b may attend to position p of [past ⊕ new].
-    causal = torch.tril(torch.ones(new, new, dtype=torch.bool))
-    allowed = torch.cat(
-        [
-            past.mask[:, None, :].expand(users, new, -1),
-            causal[None] & mask[:, None, :],
-        ],
-        dim=2,
-    )
-    bias = torch.zeros(allowed.shape, dtype=hidden.dtype)
-    bias = bias.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
-    keys, values = [], []
-    for i, layer in enumerate(bert.encoder.layer):
-        attention = layer.attention.self
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(users, new, heads, head_dim).transpose(1, 2)
-
-        q = split(attention.query(hidden))
-        k = split(attention.key(hidden))
-        v = split(attention.value(hidden))
-        keys.append(k)
-        values.append(v)
-        all_k = torch.cat([past.keys[:, i], k], dim=2)
-        all_v = torch.cat([past.values[:, i], v], dim=2)
-        scores = q @ all_k.transpose(-1, -2) * attention.scaling + bias
-        context = (scores.softmax(-1) @ all_v).transpose(1, 2).reshape(users, new, -1)
-        attended = layer.attention.output(context, hidden)
-        hidden = layer.output(layer.intermediate(attended), attended)
-    return hidden + tokens, torch.stack(keys, 1), torch.stack(values, 1)

@@ -1,0 +1,158 @@
+"""llm_encoder one step at a time, for sessions: the trained network's own weights run
+token by token with the keys and values of the tokens read before.
+
+Plain torch over the saved state dict (no transformers import: a session process that
+imported it would start ~10 s slower here). It computes what `LLMEncoder.states` and
+`embed` compute, held to them by the session parity tests: BERT's absolute position and
+token-type embeddings, post-LayerNorm self-attention (causal) and GELU feed-forward
+layers, then the residual with the token itself and the projection to E_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.nn import functional as F
+
+from dynemb.manifest import Manifest
+
+
+class KVCache(NamedTuple):
+    """Every layer's keys and values of the tokens read so far, for a batch of users:
+    (B, layers, heads, P, head_dim) each, and which of the P positions are real (B, P):
+    users of one batch have read different numbers of tokens, real ones first."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Layer:
+    qkv_w: torch.Tensor  # (3H, H): query, key, value stacked
+    qkv_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    up_w: torch.Tensor
+    up_b: torch.Tensor
+    down_w: torch.Tensor
+    down_b: torch.Tensor
+    ln2: tuple[torch.Tensor, torch.Tensor]
+
+
+class EncoderStep:
+    def __init__(self, state: dict[str, torch.Tensor], bert_config: dict) -> None:
+        if bert_config.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"llm_encoder step: hidden_act {bert_config['hidden_act']!r}")
+        if bert_config.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("llm_encoder step: only absolute position embeddings")
+        self.heads = int(bert_config["num_attention_heads"])
+        self.hidden = int(bert_config["hidden_size"])
+        self.head_dim = self.hidden // self.heads
+        self.eps = float(bert_config.get("layer_norm_eps", 1e-12))
+        s = state
+        self.event_proj = (s["event_proj.weight"], s["event_proj.bias"])
+        self.start_token = s["start_token"]
+        self.query_proj = (s["query_proj.weight"], s["query_proj.bias"])
+        self.norm = (s["norm.weight"], s["norm.bias"])
+        self.out = (s["out.weight"], s["out.bias"])
+        e = "bert.embeddings."
+        self.positions = s[e + "position_embeddings.weight"]
+        self.token_type = s[e + "token_type_embeddings.weight"][0]
+        self.emb_ln = (s[e + "LayerNorm.weight"], s[e + "LayerNorm.bias"])
+        self.layers = []
+        for i in range(int(bert_config["num_hidden_layers"])):
+            p = f"bert.encoder.layer.{i}."
+            a = p + "attention."
+            self.layers.append(
+                _Layer(
+                    qkv_w=torch.cat([s[a + f"self.{n}.weight"] for n in ("query", "key", "value")]),
+                    qkv_b=torch.cat([s[a + f"self.{n}.bias"] for n in ("query", "key", "value")]),
+                    out_w=s[a + "output.dense.weight"],
+                    out_b=s[a + "output.dense.bias"],
+                    ln1=(s[a + "output.LayerNorm.weight"], s[a + "output.LayerNorm.bias"]),
+                    up_w=s[p + "intermediate.dense.weight"],
+                    up_b=s[p + "intermediate.dense.bias"],
+                    down_w=s[p + "output.dense.weight"],
+                    down_b=s[p + "output.dense.bias"],
+                    ln2=(s[p + "output.LayerNorm.weight"], s[p + "output.LayerNorm.bias"]),
+                )
+            )
+
+    @classmethod
+    def load(cls, directory: Path, manifest: Manifest) -> EncoderStep:
+        from dynemb.stages.torch_stage import WEIGHTS
+
+        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+        return cls(state, manifest.hparams.bert_config)
+
+    def empty(self, users: int) -> KVCache:
+        shape = (users, len(self.layers), self.heads, 0, self.head_dim)
+        zeros = torch.zeros(shape)
+        return KVCache(zeros, zeros.clone(), torch.zeros((users, 0), dtype=torch.bool))
+
+    def tokens(self, seq_features, text_vec, image_vec, label_vec) -> torch.Tensor:
+        """The soft token of each event, as `LLMEncoder.tokens`."""
+        x = torch.cat([seq_features, text_vec, image_vec, label_vec], -1)
+        return F.linear(x, *self.event_proj)
+
+    def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
+        """As `LLMEncoder.embed`: states (..., H), query features (..., Q) -> unit-norm E."""
+        x = states + F.linear(query_features, *self.query_proj)
+        x = F.layer_norm(x, (self.hidden,), *self.norm, eps=1e-5)
+        return F.normalize(F.linear(x, *self.out), dim=-1)
+
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor, past: KVCache):
+        """MiniLM over `tokens` (B, K, H) (real ones first, `mask` (B, K)) given the keys and
+        values of every token each user has read: the states `LLMEncoder.states` gives
+        those tokens when it reads the whole sequence (causal attention: old tokens never
+        look at new ones), at the cost of the new tokens only. Returns their states
+        (B, K, H) and their keys and values (B, layers, heads, K, head_dim)."""
+        users, new, _ = tokens.shape
+        heads, head_dim = self.heads, self.head_dim
+        if new == 0:
+            nothing = tokens.new_zeros((users, len(self.layers), heads, 0, head_dim))
+            return tokens, nothing, nothing.clone()
+        read = past.mask.sum(1)  # tokens each user has read: the new ones' first position
+        positions = read[:, None] + torch.arange(new)[None, :]
+        hidden = tokens + self.token_type + self.positions[positions]
+        hidden = F.layer_norm(hidden, (self.hidden,), *self.emb_ln, eps=self.eps)
+        # allowed[b, j, p]: new token j of user b may attend to position p of [past ⊕ new].
+        causal = torch.tril(torch.ones(new, new, dtype=torch.bool))
+        allowed = torch.cat(
+            [past.mask[:, None, :].expand(users, new, -1), causal[None] & mask[:, None, :]], 2
+        )
+        bias = torch.zeros(allowed.shape, dtype=hidden.dtype)
+        bias = bias.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
+        scale = head_dim**-0.5
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(hidden, layer.qkv_w, layer.qkv_b)
+            q, k, v = (
+                part.view(users, new, heads, head_dim).transpose(1, 2)
+                for part in qkv.split(self.hidden, dim=-1)
+            )
+            keys.append(k)
+            values.append(v)
+            all_k = torch.cat([past.keys[:, i], k], dim=2)
+            all_v = torch.cat([past.values[:, i], v], dim=2)
+            scores = q @ all_k.transpose(-1, -2) * scale + bias
+            context = (scores.softmax(-1) @ all_v).transpose(1, 2).reshape(users, new, -1)
+            attended = F.layer_norm(
+                F.linear(context, layer.out_w, layer.out_b) + hidden,
+                (self.hidden,),
+                *layer.ln1,
+                eps=self.eps,
+            )
+            up = F.gelu(F.linear(attended, layer.up_w, layer.up_b))
+            hidden = F.layer_norm(
+                F.linear(up, layer.down_w, layer.down_b) + attended,
+                (self.hidden,),
+                *layer.ln2,
+                eps=self.eps,
+            )
+        return hidden + tokens, torch.stack(keys, 1), torch.stack(values, 1)
