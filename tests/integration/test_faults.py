@@ -77,6 +77,9 @@ def test_a_broken_artifact_fails_start_up_naming_it(built_repository, tmp_path):
     onnx.write_bytes(onnx.read_bytes()[:100])  # truncated on disk: the hash no longer fits
     server = TritonServer(server_config(repository, tmp_path))
     server.start()
-    with pytest.raises(ServerError) as info:
-        server.wait_ready()
+    try:
+        with pytest.raises(ServerError) as info:
+            server.wait_ready()
+    finally:
+        server.stop()  # a server that did come up must not outlive the test
     assert "label_mlp" in str(info.value) and "model.onnx" in str(info.value)
