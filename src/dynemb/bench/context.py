@@ -10,6 +10,7 @@ what dynamic batching achieved per model (average batch size = inferences / exec
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import platform
 import shlex
@@ -379,3 +380,12 @@ def stats_markdown(stats: dict[str, ModelStats]) -> str:
             f"{s.queue_ms:.2f} | {s.compute_ms:.2f} |"
         )
     return "\n".join(lines)
+
+
+def write_results(stem: Path, result: Any, context: RunContext, markdown: str) -> None:
+    """`stem`.json (the result's fields, its context as recorded) and `stem`.md."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    payload = asdict(result)
+    payload["context"] = context.as_dict()
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")

@@ -16,7 +16,6 @@ rates, perf_analyzer's cross-check and breakdown, and a memory soak.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from dynemb.bench.context import (
     context_markdown,
     served_settings,
     stats_markdown,
+    write_results,
 )
 from dynemb.bench.histories import HistorySet, movielens, synthetic_with_images
 from dynemb.bench.inprocess import (
@@ -448,12 +448,8 @@ def targets(results: list[DataResult], soak: SoakResult | None) -> list[TargetCh
 
 
 def write(result: ServingResult, options: ServingOptions) -> None:
-    options.out_dir.mkdir(parents=True, exist_ok=True)
     stem = options.out_dir / options.stem
-    payload = asdict(result)
-    payload["context"] = result.context.as_dict()
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(result, options), encoding="utf-8")
+    write_results(stem, result, result.context, render_markdown(result, options))
     plot(result, stem.with_suffix(".png"))
 
 

@@ -13,14 +13,13 @@ work is not). Ratios are events/s over events/s, measured back to back.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dynemb.bench.closedloop import LoadResult, closed_loop
-from dynemb.bench.context import RunContext, collect_context, context_markdown
+from dynemb.bench.context import RunContext, collect_context, context_markdown, write_results
 from dynemb.bench.histories import HistorySet, movielens, synthetic_with_images
 from dynemb.bench.served import triton
 from dynemb.paths import cache_dir
@@ -252,12 +251,8 @@ def bench_sessions(
 
 
 def write(result: SessionBenchResult, options: SessionBenchOptions) -> None:
-    options.out_dir.mkdir(parents=True, exist_ok=True)
     stem = options.out_dir / options.stem
-    payload = asdict(result)
-    payload["context"] = result.context.as_dict()
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(result, options), encoding="utf-8")
+    write_results(stem, result, result.context, render_markdown(result, options))
 
 
 def _ms(value: float | None) -> str:

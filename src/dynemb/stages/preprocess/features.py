@@ -140,11 +140,13 @@ class Preprocessor:
         rows = [self.user({k: v[i] for k, v in inputs.items()}) for i in range(n_users)]
         return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
-    def user(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        d = self.dims
+    def checked_times(self, x: dict[str, np.ndarray]) -> tuple[int, float, np.ndarray]:
+        """EVENT_COUNT, QUERY_TIME and the real events' times of one user, checked: a count
+        within L, finite times in range, non-decreasing."""
+        max_events = self.dims.max_events
         count = int(x[wire.EVENT_COUNT].reshape(-1)[0])
-        if not 0 <= count <= d.max_events:
-            raise InputError(wire.EVENT_COUNT, f"must be in [0, {d.max_events}], got {count}")
+        if not 0 <= count <= max_events:
+            raise InputError(wire.EVENT_COUNT, f"must be in [0, {max_events}], got {count}")
         query_time = _check_time(wire.QUERY_TIME, float(x[wire.QUERY_TIME].reshape(-1)[0]))
         times = np.asarray(x[wire.EVENT_TIME], dtype=np.float64)[:count]
         for i, value in enumerate(times):
@@ -152,6 +154,11 @@ class Preprocessor:
         if count > 1 and np.any(np.diff(times) < 0):
             first = int(np.argmax(np.diff(times) < 0)) + 1
             raise InputError(f"{wire.EVENT_TIME}[{first}]", "event times must be non-decreasing")
+        return count, query_time, times
+
+    def user(self, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        d = self.dims
+        count, query_time, times = self.checked_times(x)
         # Events after the query time are in t's future: E_t must not see them.
         n = int(np.searchsorted(times, query_time, side="right"))
         # Every real event must be well-formed, even one past t that is then ignored.
@@ -179,16 +186,7 @@ class Preprocessor:
         (None: it holds none). New events may not precede `newest` nor follow the query
         time: a session cannot take back what E_t has already read."""
         d = self.dims
-        count = int(x[wire.EVENT_COUNT].reshape(-1)[0])
-        if not 0 <= count <= d.max_events:
-            raise InputError(wire.EVENT_COUNT, f"must be in [0, {d.max_events}], got {count}")
-        query_time = _check_time(wire.QUERY_TIME, float(x[wire.QUERY_TIME].reshape(-1)[0]))
-        times = np.asarray(x[wire.EVENT_TIME], dtype=np.float64)[:count]
-        for i, value in enumerate(times):
-            _check_time(f"{wire.EVENT_TIME}[{i}]", float(value))
-        if count > 1 and np.any(np.diff(times) < 0):
-            first = int(np.argmax(np.diff(times) < 0)) + 1
-            raise InputError(f"{wire.EVENT_TIME}[{first}]", "event times must be non-decreasing")
+        count, query_time, times = self.checked_times(x)
         if count and newest is not None and times[0] < newest:
             raise InputError(
                 f"{wire.EVENT_TIME}[0]", f"{times[0]} precedes the session's newest event {newest}"
