@@ -11,10 +11,12 @@ from dynemb_client.errors import ClientInputError, ServerError, ServerInputError
 from dynemb_client.events import Event
 from dynemb_client.requests import ModelShape, build_inputs
 from dynemb_client.results import Recommendation
+from dynemb_client.transport import EndpointState
 
 __all__ = [
     "AsyncInterestClient",
     "ClientInputError",
+    "EndpointState",
     "Event",
     "InterestClient",
     "ModelShape",

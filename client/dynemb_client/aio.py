@@ -23,7 +23,6 @@ from dynemb_client.sessions import (
     forget_steps,
     parse_session,
     retrieve_call,
-    update_steps,
 )
 from dynemb_client.transport import ClientBase, is_transient, shape_from_metadata
 
@@ -47,20 +46,31 @@ class AsyncInterestClient(ClientBase):
         model: str,
         fn: Callable[[grpcclient.InferenceServerClient], Awaitable[T]],
         retry: bool = True,
+        route: str | None = None,
     ) -> T:
         started = time.monotonic()
         for attempt in itertools.count():
-            url, inner = self._pool.next()
+            url, inner = self._pool.acquire(route)
             try:
-                return await fn(inner)
+                result = await fn(inner)
             except Exception as exc:
+                self._pool.release(url, exc)
                 if not retry and is_transient(exc):
                     raise  # the caller decides what is safe to send instead
                 elapsed = time.monotonic() - started
                 delay = self._retry.after_failure(
-                    exc, attempt, model=model, url=url, elapsed_s=elapsed
+                    exc,
+                    attempt,
+                    model=model,
+                    url=url,
+                    elapsed_s=elapsed,
+                    elsewhere=self._pool.healthy_besides(url),
                 )
-            await asyncio.sleep(delay)
+            else:
+                self._pool.release(url)
+                return result
+            if delay:
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _infer(self, call: InferCall, retry: bool = True) -> grpcclient.InferResult:
@@ -70,6 +80,7 @@ class AsyncInterestClient(ClientBase):
                 call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
             ),
             retry,
+            call.route,
         )
 
     async def model_shape(self) -> ModelShape:
@@ -142,7 +153,7 @@ class AsyncInterestClient(ClientBase):
     ) -> np.ndarray:
         """E_t after the user's new `events`, from the server's state for `user_id`."""
         shape = await self.model_shape()
-        steps = update_steps(self.sessions, self.model_session, user_id, events, at, shape, history)
+        steps = self._update_steps(user_id, events, at, shape, history)
         return (await self._session(steps)).embedding
 
     async def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
@@ -164,6 +175,7 @@ class AsyncInterestClient(ClientBase):
         while True:
             try:
                 try:
+                    url = self._pool.route(call.route) if call.route is not None else None
                     result = await self._infer(call, retry=call.retry_safe)
                 except Exception as exc:
                     if call.retry_safe:
@@ -172,6 +184,8 @@ class AsyncInterestClient(ClientBase):
                     continue
                 call = steps.send(parse_session(result, call.model))
             except StopIteration as done:
+                if call.route is not None and url is not None:
+                    self.sessions.served_by(call.route, url)
                 return done.value
 
     async def is_ready(self) -> bool:

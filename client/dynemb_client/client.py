@@ -21,7 +21,6 @@ from dynemb_client.sessions import (
     forget_steps,
     parse_session,
     retrieve_call,
-    update_steps,
 )
 from dynemb_client.transport import ClientBase, is_transient, shape_from_metadata
 
@@ -43,21 +42,35 @@ class InterestClient(ClientBase):
     grpc_module = grpcclient
 
     def _call(
-        self, model: str, fn: Callable[[grpcclient.InferenceServerClient], T], retry: bool = True
+        self,
+        model: str,
+        fn: Callable[[grpcclient.InferenceServerClient], T],
+        retry: bool = True,
+        route: str | None = None,
     ) -> T:
         started = time.monotonic()
         for attempt in itertools.count():
-            url, inner = self._pool.next()
+            url, inner = self._pool.acquire(route)
             try:
-                return fn(inner)
+                result = fn(inner)
             except Exception as exc:
+                self._pool.release(url, exc)
                 if not retry and is_transient(exc):
                     raise  # the caller decides what is safe to send instead
                 elapsed = time.monotonic() - started
                 delay = self._retry.after_failure(
-                    exc, attempt, model=model, url=url, elapsed_s=elapsed
+                    exc,
+                    attempt,
+                    model=model,
+                    url=url,
+                    elapsed_s=elapsed,
+                    elsewhere=self._pool.healthy_besides(url),
                 )
-            time.sleep(delay)
+            else:
+                self._pool.release(url)
+                return result
+            if delay:
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _infer(self, call: InferCall, retry: bool = True) -> grpcclient.InferResult:
@@ -67,6 +80,7 @@ class InterestClient(ClientBase):
                 call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
             ),
             retry,
+            call.route,
         )
 
     def model_shape(self) -> ModelShape:
@@ -138,9 +152,7 @@ class InterestClient(ClientBase):
         kept for the user (or `history`, the caller's, when given) with the new ones: the
         answer is the same, only slower. `at` defaults to the newest event's time."""
         return self._session(
-            update_steps(
-                self.sessions, self.model_session, user_id, events, at, self.model_shape(), history
-            )
+            self._update_steps(user_id, events, at, self.model_shape(), history)
         ).embedding
 
     def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
@@ -164,6 +176,7 @@ class InterestClient(ClientBase):
         while True:
             try:
                 try:
+                    url = self._pool.route(call.route) if call.route is not None else None
                     result = self._infer(call, retry=call.retry_safe)
                 except Exception as exc:
                     if call.retry_safe:
@@ -172,6 +185,8 @@ class InterestClient(ClientBase):
                     continue
                 call = steps.send(parse_session(result, call.model))
             except StopIteration as done:
+                if call.route is not None and url is not None:
+                    self.sessions.served_by(call.route, url)
                 return done.value
 
     def is_ready(self) -> bool:

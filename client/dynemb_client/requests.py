@@ -75,6 +75,9 @@ class InferCall:
     # False for a call that must not be sent twice (a session update: its events would
     # be added twice had a lost answer been applied).
     retry_safe: bool = True
+    # Calls with the same route go to the same endpoint while it is healthy (a session's
+    # state lives on one server); None: any endpoint, the least busy.
+    route: str | None = None
 
 
 @dataclass(frozen=True)

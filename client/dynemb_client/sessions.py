@@ -62,6 +62,7 @@ class SessionHistories:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.max_sessions = max_sessions
         self._events: OrderedDict[str, list[Event]] = OrderedDict()
+        self._servers: dict[str, str] = {}  # the endpoint that holds each session's state
 
     def get(self, session: str) -> list[Event]:
         return list(self._events.get(session, ()))
@@ -70,7 +71,20 @@ class SessionHistories:
         kept = [*self._events.pop(session, []), *events][-max_events:]
         self._events[session] = kept
         while len(self._events) > self.max_sessions:
-            self._events.popitem(last=False)
+            evicted, _ = self._events.popitem(last=False)
+            self._servers.pop(evicted, None)
+
+    def served_by(self, session: str, url: str) -> None:
+        """`url` now holds the session's state (the newest call went there)."""
+        if session in self._events:
+            self._servers[session] = url
+
+    def moved(self, session: str, url: str) -> bool:
+        """Whether the session's calls now go to another endpoint than the one that holds
+        its state: that one may come back later with a state that missed updates, so the
+        new one is started from the kept history instead of updated."""
+        held = self._servers.get(session)
+        return held is not None and held != url
 
     def replace(self, session: str, events: Sequence[Event], max_events: int) -> None:
         self._events.pop(session, None)
@@ -78,6 +92,7 @@ class SessionHistories:
 
     def forget(self, session: str) -> None:
         self._events.pop(session, None)
+        self._servers.pop(session, None)
 
     def __contains__(self, session: str) -> bool:
         return session in self._events
@@ -137,6 +152,7 @@ def session_call(
         ],
         batch=1,
         retry_safe=op != OP_UPDATE,
+        route=session,  # one session, one replica: its state lives there
     )
 
 
@@ -179,10 +195,12 @@ def update_steps(
     at: TimeLike | None,
     shape: ModelShape,
     history: Sequence[Event] | None = None,
+    moved: bool = False,
 ) -> Generator[InferCall, SessionAnswer, SessionAnswer]:
     """The calls of one update, sans I/O: the client sends each yielded call and sends
     back its answer. First the new events alone; if the server holds no state for the
-    session, the history kept here (or the caller's `history`) with them, from scratch."""
+    session, the history kept here (or the caller's `history`) with them, from scratch.
+    `moved` (the session's endpoint changed, SessionHistories.moved): from scratch at once."""
     session = check_session_id(session)
     events = sorted_events(events)
     kept = sorted_events(history) if history is not None else histories.get(session)
@@ -193,7 +211,10 @@ def update_steps(
             field="QUERY_TIME",
         )
     try:
-        answer = yield session_call(model, session, OP_UPDATE, events, t, shape)
+        if moved:
+            answer = SessionAnswer(np.zeros(0, np.float32), STATUS_UNKNOWN, 0)
+        else:
+            answer = yield session_call(model, session, OP_UPDATE, events, t, shape)
     except Exception as exc:
         from dynemb_client.transport import is_transient  # transport imports this module
 

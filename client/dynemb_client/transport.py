@@ -6,10 +6,12 @@ which endpoint to use, what counts as transient and what the caller sees live he
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -26,9 +28,9 @@ from dynemb_client.contract import (
 )
 from dynemb_client.errors import ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.requests import ModelShape
-from dynemb_client.sessions import SessionHistories
+from dynemb_client.sessions import SessionHistories, update_steps
 
-__all__ = ["EndpointPool", "RetryPolicy", "shape_from_metadata"]
+__all__ = ["EndpointPool", "EndpointState", "RetryPolicy", "server_ready", "shape_from_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,38 +42,191 @@ _STUB_DOWN = "is not healthy"
 _RELOADING = "has no available versions"
 
 
-class EndpointPool(Generic[T]):
-    """Round-robin over server URLs; the inner tritonclient objects are made on first use.
+@dataclass(frozen=True)
+class EndpointState:
+    """What the client knows of one endpoint, as `client.endpoints()` reports it."""
 
-    Lazy creation lets the async client build its channels inside the running event loop.
+    url: str
+    healthy: bool
+    outstanding: int  # calls in flight now
+    calls: int  # calls sent, all told
+    failures: int  # transient failures seen (each one marks the endpoint down)
+    down_s: float | None  # seconds since it was marked down; None while healthy
+    last_error: str | None
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    healthy: bool = True
+    outstanding: int = 0
+    calls: int = 0
+    failures: int = 0
+    down_at: float | None = None
+    last_error: str | None = None
+    stale: bool = False  # its channel saw the server die: open a new one on next use
+
+    def state(self, now: float) -> EndpointState:
+        down_s = None if self.down_at is None else now - self.down_at
+        return EndpointState(
+            self.url,
+            self.healthy,
+            self.outstanding,
+            self.calls,
+            self.failures,
+            down_s,
+            self.last_error,
+        )
+
+
+def server_ready(url: str, timeout_s: float = 1.0) -> bool:
+    """One readiness probe over a channel of its own (closed again): True when tritonserver
+    at `url` answers ready (strict readiness: every model loaded and ready)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return bool(client.is_server_ready(client_timeout=timeout_s))
+    except Exception:  # any failure means "not back yet"
+        return False
+    finally:
+        client.close()
+
+
+class EndpointPool(Generic[T]):
+    """Client-side balancing over server URLs, with health.
+
+    A call goes to the healthy endpoint with the fewest calls in flight (ties in turn), or,
+    when it names a route (a session), to the healthy endpoint that route hashes to
+    (rendezvous hashing: only the routes of an endpoint that goes down move). A transient
+    failure marks its endpoint down; a background thread probes down endpoints every
+    `probe_interval_s` and brings each back once it answers ready, on a new channel (the
+    old one may sit in gRPC's reconnect back-off). With every endpoint down, calls go to
+    all of them in turn, so a single server behaves as before.
+
+    The inner tritonclient objects are made on first use, so the async client builds its
+    channels inside the running event loop; the probe thread only probes.
     """
 
-    def __init__(self, urls: Sequence[str], factory: Callable[[str], T]) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        factory: Callable[[str], T],
+        *,
+        probe: Callable[[str], bool] | None = None,  # None: server_ready
+        probe_interval_s: float = 0.5,
+    ) -> None:
         if isinstance(urls, str) or not urls:
             raise ValueError(f"urls must be a non-empty list of host:port, got {urls!r}")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"urls must not repeat, got {list(urls)!r}")
         self.urls = list(urls)
+        self._endpoints = {url: _Endpoint(url) for url in self.urls}
         self._factory = factory
+        self._probe = probe
+        self._probe_interval_s = probe_interval_s
         self._clients: dict[str, T] = {}
+        self._retired: list[T] = []  # replaced channels, closed with the pool
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
 
-    def next(self) -> tuple[str, T]:
-        """The next endpoint in turn (a retry moves on, so a dead server is skipped)."""
-        url = self.urls[next(self._turn) % len(self.urls)]
-        return url, self.client(url)
+    def acquire(self, route: str | None = None) -> tuple[str, T]:
+        """The endpoint for the next call, counted in flight until `release`."""
+        with self._lock:
+            endpoints = list(self._endpoints.values())
+            up = [e for e in endpoints if e.healthy] or endpoints
+            if route is not None:
+                chosen = max(up, key=lambda e: _rendezvous(route, e.url))
+            else:  # least outstanding, ties in turn
+                first = next(self._turn)
+                turn = [up[(first + i) % len(up)] for i in range(len(up))]
+                chosen = min(turn, key=lambda e: e.outstanding)
+            chosen.outstanding += 1
+            chosen.calls += 1
+        return chosen.url, self.client(chosen.url)
+
+    def release(self, url: str, failure: BaseException | None = None) -> None:
+        """The call on `url` ended; a transient `failure` marks the endpoint down."""
+        with self._lock:
+            endpoint = self._endpoints[url]
+            endpoint.outstanding -= 1
+            if failure is None or not is_transient(failure):
+                return
+            endpoint.failures += 1
+            endpoint.last_error = _message(failure) or type(failure).__name__
+            if endpoint.healthy:
+                endpoint.healthy = False
+                endpoint.down_at = time.monotonic()
+                endpoint.stale = True
+                logger.warning("endpoint %s down: %s", url, endpoint.last_error)
+            if len(self.urls) > 1:
+                self._start_prober()
+
+    def route(self, route: str) -> str:
+        """The endpoint `acquire(route)` picks now (health may change before it is used)."""
+        with self._lock:
+            endpoints = list(self._endpoints.values())
+            up = [e for e in endpoints if e.healthy] or endpoints
+            return max(up, key=lambda e: _rendezvous(route, e.url)).url
+
+    def healthy_besides(self, url: str) -> bool:
+        """Whether another endpoint is healthy (a retry can go there at once)."""
+        with self._lock:
+            return any(e.healthy for u, e in self._endpoints.items() if u != url)
+
+    def endpoints(self) -> list[EndpointState]:
+        now = time.monotonic()
+        with self._lock:
+            return [e.state(now) for e in self._endpoints.values()]
 
     def client(self, url: str) -> T:
         with self._lock:
+            endpoint = self._endpoints[url]
+            if endpoint.stale and endpoint.healthy and url in self._clients:
+                self._retired.append(self._clients.pop(url))
+                endpoint.stale = False
             if url not in self._clients:
                 self._clients[url] = self._factory(url)
             return self._clients[url]
 
     def opened(self) -> list[T]:
-        """The clients made so far (the ones to close), emptying the pool."""
+        """The clients made so far (the ones to close), emptying the pool; stops probing."""
+        self._stop.set()
+        if self._prober is not None and self._prober is not threading.current_thread():
+            self._prober.join(timeout=5)
         with self._lock:
-            clients = list(self._clients.values())
+            clients = [*self._clients.values(), *self._retired]
             self._clients.clear()
+            self._retired.clear()
         return clients
+
+    def _start_prober(self) -> None:  # with self._lock held
+        if self._prober is None and not self._stop.is_set():
+            self._prober = threading.Thread(
+                target=self._probe_down, name="dynemb-endpoint-probe", daemon=True
+            )
+            self._prober.start()
+
+    def _probe_down(self) -> None:
+        while not self._stop.wait(self._probe_interval_s):
+            with self._lock:
+                down = [e.url for e in self._endpoints.values() if not e.healthy]
+            for url in down:
+                probe = self._probe or server_ready
+                if self._stop.is_set() or not probe(url):
+                    continue
+                with self._lock:
+                    endpoint = self._endpoints[url]
+                    endpoint.healthy = True
+                    endpoint.down_at = None
+                logger.warning("endpoint %s back", url)
+
+
+def _rendezvous(route: str, url: str) -> int:
+    digest = hashlib.blake2b(f"{route}\x00{url}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def status_of(exc: BaseException) -> str | None:
@@ -129,9 +284,17 @@ class RetryPolicy:
         return random.uniform(cap / 2, cap) if self.jitter else cap
 
     def after_failure(
-        self, exc: Exception, attempt: int, *, model: str, url: str, elapsed_s: float = 0.0
+        self,
+        exc: Exception,
+        attempt: int,
+        *,
+        model: str,
+        url: str,
+        elapsed_s: float = 0.0,
+        elsewhere: bool = False,
     ) -> float:
-        """Seconds to wait before attempt `attempt + 1`, or raise what the caller should see."""
+        """Seconds to wait before attempt `attempt + 1`, or raise what the caller should see.
+        `elsewhere`: another endpoint is healthy, so the retry goes there without waiting."""
         status = status_of(exc)
         message = _message(exc)
         if not is_transient(exc):
@@ -140,7 +303,7 @@ class RetryPolicy:
             if isinstance(exc, InferenceServerException):
                 raise ServerError(message or str(exc), model=model, status=status, url=url) from exc
             raise exc
-        delay = self.delay(attempt)
+        delay = 0.0 if elsewhere else self.delay(attempt)
         out_of_retries = self.retries is not None and attempt >= self.retries
         if out_of_retries or elapsed_s + delay > self.deadline_s:
             raise ServerUnavailable(
@@ -195,6 +358,7 @@ class ClientBase:
         url: str = "127.0.0.1:8001",
         *,
         urls: Sequence[str] | None = None,
+        probe_interval_s: float = 0.5,
         timeout_s: float = 10.0,
         retry_deadline_s: float = RetryPolicy.deadline_s,
         retries: int | None = None,
@@ -209,6 +373,7 @@ class ClientBase:
         self._pool = EndpointPool(
             list(urls) if urls is not None else [url],
             lambda u: self.grpc_module.InferenceServerClient(url=u),
+            probe_interval_s=probe_interval_s,
         )
         self._retry = RetryPolicy(
             deadline_s=retry_deadline_s, retries=retries, backoff_s=backoff_s, jitter=jitter
@@ -225,3 +390,15 @@ class ClientBase:
     @property
     def urls(self) -> list[str]:
         return list(self._pool.urls)
+
+    def endpoints(self) -> list[EndpointState]:
+        """Each endpoint's health and counts, in the order given."""
+        return self._pool.endpoints()
+
+    def _update_steps(self, user_id, events, at, shape: ModelShape, history):
+        """The steps of one session update, started from scratch when the session's
+        endpoint changed since its last call (SessionHistories.moved)."""
+        moved = isinstance(user_id, str) and self.sessions.moved(user_id, self._pool.route(user_id))
+        return update_steps(
+            self.sessions, self.model_session, user_id, events, at, shape, history, moved
+        )

@@ -1,0 +1,161 @@
+"""Client-side balancing: least outstanding, failover, probing back, session routes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dynemb_client.transport as transport_mod
+from dynemb_client import Event, InterestClient
+from dynemb_client.contract import OP_START, OP_UPDATE, SESSION_OP
+from dynemb_client.requests import ModelShape
+from dynemb_client.sessions import SessionHistories, update_steps
+from dynemb_client.transport import EndpointPool
+from tests.unit.test_client_transport import HISTORY, fake_server, sleeps, unavailable
+
+__all__ = ["sleeps"]  # the fixture, shared
+
+URLS = ["a:1", "b:1", "c:1"]
+
+
+class Probe:
+    """A scripted readiness probe: the urls in `ready` answer ready."""
+
+    def __init__(self) -> None:
+        self.ready: set[str] = set()
+        self.asked = threading.Event()
+
+    def __call__(self, url: str) -> bool:
+        self.asked.set()
+        return url in self.ready
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_least_outstanding_then_in_turn() -> None:
+    pool = EndpointPool(URLS, lambda url: url)
+    held = [pool.acquire()[0] for _ in range(3)]
+    assert sorted(held) == URLS  # one each before any gets a second
+    pool.release("b:1")
+    assert pool.acquire()[0] == "b:1"  # the only one with nothing in flight
+    assert [e.outstanding for e in pool.endpoints()] == [1, 1, 1]
+    assert [e.calls for e in pool.endpoints()] == [1, 2, 1]
+
+
+def test_a_transient_failure_marks_down_and_a_probe_brings_back_on_a_new_channel() -> None:
+    made: list[str] = []
+    probe = Probe()
+    pool = EndpointPool(
+        URLS,
+        lambda url: made.append(url) or f"{url}#{len(made)}",
+        probe=probe,
+        probe_interval_s=0.01,
+    )
+    url, first = pool.acquire()
+    pool.release(url, unavailable())
+    down = {e.url: e for e in pool.endpoints()}[url]
+    assert not down.healthy and down.failures == 1 and "failed to connect" in down.last_error
+    assert down.down_s is not None and down.down_s >= 0
+    assert pool.healthy_besides(url)
+    assert url not in {pool.acquire()[0] for _ in range(20)}
+    probe.asked.wait(5)
+    assert not {e.url: e for e in pool.endpoints()}[url].healthy  # not ready: stays down
+    probe.ready.add(url)
+    wait_for(lambda: {e.url: e for e in pool.endpoints()}[url].healthy)
+    assert pool.client(url) != first  # a channel that saw the server die is not reused
+    assert first in pool.opened()  # ... but it is closed with the pool
+
+
+def test_an_answer_that_is_not_transient_keeps_the_endpoint() -> None:
+    pool = EndpointPool(URLS, lambda url: url)
+    url, _ = pool.acquire()
+    pool.release(url, ValueError("bad input"))
+    assert all(e.healthy for e in pool.endpoints())
+
+
+def test_all_down_still_tries_each_in_turn() -> None:
+    pool = EndpointPool(URLS, lambda url: url, probe=Probe(), probe_interval_s=60)
+    for _ in URLS:
+        pool.release(pool.acquire()[0], unavailable())
+    assert not any(e.healthy for e in pool.endpoints())
+    tried = []
+    for _ in range(3):
+        url, _ = pool.acquire()
+        tried.append(url)
+        pool.release(url)
+    assert sorted(tried) == URLS
+    pool.opened()
+
+
+def test_routes_stick_and_only_the_down_endpoints_routes_move() -> None:
+    pool = EndpointPool(URLS, lambda url: url, probe=Probe(), probe_interval_s=60)
+    routes = {f"user-{i}": pool.route(f"user-{i}") for i in range(300)}
+    assert set(routes.values()) == set(URLS)  # spread over all
+    assert all(pool.acquire(r)[0] == u for r, u in routes.items())
+    pool.release("b:1", unavailable())
+    after = {r: pool.route(r) for r in routes}
+    assert all(after[r] == u for r, u in routes.items() if u != "b:1")
+    assert all(after[r] != "b:1" for r in routes)
+    pool.opened()
+
+
+def test_the_client_fails_over_at_once_and_reports_its_endpoints(monkeypatch, sleeps) -> None:
+    probe = Probe()
+    monkeypatch.setattr(transport_mod, "server_ready", probe)
+    server = fake_server(monkeypatch)
+    client = InterestClient(urls=URLS, probe_interval_s=0.01)
+    client.model_shape()
+    server.failures = [unavailable()]
+    client.embed(HISTORY)
+    failed = server.calls[1][0]
+    assert server.calls[2][0] != failed and sleeps == []  # retried elsewhere, no waiting
+    for _ in range(6):
+        client.embed(HISTORY)
+    assert failed not in {url for url, _ in server.calls[3:]}
+    state = {e.url: e for e in client.endpoints()}
+    assert not state[failed].healthy and state[failed].failures == 1
+    assert all(e.outstanding == 0 for e in state.values())
+    probe.ready.add(failed)
+    wait_for(lambda: all(e.healthy for e in client.endpoints()))
+    before = len(server.calls)
+    for _ in range(6):
+        client.embed(HISTORY)
+    assert failed in {url for url, _ in server.calls[before:]}
+    client.close()
+    assert server.closed.count(failed) == 2  # the old channel and the new one
+
+
+def test_a_moved_session_starts_from_its_kept_history() -> None:
+    histories = SessionHistories()
+    event = Event(1_700_000_000, "Toy Story", labels=("genre:Comedy",))
+    histories.extend("u", [event], 5)
+    histories.served_by("u", "a:1")
+    assert not histories.moved("u", "a:1") and histories.moved("u", "b:1")
+    assert not histories.moved("new user", "b:1")
+    shape = ModelShape(max_events=5, max_labels=2)
+    later = Event(1_700_000_100, "Heat", labels=("genre:Action",))
+
+    def first_op(moved: bool) -> int:
+        steps = update_steps(histories, "session", "u", [later], None, shape, moved=moved)
+        call = next(steps)
+        op = next(t for t in call.inputs if t.name() == SESSION_OP)
+        return int(np.frombuffer(op._raw_content, np.int32)[0])
+
+    assert first_op(False) == OP_UPDATE
+    assert first_op(True) == OP_START
+    histories.forget("u")
+    assert not histories.moved("u", "b:1")
+
+
+@pytest.mark.parametrize("urls", [["a:1", "a:1"], []])
+def test_urls_are_a_list_of_distinct_endpoints(urls) -> None:
+    with pytest.raises(ValueError):
+        EndpointPool(urls, lambda url: url)
