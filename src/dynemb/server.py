@@ -82,6 +82,17 @@ def server_tree() -> Path:
     return target
 
 
+# One intra-op thread per instance; nothing may reach a model hub (also in deploy/k8s).
+STAGE_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONUTF8": "1",
+}
+
+
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     import pytriton
 
@@ -91,17 +102,30 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     ld = [python_libdir, str(libs), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
-    # One intra-op thread per instance; nothing may reach a model hub.
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUTF8="1",
-    )
+    env.update(STAGE_ENV)
     env.update(extra or {})
     return env
+
+
+def serving_flags(c: ServerConfig, repository: str) -> list[str]:
+    """The flags every dynemb tritonserver runs with, here and in deploy/k8s (which passes
+    its container's paths and `$(DYNEMB_CONTROL_TOKEN)` for Kubernetes to fill in)."""
+    return [
+        f"--model-repository={repository}",
+        "--model-control-mode=explicit",
+        *(f"--load-model={name}" for name in c.models),
+        "--strict-readiness=true",
+        f"--exit-timeout-secs={c.exit_timeout_s}",
+        f"--grpc-address={c.host}",
+        f"--grpc-port={c.grpc_port}",
+        f"--http-address={c.host}",
+        f"--http-port={c.http_port}",
+        f"--metrics-address={c.host}",
+        f"--metrics-port={c.metrics_port}",
+        "--log-verbose=0",
+        *control.server_args(c.control_token, c.host),
+        *c.extra_args,
+    ]
 
 
 class TritonServer:
@@ -115,27 +139,12 @@ class TritonServer:
         )
 
     def command(self) -> list[str]:
-        c = self.config
         tree = server_tree()
-        args = [
+        return [
             str(tree / "bin" / "tritonserver"),
-            f"--model-repository={c.repository.resolve()}",
             f"--backend-directory={tree / 'backends'}",
-            "--model-control-mode=explicit",
-            *(f"--load-model={name}" for name in c.models),
-            "--strict-readiness=true",
-            f"--exit-timeout-secs={c.exit_timeout_s}",
-            f"--grpc-address={c.host}",
-            f"--grpc-port={c.grpc_port}",
-            f"--http-address={c.host}",
-            f"--http-port={c.http_port}",
-            f"--metrics-address={c.host}",
-            f"--metrics-port={c.metrics_port}",
-            "--log-verbose=0",
-            *control.server_args(c.control_token, c.host),
-            *c.extra_args,
+            *serving_flags(self.config, str(self.config.repository.resolve())),
         ]
-        return args
 
     def start(self) -> TritonServer:
         if self.process is not None:
