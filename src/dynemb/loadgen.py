@@ -1,11 +1,13 @@
 """A bounded closed-loop load on `recommend`: N clients, each sending one request after
 another until told to stop, a time limit or a request limit, whichever comes first.
-Used by the swap tests and the swap benchmark; every call is recorded."""
+Used by the swap tests and the swap benchmark; every call is recorded. Given several
+urls (replicas), each client balances over all of them."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +31,7 @@ class Call:
 
 @dataclass
 class LoadGenerator:
-    url: str
+    url: str | Sequence[str]
     histories: list[list[Event]]
     clients: int = 16
     k: int = 10
@@ -46,7 +48,8 @@ class LoadGenerator:
         deadline = time.monotonic() + self.max_seconds
         history = self.histories[index % len(self.histories)]
         # No retries: a request that fails must count as failed, not be hidden.
-        with InterestClient(self.url, retries=0, timeout_s=60) as client:
+        urls = [self.url] if isinstance(self.url, str) else list(self.url)
+        with InterestClient(urls=urls, retries=0, timeout_s=60) as client:
             for _ in range(self.max_requests_per_client):
                 if self._stop.is_set() or time.monotonic() > deadline:
                     return

@@ -50,6 +50,8 @@ class SwapResult:
     drift: DriftReport
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # What the server must answer for the probes with the new version (checked on it).
+    expected: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
 def check_candidate(stage: str, artifact: Path) -> Manifest:
@@ -144,17 +146,41 @@ class Swapper:
         new = self._install(model_dir, artifact, manifest, old, drift, note)
         progress(f"{stage}: installed as version {new}; loading")
         try:
-            control.load_model(self.client, stage, self.token)
-            self._wait_ready(stage, new)
-            if expected is not None:
-                self._verify(expected)
+            self.activate(stage, new, expected)
         except Exception as exc:
             self._restore(model_dir / str(new), stage, old)
             raise SwapFailedError(
                 f"{stage} v{new} failed on the server ({exc}); v{old} serves"
             ) from exc
         progress(f"{stage}: version {new} serving")
-        return SwapResult(stage, old, new, drift, time.monotonic() - started)
+        return SwapResult(stage, old, new, drift, time.monotonic() - started, expected=expected)
+
+    def activate(
+        self, stage: str, version: int, expected: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Load `stage` again (the repository's newest, `version`), wait until it and the
+        ensembles are ready, and check the probes' answers against `expected`."""
+        control.load_model(self.client, stage, self.token)
+        self._wait_ready(stage, version)
+        if expected is not None:
+            self._verify(expected)
+
+    def require_serving(self, stage: str, version: int) -> None:
+        """Refuse unless this server is reachable, serves `stage` v`version` and has every
+        ensemble ready."""
+        self._require_ready([*ENSEMBLE_NAMES])
+        try:
+            serving = self.client.is_model_ready(stage, str(version))
+        except InferenceServerException as exc:
+            raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
+        if not serving:
+            raise SwapRefusedError(f"{self.url} does not serve {stage} v{version}; not swapping")
+
+    def reload(self, stage: str, version: int) -> None:
+        """Load `stage` again after its newer version directory was removed: `version`
+        serves again."""
+        control.load_model(self.client, stage, self.token)
+        self._wait_ready(stage, version)
 
     def current_pipeline(self) -> Pipeline:
         """The repository's newest versions; unchanged stages are not loaded again."""
@@ -219,8 +245,7 @@ class Swapper:
     def _restore(self, new_dir: Path, stage: str, old: int) -> None:
         shutil.rmtree(new_dir, ignore_errors=True)
         try:
-            control.load_model(self.client, stage, self.token)
-            self._wait_ready(stage, old)
+            self.reload(stage, old)
         except Exception:
             log.exception("restoring %s v%d after a failed swap", stage, old)
             raise
