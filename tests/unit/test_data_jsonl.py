@@ -151,3 +151,40 @@ def test_load_dataset_ml100k_uses_cached_files(tmp_path: Path) -> None:
     )
     data = load_dataset("ml-100k", tmp_path)  # files present: no download
     assert data.name == "ml-100k" and len(data.interactions) == 1
+
+
+def test_parquet_events_read_as_the_same_lines(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dynemb.data.jsonl import load_events
+
+    (tmp_path / "a.png").write_bytes(b"PNG-A")
+    records = [
+        {"user": "u1", "time": 20, "text": "Lamp", "image": "a.png", "labels": ["x:1"]},
+        {"user": "u1", "time": 10, "text": "Heat", "image": None, "labels": None},
+        {"user": "u2", "time": 5, "text": "Heat", "image": None, "labels": ["x:2"]},
+    ]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "events.parquet")
+    write_lines(tmp_path / "events.jsonl", list(records))
+    from_parquet = load_events(tmp_path / "events.parquet")
+    from_lines = load_events(tmp_path / "events.jsonl")
+    assert from_parquet.interactions == from_lines.interactions
+    assert from_parquet.by_user()["u1"][1].image == b"PNG-A"
+
+
+def test_parquet_errors_name_the_row_and_other_suffixes_are_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dynemb.data.jsonl import load_events
+
+    rows = [{"user": "u1", "time": 1, "text": "a"}, {"user": "u1", "time": -1, "text": "b"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet:2: 'time'"):
+        load_events(tmp_path / "bad.parquet")
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_events(tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="not an events file"):
+        load_events(tmp_path / "events.csv")

@@ -1,4 +1,4 @@
-"""A user's own events in JSON Lines, one event per line.
+"""A user's own events in JSON Lines, one event per line (or the same as Parquet rows).
 
     {"user": "u1", "time": 1700000000, "text": "Toy Story", "image": "img/toy.png",
      "labels": ["genre:Comedy"], "item": "tt0114709", "rating": 4}
@@ -38,7 +38,7 @@ class DataError(DynembError, ValueError):
 
 @dataclass(frozen=True)
 class _Line:
-    """Where a record came from, for error messages."""
+    """Where a record came from, for error messages (a line, or a Parquet row)."""
 
     path: Path
     lineno: int
@@ -69,6 +69,39 @@ def load_jsonl(path: Path) -> Dataset:
         except json.JSONDecodeError as exc:
             raise where.error(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
         interactions.append(_parse_event(record, where, images))
+    return _dataset(path, interactions)
+
+
+def load_parquet(path: Path) -> Dataset:
+    """The same events as a Parquet file: one row per event, the JSON Lines keys as
+    columns (an optional column may be absent; null reads as absent); errors name the row
+    (`file:row:`)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    images: dict[Path, bytes] = {}
+    interactions = [
+        _parse_event(record, _Line(path, row), images)
+        for row, record in enumerate(table.to_pylist(), start=1)
+    ]
+    return _dataset(path, interactions)
+
+
+def load_events(path: Path) -> Dataset:
+    """A JSON Lines (.jsonl, .json) or Parquet (.parquet) events file, by its suffix."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return load_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        return load_jsonl(path)
+    raise DataError(f"{path}: not an events file (expected .jsonl, .json or .parquet)")
+
+
+def _dataset(path: Path, interactions: list[Interaction]) -> Dataset:
     if not interactions:
         raise DataError(f"{path}: no events")
     items = _derive_items(interactions)  # before sorting: "first" means first in the file
@@ -79,7 +112,7 @@ def load_jsonl(path: Path) -> Dataset:
         items=items,
         interactions=interactions,
         synthetic=False,
-        meta={"source": f"JSON Lines file {path}"},
+        meta={"source": f"events file {path}"},
     )
 
 
