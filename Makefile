@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install demo test test-unit test-integration test-gpu lint format configs bench \
-	bench-quick bench-runtimes bench-faults bench-sessions bench-swap clean
+	bench-quick bench-runtimes bench-faults bench-sessions bench-replicas bench-embed-all bench-swap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ bench-faults: install
 
 bench-sessions: install
 	$(VENV)/bin/dynemb bench-sessions
+
+bench-replicas: install
+	$(VENV)/bin/dynemb bench-replicas
+
+bench-embed-all: install
+	$(VENV)/bin/dynemb bench-embed-all
 
 bench-swap: install
 	$(PY) benchmarks/swap_under_load.py --clients 16 --settle-seconds 20

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -93,6 +95,33 @@ def configs(repository: Repository = MODEL_REPOSITORY) -> None:
 
 
 @app.command()
+def k8s(
+    out: Annotated[Path, typer.Option(help="where the manifests go")] = Path("deploy/k8s"),
+    image: Annotated[str, typer.Option(help="the image deploy/Dockerfile built")] = (
+        "dynemb-triton:0.1.0"
+    ),
+    namespace: str = "dynemb",
+    replicas: Annotated[int, typer.Option(min=1)] = 3,
+    max_replicas: Annotated[int, typer.Option(min=1, help="the autoscaler's ceiling")] = 12,
+) -> None:
+    """Write the Kubernetes manifests (Deployment, headless Service, PDB, HPA, adapter rule)."""
+    from dynemb.k8s import K8sOptions, write_manifests
+
+    try:
+        options = K8sOptions(
+            image=image,
+            namespace=namespace,
+            replicas=replicas,
+            min_replicas=min(2, replicas),
+            max_replicas=max_replicas,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for path in write_manifests(out, options):
+        console.print(f"wrote {path}")
+
+
+@app.command()
 def build(
     repository: Repository = MODEL_REPOSITORY,
     catalogue: Annotated[str, typer.Option(help="ml-100k, synthetic, or a JSONL path")] = "ml-100k",
@@ -136,6 +165,14 @@ def serve(
     supervisor_port: Annotated[
         int, typer.Option(help="the supervisor's Prometheus metrics (0: none)")
     ] = 8003,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="servers on this host, replica i on every port + i * 100 "
+            "(client: InterestClient(urls=[...]) balances over them)",
+        ),
+    ] = 1,
 ) -> None:
     """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM.
 
@@ -143,41 +180,60 @@ def serve(
     from DYNEMB_CONTROL_TOKEN or the 0600 token file created on first serve; inference is
     open. A stage whose process dies or hangs is reloaded by the supervisor (dynemb.supervisor).
     """
+    from dynemb.cluster import PORT_STEP, Replicas, stepped_configs
     from dynemb.control import load_token, server_args
-    from dynemb.server import ServerConfig, TritonServer
+    from dynemb.server import ServerConfig
     from dynemb.supervisor import StageSupervisor
 
     token = None if insecure_control else load_token(create=True)
     server_args(token, host)  # refuses an open non-loopback server before anything starts
-    config = ServerConfig(
+    base = ServerConfig(
         repository, host, grpc_port, http_port, metrics_port, log_file, control_token=token
     )
-    server = TritonServer(config)
+    try:
+        cluster = Replicas(stepped_configs(base, replicas))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # A process started in the background by a non-interactive shell inherits SIGINT as
     # ignored, and Python then leaves it ignored: Ctrl-C / kill -INT must still stop us.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    supervisor = None
-    try:
-        server.start()
-        with _progress() as progress:
-            task = progress.add_task("loading models", total=len(config.models))
-            server.wait_ready(lambda done, total: progress.update(task, completed=done))
+    supervisors: dict[int, StageSupervisor] = {}
+
+    def supervise_replica(i: int) -> None:
         if supervise:
-            supervisor = StageSupervisor(
-                server, token, metrics_port=supervisor_port or None
-            ).start()
-        console.print(f"serving on {config.grpc_url} (gRPC); log: {server.log_file}")
+            port = supervisor_port + i * PORT_STEP if supervisor_port else None
+            supervisors[i] = StageSupervisor(cluster.servers[i], token, metrics_port=port).start()
+
+    try:
+        with _progress() as progress:
+            task = progress.add_task("loading models", total=replicas * len(base.models))
+            cluster.start(lambda done, total: progress.update(task, completed=done))
+        for i, server in enumerate(cluster.servers):
+            supervise_replica(i)
+            console.print(f"serving on {server.config.grpc_url} (gRPC); log: {server.log_file}")
         console.print("Ctrl-C to stop")
-        server.process.wait()
-        console.print(f"tritonserver exited:\n{server.log_tail()}")
-        raise typer.Exit(1)
+        while True:
+            time.sleep(0.5)
+            for i, running in enumerate(cluster.running()):
+                if running:
+                    continue
+                dead = cluster.servers[i]
+                console.print(f"tritonserver {dead.config.grpc_url} exited:\n{dead.log_tail()}")
+                if replicas == 1:
+                    raise typer.Exit(1)
+                # As a Deployment would: the others serve meanwhile, clients fail over.
+                if i in supervisors:
+                    supervisors.pop(i).stop()
+                console.print(f"starting {dead.config.grpc_url} again")
+                cluster.restart(i)
+                supervise_replica(i)
     except KeyboardInterrupt:
         console.print("stopping")
     finally:
-        if supervisor is not None:
+        for supervisor in supervisors.values():
             supervisor.stop()
-        server.stop()
+        cluster.stop()
 
 
 @app.command()
@@ -214,6 +270,39 @@ def recommend(
     for row in recommend_events(events, user, at, k, not include_seen, url, repository):
         items = [{"item_id": i.item_id, "score": i.score, "title": i.title} for i in row.items]
         print(json.dumps({"user": row.user, "at": at, "items": items}, ensure_ascii=False))
+
+
+@app.command(name="embed-all")
+def embed_all(
+    events: Annotated[
+        Path, typer.Option(help="events file or directory of them (JSON Lines or Parquet)")
+    ],
+    out: Annotated[Path, typer.Option(help="output directory of Parquet files")],
+    k: Annotated[int, typer.Option(min=1, max=100, help="items per user")] = 10,
+    workers: Annotated[int, typer.Option(min=1, help="embedder actors, one CPU each")] = (
+        os.cpu_count() or 1
+    ),
+    address: Annotated[
+        str | None, typer.Option(help="a Ray cluster (ray://host:10001 or auto); default: local")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
+    repository: Repository = MODEL_REPOSITORY,
+) -> None:
+    """Every user's E_t and top-k items as a Ray Data job (Parquet: user, at, embedding,
+    items, scores); each user's events in one file."""
+    from dynemb.bulk import EmbedAllOptions
+    from dynemb.bulk import embed_all as run
+
+    result = run(
+        EmbedAllOptions(
+            events, out, repository, k=k, workers=workers, address=address, overwrite=overwrite
+        ),
+        say=console.print,
+    )
+    console.print(
+        f"{result.users} users from {result.files} file(s) in {result.seconds:.1f} s "
+        f"({result.users_per_s:.1f} users/s) -> {result.out}"
+    )
 
 
 @app.command()
@@ -535,6 +624,48 @@ def bench_sessions(
         console.print(data.data, {k: round(v, 2) for k, v in data.ratios.items()})
 
 
+@app.command()
+def bench_replicas(
+    repository: Repository = MODEL_REPOSITORY,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    replicas: Annotated[int, typer.Option(min=2)] = 3,
+    trials: Annotated[int, typer.Option(min=1, help="kills, one replica after another")] = 3,
+) -> None:
+    """Failover under a 16-caller load: SIGKILL one replica, start it again; failed calls,
+    how fast its share moves and how fast it rejoins (writes replicas.md/.json)."""
+    from dynemb.bench.replicas import ReplicaBenchOptions
+    from dynemb.bench.replicas import bench_replicas as run
+
+    result = run(
+        ReplicaBenchOptions(repository, out_dir, replicas=replicas, trials=trials),
+        say=console.print,
+    )
+    for name, measured, ok in result.targets:
+        console.print(f"{'met' if ok else 'MISSED':6} {name}: {measured}")
+
+
+@app.command(name="bench-embed-all")
+def bench_embed_all(
+    repository: Repository = MODEL_REPOSITORY,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    users: Annotated[int, typer.Option(min=1, help="SYNTHETIC users to embed")] = 20_000,
+    files: Annotated[int, typer.Option(min=1, help="events files they are spread over")] = 16,
+    workers: Annotated[int, typer.Option(min=1)] = os.cpu_count() or 1,
+) -> None:
+    """`dynemb embed-all` on Ray against the same work in-process, same cores, one run
+    (writes embed_all.md/.json)."""
+    from dynemb.bench.bulk import BulkBenchOptions
+    from dynemb.bench.bulk import bench_embed_all as run
+
+    work = cache_dir() / "bench-embed-all"
+    result = run(
+        BulkBenchOptions(repository, out_dir, work, users=users, files=files, workers=workers),
+        say=console.print,
+    )
+    for name, measured, ok in result.targets:
+        console.print(f"{'met' if ok else 'MISSED':6} {name}: {measured}")
+
+
 def _swapper(repository: Path, url: str):
     from dynemb.control import load_token
     from dynemb.swap.swapper import Swapper
@@ -548,11 +679,27 @@ def swap(
     artifact: Annotated[Path, typer.Argument(help="version directory: artifact + manifest")],
     accept_drift: Annotated[bool, typer.Option(help="swap even if drift is out of bounds")] = False,
     repository: Repository = MODEL_REPOSITORY,
-    url: Url = "127.0.0.1:8001",
+    url: Annotated[
+        list[str],
+        typer.Option(
+            "--url",
+            help="gRPC endpoint host:port; several: replicas of one repository, swapped one "
+            "at a time and all rolled back if one fails",
+        ),
+    ] = ["127.0.0.1:8001"],  # noqa: B006 (typer reads the default, never mutates it)
 ) -> None:
     """Check, probe drift, install as the next version, load, verify; restore on failure."""
-    swapper = _swapper(repository, url)
-    result = swapper.swap(stage, artifact, accept_drift=accept_drift, progress=console.print)
+    if len(url) == 1:
+        swapper = _swapper(repository, url[0])
+        result = swapper.swap(stage, artifact, accept_drift=accept_drift, progress=console.print)
+        switched = [(url[0], result.seconds)]
+    else:
+        from dynemb.control import load_token
+        from dynemb.swap.rolling import RollingSwapper
+
+        roller = RollingSwapper(repository, url, token=load_token(create=False))
+        result = roller.swap(stage, artifact, accept_drift=accept_drift, progress=console.print)
+        switched = result.switched
     print(
         json.dumps(
             {
@@ -561,6 +708,7 @@ def swap(
                 "new": result.new_version,
                 "drift": result.drift.as_dict() if result.drift else None,
                 "seconds": round(result.seconds, 2),
+                "replicas": [{"url": u, "seconds": round(t, 2)} for u, t in switched],
             }
         )
     )
