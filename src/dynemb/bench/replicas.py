@@ -11,6 +11,7 @@ tests/integration/test_replicas.py runs one on the synthetic test repository.
 from __future__ import annotations
 
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,9 @@ class FailoverLoad:
     session_callers: int = 4
     max_calls: int = 20_000
     max_s: float = 240.0
+    # Session users are new to the servers in each load: a later load must not meet an
+    # earlier one's sessions (its events would precede theirs, which is bad input).
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
     stop: threading.Event = field(default_factory=threading.Event)
     errors: list[BaseException] = field(default_factory=list)
     checks: list[float] = field(default_factory=list)  # max |session - recompute| per check
@@ -84,7 +88,7 @@ class FailoverLoad:
         try:
             while not self.stop.is_set() and n < self.max_calls and time.monotonic() < deadline:
                 if i < self.session_callers:
-                    user, j = f"user-{i}-{n // 40}", n % 40
+                    user, j = f"{self.tag}-user-{i}-{n // 40}", n % 40
                     embedding = client.update(user, [events[j]])
                     if j % 10 == 9:
                         expected = client.embed(client.sessions.get(user), at=events[j].time)
