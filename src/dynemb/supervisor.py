@@ -131,10 +131,14 @@ class StageSupervisor:
         return self
 
     def stop(self) -> None:
+        """Stop the loop and free the metrics port (a restarted replica's supervisor binds
+        it again)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.ready_timeout_s + 10)
         self._client.close()
+        if self._metrics is not None:
+            self._metrics.close()
 
     def _run(self) -> None:
         next_probe = time.monotonic() + self.probe_every_s
@@ -254,6 +258,11 @@ class _Metrics:
         for name in stages.NAMES:
             self.stage_up.labels(name).set(1)
         self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
 
     def up(self, stage: str, value: bool) -> None:
         self.stage_up.labels(stage).set(1 if value else 0)

@@ -1,0 +1,20 @@
+"""The supervisor's Prometheus endpoint frees its port when stopped: `dynemb serve
+--replicas N` starts a dead replica again with a new supervisor on the same port (it
+crashed with 'Address already in use' before)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from dynemb.server import free_port
+from dynemb.supervisor import _Metrics
+
+
+def test_metrics_port_is_free_again_after_close() -> None:
+    port = free_port()
+    for _ in range(2):
+        metrics = _Metrics(port, "127.0.0.1")
+        metrics.recovered("text_rnn", ok=True)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b'dynemb_stage_recoveries_total{outcome="ok",stage="text_rnn"} 1.0' in text
+        metrics.close()
