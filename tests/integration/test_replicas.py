@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import time
 
 import numpy as np
@@ -34,8 +35,12 @@ FIVE = ("text_rnn", "image_cnn", "label_mlp", "temporal_lstm", "llm_encoder")
 
 @pytest.fixture(scope="module")
 def replicas(built_repository, tmp_path_factory):
+    # Its own copy: the rolling swaps leave new versions behind, which the session's
+    # live server (started on the shared repository) does not serve.
+    repository = tmp_path_factory.mktemp("replicas") / "repository"
+    shutil.copytree(built_repository, repository)
     base = ServerConfig(
-        repository=built_repository,
+        repository=repository,
         models=MODELS,
         startup_timeout_s=300,
         control_token=secrets.token_urlsafe(16),
