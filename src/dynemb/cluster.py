@@ -27,9 +27,14 @@ def stepped_configs(base: ServerConfig, replicas: int, step: int = PORT_STEP) ->
     """`replicas` copies of `base`, replica i on each base port + i * step, each its own log."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
-    ports = {base.grpc_port, base.http_port, base.metrics_port}
-    if len(ports) < 3 or step < max(ports) - min(ports) + 1:
-        raise ValueError(f"the base ports {sorted(ports)} overlap with a step of {step}")
+    base_ports = (base.grpc_port, base.http_port, base.metrics_port)
+    every = [p + i * step for i in range(replicas) for p in base_ports]
+    if len(set(every)) < len(every):
+        raise ValueError(
+            f"the ports {list(base_ports)} + i * {step} collide across {replicas} replicas"
+        )
+    if max(every) > 65535:
+        raise ValueError(f"replica {replicas - 1} would listen on port {max(every)} > 65535")
     configs = []
     for i in range(replicas):
         log_file = base.log_file

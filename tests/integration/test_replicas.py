@@ -169,16 +169,3 @@ def test_rolling_swap_refuses_an_unreachable_replica_before_touching_any(
     with pytest.raises(SwapRefusedError, match=re.escape("127.0.0.1:1")):
         roll.swap(stage, candidate, accept_drift=True)
     assert versions_of(roll.repository / stage) == before
-
-
-def test_replicas_stop_together_and_refuse_overlapping_ports(tmp_path) -> None:
-    from dynemb.cluster import stepped_configs
-
-    base = ServerConfig(grpc_port=9001, http_port=9000, metrics_port=9002)
-    configs = stepped_configs(base, 3)
-    assert [c.grpc_port for c in configs] == [9001, 9101, 9201]
-    assert len({p for c in configs for p in (c.grpc_port, c.http_port, c.metrics_port)}) == 9
-    with pytest.raises(ValueError):
-        stepped_configs(ServerConfig(grpc_port=9001, http_port=9300, metrics_port=9002), 2)
-    with pytest.raises(ValueError):
-        stepped_configs(base, 0)
