@@ -719,10 +719,22 @@ def rollback(
     stage: str,
     to: Annotated[int | None, typer.Option(help="version to serve again (default: parent)")] = None,
     repository: Repository = MODEL_REPOSITORY,
-    url: Url = "127.0.0.1:8001",
+    url: Annotated[
+        list[str],
+        typer.Option(
+            "--url", help="gRPC endpoint host:port; several: replicas, rolled one at a time"
+        ),
+    ] = ["127.0.0.1:8001"],  # noqa: B006 (typer reads the default, never mutates it)
 ) -> None:
     """Serve an earlier version of STAGE again (installed as a new, newest version)."""
-    result = _swapper(repository, url).rollback(stage, to, progress=console.print)
+    if len(url) == 1:
+        result = _swapper(repository, url[0]).rollback(stage, to, progress=console.print)
+    else:
+        from dynemb.control import load_token
+        from dynemb.swap.rolling import RollingSwapper
+
+        roller = RollingSwapper(repository, url, token=load_token(create=False))
+        result = roller.rollback(stage, to, progress=console.print)
     print(json.dumps({"stage": stage, "old": result.old_version, "new": result.new_version}))
 
 

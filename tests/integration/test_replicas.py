@@ -122,9 +122,28 @@ def test_rolling_swap_of_each_stage_under_load(replicas, tmp_path) -> None:
                 else:
                     assert is_old != is_new, (stage, call)
             previous, checked = finished, len(calls)
+        # Rolled back the same way: every replica serves the parent's answers again.
+        before_rollback = expected_scores(roll, histories)
+        back = roll.rollback("llm_encoder")
+        assert back.new_version == back.old_version + 1
+        restored = expected_scores(roll, histories)
+        assert (
+            max(np.abs(a - b).max() for a, b in zip(before_rollback, restored, strict=True)) > 3e-4
+        )
+        for url in replicas.urls:
+            assert grpcclient.InferenceServerClient(url).is_model_ready(
+                "llm_encoder", str(back.new_version)
+            )
+        rolled_back = time.monotonic()
+        time.sleep(1)
     calls = load.snapshot()
     assert not [c for c in calls if c.error], [c.error for c in calls if c.error][:3]
     assert len(calls) > 200
+    after = [c for c in calls if c.started > rolled_back]
+    assert after
+    for call in after:
+        want = restored[call.client % len(histories)]
+        assert np.abs(np.array(call.scores) - want).max() <= 1e-4, call
 
 
 def test_rolling_swap_losing_a_replica_rolls_the_others_back(replicas, tmp_path) -> None:

@@ -67,6 +67,7 @@ class RollingSwapper:
         artifact: Path,
         accept_drift: bool = False,
         progress: Callable[[str], None] = log.info,
+        note: str = "",
     ) -> RollResult:
         """Swap `stage` on every replica in turn; all or none end on the new version."""
         started = time.monotonic()
@@ -75,7 +76,9 @@ class RollingSwapper:
             swapper.require_serving(stage, old)
         first, *rest = self.swappers
         progress(f"{first.url}: swapping {stage}")
-        result = first.swap(stage, artifact, accept_drift=accept_drift, progress=progress)
+        result = first.swap(
+            stage, artifact, accept_drift=accept_drift, note=note, progress=progress
+        )
         switched = [(first.url, result.seconds)]
         new = result.new_version
         current = first
@@ -95,6 +98,16 @@ class RollingSwapper:
                 f"every replica serves v{old}"
             ) from exc
         return RollResult(stage, old, new, result.drift, time.monotonic() - started, switched)
+
+    def rollback(
+        self, stage: str, to: int | None = None, progress: Callable[[str], None] = log.info
+    ) -> RollResult:
+        """Serve an earlier version (default: the serving one's parent) again on every
+        replica, rolled like a swap (a copy of it installed as the newest version)."""
+        source = self.swappers[0].rollback_source(stage, to)
+        return self.swap(
+            stage, source, accept_drift=True, progress=progress, note=f"rollback to v{source.name}"
+        )
 
     def _roll_back(self, stage: str, old: int, new: int, swappers: list[Swapper]) -> None:
         shutil.rmtree(self.repository / stage / str(new), ignore_errors=True)

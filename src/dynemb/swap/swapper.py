@@ -196,6 +196,14 @@ class Swapper:
 
     def rollback(self, stage: str, to: int | None = None, **kwargs) -> SwapResult:
         """Serve an earlier version again, by installing a copy of it as the newest."""
+        source = self.rollback_source(stage, to)
+        return self.swap(
+            stage, source, accept_drift=True, note=f"rollback to v{source.name}", **kwargs
+        )
+
+    def rollback_source(self, stage: str, to: int | None = None) -> Path:
+        """The version directory a rollback serves again: `to`, or the serving version's
+        parent; refused when there is none."""
         model_dir = self.repository / stage
         existing = versions_of(model_dir)
         if to is None:
@@ -207,9 +215,7 @@ class Swapper:
                 )
         if to not in existing or to == existing[-1]:
             raise SwapRefusedError(f"{stage}: cannot roll back to v{to} (versions: {existing})")
-        return self.swap(
-            stage, model_dir / str(to), accept_drift=True, note=f"rollback to v{to}", **kwargs
-        )
+        return model_dir / str(to)
 
     def _install(
         self,
