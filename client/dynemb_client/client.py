@@ -22,7 +22,7 @@ from dynemb_client.sessions import (
     parse_session,
     retrieve_call,
 )
-from dynemb_client.transport import ClientBase, is_transient, shape_from_metadata
+from dynemb_client.transport import ClientBase, shape_from_metadata
 
 __all__ = ["InterestClient"]
 
@@ -54,18 +54,7 @@ class InterestClient(ClientBase):
             try:
                 result = fn(inner)
             except Exception as exc:
-                self._pool.release(url, exc)
-                if not retry and is_transient(exc):
-                    raise  # the caller decides what is safe to send instead
-                elapsed = time.monotonic() - started
-                delay = self._retry.after_failure(
-                    exc,
-                    attempt,
-                    model=model,
-                    url=url,
-                    elapsed_s=elapsed,
-                    elsewhere=self._pool.healthy_besides(url),
-                )
+                delay = self._failed(exc, url, attempt, model, started, retry)
             else:
                 self._pool.release(url)
                 return result

@@ -395,6 +395,26 @@ class ClientBase:
         """Each endpoint's health and counts, in the order given."""
         return self._pool.endpoints()
 
+    def _failed(
+        self, exc: Exception, url: str, attempt: int, model: str, started: float, retry: bool
+    ) -> float:
+        """After attempt `attempt` at `url` raised `exc` (call it in the except block): the
+        endpoint released (marked down if the failure was transient), and the delay before
+        the next attempt, 0 when another endpoint is healthy. Re-raises what is not
+        retried: bad input, an exhausted deadline, and with `retry=False` a transient
+        failure (the caller decides what is safe to send instead)."""
+        self._pool.release(url, exc)
+        if not retry and is_transient(exc):
+            raise exc
+        return self._retry.after_failure(
+            exc,
+            attempt,
+            model=model,
+            url=url,
+            elapsed_s=time.monotonic() - started,
+            elsewhere=self._pool.healthy_besides(url),
+        )
+
     def _update_steps(self, user_id, events, at, shape: ModelShape, history):
         """The steps of one session update, started from scratch when the session's
         endpoint changed since its last call (SessionHistories.moved)."""
