@@ -175,6 +175,22 @@ def test_rolling_swap_losing_a_replica_rolls_the_others_back(replicas, tmp_path)
         assert np.abs(np.array(call.scores) - expected[call.client % 3]).max() <= 1e-4
 
 
+def test_ctrl_c_mid_roll_rolls_back(replicas, tmp_path) -> None:
+    roll, stage = roller(replicas), "temporal_lstm"
+    before = versions_of(roll.repository / stage)
+    candidate = make_candidate(roll.repository, stage, tmp_path / stage, scale=0.1)
+
+    def progress(message: str) -> None:  # the operator presses Ctrl-C at the second replica
+        if message.startswith(f"{replicas.urls[1]}: loading"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        roll.swap(stage, candidate, accept_drift=True, progress=progress)
+    assert versions_of(roll.repository / stage) == before
+    for url in replicas.urls:
+        assert grpcclient.InferenceServerClient(url).is_model_ready(stage, str(before[-1]))
+
+
 def test_rolling_swap_refuses_an_unreachable_replica_before_touching_any(
     replicas, tmp_path
 ) -> None:

@@ -92,6 +92,8 @@ class RollingSwapper:
         except BaseException as exc:  # Ctrl-C too: no replica is left on N+1
             done = [s for s in self.swappers if s.url in dict(switched)]
             self._roll_back(stage, old, new, done if current in done else [*done, current])
+            if not isinstance(exc, Exception):
+                raise  # Ctrl-C stays Ctrl-C, after the roll back
             where = ", ".join(s.url for s in done)
             raise SwapFailedError(
                 f"{stage} v{new} failed on {current.url} ({exc!r}); rolled back on {where}: "

@@ -147,8 +147,10 @@ class Swapper:
         progress(f"{stage}: installed as version {new}; loading")
         try:
             self.activate(stage, new, expected)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C too: never left half swapped
             self._restore(model_dir / str(new), stage, old)
+            if not isinstance(exc, Exception):
+                raise
             raise SwapFailedError(
                 f"{stage} v{new} failed on the server ({exc}); v{old} serves"
             ) from exc
