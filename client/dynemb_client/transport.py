@@ -135,10 +135,9 @@ class EndpointPool(Generic[T]):
     def acquire(self, route: str | None = None) -> tuple[str, T]:
         """The endpoint for the next call, counted in flight until `release`."""
         with self._lock:
-            endpoints = list(self._endpoints.values())
-            up = [e for e in endpoints if e.healthy] or endpoints
+            up = self._up()
             if route is not None:
-                chosen = max(up, key=lambda e: _rendezvous(route, e.url))
+                chosen = _owner(route, up)
             else:  # least outstanding, ties in turn
                 first = next(self._turn)
                 turn = [up[(first + i) % len(up)] for i in range(len(up))]
@@ -167,9 +166,12 @@ class EndpointPool(Generic[T]):
     def route(self, route: str) -> str:
         """The endpoint `acquire(route)` picks now (health may change before it is used)."""
         with self._lock:
-            endpoints = list(self._endpoints.values())
-            up = [e for e in endpoints if e.healthy] or endpoints
-            return max(up, key=lambda e: _rendezvous(route, e.url)).url
+            return _owner(route, self._up()).url
+
+    def _up(self) -> list[_Endpoint]:  # with self._lock held
+        """The healthy endpoints; all of them when none is (try every one in turn)."""
+        endpoints = list(self._endpoints.values())
+        return [e for e in endpoints if e.healthy] or endpoints
 
     def healthy_besides(self, url: str) -> bool:
         """Whether another endpoint is healthy (a retry can go there at once)."""
@@ -222,6 +224,12 @@ class EndpointPool(Generic[T]):
                     endpoint.healthy = True
                     endpoint.down_at = None
                 logger.warning("endpoint %s back", url)
+
+
+def _owner(route: str, endpoints: list[_Endpoint]) -> _Endpoint:
+    """The endpoint a route goes to (rendezvous hashing: the highest hash of route and url
+    wins, so only the routes of an endpoint that goes away move)."""
+    return max(endpoints, key=lambda e: _rendezvous(route, e.url))
 
 
 def _rendezvous(route: str, url: str) -> int:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from dynemb.cluster import free_configs
 from dynemb.pipeline import Pipeline
-from dynemb.server import ServerConfig, TritonServer, free_port
+from dynemb.server import ServerConfig, TritonServer
 from dynemb.swap.candidates import make_candidate
 from dynemb.swap.swapper import Swapper
 from dynemb_client import Event, InterestClient, build_inputs
@@ -130,15 +131,10 @@ def small_store(built_repository, tmp_path) -> ServerConfig:
     )
     assert n == 1
     config.write_text(text)
-    return ServerConfig(
-        repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        log_file=tmp_path / "tritonserver.log",
-        startup_timeout_s=240,
-        control_token="stream-test-token",
+    base = ServerConfig(
+        repository=repository, startup_timeout_s=240, control_token="stream-test-token"
     )
+    return free_configs(base, 1, tmp_path)[0]
 
 
 def test_stream_through_evictions_swaps_and_a_restart(small_store, tmp_path) -> None:

@@ -162,8 +162,7 @@ class Swapper:
     ) -> None:
         """Load `stage` again (the repository's newest, `version`), wait until it and the
         ensembles are ready, and check the probes' answers against `expected`."""
-        control.load_model(self.client, stage, self.token)
-        self._wait_ready(stage, version)
+        self.reload(stage, version)
         if expected is not None:
             self._verify(expected)
 
@@ -179,8 +178,8 @@ class Swapper:
             raise SwapRefusedError(f"{self.url} does not serve {stage} v{version}; not swapping")
 
     def reload(self, stage: str, version: int) -> None:
-        """Load `stage` again after its newer version directory was removed: `version`
-        serves again."""
+        """Load `stage` again and wait until `version` (the newest on disk: a new one, or
+        the old one after the newer directory was removed) and the ensembles are ready."""
         control.load_model(self.client, stage, self.token)
         self._wait_ready(stage, version)
 
