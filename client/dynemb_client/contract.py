@@ -32,6 +32,25 @@ ITEM_IDS = "ITEM_IDS"
 ITEM_SCORES = "ITEM_SCORES"
 ITEM_TITLES = "ITEM_TITLES"
 
+# Every answer also says which version of each stage computed it (during a rolling swap
+# two versions serve at once): the ensembles (and `session`) output, per stage they ran,
+#   <STAGE>_VERSION INT64 [1]   e.g. TEXT_RNN_VERSION (a client asks for them or not)
+INTEREST_STAGES = (
+    "preprocess",
+    "text_rnn",
+    "image_cnn",
+    "label_mlp",
+    "temporal_lstm",
+    "llm_encoder",
+)
+RECOMMEND_STAGES = (*INTEREST_STAGES, "retrieve")
+
+
+def version_output(stage: str) -> str:
+    """The output that reports the version of `stage` that computed a response."""
+    return f"{stage.upper()}_VERSION"
+
+
 DEFAULT_MAX_EVENTS = 50
 DEFAULT_MAX_LABELS = 8
 MAX_TOP_K = 100
@@ -45,9 +64,10 @@ MAX_TIME_S = 4_102_444_800.0
 #                            OP_FORGET: drop the session's state (the events are ignored)
 #   + EVENT_TEXT, EVENT_IMAGE, EVENT_LABELS, EVENT_TIME, EVENT_COUNT, QUERY_TIME as above
 #     (the new events only; none may precede the session's newest event or follow t)
-# ->USER_EMBEDDING FP32 [D]; SESSION_STATUS INT32 [1]; SESSION_EVENTS INT32 [1] (events held)
+# ->USER_EMBEDDING FP32 [D]; SESSION_STATUS INT32 [1]; SESSION_EVENTS INT32 [1] (events held);
+#   <STAGE>_VERSION INT64 [1] for each of INTEREST_STAGES: the versions it serves with
 SESSION = "session"
-RETRIEVE = "retrieve"  # called directly by a session's recommend
+RETRIEVE = RECOMMEND_STAGES[-1]  # called directly by a session's recommend
 SESSION_ID = "SESSION_ID"
 SESSION_OP = "SESSION_OP"
 SESSION_STATUS = "SESSION_STATUS"

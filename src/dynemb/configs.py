@@ -73,7 +73,7 @@ def _io(tensor: TensorSpec, cls: type) -> object:
 def stage_config(spec: StageSpec) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=spec.max_batch_size)
     config.input.extend(_io(t, mc.ModelInput) for t in spec.inputs)
-    config.output.extend(_io(t, mc.ModelOutput) for t in spec.outputs)
+    config.output.extend(_io(t, mc.ModelOutput) for t in spec.served_outputs)
     config.dynamic_batching.SetInParent()  # present even with every field at its default
     config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
     config.instance_group.append(
@@ -95,7 +95,7 @@ def ensemble_config(spec: EnsembleSpec, specs: dict[str, StageSpec]) -> mc.Model
         step = config.ensemble_scheduling.step.add(model_name=name, model_version=-1)
         for tensor in stage.inputs:
             step.input_map[tensor.name] = tensor.name
-        for tensor in stage.outputs:
+        for tensor in stage.served_outputs:
             step.output_map[tensor.name] = tensor.name
     return config
 

@@ -12,9 +12,8 @@ from dynemb.specs import EnsembleSpec, StageSpec
 from dynemb.tensors import Tensors
 from dynemb_client import contract as wire
 
-INTEREST_STEPS = ("preprocess", "text_rnn", "image_cnn", "label_mlp", "temporal_lstm")
-INTEREST_STEPS += ("llm_encoder",)
-RECOMMEND_STEPS = (*INTEREST_STEPS, "retrieve")
+INTEREST_STEPS = wire.INTEREST_STAGES  # the client names them too: it reads their versions
+RECOMMEND_STEPS = wire.RECOMMEND_STAGES
 ENSEMBLE_NAMES = (wire.USER_INTEREST, wire.RECOMMEND)
 
 
@@ -24,15 +23,20 @@ def stage_specs(dims: Dims = DIMS) -> dict[str, StageSpec]:
 
 
 def ensemble_specs(dims: Dims = DIMS) -> dict[str, EnsembleSpec]:
-    """The two ensembles; their inputs and outputs are the stages' own tensors."""
+    """The two ensembles; their inputs and outputs are the stages' own tensors, and the
+    version of every step that computed the answer."""
     specs = stage_specs(dims)
     t = Tensors(dims)
+
+    def versions(steps: tuple[str, ...]) -> tuple:
+        return tuple(specs[name].version_output for name in steps)
+
     return {
         wire.USER_INTEREST: EnsembleSpec(
             wire.USER_INTEREST,
             INTEREST_STEPS,
             inputs=specs[INTEREST_STEPS[0]].inputs,
-            outputs=specs[INTEREST_STEPS[-1]].outputs,
+            outputs=(*specs[INTEREST_STEPS[-1]].outputs, *versions(INTEREST_STEPS)),
         ),
         wire.RECOMMEND: EnsembleSpec(
             wire.RECOMMEND,
@@ -40,7 +44,7 @@ def ensemble_specs(dims: Dims = DIMS) -> dict[str, EnsembleSpec]:
             inputs=(*specs[RECOMMEND_STEPS[0]].inputs, t.top_k),
             # USER_EMBEDDING is internal here: an ensemble output that a later step also
             # consumes deadlocks Triton 2.51 when a client requests only the other outputs.
-            outputs=specs[RECOMMEND_STEPS[-1]].outputs,
+            outputs=(*specs[RECOMMEND_STEPS[-1]].outputs, *versions(RECOMMEND_STEPS)),
         ),
     }
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from dynemb_client import contract as wire
+
 # Triton data types <-> numpy. BYTES travels as numpy object arrays of bytes.
 NUMPY_DTYPES: dict[str, type] = {
     "BOOL": np.bool_,
@@ -98,6 +100,9 @@ class StageSpec:
     # Free-form model parameters written into config.pbtxt (the runtime, cache bounds):
     # the adapter reads them back into the stage's typed RunnerOptions.
     parameters: tuple[tuple[str, str], ...] = ()
+    # Whether the model also outputs `version_output` (every stage does; the session
+    # model reports the versions of the stages it runs among its own outputs).
+    reports_version: bool = True
 
     def __post_init__(self) -> None:
         if self.instance_kind not in INSTANCE_KINDS:
@@ -112,6 +117,17 @@ class StageSpec:
     @property
     def signature(self) -> Signature:
         return Signature(self.inputs, self.outputs)
+
+    @property
+    def version_output(self) -> TensorSpec:
+        """The version of this stage that computed a response, per user. Served beside
+        the outputs, not part of the signature: the adapter adds it to every version."""
+        return TensorSpec(wire.version_output(self.name), "INT64", (1,))
+
+    @property
+    def served_outputs(self) -> tuple[TensorSpec, ...]:
+        """What the Triton model outputs: the signature's outputs and its version."""
+        return (*self.outputs, self.version_output) if self.reports_version else self.outputs
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,18 @@ def test_torch_stage_runs_once_for_all_requests(repo, monkeypatch):
     )
 
 
+def test_every_answer_says_which_version_computed_it(repo):
+    model = load_model(repo, "label_mlp")
+    assert model.version == 1  # read from Triton's model_version
+    model.version = 7  # as if Triton had loaded version directory 7
+    ids = [np.zeros((n, DIMS.max_events, 8), dtype=np.int64) for n in (1, 3)]
+    out = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": x}) for x in ids])
+    for response, n in zip(out, (1, 3), strict=True):
+        version = response.output_tensors["LABEL_MLP_VERSION"]
+        assert version.dtype == np.int64 and version.shape == (n, 1)
+        assert (version == 7).all()
+
+
 def test_wrong_shape_or_dtype_is_a_per_request_error(repo):
     model = load_model(repo, "label_mlp")
     good = np.zeros((1, DIMS.max_events, 8), dtype=np.int64)

@@ -9,6 +9,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from dynemb import stages
 from dynemb.configs import adapters, all_configs, write_configs
+from dynemb.dims import DIMS
 from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 
 CHECKOUT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -61,8 +62,28 @@ def test_ensemble_steps_are_fed_by_earlier_steps_or_ensemble_inputs():
             stage = STAGE_SPECS[step]
             missing = {t.name for t in stage.inputs} - available
             assert not missing, f"{ensemble.name}/{step} needs {missing}"
-            available |= {t.name for t in stage.outputs}
+            available |= {t.name for t in stage.served_outputs}
         assert {t.name for t in ensemble.outputs} <= available
+
+
+def test_ensembles_report_the_version_of_every_step_and_never_consume_an_output():
+    for ensemble in ENSEMBLE_SPECS.values():
+        outputs = {t.name for t in ensemble.outputs}
+        versions = {STAGE_SPECS[step].version_output.name for step in ensemble.steps}
+        assert versions <= outputs, f"{ensemble.name} hides a step's version"
+        # An ensemble output that a later step also reads deadlocks Triton 2.51 when a
+        # client asks for only some of the outputs.
+        consumed = {t.name for step in ensemble.steps for t in STAGE_SPECS[step].inputs}
+        assert not outputs & consumed, f"{ensemble.name} outputs {outputs & consumed}"
+
+
+def test_the_session_model_reports_the_versions_of_its_own_stages():
+    from dynemb.sessions.engine import SESSION_STAGES
+    from dynemb.sessions.spec import session_spec
+
+    spec = session_spec(DIMS)
+    reported = {t.name for t in spec.served_outputs if t.name.endswith("_VERSION")}
+    assert reported == {STAGE_SPECS[name].version_output.name for name in SESSION_STAGES}
 
 
 def test_stage_tensors_have_consistent_shapes_across_steps():

@@ -34,6 +34,7 @@ class StageAdapter:
             for key, value in config.get("parameters", {}).items()
         }
         self.runner = load_runner(directory, parameters=parameters)
+        self.version = int(args["model_version"])
         self.metrics = CacheMetrics(
             self.pb_utils, self.runner.spec.name, args["model_version"], self.runner.caches()
         )
@@ -44,7 +45,7 @@ class StageAdapter:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = respond(self.pb_utils, requests, self.runner)
+        responses = respond(self.pb_utils, requests, self.runner, self.version)
         self.metrics.update()
         return responses
 
@@ -76,8 +77,9 @@ def read_inputs(pb_utils: ModuleType, request: Any, spec: StageSpec) -> dict[str
     return inputs
 
 
-def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner) -> list[Any]:
-    """One response per request, in order. A request with bad input gets its own
+def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner, version: int) -> list[Any]:
+    """One response per request, in order, each with the outputs and `version` (the
+    stage's version, per user, in the spec's version output). A request with bad input gets its own
     INVALID_ARG error before it joins the batch; the valid ones run together in one call
     (or one call each for per-request runners). Should that call still fail, each of its
     requests is run alone, so one request can never fail its neighbours: only the one that
@@ -106,10 +108,10 @@ def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner) -> list[A
                 except Exception:
                     responses[item[0]] = _failure(pb_utils, runner)
                 else:
-                    responses[item[0]] = _response(pb_utils, runner, item[1], out)
+                    responses[item[0]] = _response(pb_utils, runner, version, item[1], out)
             continue
         for (i, inputs), out in zip(group, outputs, strict=True):
-            responses[i] = _response(pb_utils, runner, inputs, out)
+            responses[i] = _response(pb_utils, runner, version, inputs, out)
     return responses
 
 
@@ -118,7 +120,9 @@ class NonFiniteOutputError(RuntimeError):
     caller's (the next stage would otherwise refuse it as bad input)."""
 
 
-def _response(pb_utils: ModuleType, runner: Runner, inputs: dict, outputs: dict) -> Any:
+def _response(
+    pb_utils: ModuleType, runner: Runner, version: int, inputs: dict, outputs: dict
+) -> Any:
     out = runner.trim(inputs, outputs)
     for tensor in runner.spec.outputs:
         if tensor.dtype == "FP32" and not np.isfinite(out[tensor.name]).all():
@@ -126,6 +130,9 @@ def _response(pb_utils: ModuleType, runner: Runner, inputs: dict, outputs: dict)
             pb_utils.Logger.log_error(f"{runner.spec.name}: computed a non-finite {tensor.name}")
             return _error(pb_utils, runner, error, internal=True)
     tensors = [pb_utils.Tensor(t.name, _wire(out[t.name], t.dtype)) for t in runner.spec.outputs]
+    users = len(next(iter(out.values())))
+    tag = np.full((users, 1), version, np.int64)
+    tensors.append(pb_utils.Tensor(runner.spec.version_output.name, tag))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 

@@ -96,7 +96,7 @@ class SessionAdapter:
                 by_request.setdefault(row.request, []).append(answer)
         for i, answers_i in by_request.items():
             if responses[i] is None:
-                responses[i] = self._response(answers_i)
+                responses[i] = self._response(answers_i, engine)
         self.metrics.update(self.store.stats())
         return responses
 
@@ -144,7 +144,9 @@ class SessionAdapter:
             out.append(_Row(i, session_id(row[wire.SESSION_ID]), session_op(row), row))
         return out
 
-    def _response(self, answers: list[tuple[np.ndarray, int, int]]) -> Any:
+    def _response(self, answers: list[tuple[np.ndarray, int, int]], engine: SessionEngine) -> Any:
+        """The answers of one request, with the stage versions of the engine that gave
+        them (every state it holds was computed by them)."""
         pb = self.pb_utils
         embeddings, status, held = zip(*answers, strict=True)
         tensors = [
@@ -152,6 +154,9 @@ class SessionAdapter:
             pb.Tensor(wire.SESSION_STATUS, np.array(status, np.int32)[:, None]),
             pb.Tensor(wire.SESSION_EVENTS, np.array(held, np.int32)[:, None]),
         ]
+        for stage, version in engine.versions:
+            tag = np.full((len(answers), 1), int(version), np.int64)
+            tensors.append(pb.Tensor(wire.version_output(stage), tag))
         return pb.InferenceResponse(output_tensors=tensors)
 
 

@@ -61,7 +61,10 @@ def session_spec(dims: Dims, options: SessionOptions | None = None) -> StageSpec
             t.user_embedding,
             TensorSpec(wire.SESSION_STATUS, "INT32", (1,)),
             TensorSpec(wire.SESSION_EVENTS, "INT32", (1,)),
+            # the session stages are the user_interest ensemble's (a unit test checks it)
+            *(TensorSpec(wire.version_output(s), "INT64", (1,)) for s in wire.INTEREST_STAGES),
         ),
+        reports_version=False,  # its outputs hold the versions of the stages it runs
         instances=1,  # every state lives in this one process
         description="E_t advanced by a user's new events (per-user state)",
         parameters=(options or SessionOptions()).parameters(),
