@@ -10,7 +10,7 @@ from dynemb_client.client import InterestClient
 from dynemb_client.errors import ClientInputError, ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.events import Event
 from dynemb_client.requests import ModelShape, build_inputs
-from dynemb_client.results import Recommendation
+from dynemb_client.results import Recommendation, Versioned
 from dynemb_client.transport import EndpointState
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "ServerError",
     "ServerInputError",
     "ServerUnavailable",
+    "Versioned",
     "build_inputs",
 ]

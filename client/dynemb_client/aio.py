@@ -15,9 +15,22 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from dynemb_client.client import QueryTimes
+from dynemb_client.contract import INTEREST_STAGES, RECOMMEND_STAGES
 from dynemb_client.events import Event, TimeLike
-from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
-from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
+from dynemb_client.requests import (
+    InferCall,
+    ModelShape,
+    embedding_call,
+    recommend_call,
+    versions_asked,
+)
+from dynemb_client.results import (
+    Recommendation,
+    Versioned,
+    parse_embeddings,
+    parse_recommendations,
+    parse_versions,
+)
 from dynemb_client.sessions import (
     SessionAnswer,
     forget_steps,
@@ -129,6 +142,39 @@ class AsyncInterestClient(ClientBase):
         )
         return parse_recommendations(
             await self._infer(call), call.model, call.batch, k, call.exclude
+        )
+
+    async def embed_many_versioned(
+        self, histories: Sequence[Sequence[Event]], at: QueryTimes = None
+    ) -> Versioned[np.ndarray]:
+        """`embed_many` and the version of each stage that computed the embeddings."""
+        call = versions_asked(
+            embedding_call(self.model_interest, histories, at, await self.model_shape()),
+            INTEREST_STAGES,
+        )
+        result = await self._infer(call)
+        return Versioned(
+            parse_embeddings(result, call.model, call.batch),
+            parse_versions(result, call.model, call.batch, call.stages),
+        )
+
+    async def recommend_many_versioned(
+        self,
+        histories: Sequence[Sequence[Event]],
+        k: int = 10,
+        at: QueryTimes = None,
+        exclude: Sequence[Iterable[str]] | None = None,
+    ) -> Versioned[list[list[Recommendation]]]:
+        """`recommend_many` and the version of each stage that computed the lists."""
+        shape = await self.model_shape()
+        call = versions_asked(
+            recommend_call(self.model_recommend, histories, at, shape, k, exclude),
+            RECOMMEND_STAGES,
+        )
+        result = await self._infer(call)
+        return Versioned(
+            parse_recommendations(result, call.model, call.batch, k, call.exclude),
+            parse_versions(result, call.model, call.batch, call.stages),
         )
 
     # --- sessions (see InterestClient.update) --------------------------------------------

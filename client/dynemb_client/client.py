@@ -13,9 +13,22 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from dynemb_client.contract import INTEREST_STAGES, RECOMMEND_STAGES
 from dynemb_client.events import Event, TimeLike
-from dynemb_client.requests import InferCall, ModelShape, embedding_call, recommend_call
-from dynemb_client.results import Recommendation, parse_embeddings, parse_recommendations
+from dynemb_client.requests import (
+    InferCall,
+    ModelShape,
+    embedding_call,
+    recommend_call,
+    versions_asked,
+)
+from dynemb_client.results import (
+    Recommendation,
+    Versioned,
+    parse_embeddings,
+    parse_recommendations,
+    parse_versions,
+)
 from dynemb_client.sessions import (
     SessionAnswer,
     forget_steps,
@@ -125,6 +138,39 @@ class InterestClient(ClientBase):
         the item ids to leave out (e.g. those already in the history)."""
         call = recommend_call(self.model_recommend, histories, at, self.model_shape(), k, exclude)
         return parse_recommendations(self._infer(call), call.model, call.batch, k, call.exclude)
+
+    def embed_many_versioned(
+        self, histories: Sequence[Sequence[Event]], at: QueryTimes = None
+    ) -> Versioned[np.ndarray]:
+        """`embed_many` and the version of each stage that computed the embeddings."""
+        call = versions_asked(
+            embedding_call(self.model_interest, histories, at, self.model_shape()),
+            INTEREST_STAGES,
+        )
+        result = self._infer(call)
+        return Versioned(
+            parse_embeddings(result, call.model, call.batch),
+            parse_versions(result, call.model, call.batch, call.stages),
+        )
+
+    def recommend_many_versioned(
+        self,
+        histories: Sequence[Sequence[Event]],
+        k: int = 10,
+        at: QueryTimes = None,
+        exclude: Sequence[Iterable[str]] | None = None,
+    ) -> Versioned[list[list[Recommendation]]]:
+        """`recommend_many` and the version of each stage that computed the lists."""
+        shape = self.model_shape()
+        call = versions_asked(
+            recommend_call(self.model_recommend, histories, at, shape, k, exclude),
+            RECOMMEND_STAGES,
+        )
+        result = self._infer(call)
+        return Versioned(
+            parse_recommendations(result, call.model, call.batch, k, call.exclude),
+            parse_versions(result, call.model, call.batch, call.stages),
+        )
 
     # --- sessions: E_t advanced event by event (server-side state per user) -------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from dynemb_client.contract import (
     QUERY_TIME,
     TOP_K,
     USER_EMBEDDING,
+    version_output,
 )
 from dynemb_client.errors import ClientInputError
 from dynemb_client.events import (
@@ -78,6 +79,14 @@ class InferCall:
     # Calls with the same route go to the same endpoint while it is healthy (a session's
     # state lives on one server); None: any endpoint, the least busy.
     route: str | None = None
+    # The stages whose versions the call asks for (their <STAGE>_VERSION outputs).
+    stages: tuple[str, ...] = ()
+
+
+def versions_asked(call: InferCall, stages: Sequence[str]) -> InferCall:
+    """The same call, also asking which version of each of `stages` computed the answer."""
+    asked = [InferRequestedOutput(version_output(stage)) for stage in stages]
+    return replace(call, outputs=[*call.outputs, *asked], stages=tuple(stages))
 
 
 @dataclass(frozen=True)

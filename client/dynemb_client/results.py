@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from dynemb_client.contract import ITEM_IDS, ITEM_SCORES, ITEM_TITLES, USER_EMBEDDING
+from dynemb_client.contract import (
+    ITEM_IDS,
+    ITEM_SCORES,
+    ITEM_TITLES,
+    USER_EMBEDDING,
+    version_output,
+)
 from dynemb_client.errors import ServerError
 
-__all__ = ["Recommendation", "parse_embeddings", "parse_recommendations"]
+__all__ = ["Recommendation", "Versioned", "parse_embeddings", "parse_recommendations"]
+
+T = TypeVar("T")
 
 
 class _Result(Protocol):
@@ -26,6 +34,31 @@ class Recommendation:
     item_id: str
     score: float
     title: str
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    """An answer and, per stage, the version that computed it: during a rolling swap two
+    versions of a stage serve at once, and this says which one answered."""
+
+    value: T
+    versions: Mapping[str, int]  # stage name -> version number
+
+
+def parse_versions(
+    result: _Result, model: str, batch: int, stages: Sequence[str]
+) -> dict[str, int]:
+    """Stage -> version for one answer. The users of one request run through each stage
+    together (Triton never splits a request), so they always agree; a server where they
+    did not would be mixing versions, and that is an error, not an answer."""
+    versions = {}
+    for stage in stages:
+        column = _output(result, version_output(stage), model, batch).reshape(-1)
+        if len(set(column.tolist())) != 1:
+            found = sorted(set(column.tolist()))
+            raise ServerError(f"{stage}: one answer from versions {found}", model=model)
+        versions[stage] = int(column[0])
+    return versions
 
 
 def _output(result: _Result, name: str, model: str, batch: int) -> np.ndarray:

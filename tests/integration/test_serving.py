@@ -14,7 +14,11 @@ from dynemb.dims import DIMS
 from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
-from dynemb_client import Event, InterestClient, build_inputs
+from dynemb_client import Event, InterestClient, ModelShape, build_inputs
+from dynemb_client.contract import INTEREST_STAGES, OP_START, RECOMMEND_STAGES, SESSION
+from dynemb_client.requests import versions_asked
+from dynemb_client.results import parse_versions
+from dynemb_client.sessions import session_call
 
 T0 = 1_700_000_000.0
 L = DIMS.max_events
@@ -109,3 +113,48 @@ def test_recommend_leaves_out_excluded_items(live):
     expected = [r.item_id for r in ranked if r.item_id not in left_out][:10]
     assert [i.item_id for i in items] == expected
     assert [i.item_id for i in batched] == expected
+
+
+def served_versions(live, stages) -> dict[str, int]:
+    """The version each stage serves: the newest on disk (other tests swap stages)."""
+    return {name: int(latest_version(live.repository / name).name) for name in stages}
+
+
+def test_every_answer_says_which_stage_versions_computed_it(live):
+    histories = [history(n, images=True, seed=n) for n in (0, 5, L)]
+    with InterestClient(live.url) as client:
+        embedded = client.embed_many_versioned(histories)
+        recommended = client.recommend_many_versioned(histories, k=5)
+        np.testing.assert_allclose(embedded.value, client.embed_many(histories), atol=1e-6)
+        plain = client.recommend_many(histories, k=5)
+    assert embedded.versions == served_versions(live, INTEREST_STAGES)
+    assert recommended.versions == served_versions(live, RECOMMEND_STAGES)
+    assert [[r.item_id for r in user] for user in recommended.value] == [
+        [r.item_id for r in user] for user in plain
+    ]
+
+
+def test_the_asyncio_client_reports_versions_too(live):
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient
+
+    async def ask():
+        async with AsyncInterestClient(live.url) as client:
+            return await client.recommend_many_versioned([history(3, images=False)], k=3)
+
+    answer = asyncio.run(ask())
+    assert answer.versions == served_versions(live, RECOMMEND_STAGES)
+    assert len(answer.value[0]) == 3
+
+
+def test_a_session_answer_reports_the_versions_it_was_computed_with(live):
+    shape = ModelShape(L, DIMS.max_labels)
+    call = session_call(SESSION, "versions-0", OP_START, history(4, images=True), T0 + 1e5, shape)
+    call = versions_asked(call, INTEREST_STAGES)
+    result = grpcclient.InferenceServerClient(live.url).infer(
+        call.model, call.inputs, outputs=call.outputs
+    )
+    assert parse_versions(result, SESSION, 1, INTEREST_STAGES) == served_versions(
+        live, INTEREST_STAGES
+    )

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from dynemb_client import ClientInputError, Event, build_inputs
+from dynemb_client import ClientInputError, Event, ModelShape, ServerError, build_inputs
 from dynemb_client import requests as requests_mod
 from dynemb_client.contract import (
     EVENT_COUNT,
@@ -25,9 +25,10 @@ from dynemb_client.contract import (
     MAX_TOP_K,
     QUERY_TIME,
     TOP_K,
+    USER_EMBEDDING,
 )
-from dynemb_client.requests import exclusion_sets
-from dynemb_client.results import parse_recommendations
+from dynemb_client.requests import embedding_call, exclusion_sets, versions_asked
+from dynemb_client.results import parse_recommendations, parse_versions
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
@@ -279,3 +280,28 @@ def test_parse_recommendations_drops_excluded_ids_and_keeps_k() -> None:
         "b",
         "c",
     ]
+
+
+def test_versions_are_read_per_stage_and_a_mixed_answer_is_an_error() -> None:
+    arrays = {
+        "TEXT_RNN_VERSION": np.array([[3], [3]], np.int64),
+        "RETRIEVE_VERSION": np.array([[1], [2]], np.int64),
+    }
+
+    class Result:
+        def as_numpy(self, name):
+            return arrays.get(name)
+
+    assert parse_versions(Result(), "recommend", 2, ("text_rnn",)) == {"text_rnn": 3}
+    with pytest.raises(ServerError, match=r"retrieve: one answer from versions \[1, 2\]"):
+        parse_versions(Result(), "recommend", 2, ("retrieve",))
+    with pytest.raises(ServerError, match="IMAGE_CNN_VERSION missing"):
+        parse_versions(Result(), "recommend", 2, ("image_cnn",))
+    call = embedding_call("user_interest", [[]], None, ModelShape(50, 8))
+    asked = versions_asked(call, ("text_rnn", "retrieve"))
+    assert [o.name() for o in asked.outputs] == [
+        USER_EMBEDDING,
+        "TEXT_RNN_VERSION",
+        "RETRIEVE_VERSION",
+    ]
+    assert asked.stages == ("text_rnn", "retrieve") and call.stages == ()
