@@ -1,13 +1,14 @@
 """A bounded closed-loop load on `recommend`: N clients, each sending one request after
 another until told to stop, a time limit or a request limit, whichever comes first.
-Used by the swap tests and the swap benchmark; every call is recorded. Given several
-urls (replicas), each client balances over all of them."""
+Used by the swap tests and the swap benchmark; every call is recorded, with the version
+of each stage that answered it. Given several urls (replicas), each client balances over
+all of them."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ class Call:
     error: str | None
     ids: tuple[str, ...] = ()
     scores: tuple[float, ...] = ()
+    versions: Mapping[str, int] = field(default_factory=dict)  # stage -> version answering
 
     @property
     def latency_ms(self) -> float:
@@ -55,10 +57,11 @@ class LoadGenerator:
                     return
                 started = time.monotonic()
                 try:
-                    items = client.recommend(history, k=self.k)
+                    answer = client.recommend_many_versioned([history], k=self.k)
                 except Exception as exc:  # recorded as a failed request
                     call = Call(index, started, time.monotonic(), f"{type(exc).__name__}: {exc}")
                 else:
+                    [items] = answer.value
                     call = Call(
                         index,
                         started,
@@ -66,6 +69,7 @@ class LoadGenerator:
                         None,
                         tuple(i.item_id for i in items),
                         tuple(i.score for i in items),
+                        answer.versions,
                     )
                 with self._lock:
                     self.calls.append(call)

@@ -6,7 +6,8 @@ The timing targets (2 s, 10 s) are measured by `dynemb bench-replicas`; the boun
 are loose on purpose (a timed test on a shared machine is a flaky test).
 
 Rolling swap: each stage swapped one replica at a time under load, 0 failed calls, every
-answer from exactly one version; a replica lost mid-roll rolls the others back."""
+answer from exactly one version, the one it reports; a replica lost mid-roll rolls the
+others back."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from dynemb.swap.candidates import make_candidate
 from dynemb.swap.rolling import RollingSwapper
 from dynemb.swap.swapper import SwapFailedError, SwapRefusedError
 from dynemb_client import build_inputs
+from dynemb_client.contract import RECOMMEND_STAGES
 
 FIVE = ("text_rnn", "image_cnn", "label_mlp", "temporal_lstm", "llm_encoder")
 
@@ -78,6 +80,8 @@ def expected_scores(roll: RollingSwapper, histories) -> list[np.ndarray]:
 def test_rolling_swap_of_each_stage_under_load(replicas, tmp_path) -> None:
     roll, histories = roller(replicas), load_histories()
     previous, checked = 0.0, 0  # when the previous roll finished; calls checked so far
+    others = {name: versions_of(roll.repository / name)[-1] for name in RECOMMEND_STAGES}
+    reports = [0, 0]  # answers that reported the old, the new version of the rolled stage
     with LoadGenerator(replicas.urls, histories, clients=16, max_seconds=900) as load:
         time.sleep(1)
         for stage in FIVE:
@@ -101,27 +105,28 @@ def test_rolling_swap_of_each_stage_under_load(replicas, tmp_path) -> None:
             time.sleep(1)
             # Every answer is exactly one version's: the old one until the roll starts,
             # the new one once it has finished, one of the two in between.
+            # Each answer also says which version computed it, and says it truly.
             calls = load.snapshot()
+            old, new = result.old_version, result.new_version
             for call in calls[checked:]:  # each call once; the last roll's were checked
                 if call.error or call.started < previous:
                     continue
+                reported = call.versions[stage]
+                assert {**call.versions, stage: others[stage]} == others, call  # the rest
                 want = np.array(call.scores)
                 h = call.client % len(histories)
-                if h not in distinct:
-                    assert (
-                        min(np.abs(old_state[h] - want).max(), np.abs(new_state[h] - want).max())
-                        <= 1e-4
-                    ), (stage, call)
-                    continue
                 is_old = np.abs(old_state[h] - want).max() <= 1e-4
                 is_new = np.abs(new_state[h] - want).max() <= 1e-4
-                if call.started > finished:
-                    assert is_new, (stage, call)
-                elif call.finished < started:
-                    assert is_old, (stage, call)
-                else:
+                assert (is_old, is_new)[reported == new] and reported in (old, new), (stage, call)
+                if h in distinct:
                     assert is_old != is_new, (stage, call)
+                if call.started > finished:
+                    assert reported == new, (stage, call)
+                elif call.finished < started:
+                    assert reported == old, (stage, call)
+                reports[reported == new] += 1
             previous, checked = finished, len(calls)
+            others[stage] = new
         # Rolled back the same way: every replica serves the parent's answers again.
         before_rollback = expected_scores(roll, histories)
         back = roll.rollback("llm_encoder")
@@ -139,11 +144,13 @@ def test_rolling_swap_of_each_stage_under_load(replicas, tmp_path) -> None:
     calls = load.snapshot()
     assert not [c for c in calls if c.error], [c.error for c in calls if c.error][:3]
     assert len(calls) > 200
+    assert min(reports) > 0, reports  # both versions were seen answering, and told apart
     after = [c for c in calls if c.started > rolled_back]
     assert after
     for call in after:
         want = restored[call.client % len(histories)]
         assert np.abs(np.array(call.scores) - want).max() <= 1e-4, call
+        assert call.versions["llm_encoder"] == back.new_version, call
 
 
 def test_rolling_swap_losing_a_replica_rolls_the_others_back(replicas, tmp_path) -> None:

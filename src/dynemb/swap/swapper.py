@@ -161,10 +161,10 @@ class Swapper:
         self, stage: str, version: int, expected: dict[str, np.ndarray] | None = None
     ) -> None:
         """Load `stage` again (the repository's newest, `version`), wait until it and the
-        ensembles are ready, and check the probes' answers against `expected`."""
+        ensembles are ready, and check that the ensembles' answers to the probes say they
+        come from `version` and equal `expected`."""
         self.reload(stage, version)
-        if expected is not None:
-            self._verify(expected)
+        self._verify(stage, version, expected)
 
     def require_serving(self, stage: str, version: int) -> None:
         """Refuse unless this server is reachable, serves `stage` v`version` and has every
@@ -283,10 +283,23 @@ class Swapper:
             self._baseline_cache = (key, current.run(self.probes, RECOMMEND))
         return self._baseline_cache[1]
 
-    def _verify(self, want: dict[str, np.ndarray]) -> None:
-        """The served ensembles answer the probes as the candidate pipeline did locally."""
-        got = self._infer(wire.RECOMMEND).as_numpy(wire.ITEM_SCORES)
-        interest = self._infer(wire.USER_INTEREST).as_numpy(wire.USER_EMBEDDING)
+    def _verify(self, stage: str, version: int, want: dict[str, np.ndarray] | None) -> None:
+        """Both ensembles answer the probes from `stage` v`version` (what they report) and
+        as the candidate pipeline did locally (`want`, when given)."""
+        answers = {ensemble: self._infer(ensemble) for ensemble in ENSEMBLE_NAMES}
+        for ensemble, result in answers.items():
+            if stage not in ENSEMBLE_SPECS[ensemble].steps:
+                continue  # user_interest does not retrieve
+            reported = result.as_numpy(wire.version_output(stage))
+            if reported is None or not (reported == version).all():
+                found = None if reported is None else sorted(set(reported.reshape(-1).tolist()))
+                raise RuntimeError(
+                    f"{ensemble} answers from {stage} versions {found}, not v{version}"
+                )
+        if want is None:
+            return
+        interest = answers[wire.USER_INTEREST].as_numpy(wire.USER_EMBEDDING)
+        got = answers[wire.RECOMMEND].as_numpy(wire.ITEM_SCORES)
         if np.abs(interest - want[wire.USER_EMBEDDING]).max() > PARITY_ATOL:
             raise RuntimeError("served E_t differs from the candidate's on the probes")
         if np.abs(got - want[wire.ITEM_SCORES]).max() > PARITY_ATOL:
