@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from dynemb.dims import DIMS
 from dynemb.ensembles import STAGE_SPECS
@@ -18,8 +21,16 @@ T0 = 1_700_000_000.0
 CHECKOUT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
-def load_model(repo, stage):
-    """Import the committed model.py the way the backend does, with the fake utils."""
+def model_config(stage: str) -> str:
+    """The committed config.pbtxt as the JSON Triton hands to `initialize`."""
+    text = (CHECKOUT_REPOSITORY / stage / "config.pbtxt").read_text()
+    config = text_format.Parse(text, mc.ModelConfig())
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)
+
+
+def load_model(repo, stage, config: str | None = None):
+    """Import the committed model.py the way the backend does, with the fake utils, and
+    initialize it with the committed config (or `config`)."""
     sys.modules["triton_python_backend_utils"] = fake_pb_utils
     try:
         path = CHECKOUT_REPOSITORY / stage / "1" / "model.py"
@@ -29,7 +40,13 @@ def load_model(repo, stage):
     finally:
         del sys.modules["triton_python_backend_utils"]
     model = module.TritonPythonModel()
-    model.initialize({"model_repository": str(repo / stage), "model_version": "1"})
+    model.initialize(
+        {
+            "model_repository": str(repo / stage),
+            "model_version": "1",
+            "model_config": model_config(stage) if config is None else config,
+        }
+    )
     return model
 
 
@@ -78,6 +95,16 @@ def test_every_answer_says_which_version_computed_it(repo):
         version = response.output_tensors["LABEL_MLP_VERSION"]
         assert version.dtype == np.int64 and version.shape == (n, 1)
         assert (version == 7).all()
+
+
+def test_a_repository_built_without_version_outputs_serves_on_without_them(repo):
+    """Triton refuses an output its config does not declare."""
+    old = json.loads(model_config("label_mlp"))
+    old["output"] = [o for o in old["output"] if o["name"] != "LABEL_MLP_VERSION"]
+    model = load_model(repo, "label_mlp", json.dumps(old))
+    ids = np.zeros((2, DIMS.max_events, 8), dtype=np.int64)
+    [response] = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": ids})])
+    assert set(response.output_tensors) == {"LABEL_VEC"}
 
 
 def test_wrong_shape_or_dtype_is_a_per_request_error(repo):

@@ -34,7 +34,11 @@ class StageAdapter:
             for key, value in config.get("parameters", {}).items()
         }
         self.runner = load_runner(directory, parameters=parameters)
-        self.version = int(args["model_version"])
+        # A repository built before answers carried versions has no version output in its
+        # config (Triton refuses an undeclared output): it serves on, without them.
+        declared = {output.get("name") for output in config.get("output", [])}
+        version_output = self.runner.spec.version_output.name
+        self.version = int(args["model_version"]) if version_output in declared else None
         self.metrics = CacheMetrics(
             self.pb_utils, self.runner.spec.name, args["model_version"], self.runner.caches()
         )
@@ -77,13 +81,16 @@ def read_inputs(pb_utils: ModuleType, request: Any, spec: StageSpec) -> dict[str
     return inputs
 
 
-def respond(pb_utils: ModuleType, requests: list[Any], runner: Runner, version: int) -> list[Any]:
+def respond(
+    pb_utils: ModuleType, requests: list[Any], runner: Runner, version: int | None
+) -> list[Any]:
     """One response per request, in order, each with the outputs and `version` (the
-    stage's version, per user, in the spec's version output). A request with bad input gets its own
-    INVALID_ARG error before it joins the batch; the valid ones run together in one call
-    (or one call each for per-request runners). Should that call still fail, each of its
-    requests is run alone, so one request can never fail its neighbours: only the one that
-    fails alone gets an error (INTERNAL, logged with its traceback)."""
+    stage's version, per user, in the spec's version output; None: no version output).
+    A request with bad input gets its own INVALID_ARG error before it joins the batch;
+    the valid ones run together in one call (or one call each for per-request runners).
+    Should that call still fail, each of its requests is run alone, so one request can
+    never fail its neighbours: only the one that fails alone gets an error (INTERNAL,
+    logged with its traceback)."""
     responses: list[Any] = [None] * len(requests)
     valid: list[tuple[int, dict[str, np.ndarray]]] = []
     for i, request in enumerate(requests):
@@ -121,7 +128,7 @@ class NonFiniteOutputError(RuntimeError):
 
 
 def _response(
-    pb_utils: ModuleType, runner: Runner, version: int, inputs: dict, outputs: dict
+    pb_utils: ModuleType, runner: Runner, version: int | None, inputs: dict, outputs: dict
 ) -> Any:
     out = runner.trim(inputs, outputs)
     for tensor in runner.spec.outputs:
@@ -130,9 +137,10 @@ def _response(
             pb_utils.Logger.log_error(f"{runner.spec.name}: computed a non-finite {tensor.name}")
             return _error(pb_utils, runner, error, internal=True)
     tensors = [pb_utils.Tensor(t.name, _wire(out[t.name], t.dtype)) for t in runner.spec.outputs]
-    users = len(next(iter(out.values())))
-    tag = np.full((users, 1), version, np.int64)
-    tensors.append(pb_utils.Tensor(runner.spec.version_output.name, tag))
+    if version is not None:
+        users = len(next(iter(out.values())))
+        tag = np.full((users, 1), version, np.int64)
+        tensors.append(pb_utils.Tensor(runner.spec.version_output.name, tag))
     return pb_utils.InferenceResponse(output_tensors=tensors)
 
 

@@ -59,6 +59,9 @@ class SessionAdapter:
         config = json.loads(args.get("model_config") or "{}")
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.options = SessionOptions.from_parameters(parameters)
+        # A repository built before answers carried versions declares none (see StageAdapter).
+        declared = {output.get("name") for output in config.get("output", [])}
+        self.reports_versions = wire.version_output(wire.INTEREST_STAGES[0]) in declared
         self.store = self.options.store()
         # Loaded now, from each stage's newest version, so that readiness means ready; the
         # first batch checks these are the versions the server serves (else reloads).
@@ -154,7 +157,7 @@ class SessionAdapter:
             pb.Tensor(wire.SESSION_STATUS, np.array(status, np.int32)[:, None]),
             pb.Tensor(wire.SESSION_EVENTS, np.array(held, np.int32)[:, None]),
         ]
-        for stage, version in engine.versions:
+        for stage, version in engine.versions if self.reports_versions else ():
             tag = np.full((len(answers), 1), int(version), np.int64)
             tensors.append(pb.Tensor(wire.version_output(stage), tag))
         return pb.InferenceResponse(output_tensors=tensors)
