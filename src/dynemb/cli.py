@@ -739,8 +739,26 @@ def rollback(
 
 
 @app.command()
-def versions(repository: Repository = MODEL_REPOSITORY) -> None:
-    """Each stage's versions with manifest summaries; * marks the one serving."""
+def versions(
+    repository: Repository = MODEL_REPOSITORY,
+    url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--url",
+            help="ask these servers (host:port, repeatable) which version of each stage "
+            "their answers come from, instead of reading the repository",
+        ),
+    ] = None,
+) -> None:
+    """Each stage's versions with manifest summaries; * marks the one serving. With
+    --url: the versions each server's answers report, one line per server."""
+    if url:
+        from dynemb.queries import served_versions
+
+        for endpoint in url:
+            served = served_versions(endpoint)
+            print(f"{endpoint}  " + "  ".join(f"{s}=v{v}" for s, v in served.items()))
+        return
     from dynemb.swap.swapper import list_versions
 
     for row in list_versions(repository):

@@ -71,3 +71,10 @@ def recommend_events(
         for user_id, interactions, history in _histories(events, user, repository):
             seen = {e.item_id for e in interactions} if exclude_seen else set()
             yield UserRecommendations(user_id, client.recommend(history, k=k, at=at, exclude=seen))
+
+
+def served_versions(url: str, timeout_s: float = 10.0) -> dict[str, int]:
+    """Stage -> the version a server's `recommend` answers from now: what it reports for
+    one cold-start request (a probe, never retried: an operator asks about this server)."""
+    with InterestClient(url, retries=0, timeout_s=timeout_s) as client:
+        return dict(client.recommend_many_versioned([[]], k=1).versions)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -151,6 +153,18 @@ def test_rolling_swap_of_each_stage_under_load(replicas, tmp_path) -> None:
         want = restored[call.client % len(histories)]
         assert np.abs(np.array(call.scores) - want).max() <= 1e-4, call
         assert call.versions["llm_encoder"] == back.new_version, call
+    # What an operator asks: every replica answers from the same, final versions.
+    final = {**others, "llm_encoder": back.new_version}
+    urls = [arg for url in replicas.urls for arg in ("--url", url)]
+    shown = subprocess.run(
+        [sys.executable, "-m", "dynemb.cli", "versions", *urls],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    want = "  ".join(f"{stage}=v{v}" for stage, v in final.items())
+    assert shown == [f"{url}  {want}" for url in replicas.urls], shown
 
 
 def test_rolling_swap_losing_a_replica_rolls_the_others_back(replicas, tmp_path) -> None:
