@@ -29,7 +29,7 @@ from dynemb_client.results import (
     Versioned,
     parse_embeddings,
     parse_recommendations,
-    parse_versions,
+    with_versions,
 )
 from dynemb_client.sessions import (
     SessionAnswer,
@@ -153,10 +153,7 @@ class AsyncInterestClient(ClientBase):
             INTEREST_STAGES,
         )
         result = await self._infer(call)
-        return Versioned(
-            parse_embeddings(result, call.model, call.batch),
-            parse_versions(result, call.model, call.batch, call.stages),
-        )
+        return with_versions(result, call, parse_embeddings(result, call.model, call.batch))
 
     async def recommend_many_versioned(
         self,
@@ -172,10 +169,8 @@ class AsyncInterestClient(ClientBase):
             RECOMMEND_STAGES,
         )
         result = await self._infer(call)
-        return Versioned(
-            parse_recommendations(result, call.model, call.batch, k, call.exclude),
-            parse_versions(result, call.model, call.batch, call.stages),
-        )
+        items = parse_recommendations(result, call.model, call.batch, k, call.exclude)
+        return with_versions(result, call, items)
 
     # --- sessions (see InterestClient.update) --------------------------------------------
 

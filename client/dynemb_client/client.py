@@ -27,7 +27,7 @@ from dynemb_client.results import (
     Versioned,
     parse_embeddings,
     parse_recommendations,
-    parse_versions,
+    with_versions,
 )
 from dynemb_client.sessions import (
     SessionAnswer,
@@ -148,10 +148,7 @@ class InterestClient(ClientBase):
             INTEREST_STAGES,
         )
         result = self._infer(call)
-        return Versioned(
-            parse_embeddings(result, call.model, call.batch),
-            parse_versions(result, call.model, call.batch, call.stages),
-        )
+        return with_versions(result, call, parse_embeddings(result, call.model, call.batch))
 
     def recommend_many_versioned(
         self,
@@ -167,10 +164,8 @@ class InterestClient(ClientBase):
             RECOMMEND_STAGES,
         )
         result = self._infer(call)
-        return Versioned(
-            parse_recommendations(result, call.model, call.batch, k, call.exclude),
-            parse_versions(result, call.model, call.batch, call.stages),
-        )
+        items = parse_recommendations(result, call.model, call.batch, k, call.exclude)
+        return with_versions(result, call, items)
 
     # --- sessions: E_t advanced event by event (server-side state per user) -------------
 

@@ -17,6 +17,7 @@ from dynemb_client.contract import (
     version_output,
 )
 from dynemb_client.errors import ServerError
+from dynemb_client.requests import InferCall
 
 __all__ = ["Recommendation", "Versioned", "parse_embeddings", "parse_recommendations"]
 
@@ -59,6 +60,11 @@ def parse_versions(
             raise ServerError(f"{stage}: one answer from versions {found}", model=model)
         versions[stage] = int(column[0])
     return versions
+
+
+def with_versions(result: _Result, call: InferCall, value: T) -> Versioned[T]:
+    """`value` parsed from `result`, with the versions `call` asked for."""
+    return Versioned(value, parse_versions(result, call.model, call.batch, call.stages))
 
 
 def _output(result: _Result, name: str, model: str, batch: int) -> np.ndarray:
