@@ -54,8 +54,10 @@ class SessionAnswer:
 
 
 class SessionHistories:
-    """The newest L events of each session this client updated, least recently used
-    first, at most `max_sessions` of them: what it re-sends when the server lost a state."""
+    """The events of each session's window on the server (the newest `events_held` events
+    of its last answer: E_t is the embedding of exactly those), least recently used first,
+    at most `max_sessions` sessions: what it re-sends when the server lost a state, so the
+    rebuilt state answers as the lost one would have."""
 
     def __init__(self, max_sessions: int = 100_000) -> None:
         if max_sessions < 1:
@@ -67,9 +69,10 @@ class SessionHistories:
     def get(self, session: str) -> list[Event]:
         return list(self._events.get(session, ()))
 
-    def extend(self, session: str, events: Sequence[Event], max_events: int) -> None:
-        kept = [*self._events.pop(session, []), *events][-max_events:]
-        self._events[session] = kept
+    def keep(self, session: str, events: Sequence[Event], held: int) -> None:
+        """The session's window is now the newest `held` of `events` (oldest first)."""
+        self._events.pop(session, None)
+        self._events[session] = list(events[max(0, len(events) - held) :]) if held else []
         while len(self._events) > self.max_sessions:
             evicted, _ = self._events.popitem(last=False)
             self._servers.pop(evicted, None)
@@ -85,10 +88,6 @@ class SessionHistories:
         new one is started from the kept history instead of updated."""
         held = self._servers.get(session)
         return held is not None and held != url
-
-    def replace(self, session: str, events: Sequence[Event], max_events: int) -> None:
-        self._events.pop(session, None)
-        self.extend(session, events, max_events)
 
     def forget(self, session: str) -> None:
         self._events.pop(session, None)
@@ -187,6 +186,9 @@ def parse_session(result, model: str) -> SessionAnswer:
     )
 
 
+MAX_RESTARTS = 3  # starts again after an update that failed in transit, then gives up
+
+
 def update_steps(
     histories: SessionHistories,
     model: str,
@@ -199,7 +201,10 @@ def update_steps(
 ) -> Generator[InferCall, SessionAnswer, SessionAnswer]:
     """The calls of one update, sans I/O: the client sends each yielded call and sends
     back its answer. First the new events alone; if the server holds no state for the
-    session, the history kept here (or the caller's `history`) with them, from scratch.
+    session, the window kept here (or the newest L of the caller's `history`) is started
+    again and then updated by the new events, which is the answer the lost state would
+    have given (one start with both when they fit one window, since the window's length
+    depends only on how many events it has read: dynemb.sessions.state.window_after).
     `moved` (the session's endpoint changed, SessionHistories.moved): from scratch at once."""
     session = check_session_id(session)
     events = sorted_events(events)
@@ -210,25 +215,54 @@ def update_steps(
             f"{t} precedes the newest new event: a session's events cannot be in t's future",
             field="QUERY_TIME",
         )
-    try:
-        if moved:
-            answer = SessionAnswer(np.zeros(0, np.float32), STATUS_UNKNOWN, 0)
-        else:
-            answer = yield session_call(model, session, OP_UPDATE, events, t, shape)
-    except Exception as exc:
-        from dynemb_client.transport import is_transient  # transport imports this module
+    kept = kept[-shape.max_events :]
+    answer = None if moved else (yield from _update(model, session, events, t, shape))
+    if answer is None or answer.status == STATUS_UNKNOWN:
+        # No state there, or whether the update was applied is unknown: start again.
+        for _ in range(MAX_RESTARTS):
+            answer = yield from _restart(model, session, kept, events, t, shape)
+            if answer is not None:
+                break
+    if answer is None or answer.status != STATUS_OK:
+        status = "unreachable" if answer is None else f"status {answer.status}"
+        raise ServerError(f"session {session!r}: {status}", model=model)
+    histories.keep(session, [*kept, *events], answer.events_held)
+    return answer
 
+
+def _update(
+    model: str, session: str, events: Sequence[Event], t: float, shape: ModelShape
+) -> Generator[InferCall, SessionAnswer, SessionAnswer | None]:
+    """An update (never re-sent: had a lost answer been applied, its events would count
+    twice); None when it failed in transit."""
+    from dynemb_client.transport import is_transient  # transport imports this module
+
+    try:
+        return (yield session_call(model, session, OP_UPDATE, events, t, shape))
+    except Exception as exc:
         if not is_transient(exc):
             raise
-        # Whether the server applied it is unknown: start over from the kept history.
-        answer = SessionAnswer(np.zeros(0, np.float32), STATUS_UNKNOWN, 0)
-    if answer.status == STATUS_UNKNOWN:
-        whole = [*kept, *events][-shape.max_events :]
-        answer = yield session_call(model, session, OP_START, whole, t, shape)
-    if answer.status != STATUS_OK:
-        raise ServerError(f"session {session!r}: status {answer.status}", model=model)
-    histories.extend(session, events, shape.max_events)
-    return answer
+        return None
+
+
+def _restart(
+    model: str,
+    session: str,
+    kept: Sequence[Event],
+    events: Sequence[Event],
+    t: float,
+    shape: ModelShape,
+) -> Generator[InferCall, SessionAnswer, SessionAnswer | None]:
+    """The session started from `kept` (its window), then updated by `events`: one start
+    when both fit the wire's L events (the same window: its length depends only on how
+    many events it read), else a start and an update. A start other than OK is an
+    answer (an error for the caller); None when the update failed in transit."""
+    if len(kept) + len(events) <= shape.max_events or not kept or not events:
+        return (yield session_call(model, session, OP_START, [*kept, *events], t, shape))
+    started = yield session_call(model, session, OP_START, kept, t, shape)
+    if started.status != STATUS_OK:
+        return started
+    return (yield from _update(model, session, events, t, shape))
 
 
 def forget_steps(

@@ -107,6 +107,12 @@ def render(config: mc.ModelConfig) -> str:
     return HEADER + text
 
 
+def read_parameters(path: Path) -> dict[str, str]:
+    """The string parameters of a config.pbtxt (what the server hands a model)."""
+    config = text_format.Parse(path.read_text(encoding="utf-8"), mc.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
 def all_configs(dims: Dims = DIMS) -> dict[str, str]:
     """Model name -> config.pbtxt text, for every stage and ensemble."""
     specs = stage_specs(dims)

@@ -16,6 +16,7 @@ from dynemb.data.synthetic import draw_item_image
 from dynemb.pipeline import Pipeline
 from dynemb.server import ServerConfig, TritonServer, free_port
 from dynemb.sessions.engine import SessionEngine
+from dynemb.sessions.state import window_after
 from dynemb.swap.candidates import make_candidate
 from dynemb.swap.swapper import Swapper
 from dynemb_client import (
@@ -100,7 +101,10 @@ def test_a_whole_history_at_once_and_a_later_query_time(engine, pipeline, shape)
     assert moved.state.n_events == 30
 
 
-def test_past_the_window_it_is_the_newest_l_events(engine, pipeline, shape):
+def test_past_the_window_with_block_one_it_is_the_newest_l_events(
+    built_repository, pipeline, shape
+):
+    engine = SessionEngine.from_repository(built_repository, rewindow_block=1)
     events = stream(5, engine.dims.max_events + 9)
     [done] = engine.advance([(None, wire(events[:45], events[44].time, shape))])
     state = done.state
@@ -113,6 +117,45 @@ def test_past_the_window_it_is_the_newest_l_events(engine, pipeline, shape):
     assert state.n_events == engine.dims.max_events
     # A full window keeps only what re-windowing reads: no keys and values.
     assert state.windowed and state.nbytes < 100_000, state.nbytes
+
+
+@pytest.mark.parametrize("block", [7, 25])
+def test_past_the_window_e_t_is_exactly_the_window_s_events(
+    built_repository, pipeline, shape, block
+):
+    """Streamed one event at a time and in groups of three, two users in one batch: every
+    answer is the full recompute of the window the rule says the session holds, and
+    between re-windows the session steps (keys and values kept)."""
+    engine = SessionEngine.from_repository(built_repository, rewindow_block=block)
+    max_l = engine.dims.max_events
+    users = [
+        stream(40 + block, max_l + 2 * block + 3, images=True),
+        stream(41, max_l + 2 * block + 3),
+    ]
+    states, held, worst = [None, None], [0, 0], 0.0
+    start = 44
+    for u, events in enumerate(users):
+        [done] = engine.advance([(None, wire(events[:start], events[start - 1].time, shape))])
+        states[u], held[u] = done.state, start
+    cursor, group = [start, start], [1, 3]
+    while any(c < len(users[u]) for u, c in enumerate(cursor)):
+        batch, who = [], []
+        for u, events in enumerate(users):
+            new = events[cursor[u] : cursor[u] + group[u]]
+            if new:
+                batch.append((states[u], wire(new, new[-1].time, shape)))
+                who.append((u, new))
+        for (u, new), done in zip(who, engine.advance(batch), strict=True):
+            size = window_after(held[u], len(new), max_l, block)
+            cursor[u] += len(new)
+            window = users[u][cursor[u] - size : cursor[u]]
+            expected = full(pipeline, window, new[-1].time, shape)
+            worst = max(worst, float(np.abs(done.embedding - expected).max()))
+            assert done.state.n_events == size
+            if size < max_l:
+                assert not done.state.windowed and done.state.keys.shape[2] == size + 1
+            states[u], held[u] = done.state, size
+    assert worst < TOL, worst
 
 
 def test_bad_input_fails_alone(engine, shape):

@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from dynemb.sessions.state import SessionState, StateStore
+from dynemb.sessions.state import SessionState, StateStore, window_after
 from dynemb_client import Event, ModelShape, ServerError
 from dynemb_client import contract as wire
-from dynemb_client.sessions import SessionAnswer, SessionHistories, update_steps
+from dynemb_client.sessions import (
+    MAX_RESTARTS,
+    SessionAnswer,
+    SessionHistories,
+    update_steps,
+)
 
 V1 = (("text_rnn", "1"),)
 V2 = (("text_rnn", "2"),)
@@ -101,8 +106,12 @@ def test_forget_and_clear():
 
 
 SHAPE = ModelShape(max_events=4, max_labels=2)
-OK = SessionAnswer(np.ones(3, np.float32), wire.STATUS_OK, 1)
 UNKNOWN = SessionAnswer(np.zeros(3, np.float32), wire.STATUS_UNKNOWN, 0)
+
+
+def ok(held: int) -> SessionAnswer:
+    """An answer whose window holds `held` events."""
+    return SessionAnswer(np.ones(3, np.float32), wire.STATUS_OK, held)
 
 
 def events(*times: float) -> list[Event]:
@@ -112,6 +121,11 @@ def events(*times: float) -> list[Event]:
 def sent_events(call) -> int:
     count = next(i for i in call.inputs if i.name() == wire.EVENT_COUNT)
     return count._raw_content and int(np.frombuffer(count._raw_content, np.int32)[0])
+
+
+def sent_times(call) -> list[float]:
+    found = next(i for i in call.inputs if i.name() == wire.EVENT_TIME)
+    return list(np.frombuffer(found._raw_content, np.float64)[: sent_events(call)])
 
 
 def op(call) -> int:
@@ -133,32 +147,70 @@ def drive(steps, answers):
     raise AssertionError("the steps wanted more answers")
 
 
+def kept_times(histories: SessionHistories, session: str = "u") -> list[float]:
+    return [e.time for e in histories.get(session)]
+
+
+LOST = InferenceServerException("connection reset", status="StatusCode.UNAVAILABLE")
+
+
 def test_an_update_sends_only_the_new_events():
     histories = SessionHistories()
-    histories.extend("u", events(1, 2, 3), SHAPE.max_events)
-    calls, answer = drive(update_steps(histories, "session", "u", events(4), None, SHAPE), [OK])
+    histories.keep("u", events(1, 2, 3), 3)
+    steps = update_steps(histories, "session", "u", events(4), None, SHAPE)
+    calls, answer = drive(steps, [ok(4)])
     assert len(calls) == 1 and op(calls[0]) == wire.OP_UPDATE and sent_events(calls[0]) == 1
     assert not calls[0].retry_safe
-    assert answer is OK and [e.time for e in histories.get("u")] == [1, 2, 3, 4]
+    assert answer.events_held == 4 and kept_times(histories) == [1, 2, 3, 4]
 
 
-def test_an_unknown_session_gets_the_kept_history_cut_to_l():
+def test_the_client_keeps_exactly_the_window_the_server_reports():
     histories = SessionHistories()
-    histories.extend("u", events(1, 2, 3), SHAPE.max_events)
-    steps = update_steps(histories, "session", "u", events(4, 5), None, SHAPE)
-    calls, _ = drive(steps, [UNKNOWN, OK])
-    assert op(calls[1]) == wire.OP_START and sent_events(calls[1]) == 4  # the newest L
+    histories.keep("u", events(1, 2, 3, 4), 4)
+    drive(update_steps(histories, "session", "u", events(5), None, SHAPE), [ok(2)])
+    assert kept_times(histories) == [4, 5]  # re-windowed to its newest 2 events
+
+
+def test_an_unknown_session_is_started_from_the_kept_window_with_the_new_events():
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2), 2)
+    steps = update_steps(histories, "session", "u", events(3, 4), None, SHAPE)
+    calls, _ = drive(steps, [UNKNOWN, ok(4)])
+    assert op(calls[1]) == wire.OP_START and sent_times(calls[1]) == [1, 2, 3, 4]
     assert calls[1].retry_safe
-    assert [e.time for e in histories.get("u")] == [2, 3, 4, 5]
+    assert kept_times(histories) == [1, 2, 3, 4]
+
+
+def test_a_window_and_new_events_beyond_l_are_a_start_then_an_update():
+    """Sent together the server would hold the newest L; the lost state had re-windowed."""
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2, 3), 3)
+    steps = update_steps(histories, "session", "u", events(4, 5), None, SHAPE)
+    calls, answer = drive(steps, [UNKNOWN, ok(3), ok(2)])
+    assert [op(c) for c in calls] == [wire.OP_UPDATE, wire.OP_START, wire.OP_UPDATE]
+    assert sent_times(calls[1]) == [1, 2, 3] and sent_times(calls[2]) == [4, 5]
+    assert answer.events_held == 2 and kept_times(histories) == [4, 5]
 
 
 def test_a_transient_failure_of_an_update_starts_over_instead_of_resending_it():
     histories = SessionHistories()
-    histories.extend("u", events(1), SHAPE.max_events)
-    lost = InferenceServerException("connection reset", status="StatusCode.UNAVAILABLE")
-    calls, _ = drive(update_steps(histories, "session", "u", events(2), None, SHAPE), [lost, OK])
+    histories.keep("u", events(1), 1)
+    calls, _ = drive(update_steps(histories, "session", "u", events(2), None, SHAPE), [LOST, ok(2)])
     assert [op(c) for c in calls] == [wire.OP_UPDATE, wire.OP_START]
     assert sent_events(calls[1]) == 2
+
+
+def test_a_lost_update_after_a_restart_starts_again_a_bounded_number_of_times():
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2, 3), 3)
+    steps = update_steps(histories, "session", "u", events(4, 5), None, SHAPE)
+    calls, answer = drive(steps, [LOST, ok(3), LOST, ok(3), ok(2)])
+    ops = [op(c) for c in calls]
+    assert ops == [wire.OP_UPDATE, wire.OP_START, wire.OP_UPDATE, wire.OP_START, wire.OP_UPDATE]
+    assert answer.events_held == 2
+    steps = update_steps(histories, "session", "u", events(6, 7, 8), None, SHAPE)
+    with pytest.raises(ServerError, match="unreachable"):
+        drive(steps, [LOST] + [ok(2), LOST] * MAX_RESTARTS)
 
 
 def test_a_bad_input_error_is_not_papered_over():
@@ -177,16 +229,17 @@ def test_a_start_that_is_still_unknown_is_an_error():
 
 def test_the_caller_history_wins_over_the_kept_one():
     histories = SessionHistories()
-    histories.extend("u", events(1), SHAPE.max_events)
+    histories.keep("u", events(1), 1)
     steps = update_steps(histories, "session", "u", events(9), None, SHAPE, history=events(5, 6))
-    calls, _ = drive(steps, [UNKNOWN, OK])
-    assert sent_events(calls[1]) == 3
+    calls, _ = drive(steps, [UNKNOWN, ok(3)])
+    assert sent_times(calls[1]) == [5, 6, 9]
+    assert kept_times(histories) == [5, 6, 9]
 
 
 def test_histories_are_bounded_least_recent_first():
     histories = SessionHistories(max_sessions=2)
     for user in "abc":
-        histories.extend(user, events(1), 4)
+        histories.keep(user, events(1), 1)
     assert "a" not in histories and len(histories) == 2
 
 
@@ -254,3 +307,34 @@ def test_bad_rows_fail_alone_and_forget_drops():
     assert store.get("a", V1).n_events == 1  # untouched by its bad update
     serve_rows(store, engine, [row("b", wire.OP_FORGET)])
     assert "b" not in store
+
+
+# --- the window past L -----------------------------------------------------------------
+
+
+def one_at_a_time(held: int, new: int, max_events: int, block: int) -> int:
+    """The rule as stated: each event joins; a window of L that gets one more keeps its
+    newest L - B + 1."""
+    for _ in range(new):
+        held = held + 1 if held < max_events else max_events - block + 1
+    return held
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 25, 50])
+def test_the_window_is_the_one_event_at_a_time_rule_however_events_are_grouped(block):
+    for held in range(51):
+        for new in (0, 1, 2, 9, 50):
+            got = window_after(held, new, 50, block)
+            assert got == one_at_a_time(held, new, 50, block), (held, new)
+            assert 50 - block + 1 <= got <= 50 or got == held + new
+            # a restart from the window and the new events lands on the same window
+            assert window_after(0, held + new, 50, block) == got
+
+
+def test_block_one_always_keeps_the_newest_l_and_a_bad_block_is_refused():
+    assert [window_after(50, k, 50, 1) for k in (1, 2, 30)] == [50, 50, 50]
+    assert [window_after(50, k, 50, 25) for k in range(1, 27)] == [*range(26, 51), 26]
+    with pytest.raises(ValueError, match="block"):
+        window_after(3, 1, 50, 0)
+    with pytest.raises(ValueError, match="block"):
+        window_after(3, 1, 50, 51)

@@ -8,11 +8,13 @@ read only earlier events, the LSTM runs forward, MiniLM attends causally), so wi
 window the result is the full recompute's, at the cost of the new events.
 
 Past the window (a session holding L events that gets another) E_t keeps its meaning, the
-embedding of the newest L events: the engine re-windows to them and recomputes the
-sequence part (time features, LSTM, MiniLM, through their serving runtimes) over the L
-stored vectors G; per-item work is still done once per event. A full window keeps no
-keys, values or LSTM state (the next event changes its oldest one), about 35 kB a session
-instead of 1 MB.
+embedding of exactly the events the session's window holds: it re-windows to its newest
+L - B + 1 events (dynemb.sessions.state.window_after; B is the `rewindow_block`) and
+recomputes the sequence part (time features, LSTM, MiniLM) over their stored vectors G,
+then steps again for the next B - 1 events; per-item work is still done once per event.
+With B = 1 the window is always the newest L events, recomputed at every event through
+the serving runtimes, and a full window keeps no keys, values or LSTM state (its next
+event changes its oldest one): about 35 kB a session instead of 1 MB.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dynemb.dims import Dims
 from dynemb.errors import InputError
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version, versions_of
-from dynemb.sessions.state import SessionState, Versions
+from dynemb.sessions.spec import SessionOptions
+from dynemb.sessions.state import SessionState, Versions, window_after
 from dynemb.stages import Runner, load_runner
 from dynemb.stages.llm_encoder.step import EncoderStep, KVCache
 from dynemb.stages.preprocess.features import (
@@ -40,6 +43,7 @@ from dynemb.stages.preprocess.features import (
     time_feature_rows,
 )
 from dynemb.stages.temporal_lstm.network import TemporalLSTM
+from dynemb_client import contract as wire
 
 PREPROCESS = "preprocess"
 PER_ITEM = ("text_rnn", "image_cnn", "label_mlp")  # -> TEXT_VEC, IMAGE_VEC, LABEL_VEC
@@ -72,6 +76,8 @@ class _Plan:
     time_new: np.ndarray  # (k, time_dim)
     query: np.ndarray  # (Q,)
     windowed: bool  # a full window: recomputed whole, no keys, values or LSTM state kept
+    # A re-window below L: recomputed from its stored G by steps from nothing (base None),
+    # so its keys, values and LSTM state are kept for the events that follow.
 
 
 class SessionEngine:
@@ -84,7 +90,12 @@ class SessionEngine:
         sequence_runners: Mapping[str, Runner],
         lstm: TemporalLSTM,
         encoder: EncoderStep,
+        rewindow_block: int = 1,
     ) -> None:
+        if not 1 <= rewindow_block <= dims.max_events:
+            raise ValueError(
+                f"rewindow_block must be in [1, {dims.max_events}], got {rewindow_block}"
+            )
         self.versions = versions
         self.dims = dims
         self.preprocessor = preprocessor
@@ -92,12 +103,19 @@ class SessionEngine:
         self.sequence_runners = dict(sequence_runners)  # serving runtimes, for full windows
         self.lstm = lstm
         self.encoder = encoder
+        self.rewindow_block = rewindow_block
 
     @classmethod
     def from_repository(
-        cls, repository: Path, versions: Mapping[str, int] | None = None
+        cls,
+        repository: Path,
+        versions: Mapping[str, int] | None = None,
+        rewindow_block: int | None = None,
     ) -> SessionEngine:
-        """The engine of the given stage versions (default: each stage's newest)."""
+        """The engine of the given stage versions (default: each stage's newest) and
+        re-window block (default: the repository's `session` config's)."""
+        if rewindow_block is None:
+            rewindow_block = session_options(repository).rewindow_block
         versions = dict(versions or {})
         dirs = {}
         for name in SESSION_STAGES:
@@ -117,7 +135,12 @@ class SessionEngine:
             sequence_runners={name: runners[name] for name in (SEQUENCE, ENCODER)},
             lstm=stages.get(SEQUENCE).load_network(dirs[SEQUENCE], manifests[SEQUENCE]),
             encoder=EncoderStep.load(dirs[ENCODER], manifests[ENCODER]),
+            rewindow_block=rewindow_block,
         )
+
+    def window_after(self, held: int, new: int) -> int:
+        """Events a window of `held` holds after `new` more (see state.window_after)."""
+        return window_after(held, new, self.dims.max_events, self.rewindow_block)
 
     def advance(
         self, requests: Sequence[tuple[SessionState | None, dict[str, np.ndarray]]]
@@ -173,14 +196,17 @@ class SessionEngine:
         ratings = np.concatenate([state.ratings, ratings]) if state else ratings
         raw = [*(state.raw_labels if state else []), *events.raw_labels]
         g_all = np.concatenate([state.events, g]) if state else g
-        # A full window (L events) is recomputed whole from its stored G on every change:
-        # its oldest event leaves when the next arrives, so nothing else is worth keeping.
-        windowed = len(times) > d.max_events or (state is not None and state.windowed)
-        if windowed:
-            keep = slice(max(0, len(times) - d.max_events), None)
+        size = self.window_after(held, len(events.times))
+        rewindow = size < len(times)  # past L: the window drops its oldest events
+        if rewindow:
+            keep = slice(len(times) - size, None)
             times, labels, raw, g_all = times[keep], labels[keep], raw[keep], g_all[keep]
             ratings = ratings[keep]
-        first, base = (0, None) if windowed else (held, state)
+        # A window of L events that is recomputed (a re-window to L, or a state kept
+        # without keys and values) goes through the serving runtimes and keeps nothing
+        # but G; a re-window below L restarts from its stored G by steps; else a step.
+        windowed = size == d.max_events and (rewindow or (state is not None and state.windowed))
+        first, base = (0, None) if rewindow or windowed else (held, state)
         return _Plan(
             base=base,
             events=events,
@@ -341,6 +367,16 @@ class SessionEngine:
                     True,
                 )
         return KVCache(torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(mask))
+
+
+def session_options(repository: Path) -> SessionOptions:
+    """The `session` model's options as its config.pbtxt sets them (defaults without one)."""
+    from dynemb.configs import read_parameters  # protobuf: only when asked
+
+    path = repository / wire.SESSION / "config.pbtxt"
+    if not path.exists():
+        return SessionOptions()
+    return SessionOptions.from_parameters(read_parameters(path))
 
 
 def serving_versions(repository: Path) -> dict[str, list[int]]:

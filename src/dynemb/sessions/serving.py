@@ -65,7 +65,9 @@ class SessionAdapter:
         self.store = self.options.store()
         # Loaded now, from each stage's newest version, so that readiness means ready; the
         # first batch checks these are the versions the server serves (else reloads).
-        self.engine: SessionEngine | None = SessionEngine.from_repository(self.repository)
+        self.engine: SessionEngine | None = SessionEngine.from_repository(
+            self.repository, rewindow_block=self.options.rewindow_block
+        )
         self.spec: StageSpec = session_spec(self.engine.dims, self.options)
         self._next_check = 0.0
         self.metrics = SessionMetrics(self.pb_utils)
@@ -133,7 +135,9 @@ class SessionAdapter:
         if self.engine is None or self.engine.versions != key:
             self.engine = None
             self.store.clear()
-            self.engine = SessionEngine.from_repository(self.repository, serving)
+            self.engine = SessionEngine.from_repository(
+                self.repository, serving, self.options.rewindow_block
+            )
             self.spec = session_spec(self.engine.dims, self.options)
             self.pb_utils.Logger.log_info(f"session: serving with {dict(key)}")
         self._next_check = time.monotonic() + self.options.version_check_s

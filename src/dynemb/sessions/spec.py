@@ -21,6 +21,11 @@ class SessionOptions:
     max_mb: float = 1024.0
     ttl_s: float = 3_600.0
     version_check_s: float = 0.25  # how often it asks which stage versions are served
+    # Past the window a session re-windows to its newest L - B + 1 events once every B
+    # events and steps in between (dynemb.sessions.state.window_after); 1 = always the
+    # newest L, recomputed at every event. Chosen on ML-100k quality and cost:
+    # benchmarks/results/sessions-quality-ml100k.md.
+    rewindow_block: int = 25
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> SessionOptions:
@@ -33,7 +38,11 @@ class SessionOptions:
             value = float(raw)
             if value < 0 or (value == 0 and name != "version_check_s"):
                 raise ValueError(f"session: parameter {name} must be > 0, got {raw!r}")
-            values[name] = int(value) if name == "max_users" else value
+            if known[name] in (int, "int"):
+                if value != int(value):
+                    raise ValueError(f"session: parameter {name} must be whole, got {raw!r}")
+                value = int(value)
+            values[name] = value
         return cls(**values)
 
     def parameters(self) -> tuple[tuple[str, str], ...]:

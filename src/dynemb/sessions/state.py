@@ -20,6 +20,26 @@ import numpy as np
 Versions = tuple[tuple[str, str], ...]
 
 
+def window_after(held: int, new: int, max_events: int, block: int) -> int:
+    """How many events a session's window holds after `new` events reach a window of
+    `held`: as if they arrived one at a time, each joining the window until it holds L
+    (`max_events`) events, and one more then re-windowing it to its newest L - B + 1
+    (B = `block`). So a window of L that streams on holds L - B + 1, ..., L events in
+    turn, and E_t is always the embedding of exactly the window's events.
+
+    B = 1 keeps the newest L events always (every event past L recomputes the sequence
+    part over L events); a larger B recomputes once every B events, over fewer, and steps
+    in between. The count depends only on `held + new`, never on how the events were
+    grouped into updates (for held <= L): window_after(0, held + new) equals it.
+    """
+    if not 1 <= block <= max_events:
+        raise ValueError(f"block must be in [1, {max_events}], got {block}")
+    total = held + new
+    if total <= max_events:
+        return total
+    return max_events - block + 1 + (total - max_events - 1) % block
+
+
 @dataclass
 class SessionState:
     versions: Versions
