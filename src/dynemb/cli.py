@@ -441,6 +441,57 @@ def evaluate(
     console.print(f"wrote {out_dir / stem}.md and .json")
 
 
+@app.command("evaluate-sessions")
+def evaluate_sessions(
+    data: Data = "ml-100k",
+    seeds: Seeds = "0,1,2",
+    blocks: Annotated[str, typer.Option(help="re-window blocks B to compare with B = 1")] = (
+        "10,25,50"
+    ),
+    max_minutes: Annotated[float, typer.Option(help="training budget per seed")] = 25.0,
+    max_epochs: Annotated[int, typer.Option(help="epochs per seed (cosine schedule)")] = 16,
+    threads: Threads = 2,
+    out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    stem: Annotated[str, typer.Option(help="results file name, without extension")] = (
+        "sessions-quality-ml100k"
+    ),
+) -> None:
+    """Sessions past the window: NDCG@10 of E_t over the window a session holds (each
+    re-window block B) next to the full model's newest L events, on the same trained
+    models and the leave-one-out protocol; writes STEM.md and STEM.json."""
+    from dynemb.data import load_dataset
+    from dynemb.dims import DIMS
+    from dynemb.evaluation.streaming import StreamingOptions, streaming_benchmark
+    from dynemb.training.train import TrainOptions
+
+    chosen = _seeds(blocks)
+    if any(not 1 < b <= DIMS.max_events for b in chosen):
+        raise typer.BadParameter(f"blocks must be in [2, {DIMS.max_events}], got {blocks!r}")
+    options = StreamingOptions(
+        seeds=_seeds(seeds),
+        blocks=chosen,
+        train=TrainOptions(
+            max_minutes=max_minutes,
+            max_epochs=max_epochs,
+            num_threads=threads,
+            progress=sys.stderr.isatty(),
+        ),
+        out_dir=out_dir,
+        stem=stem,
+        command=_command(),
+    )
+    result = streaming_benchmark(load_dataset(data, cache_dir()), options)
+    full_mean, full_std = result.summary(None)
+    console.print(f"full model: NDCG@10 {full_mean:.4f} ± {full_std:.4f}")
+    for block in result.blocks:
+        verdict = {True: "within", False: "NOT within", None: "one seed: no std for"}[
+            result.within_one_std(block)
+        ]
+        mean, std = result.summary(block)
+        console.print(f"B = {block}: NDCG@10 {mean:.4f} ± {std:.4f} ({verdict} one seed-std)")
+    console.print(f"wrote {out_dir / stem}.md and .json")
+
+
 @app.command()
 def baselines(
     data: Data = "ml-100k",

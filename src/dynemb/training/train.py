@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -359,10 +359,17 @@ def scores_for(
     which: Which,
     users: np.ndarray,
     with_ids: bool = True,
-    limit: int | None = None,
+    limit: int | Sequence[int] | None = None,
 ) -> np.ndarray:
-    """(len(users), n_items + 1) cosine scores (column 0 = padding, -inf)."""
-    keys = [(int(u), builder.eval_cut(int(u), which), None, limit) for u in users]
+    """(len(users), n_items + 1) cosine scores (column 0 = padding, -inf). `limit`: the
+    newest events each user sends, one number for all or one per user."""
+    limits = [limit] * len(users) if limit is None or isinstance(limit, int) else list(limit)
+    if len(limits) != len(users):
+        raise ValueError(f"{len(limits)} limits for {len(users)} users")
+    keys = [
+        (int(u), builder.eval_cut(int(u), which), None, cap)
+        for u, cap in zip(users, limits, strict=True)
+    ]
     scores = user_vectors(model, builder, keys) @ item_matrix(model, with_ids).T
     scores += item_bias(model, with_ids)[None, :]
     return np.concatenate([np.full((len(users), 1), -np.inf, np.float32), scores], axis=1)
