@@ -659,20 +659,24 @@ def bench_sessions(
     out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
     quick: Annotated[bool, typer.Option(help="smoke run: 64 users, 3 s per point")] = False,
     hold: Annotated[int, typer.Option(help="events that start each session, untimed")] = 10,
+    past: Annotated[int, typer.Option(min=1, help="events streamed past the window")] = 50,
 ) -> None:
-    """One new event with sessions vs a whole-history recompute, in-process and served, in
-    one run (MovieLens-100k and SYNTHETIC users with images); writes sessions.md/.json."""
+    """One new event with sessions vs a recompute, within the window and past it,
+    in-process and served, in one run (MovieLens-100k and SYNTHETIC users with images);
+    writes sessions.md/.json."""
     from dynemb.bench.sessions import SessionBenchOptions
     from dynemb.bench.sessions import bench_sessions as run
 
-    options = SessionBenchOptions(repository=repository, out_dir=out_dir, hold=hold)
+    options = SessionBenchOptions(repository=repository, out_dir=out_dir, hold=hold, past=past)
     if quick:
-        options.quick, options.seconds, options.warmup_s = True, 3.0, 1.0
+        options.quick, options.max_seconds, options.warmup_calls = True, 3.0, 4
         options.max_users, options.concurrencies = 64, (1, 8)
         options.stem = "sessions-quick"
     result = run(options, say=console.print)
     for data in result.results:
-        console.print(data.data, {k: round(v, 2) for k, v in data.ratios.items()})
+        for phase in data.phases:
+            ratios = {k: round(v, 2) for k, v in phase.ratios.items()}
+            console.print(f"{data.data}, {phase.phase}: {ratios}")
 
 
 @app.command()

@@ -136,7 +136,7 @@ def test_the_client_fails_over_at_once_and_reports_its_endpoints(monkeypatch, sl
 def test_a_moved_session_starts_from_its_kept_history() -> None:
     histories = SessionHistories()
     event = Event(1_700_000_000, "Toy Story", labels=("genre:Comedy",))
-    histories.extend("u", [event], 5)
+    histories.keep("u", [event], 1)
     histories.served_by("u", "a:1")
     assert not histories.moved("u", "a:1") and histories.moved("u", "b:1")
     assert not histories.moved("new user", "b:1")

@@ -25,16 +25,20 @@ class HistorySet:
         return len(self.users)
 
 
-def movielens(repository: Path, cache: Path, max_users: int | None = None) -> HistorySet:
-    """MovieLens-100k users' newest L events, sent as the served model was trained to read
-    them (dynemb.queries.event_converter), no images."""
+def movielens(
+    repository: Path, cache: Path, max_users: int | None = None, events: int = DIMS.max_events
+) -> HistorySet:
+    """MovieLens-100k users' newest `events` events (default L), sent as the served model
+    was trained to read them (dynemb.queries.event_converter), no images. With `events`
+    above L only users with at least that many are taken (streams past the window)."""
     convert = event_converter(repository)
     users = load_dataset("ml-100k", cache).by_user()
-    chosen = sorted(users)[:max_users] if max_users else sorted(users)
-    histories = [[convert(e) for e in users[u][-DIMS.max_events :]] for u in chosen]
+    long_enough = [u for u in sorted(users) if events <= DIMS.max_events or len(users[u]) >= events]
+    chosen = long_enough[:max_users] if max_users else long_enough
+    histories = [[convert(e) for e in users[u][-events:]] for u in chosen]
     return HistorySet(
         "ml-100k",
-        f"MovieLens-100k: {len(histories)} users' newest {DIMS.max_events} events "
+        f"MovieLens-100k: {len(histories)} users' newest {events} events "
         "(titles, genres, ratings; no images)",
         False,
         histories,
@@ -42,16 +46,20 @@ def movielens(repository: Path, cache: Path, max_users: int | None = None) -> Hi
     )
 
 
-def synthetic_with_images(n_users: int = 256, seed: int = 7) -> HistorySet:
-    """SYNTHETIC users (dynemb.data.synthetic, seeded) with drawn images on their items."""
-    data = generate(SyntheticConfig(n_users=n_users, events_per_user=(50, 80), seed=seed))
+def synthetic_with_images(
+    n_users: int = 256, seed: int = 7, events: int = DIMS.max_events
+) -> HistorySet:
+    """SYNTHETIC users (dynemb.data.synthetic, seeded) with drawn images on their items,
+    their newest `events` events (default L)."""
+    low = max(50, events)
+    config = SyntheticConfig(n_users=n_users, events_per_user=(low, low + 30), seed=seed)
     histories = [
-        [Event(e.time, e.text, e.image, e.labels) for e in events[-DIMS.max_events :]]
-        for events in data.dataset.by_user().values()
+        [Event(e.time, e.text, e.image, e.labels) for e in history[-events:]]
+        for history in generate(config).dataset.by_user().values()
     ]
     return HistorySet(
         "synthetic-images",
-        f"SYNTHETIC: {len(histories)} generated users' newest {DIMS.max_events} events, "
+        f"SYNTHETIC: {len(histories)} generated users' newest {events} events, "
         "each item with a drawn 32x32 image",
         True,
         histories,

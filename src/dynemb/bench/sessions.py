@@ -1,13 +1,20 @@
 """The streaming benchmark: what one new event costs with sessions (the server advances
-the user's stored state) next to a full recompute of the same user's history, in one run,
+the user's stored state) next to a recompute of the same user's window, in one run,
 in-process and served.
 
-Every user's newest L events are split: the first `hold` start the session (not timed),
-the rest arrive one at a time. For each arriving event the session variant sends that
-event alone (`update`); the recompute variant sends the whole history so far (`embed`,
-what a client without sessions does). Past the window, sessions that hold L events get
-one more (they re-window: the sequence part is recomputed over the newest L, per-item
-work is not). Ratios are events/s over events/s, measured back to back.
+Each user is one stream of L + S events (the users with that many). The first `hold`
+start the session (untimed); the rest arrive one at a time, in two phases reported apart:
+
+- within the window (events hold+1 .. L): the recompute sends the whole history so far;
+- past the window (events L+1 .. L+S): the recompute sends the newest L events (a full
+  L-event recompute); the session holds its window (dynemb.sessions.state.window_after):
+  it re-windows once every B events and steps in between, and the cost of those
+  re-windows is in its numbers.
+
+"Compute per event" is CPU time: in-process one thread does all the work, so it is the
+inverse of events/s; served, it is the CPU time of tritonserver and its stage processes
+(the load generator's own is reported apart), read from /proc around each point. Ratios
+are recompute over session, measured back to back.
 """
 
 from __future__ import annotations
@@ -18,16 +25,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dynemb.bench.closedloop import LoadResult, closed_loop
+import numpy as np
+
 from dynemb.bench.context import RunContext, collect_context, context_markdown, write_results
 from dynemb.bench.histories import HistorySet, movielens, synthetic_with_images
 from dynemb.bench.served import triton
+from dynemb.dims import DIMS
 from dynemb.paths import cache_dir
 from dynemb.pipeline import Pipeline
-from dynemb.sessions.engine import SessionEngine
+from dynemb.processes import tree_cpu_seconds
+from dynemb.sessions.engine import SessionEngine, session_options
 from dynemb_client import AsyncInterestClient, Event, build_inputs
 
 BATCH = 32
+WITHIN, PAST = "within the window", "past the window"
+RECOMPUTE, SESSION = "recompute", "session"
+TARGET = 10.0  # issue 12: compute per new event >= 10x lower than a recompute
 
 
 @dataclass
@@ -36,11 +49,13 @@ class SessionBenchOptions:
     out_dir: Path
     data: tuple[str, ...] = ("ml-100k", "synthetic-images")
     hold: int = 10  # events that start each session, untimed
-    seconds: float = 15.0  # per served point
-    warmup_s: float = 3.0
+    past: int = 50  # events streamed past the window (S)
     concurrencies: tuple[int, ...] = (1, 8, 32)
+    max_seconds: float = 20.0  # per served point: it stops earlier when its streams end
+    warmup_calls: int = 16
     max_users: int | None = None
     inprocess_users: int = 128  # the in-process comparison's users (both variants)
+    served_users: int = 256
     quick: bool = False
     stem: str = "sessions"
     cache: Path = field(default_factory=cache_dir)
@@ -48,17 +63,34 @@ class SessionBenchOptions:
 
 @dataclass(frozen=True)
 class Rate:
-    variant: str
+    variant: str  # RECOMPUTE or SESSION
     events: int
     seconds: float
     p50_ms: float | None = None
     p99_ms: float | None = None
     failed: int = 0
-    concurrency: int | None = None
+    concurrency: int | None = None  # None: in-process
+    server_cpu_s: float | None = None  # tritonserver and its stage processes
+    client_cpu_s: float | None = None  # the load generator
 
     @property
     def events_per_s(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_event(self) -> float | None:
+        """Server CPU per event served; in-process, the one thread's time per event."""
+        cpu = self.seconds if self.concurrency is None else self.server_cpu_s
+        return None if cpu is None or not self.events else 1e3 * cpu / self.events
+
+
+@dataclass
+class PhaseResult:
+    phase: str  # WITHIN or PAST
+    recompute: str  # what the recompute sends
+    inprocess: list[Rate]
+    served: list[Rate]
+    ratios: dict[str, float]  # recompute / session: compute per event, events/s
 
 
 @dataclass
@@ -67,34 +99,38 @@ class DataSessions:
     description: str
     synthetic: bool
     users: int
-    inprocess: list[Rate]
-    served: list[Rate]
-    ratios: dict[str, float]
+    phases: list[PhaseResult]
 
 
 @dataclass
 class SessionBenchResult:
     context: RunContext
     options: dict
+    rewindow_block: int
     results: list[DataSessions]
 
 
 def load(name: str, options: SessionBenchOptions) -> HistorySet:
+    length = DIMS.max_events + options.past
     if name == "ml-100k":
-        return movielens(options.repository, options.cache, options.max_users)
-    return synthetic_with_images(options.max_users or 256)
+        return movielens(options.repository, options.cache, options.max_users, events=length)
+    return synthetic_with_images(options.max_users or 256, events=length)
 
 
-def past_event(events: list[Event]) -> Event:
-    """One more event for a full session: the user's oldest item again, a minute later."""
-    first = events[0]
-    return Event(events[-1].time + 60, first.text, first.image, first.labels)
+def recompute_window(events: list[Event], k: int) -> list[Event]:
+    """What a client without sessions sends for event k: the newest L events up to it."""
+    return events[max(0, k + 1 - DIMS.max_events) : k + 1]
+
+
+def phase_of(k: int) -> str:
+    return WITHIN if k < DIMS.max_events else PAST
 
 
 # --- in-process: one process, one thread, batches of 32 --------------------------------
 
 
-def inprocess(repository: Path, users: list[list[Event]], hold: int) -> list[Rate]:
+def inprocess(repository: Path, users: list[list[Event]], hold: int) -> dict[str, dict[str, Rate]]:
+    """Phase -> variant -> Rate, every user's stream one event per step in batches."""
     import torch
 
     torch.set_num_threads(1)
@@ -103,117 +139,154 @@ def inprocess(repository: Path, users: list[list[Event]], hold: int) -> list[Rat
     d = engine.dims
     groups = [users[i : i + BATCH] for i in range(0, len(users), BATCH)]
 
-    def one_user(events, at):
+    def one_user(events: list[Event], at: float) -> dict[str, np.ndarray]:
         x = build_inputs([events], [at], d.max_events, d.max_labels)
         return {k: v[0] for k, v in x.items()}
 
     # Warm-up and priming: every item into the caches, every session started at `hold`.
     states = {}
     for g, group in enumerate(groups):
-        at = [h[-1].time for h in group]
-        pipeline.embed(build_inputs(group, at, d.max_events, d.max_labels))
+        pipeline.embed(
+            build_inputs(
+                [recompute_window(h, len(h) - 1) for h in group],
+                [h[-1].time for h in group],
+                d.max_events,
+                d.max_labels,
+            )
+        )
         starts = [(None, one_user(h[:hold], h[hold - 1].time)) for h in group]
         for u, done in enumerate(engine.advance(starts)):
             states[g, u] = done.state
-    full_events, full_s, sess_events, sess_s = 0, 0.0, 0, 0.0
-    steps = max(len(h) for h in users) - hold
-    for step in range(steps):
+    spent = {(p, v): [0, 0.0] for p in (WITHIN, PAST) for v in (RECOMPUTE, SESSION)}
+    for k in range(hold, max(len(h) for h in users)):
+        phase = phase_of(k)
         for g, group in enumerate(groups):
-            live = [u for u, h in enumerate(group) if hold + step < len(h)]
+            live = [u for u, h in enumerate(group) if k < len(h)]
             if not live:
                 continue
-            histories = [group[u][: hold + step + 1] for u in live]
-            at = [h[-1].time for h in histories]
-            x = build_inputs(histories, at, d.max_events, d.max_labels)
+            windows = [recompute_window(group[u], k) for u in live]
+            x = build_inputs(windows, [w[-1].time for w in windows], d.max_events, d.max_labels)
             t0 = time.perf_counter()
             pipeline.embed(x)
-            full_s += time.perf_counter() - t0
-            full_events += len(live)
-            batch = [
-                (states[g, u], one_user([h[-1]], h[-1].time))
-                for u, h in zip(live, histories, strict=True)
-            ]
+            spent[phase, RECOMPUTE][1] += time.perf_counter() - t0
+            spent[phase, RECOMPUTE][0] += len(live)
+            batch = [(states[g, u], one_user([group[u][k]], group[u][k].time)) for u in live]
             t0 = time.perf_counter()
             done = engine.advance(batch)
-            sess_s += time.perf_counter() - t0
-            sess_events += len(live)
+            spent[phase, SESSION][1] += time.perf_counter() - t0
+            spent[phase, SESSION][0] += len(live)
             for u, result in zip(live, done, strict=True):
                 states[g, u] = result.state
-    # Past the window: sessions holding L events get one more each.
-    full_sessions = [(k, s) for k, s in states.items() if s.n_events == d.max_events]
-    past_events, past_s = 0, 0.0
-    for start in range(0, len(full_sessions), BATCH):
-        chunk = full_sessions[start : start + BATCH]
-        batch = []
-        for (g, u), state in chunk:
-            extra = past_event(groups[g][u])
-            batch.append((state, one_user([extra], extra.time)))
-        t0 = time.perf_counter()
-        engine.advance(batch)
-        past_s += time.perf_counter() - t0
-        past_events += len(chunk)
-    return [
-        Rate("recompute (whole history, optimised pipeline)", full_events, full_s),
-        Rate("session update (one event)", sess_events, sess_s),
-        Rate("session update past the window (re-window)", past_events, past_s),
-    ]
+    return {
+        phase: {v: Rate(v, *spent[phase, v]) for v in (RECOMPUTE, SESSION)}
+        for phase in (WITHIN, PAST)
+    }
 
 
 # --- served: closed-loop clients over gRPC ---------------------------------------------
 
 
-async def served_point(url: str, users, hold: int, concurrency: int, o, mode: str) -> Rate:
-    """`mode` "recompute": embed(history so far) per event; "session": update(event)."""
+async def served_point(
+    url: str,
+    server_pid: int,
+    users: list[list[Event]],
+    first: int,
+    last: int,
+    concurrency: int,
+    mode: str,
+    options: SessionBenchOptions,
+) -> Rate:
+    """Events first..last-1 of every user, one call each, by `concurrency` workers that
+    each own a share of the users (a user's events go in order, one at a time). Sessions
+    are started at `first` (untimed). Stops when the streams end or at max_seconds."""
+    tag = f"{mode}-{first}-c{concurrency}-{time.monotonic_ns()}-"
     async with AsyncInterestClient(url) as client:
-        prefix = f"{mode}-c{concurrency}-"
-        if mode == "session":
-            for u, events in enumerate(users):  # start every session (untimed)
-                await client.update(f"{prefix}{u}", events[:hold])
-        cursors = [hold] * len(users)
 
-        async def call(i: int) -> int:
-            u = i % len(users)
-            events = users[u]
-            if cursors[u] >= len(events):
-                return 0  # this user's stream is over
-            k = cursors[u]
-            cursors[u] += 1
-            if mode == "session":
-                await client.update(f"{prefix}{u}", [events[k]])
+        async def send(u: int, k: int) -> None:
+            if mode == SESSION:
+                await client.update(f"{tag}{u}", [users[u][k]])
             else:
-                await client.embed(events[: k + 1])
-            return 1
+                await client.embed(recompute_window(users[u], k))
 
-        result: LoadResult = await closed_loop(call, concurrency, o.seconds, o.warmup_s)
+        if mode == SESSION:
+            await asyncio.gather(
+                *(client.update(f"{tag}{u}", users[u][:first]) for u in range(len(users)))
+            )
+        for i in range(options.warmup_calls):  # warm-up on sessions of their own
+            if mode == SESSION:
+                await client.update(f"warm-{tag}{i}", users[i % len(users)][: first + 1])
+            else:
+                await client.embed(recompute_window(users[i % len(users)], first))
+        latencies: list[float] = []
+        failed = 0
+        deadline = time.perf_counter() + options.max_seconds
+
+        async def worker(w: int) -> int:
+            nonlocal failed
+            done = 0
+            for k in range(first, last):
+                for u in range(w, len(users), concurrency):
+                    if time.perf_counter() >= deadline:
+                        return done
+                    t0 = time.perf_counter()
+                    try:
+                        await send(u, k)
+                    except Exception:
+                        failed += 1
+                        continue
+                    latencies.append(1e3 * (time.perf_counter() - t0))
+                    done += 1
+            return done
+
+        cpu0, mine0, t0 = tree_cpu_seconds(server_pid), time.process_time(), time.perf_counter()
+        events = sum(await asyncio.gather(*(worker(w) for w in range(concurrency))))
+        seconds = time.perf_counter() - t0
+        cpu1, mine1 = tree_cpu_seconds(server_pid), time.process_time()
+    lat = np.array(latencies) if latencies else None
     return Rate(
         mode,
-        result.users,
-        result.seconds,
-        result.percentile(50),
-        result.percentile(99),
-        result.failed,
+        events,
+        seconds,
+        None if lat is None else float(np.percentile(lat, 50)),
+        None if lat is None else float(np.percentile(lat, 99)),
+        failed,
         concurrency,
+        cpu1 - cpu0,
+        mine1 - mine0,
     )
 
 
-def served(repository: Path, users, options: SessionBenchOptions, say) -> list[Rate]:
-    out = []
+def served(
+    repository: Path, users: list[list[Event]], options: SessionBenchOptions, say
+) -> dict[str, list[Rate]]:
+    out: dict[str, list[Rate]] = {WITHIN: [], PAST: []}
+    spans = {WITHIN: (options.hold, DIMS.max_events), PAST: (DIMS.max_events, len(users[0]))}
     with triton(repository, options.cache / "logs") as server:
-        url = server.config.grpc_url
-        for c in options.concurrencies:
-            for mode in ("recompute", "session"):
-                rate = asyncio.run(served_point(url, users, options.hold, c, options, mode))
-                say(f"  served c={c} {mode}: {rate.events_per_s:.0f} events/s")
-                out.append(rate)
+        url, pid = server.config.grpc_url, server.process.pid
+        for phase, (first, last) in spans.items():
+            for c in options.concurrencies:
+                for mode in (RECOMPUTE, SESSION):
+                    rate = asyncio.run(served_point(url, pid, users, first, last, c, mode, options))
+                    say(
+                        f"  served {phase} c={c} {mode}: {rate.events_per_s:.0f} events/s, "
+                        f"server {rate.cpu_ms_per_event:.2f} ms CPU/event"
+                    )
+                    out[phase].append(rate)
     return out
 
 
-def ratios(inproc: list[Rate], serv: list[Rate]) -> dict[str, float]:
-    full, sess, past = (r.events_per_s for r in inproc)
-    out = {"inprocess_update_over_recompute": sess / full, "inprocess_past_window": past / full}
+def ratios(inproc: dict[str, Rate], serv: list[Rate]) -> dict[str, float]:
+    """Recompute over session: compute per event (the target's measure) and events/s."""
+    out = {
+        "inprocess_compute": inproc[RECOMPUTE].cpu_ms_per_event / inproc[SESSION].cpu_ms_per_event
+    }
     for c in sorted({r.concurrency for r in serv}):
-        pair = {r.variant: r.events_per_s for r in serv if r.concurrency == c}
-        out[f"served_update_over_recompute_c{c}"] = pair["session"] / pair["recompute"]
+        pair = {r.variant: r for r in serv if r.concurrency == c}
+        full, sess = pair[RECOMPUTE], pair[SESSION]
+        if full.cpu_ms_per_event and sess.cpu_ms_per_event:
+            out[f"served_server_compute_c{c}"] = full.cpu_ms_per_event / sess.cpu_ms_per_event
+        if full.events_per_s:
+            out[f"served_events_per_s_c{c}"] = sess.events_per_s / full.events_per_s
     return out
 
 
@@ -223,6 +296,7 @@ def bench_sessions(
     context = collect_context(data="see each data set's description")
     if context.busy:
         say(f"WARNING: {context.load_warning()}")
+    block = session_options(options.repository).rewindow_block
     results = []
     for name in options.data:
         histories = load(name, options)
@@ -230,22 +304,28 @@ def bench_sessions(
         inproc = inprocess(
             options.repository, histories.users[: options.inprocess_users], options.hold
         )
-        for rate in inproc:
-            say(f"  in-process {rate.variant}: {rate.events_per_s:.0f} events/s")
-        serv = served(options.repository, histories.users, options, say)
-        results.append(
-            DataSessions(
-                name,
-                histories.description,
-                histories.synthetic,
-                len(histories),
-                inproc,
-                serv,
-                ratios(inproc, serv),
+        for phase, rates in inproc.items():
+            for rate in rates.values():
+                say(f"  in-process {phase} {rate.variant}: {rate.events_per_s:.0f} events/s")
+        serv = served(options.repository, histories.users[: options.served_users], options, say)
+        phases = [
+            PhaseResult(
+                phase,
+                "the whole history so far"
+                if phase == WITHIN
+                else f"the newest {DIMS.max_events} events",
+                list(inproc[phase].values()),
+                serv[phase],
+                ratios(inproc[phase], serv[phase]),
             )
+            for phase in (WITHIN, PAST)
+        ]
+        results.append(
+            DataSessions(name, histories.description, histories.synthetic, len(histories), phases)
         )
     context.finish()
-    out = SessionBenchResult(context, {k: str(v) for k, v in asdict(options).items()}, results)
+    options_record = {k: str(v) for k, v in asdict(options).items()}
+    out = SessionBenchResult(context, options_record, block, results)
     write(out, options)
     return out
 
@@ -256,37 +336,54 @@ def write(result: SessionBenchResult, options: SessionBenchOptions) -> None:
 
 
 def _ms(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
+    return "–" if value is None else f"{value:.2f}"
 
 
 def render_markdown(result: SessionBenchResult, options: SessionBenchOptions) -> str:
     mode = "QUICK (smoke run, not for the record)" if options.quick else "full"
+    L = DIMS.max_events  # noqa: N806
     lines = [
-        "# Sessions: one new event vs a whole-history recompute",
+        "# Sessions: one new event vs a recompute",
         "",
-        f"Mode: {mode}. Each user's first {options.hold} events start its session (untimed);"
-        " the rest arrive one at a time. Recompute = the whole history so far through the "
-        "optimised pipeline (`user_interest`); session = the new event alone (`session`). "
-        f"In-process: one process, one thread, batches of {BATCH}. Served: closed-loop "
-        f"asyncio clients, {options.seconds:g} s per point after {options.warmup_s:g} s.",
+        f"Mode: {mode}. Each user streams L + {options.past} events: the first "
+        f"{options.hold} start the session (untimed), the rest arrive one at a time. Within "
+        "the window the recompute sends the whole history so far; past it, the newest "
+        f"L = {L} events (a full L-event recompute), while the session re-windows once every "
+        f"B = {result.rewindow_block} events (the `session` config's `rewindow_block`) and "
+        f"steps in between. In-process: one process, one thread, batches of {BATCH}; compute "
+        "per event = that thread's time. Served: closed-loop asyncio clients over gRPC, each "
+        "owning a share of the users; compute per event = CPU time of tritonserver and its "
+        "stage processes (the load generator's own is listed apart).",
         "",
     ]
     for r in result.results:
         tag = " (SYNTHETIC)" if r.synthetic else ""
-        lines += [f"## {r.data}{tag}", "", r.description, "", "| in-process | events/s |"]
-        lines += ["|---|---|"]
-        lines += [f"| {x.variant} | {x.events_per_s:.0f} |" for x in r.inprocess]
-        lines += ["", "| served | clients | events/s | p50 ms | p99 ms | failed |"]
-        lines += ["|---|---|---|---|---|---|"]
-        lines += [
-            f"| {x.variant} | {x.concurrency} | {x.events_per_s:.0f} | {_ms(x.p50_ms)} | "
-            f"{_ms(x.p99_ms)} | {x.failed} |"
-            for x in r.served
-        ]
-        lines += ["", "| ratio | value | target |", "|---|---|---|"]
-        for key, value in r.ratios.items():
-            target = "≥ 10" if "past" not in key else "(past the window: no target)"
-            lines.append(f"| {key} | {value:.2f} | {target} |")
-        lines.append("")
+        lines += [f"## {r.data}{tag}", "", r.description, ""]
+        for p in r.phases:
+            lines += [f"### {p.phase} (recompute: {p.recompute})", ""]
+            lines += [
+                "| variant | where | events | events/s | compute ms/event | p50 ms | "
+                "p99 ms | client CPU ms/event | failed |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for x in [*p.inprocess, *p.served]:
+                where = (
+                    "in-process" if x.concurrency is None else f"served, {x.concurrency} clients"
+                )
+                client = (
+                    "–"
+                    if x.client_cpu_s is None or not x.events
+                    else f"{1e3 * x.client_cpu_s / x.events:.2f}"
+                )
+                lines.append(
+                    f"| {x.variant} | {where} | {x.events} | {x.events_per_s:.0f} | "
+                    f"{_ms(x.cpu_ms_per_event)} | {_ms(x.p50_ms)} | {_ms(x.p99_ms)} | {client} | "
+                    f"{x.failed} |"
+                )
+            lines += ["", "| recompute / session | value | target |", "|---|---|---|"]
+            for key, value in p.ratios.items():
+                target = f"≥ {TARGET:g}" if "compute" in key else "(throughput, no target)"
+                lines.append(f"| {key} | {value:.2f} | {target} |")
+            lines.append("")
     lines += ["## Run context", "", context_markdown(result.context)]
     return "\n".join(lines) + "\n"

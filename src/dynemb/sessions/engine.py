@@ -303,12 +303,52 @@ class SessionEngine:
         else:
             h, c = h0, c0
             tokens = torch.zeros((users, 0, self.encoder.start_token.shape[0]))
-        # A session from nothing reads MiniLM's start token first.
-        fresh = torch.tensor([p.base is None for p in plans])
+        token_in, token_mask = self._tokens_in(plans, tokens, mask_t)
+        past = self._past(plans)
+        states, keys, values = self.encoder.extend(token_in, token_mask, past)
+        read = token_mask.sum(1)
+        newest = (
+            states[torch.arange(users), (read - 1).clamp(min=0)]
+            if states.shape[1]
+            else torch.zeros((users, states.shape[-1]))
+        )
+        for b in torch.nonzero(read == 0).flatten().tolist():  # no new token: as it was
+            newest[b] = torch.from_numpy(plans[b].base.newest)
+        query = torch.from_numpy(np.stack([p.query for p in plans]))
+        embeddings = self.encoder.embed(newest, query).numpy()
+        h, c, newest = h.numpy(), c.numpy(), newest.numpy()
+        keys, values, read = keys.numpy(), values.numpy(), read.tolist()
+        out = []
+        for b, p in enumerate(plans):
+            r = read[b]
+            new_k, new_v = keys[b, :, :, :r], values[b, :, :, :r]
+            state = SessionState(
+                versions=self.versions,
+                times=p.times,
+                labels=p.labels,
+                ratings=p.ratings,
+                raw_labels=p.raw_labels,
+                events=p.g_all,
+                lstm_h=h[b].copy(),
+                lstm_c=c[b].copy(),
+                keys=np.concatenate([p.base.keys, new_k], 2) if p.base else new_k.copy(),
+                values=np.concatenate([p.base.values, new_v], 2) if p.base else new_v.copy(),
+                newest=newest[b].copy(),
+            )
+            out.append(Advanced(state, embeddings[b]))
+        return out
+
+    def _tokens_in(
+        self, plans: list[_Plan], tokens: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens MiniLM reads now and which are real: the new events' tokens, after
+        the start token for a session from nothing."""
+        if all(p.base is not None for p in plans):
+            return tokens, mask
+        users = len(plans)
         start = self.encoder.start_token.expand(users, 1, -1)
-        width = longest + int(bool(fresh.any()))
-        token_in = torch.zeros((users, width, tokens.shape[-1]))
-        token_mask = torch.zeros((users, width), dtype=torch.bool)
+        token_in = torch.zeros((users, tokens.shape[1] + 1, tokens.shape[-1]))
+        token_mask = torch.zeros((users, tokens.shape[1] + 1), dtype=torch.bool)
         for b, p in enumerate(plans):
             k = len(p.g_new)
             if p.base is None:
@@ -317,36 +357,7 @@ class SessionEngine:
             else:
                 token_in[b, :k] = tokens[b, :k]
                 token_mask[b, :k] = True
-        past = self._past(plans)
-        states, keys, values = self.encoder.extend(token_in, token_mask, past)
-        read = token_mask.sum(1)
-        newest = torch.stack(
-            [
-                states[b, read[b] - 1] if read[b] else torch.from_numpy(p.base.newest)
-                for b, p in enumerate(plans)
-            ]
-        )
-        query = torch.from_numpy(np.stack([p.query for p in plans]))
-        embeddings = self.encoder.embed(newest, query).numpy()
-        out = []
-        for b, p in enumerate(plans):
-            r = int(read[b])
-            new_k, new_v = keys[b, :, :, :r].numpy(), values[b, :, :, :r].numpy()
-            state = SessionState(
-                versions=self.versions,
-                times=p.times,
-                labels=p.labels,
-                ratings=p.ratings,
-                raw_labels=p.raw_labels,
-                events=p.g_all,
-                lstm_h=h[b].numpy().copy(),
-                lstm_c=c[b].numpy().copy(),
-                keys=np.concatenate([p.base.keys, new_k], 2) if p.base else new_k.copy(),
-                values=np.concatenate([p.base.values, new_v], 2) if p.base else new_v.copy(),
-                newest=newest[b].numpy().copy(),
-            )
-            out.append(Advanced(state, embeddings[b]))
-        return out
+        return token_in, token_mask
 
     def _past(self, plans: list[_Plan]) -> KVCache:
         """The stored keys and values of the batch's sessions, padded to the longest."""

@@ -419,28 +419,34 @@ def time_feature_rows(
     if n == first:
         return out
     rows = times[first:]
-    prev_gap = np.diff(times, prepend=times[0])[first:]
+    index = np.arange(first, n)
+    prev_gap = rows - times[np.maximum(index - 1, 0)]  # 0 for the first event
     out[:, 0] = np.log1p((rows - times[0]) / _HOUR_S)
     out[:, 1] = np.log1p(prev_gap / _HOUR_S)
     out[:, 2:6] = _cycles(rows)
-    out[:, 6] = np.arange(first, n) / dims.max_events
+    out[:, 6] = index / dims.max_events
     ratings = event_ratings(labels) if ratings is None else ratings
     rated = np.isfinite(ratings)
-    known = np.nan_to_num(ratings)
+    known = np.where(rated, ratings, 0.0)
     same = _shares_first_label(labels, first)
-    # in_window[i, j]: event j is in event (first + i)'s trailing window (j <= first + i).
+    # in_window[w, i, j]: event j is in event (first + i)'s trailing window w (j <= first + i),
+    # for every window at once; (windows, n - first, n), so a session's one new row is O(n).
     age = rows[:, None] - times[None, :]
-    causal = np.tri(n, dtype=bool)[first:]
-    for k, window in enumerate(dims.windows_s):
-        in_window = causal & (age < window)
-        count = in_window.sum(axis=1)
-        rated_in = in_window & rated[None, :]
-        n_rated = rated_in.sum(axis=1)
-        rating_sum = np.where(rated_in, known[None, :], 0).sum(1)
-        col = 7 + 3 * k
-        out[:, col] = np.log1p(count)
-        out[:, col + 1] = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
-        out[:, col + 2] = (in_window & same).sum(axis=1) / count
+    causal = np.arange(n)[None, :] <= index[:, None]
+    windows = np.asarray(dims.windows_s, dtype=np.float64)[:, None, None]
+    in_window = causal[None] & (age[None] < windows)
+    count = in_window.sum(axis=2)
+    rated_in = in_window & rated[None, None, :]
+    n_rated = rated_in.sum(axis=2)
+    rating_sum = (rated_in * known[None, None, :]).sum(axis=2)
+    share = (in_window & same[None]).sum(axis=2) / count
+    mean_rating = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
+    # Columns 7 + 3k, 8 + 3k, 9 + 3k per window k: log count, mean rating / 5, share.
+    out[:, 7:] = (
+        np.stack([np.log1p(count), mean_rating, share], axis=-1)
+        .transpose(1, 0, 2)
+        .reshape(n - first, -1)
+    )
     return out
 
 
@@ -480,6 +486,7 @@ def query_features(times: np.ndarray, query_time: float, dims: Dims) -> np.ndarr
     if len(times):
         out[0] = np.log1p((query_time - times[-1]) / _HOUR_S)
         out[5] = 1.0
-        for k, window in enumerate(dims.windows_s):
-            out[6 + k] = np.log1p(np.sum(query_time - times < window))
+        ages = query_time - np.asarray(times)
+        windows = np.asarray(dims.windows_s, dtype=np.float64)
+        out[6:] = np.log1p((ages[None, :] < windows[:, None]).sum(axis=1))
     return out

@@ -1,0 +1,57 @@
+"""The streaming benchmark's parts that need no server: what the recompute sends, the
+phases, the compute ratios and the CPU reading they rest on."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from dynemb.bench.sessions import (
+    PAST,
+    RECOMPUTE,
+    SESSION,
+    WITHIN,
+    Rate,
+    phase_of,
+    ratios,
+    recompute_window,
+)
+from dynemb.dims import DIMS
+from dynemb.processes import cpu_seconds, tree_cpu_seconds
+from dynemb_client import Event
+
+L = DIMS.max_events
+
+
+def test_the_recompute_sends_the_history_so_far_then_the_newest_l():
+    events = [Event(1_700_000_000 + i, f"e{i}") for i in range(L + 20)]
+    assert recompute_window(events, 9) == events[:10]
+    assert recompute_window(events, L + 5) == events[6 : L + 6]
+    assert len(recompute_window(events, L + 19)) == L
+    assert [phase_of(k) for k in (0, L - 1, L, L + 19)] == [WITHIN, WITHIN, PAST, PAST]
+
+
+def test_ratios_compare_compute_per_event_and_throughput():
+    inproc = {RECOMPUTE: Rate(RECOMPUTE, 100, 0.5), SESSION: Rate(SESSION, 100, 0.04)}
+    served = [
+        Rate(RECOMPUTE, 200, 2.0, concurrency=8, server_cpu_s=1.6),
+        Rate(SESSION, 500, 2.0, concurrency=8, server_cpu_s=0.5),
+    ]
+    got = ratios(inproc, served)
+    assert got["inprocess_compute"] == pytest.approx(12.5)  # 5 ms vs 0.4 ms an event
+    assert got["served_server_compute_c8"] == pytest.approx(8.0)  # 8 ms vs 1 ms
+    assert got["served_events_per_s_c8"] == pytest.approx(2.5)
+    assert Rate(SESSION, 0, 1.0, concurrency=1, server_cpu_s=1.0).cpu_ms_per_event is None
+
+
+def test_cpu_seconds_follow_work_done():
+    before, mine = cpu_seconds(os.getpid()), time.process_time()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        sum(range(1000))
+    assert cpu_seconds(os.getpid()) - before >= 0.2
+    assert tree_cpu_seconds(os.getpid()) >= cpu_seconds(os.getpid())
+    assert time.process_time() - mine >= 0.29
+    assert cpu_seconds(2**22 + 12345) == 0.0  # no such process
