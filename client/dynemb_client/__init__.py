@@ -7,7 +7,13 @@ with InterestClient("127.0.0.1:8001") as client:
 
 from dynemb_client.aio import AsyncInterestClient
 from dynemb_client.client import InterestClient
-from dynemb_client.errors import ClientInputError, ServerError, ServerInputError, ServerUnavailable
+from dynemb_client.errors import (
+    ClientInputError,
+    ServerError,
+    ServerInputError,
+    ServerUnavailable,
+    SessionUpdateError,
+)
 from dynemb_client.events import Event
 from dynemb_client.requests import ModelShape, build_inputs
 from dynemb_client.results import Recommendation, Versioned
@@ -24,6 +30,7 @@ __all__ = [
     "ServerError",
     "ServerInputError",
     "ServerUnavailable",
+    "SessionUpdateError",
     "Versioned",
     "build_inputs",
 ]

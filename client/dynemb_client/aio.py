@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -34,7 +34,7 @@ from dynemb_client.results import (
 from dynemb_client.sessions import (
     SessionAnswer,
     forget_steps,
-    parse_session,
+    parse_sessions,
     retrieve_call,
 )
 from dynemb_client.transport import ClientBase, shape_from_metadata
@@ -186,6 +186,14 @@ class AsyncInterestClient(ClientBase):
         steps = self._update_steps(user_id, events, at, shape, history)
         return (await self._session(steps)).embedding
 
+    async def update_many(
+        self, updates: Mapping[str, Sequence[Event]], at: TimeLike | None = None
+    ) -> dict[str, np.ndarray]:
+        """E_t of each session after its new events (see InterestClient.update_many)."""
+        shape = await self.model_shape()
+        answers = await self._session(self._update_many_steps(updates, at, shape))
+        return {session: answer.embedding for session, answer in answers.items()}
+
     async def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
         return await self.update(user_id, (), at)
 
@@ -202,20 +210,21 @@ class AsyncInterestClient(ClientBase):
 
     async def _session(self, steps) -> SessionAnswer:
         call = next(steps)
+        written: dict[str, str] = {}  # session -> the endpoint that holds its state
         while True:
             try:
                 try:
                     url = self._pool.route(call.route) if call.route is not None else None
                     result = await self._infer(call, retry=call.retry_safe)
                 except Exception as exc:
-                    if call.retry_safe:
-                        raise
-                    call = steps.throw(exc)  # the steps choose a call that is safe
+                    call = steps.throw(exc)  # the steps choose what is safe to send next
                     continue
-                call = steps.send(parse_session(result, call.model))
+                if url is not None:
+                    written.update(dict.fromkeys(call.sessions, url))
+                call = steps.send(parse_sessions(result, call.model, call.batch))
             except StopIteration as done:
-                if call.route is not None and url is not None:
-                    self.sessions.served_by(call.route, url)
+                for session, held_by in written.items():
+                    self.sessions.served_by(session, held_by)
                 return done.value
 
     async def is_ready(self) -> bool:

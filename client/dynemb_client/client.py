@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -32,7 +32,7 @@ from dynemb_client.results import (
 from dynemb_client.sessions import (
     SessionAnswer,
     forget_steps,
-    parse_session,
+    parse_sessions,
     retrieve_call,
 )
 from dynemb_client.transport import ClientBase, shape_from_metadata
@@ -185,6 +185,18 @@ class InterestClient(ClientBase):
             self._update_steps(user_id, events, at, self.model_shape(), history)
         ).embedding
 
+    def update_many(
+        self, updates: Mapping[str, Sequence[Event]], at: TimeLike | None = None
+    ) -> dict[str, np.ndarray]:
+        """E_t of each session after its new events (user id -> events), in one `session`
+        request per endpoint of up to 32 sessions, as a stream consumer would send a batch
+        of events. Each answer equals `update(user_id, events, at)`'s; a session the server
+        lost is started again as `update` does. If some sessions' events are refused as bad
+        input, every other session is still updated and SessionUpdateError says which
+        (with the others' E_t); `at` defaults to each session's newest event."""
+        answers = self._session(self._update_many_steps(updates, at, self.model_shape()))
+        return {session: answer.embedding for session, answer in answers.items()}
+
     def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
         """E_t of the session at `at` (default: its newest event's time), no new events."""
         return self.update(user_id, (), at)
@@ -203,20 +215,21 @@ class InterestClient(ClientBase):
 
     def _session(self, steps) -> SessionAnswer:
         call = next(steps)
+        written: dict[str, str] = {}  # session -> the endpoint that holds its state
         while True:
             try:
                 try:
                     url = self._pool.route(call.route) if call.route is not None else None
                     result = self._infer(call, retry=call.retry_safe)
                 except Exception as exc:
-                    if call.retry_safe:
-                        raise
-                    call = steps.throw(exc)  # the steps choose a call that is safe
+                    call = steps.throw(exc)  # the steps choose what is safe to send next
                     continue
-                call = steps.send(parse_session(result, call.model))
+                if url is not None:
+                    written.update(dict.fromkeys(call.sessions, url))
+                call = steps.send(parse_sessions(result, call.model, call.batch))
             except StopIteration as done:
-                if call.route is not None and url is not None:
-                    self.sessions.served_by(call.route, url)
+                for session, held_by in written.items():
+                    self.sessions.served_by(session, held_by)
                 return done.value
 
     def is_ready(self) -> bool:

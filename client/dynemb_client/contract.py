@@ -78,3 +78,4 @@ OP_UPDATE, OP_START, OP_FORGET = 0, 1, 2
 # history. USER_EMBEDDING is then zeros and must not be used.
 STATUS_OK, STATUS_UNKNOWN, STATUS_FORGOTTEN = 0, 1, 2
 MAX_SESSION_ID_BYTES = 256
+MAX_SESSION_ROWS = 32  # sessions one `session` request may carry (its max batch size)

@@ -63,3 +63,21 @@ class ServerUnavailable(ServerError):  # noqa: N818 (public name fixed by the AP
 class ServerInputError(ServerError, ValueError):
     """The server refused the request as malformed (INVALID_ARGUMENT): the caller's mistake,
     found by the server's own checks; the message names the tensor. Not retried."""
+
+
+class SessionUpdateError(ServerInputError):
+    """Some sessions of an `update_many` were refused as bad input: `failed` maps each to
+    its error; every other session was updated, with its E_t in `applied`. None of a
+    refused session's new events were applied."""
+
+    def __init__(self, applied: dict, failed: dict[str, ServerInputError]) -> None:
+        names = ", ".join(repr(s) for s in list(failed)[:5])
+        first = next(iter(failed.values()))
+        super().__init__(
+            f"{len(failed)} session(s) refused ({names}): {first}",
+            model=first.model,
+            status=first.status,
+            url=first.url,
+        )
+        self.applied = applied
+        self.failed = failed

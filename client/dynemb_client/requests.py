@@ -79,6 +79,8 @@ class InferCall:
     # Calls with the same route go to the same endpoint while it is healthy (a session's
     # state lives on one server); None: any endpoint, the least busy.
     route: str | None = None
+    # The sessions whose state the call writes on the endpoint that answers it.
+    sessions: tuple[str, ...] = ()
     # The stages whose versions the call asks for (their <STAGE>_VERSION outputs).
     stages: tuple[str, ...] = ()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ from dynemb_client.contract import (
     ITEM_SCORES,
     ITEM_TITLES,
     MAX_SESSION_ID_BYTES,
+    MAX_SESSION_ROWS,
     MAX_TOP_K,
     OP_FORGET,
     OP_START,
@@ -31,7 +32,7 @@ from dynemb_client.contract import (
     TOP_K,
     USER_EMBEDDING,
 )
-from dynemb_client.errors import ClientInputError, ServerError
+from dynemb_client.errors import ClientInputError, ServerError, ServerInputError, SessionUpdateError
 from dynemb_client.events import Event, TimeLike, to_unix_seconds
 from dynemb_client.requests import (
     InferCall,
@@ -43,7 +44,14 @@ from dynemb_client.requests import (
 )
 from dynemb_client.results import _output
 
-__all__ = ["SessionAnswer", "SessionHistories", "parse_session", "session_call"]
+__all__ = [
+    "SessionAnswer",
+    "SessionHistories",
+    "parse_sessions",
+    "session_call",
+    "update_many_steps",
+    "update_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -136,11 +144,27 @@ def query_time(at: TimeLike | None, events: Sequence[Event], kept: Sequence[Even
 def session_call(
     model: str, session: str, op: int, events: Sequence[Event], at: float, shape: ModelShape
 ) -> InferCall:
-    """One `session` request: the session, the operation, the (new) events and t. An
+    """One `session` request for one session: the operation, its (new) events and t. An
     update must not be retried (InferCall.retry_safe); a start or a forget can be."""
-    arrays = build_inputs([events], [at], shape.max_events, shape.max_labels)
-    arrays[SESSION_ID] = np.array([[session.encode("utf-8")]], dtype=object)
-    arrays[SESSION_OP] = np.array([[op]], dtype=np.int32)
+    return rows_call(model, [(session, op, events, at)], shape)
+
+
+def rows_call(
+    model: str, rows: Sequence[tuple[str, int, Sequence[Event], float]], shape: ModelShape
+) -> InferCall:
+    """One `session` request of several sessions' rows (session, op, events, t), all of
+    whose states live on one endpoint (it is routed by the first)."""
+    if not 0 < len(rows) <= MAX_SESSION_ROWS:
+        raise ValueError(f"a session request holds 1-{MAX_SESSION_ROWS} rows, got {len(rows)}")
+    sessions = [session for session, *_ in rows]
+    arrays = build_inputs(
+        [events for _, _, events, _ in rows],
+        [t for *_, t in rows],
+        shape.max_events,
+        shape.max_labels,
+    )
+    arrays[SESSION_ID] = np.array([[s.encode("utf-8")] for s in sessions], dtype=object)
+    arrays[SESSION_OP] = np.array([[op] for _, op, _, _ in rows], dtype=np.int32)
     return InferCall(
         model=model,
         inputs=_to_infer_inputs(arrays),
@@ -149,9 +173,10 @@ def session_call(
             InferRequestedOutput(SESSION_STATUS),
             InferRequestedOutput(SESSION_EVENTS),
         ],
-        batch=1,
-        retry_safe=op != OP_UPDATE,
-        route=session,  # one session, one replica: its state lives there
+        batch=len(rows),
+        retry_safe=all(op != OP_UPDATE for _, op, _, _ in rows),
+        route=sessions[0],  # one session, one replica: its state lives there
+        sessions=tuple(sessions),
     )
 
 
@@ -175,15 +200,13 @@ def retrieve_call(
     )
 
 
-def parse_session(result, model: str) -> SessionAnswer:
-    embedding = _output(result, USER_EMBEDDING, model, 1)
-    status = _output(result, SESSION_STATUS, model, 1)
-    held = _output(result, SESSION_EVENTS, model, 1)
-    return SessionAnswer(
-        np.asarray(embedding, dtype=np.float32).reshape(-1),
-        int(status.reshape(-1)[0]),
-        int(held.reshape(-1)[0]),
-    )
+def parse_sessions(result, model: str, batch: int) -> list[SessionAnswer]:
+    """Each row's answer, in the request's order."""
+    embeddings = _output(result, USER_EMBEDDING, model, batch)
+    status = _output(result, SESSION_STATUS, model, batch).reshape(batch)
+    held = _output(result, SESSION_EVENTS, model, batch).reshape(batch)
+    embeddings = np.asarray(embeddings, dtype=np.float32).reshape(batch, -1)
+    return [SessionAnswer(embeddings[i], int(status[i]), int(held[i])) for i in range(batch)]
 
 
 MAX_RESTARTS = 3  # starts again after an update that failed in transit, then gives up
@@ -198,7 +221,7 @@ def update_steps(
     shape: ModelShape,
     history: Sequence[Event] | None = None,
     moved: bool = False,
-) -> Generator[InferCall, SessionAnswer, SessionAnswer]:
+) -> Generator[InferCall, list[SessionAnswer], SessionAnswer]:
     """The calls of one update, sans I/O: the client sends each yielded call and sends
     back its answer. First the new events alone; if the server holds no state for the
     session, the window kept here (or the newest L of the caller's `history`) is started
@@ -206,6 +229,79 @@ def update_steps(
     have given (one start with both when they fit one window, since the window's length
     depends only on how many events it has read: dynemb.sessions.state.window_after).
     `moved` (the session's endpoint changed, SessionHistories.moved): from scratch at once."""
+    session, events, kept, t = _prepared(session, events, at, shape, histories, history)
+    answer = None if moved else (yield from _update(model, session, events, t, shape))
+    return (yield from _settled(histories, model, session, events, kept, t, shape, answer))
+
+
+def update_many_steps(
+    histories: SessionHistories,
+    model: str,
+    updates: Mapping[str, Sequence[Event]],
+    at: TimeLike | None,
+    shape: ModelShape,
+    route: Callable[[str], str],
+) -> Generator[InferCall, list[SessionAnswer], dict[str, SessionAnswer]]:
+    """Several sessions' updates, sans I/O: one `session` request of up to
+    MAX_SESSION_ROWS rows per endpoint holding their states (`route`), then, for each
+    session the server holds no state for (or whose request was lost in transit), the
+    single-session fallback of `update_steps`. A request refused as bad input applied
+    none of its rows: its sessions are sent again one by one, so that only the culprits
+    fail, and a SessionUpdateError names them after every other session is updated."""
+    from dynemb_client.transport import is_transient  # transport imports this module
+
+    prepared = {}
+    for session, events in updates.items():
+        session, events, kept, t = _prepared(session, events, at, shape, histories)
+        prepared[session] = (events, kept, t)
+    answers: dict[str, SessionAnswer | None] = dict.fromkeys(prepared)
+    alone: set[str] = set()  # in a refused request: each is sent again by itself
+    by_endpoint: dict[str, list[str]] = {}
+    for session in prepared:
+        url = route(session)
+        if not histories.moved(session, url):
+            by_endpoint.setdefault(url, []).append(session)
+    for sessions in by_endpoint.values():
+        for start in range(0, len(sessions), MAX_SESSION_ROWS):
+            chunk = sessions[start : start + MAX_SESSION_ROWS]
+            rows = [(s, OP_UPDATE, prepared[s][0], prepared[s][2]) for s in chunk]
+            try:
+                got = yield rows_call(model, rows, shape)
+            except ServerInputError:
+                alone.update(chunk)
+                continue
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                continue  # whether it was applied is unknown: each starts again
+            answers.update(zip(chunk, got, strict=True))
+    done: dict[str, SessionAnswer] = {}
+    failed: dict[str, ServerInputError] = {}
+    for session, answer in answers.items():
+        events, kept, t = prepared[session]
+        try:
+            if session in alone:
+                answer = yield from _update(model, session, events, t, shape)
+            done[session] = yield from _settled(
+                histories, model, session, events, kept, t, shape, answer
+            )
+        except ServerInputError as exc:
+            failed[session] = exc
+    if failed:
+        raise SessionUpdateError({s: a.embedding for s, a in done.items()}, failed)
+    return done
+
+
+def _prepared(
+    session: str,
+    events: Sequence[Event],
+    at: TimeLike | None,
+    shape: ModelShape,
+    histories: SessionHistories,
+    history: Sequence[Event] | None = None,
+) -> tuple[str, list[Event], list[Event], float]:
+    """One session's update, checked: its id, its new events oldest first, the window it
+    restarts from if need be (the caller's `history`, else the one kept here) and t."""
     session = check_session_id(session)
     events = sorted_events(events)
     kept = sorted_events(history) if history is not None else histories.get(session)
@@ -215,10 +311,23 @@ def update_steps(
             f"{t} precedes the newest new event: a session's events cannot be in t's future",
             field="QUERY_TIME",
         )
-    kept = kept[-shape.max_events :]
-    answer = None if moved else (yield from _update(model, session, events, t, shape))
+    return session, events, kept[-shape.max_events :], t
+
+
+def _settled(
+    histories: SessionHistories,
+    model: str,
+    session: str,
+    events: list[Event],
+    kept: list[Event],
+    t: float,
+    shape: ModelShape,
+    answer: SessionAnswer | None,
+) -> Generator[InferCall, list[SessionAnswer], SessionAnswer]:
+    """The update's answer once the server holds the session: as `answer` was, or, with
+    no state there (or `answer` None: whether the update was applied is unknown), after
+    starting again from the kept window; then the kept window follows the server's."""
     if answer is None or answer.status == STATUS_UNKNOWN:
-        # No state there, or whether the update was applied is unknown: start again.
         for _ in range(MAX_RESTARTS):
             answer = yield from _restart(model, session, kept, events, t, shape)
             if answer is not None:
@@ -232,13 +341,14 @@ def update_steps(
 
 def _update(
     model: str, session: str, events: Sequence[Event], t: float, shape: ModelShape
-) -> Generator[InferCall, SessionAnswer, SessionAnswer | None]:
+) -> Generator[InferCall, list[SessionAnswer], SessionAnswer | None]:
     """An update (never re-sent: had a lost answer been applied, its events would count
     twice); None when it failed in transit."""
     from dynemb_client.transport import is_transient  # transport imports this module
 
     try:
-        return (yield session_call(model, session, OP_UPDATE, events, t, shape))
+        [answer] = yield session_call(model, session, OP_UPDATE, events, t, shape)
+        return answer
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -252,14 +362,15 @@ def _restart(
     events: Sequence[Event],
     t: float,
     shape: ModelShape,
-) -> Generator[InferCall, SessionAnswer, SessionAnswer | None]:
+) -> Generator[InferCall, list[SessionAnswer], SessionAnswer | None]:
     """The session started from `kept` (its window), then updated by `events`: one start
     when both fit the wire's L events (the same window: its length depends only on how
     many events it read), else a start and an update. A start other than OK is an
     answer (an error for the caller); None when the update failed in transit."""
     if len(kept) + len(events) <= shape.max_events or not kept or not events:
-        return (yield session_call(model, session, OP_START, [*kept, *events], t, shape))
-    started = yield session_call(model, session, OP_START, kept, t, shape)
+        [answer] = yield session_call(model, session, OP_START, [*kept, *events], t, shape)
+        return answer
+    [started] = yield session_call(model, session, OP_START, kept, t, shape)
     if started.status != STATUS_OK:
         return started
     return (yield from _update(model, session, events, t, shape))
@@ -267,8 +378,8 @@ def _restart(
 
 def forget_steps(
     histories: SessionHistories, model: str, session: str, shape: ModelShape
-) -> Generator[InferCall, SessionAnswer, SessionAnswer]:
+) -> Generator[InferCall, list[SessionAnswer], SessionAnswer]:
     session = check_session_id(session)
     histories.forget(session)
-    answer = yield session_call(model, session, OP_FORGET, [], time.time(), shape)
+    [answer] = yield session_call(model, session, OP_FORGET, [], time.time(), shape)
     return answer

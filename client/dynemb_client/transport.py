@@ -28,7 +28,7 @@ from dynemb_client.contract import (
 )
 from dynemb_client.errors import ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.requests import ModelShape
-from dynemb_client.sessions import SessionHistories, update_steps
+from dynemb_client.sessions import SessionHistories, update_many_steps, update_steps
 
 __all__ = ["EndpointPool", "EndpointState", "RetryPolicy", "server_ready", "shape_from_metadata"]
 
@@ -421,6 +421,14 @@ class ClientBase:
             url=url,
             elapsed_s=time.monotonic() - started,
             elsewhere=self._pool.healthy_besides(url),
+        )
+
+    def _update_many_steps(self, updates, at, shape: ModelShape):
+        """The steps of several sessions' updates, grouped by the endpoint of each."""
+        if not isinstance(updates, Mapping):
+            raise TypeError(f"updates maps session ids to new events, not {type(updates).__name__}")
+        return update_many_steps(
+            self.sessions, self.model_session, updates, at, shape, self._pool.route
         )
 
     def _update_steps(self, user_id, events, at, shape: ModelShape, history):

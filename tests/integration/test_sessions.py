@@ -341,3 +341,61 @@ def test_the_asyncio_client_streams_the_same(live):
             return worst
 
     assert asyncio.run(run()) < TOL
+
+
+def test_update_many_streams_past_the_window_and_equals_each_window(live):
+    """Four users (two with images) streamed through update_many, in steps of one or two
+    events each, well past L: every answer equals the ensemble over exactly the window
+    the session holds (the newest events the client keeps), and the asyncio client's
+    batch answers as the sync one's."""
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient
+
+    users = {f"many-{s}": stream(60 + s, 70, images=s % 2 == 0) for s in range(4)}
+    cursors = dict.fromkeys(users, 0)
+    worst = 0.0
+    with InterestClient(live.url) as client:
+        while any(c < len(users[u]) for u, c in cursors.items()):
+            batch = {}
+            for u, c in cursors.items():
+                step = 1 + (hash(u) + c) % 2
+                if c < len(users[u]):
+                    batch[u] = users[u][c : c + step]
+                    cursors[u] = min(len(users[u]), c + step)
+            got = client.update_many(batch)
+            for u, e_t in got.items():
+                window = client.sessions.get(u)
+                assert window[-1] == users[u][cursors[u] - 1] and len(window) <= 50
+                worst = max(worst, float(np.abs(e_t - client.embed(window)).max()))
+        lengths = {len(client.sessions.get(u)) for u in users}
+        assert max(lengths) <= 50 and min(lengths) < 50  # they re-windowed
+
+    async def batch_async() -> dict[str, np.ndarray]:
+        async with AsyncInterestClient(live.url) as aclient:
+            return await aclient.update_many({f"a{u}": events[:3] for u, events in users.items()})
+
+    sync_answers = InterestClient(live.url).update_many(
+        {f"s{u}": events[:3] for u, events in users.items()}
+    )
+    for u, e_t in asyncio.run(batch_async()).items():
+        np.testing.assert_allclose(e_t, sync_answers[f"s{u[1:]}"], atol=TOL)
+    assert worst < TOL, worst
+
+
+def test_update_many_refuses_only_the_bad_sessions(live):
+    from dynemb_client import SessionUpdateError
+
+    with InterestClient(live.url) as client:
+        client.update_many({"mb-a": [Event(T0 + 100, "a1")], "mb-b": [Event(T0 + 100, "b1")]})
+        with pytest.raises(SessionUpdateError) as raised:
+            client.update_many(
+                {"mb-a": [Event(T0 + 200, "a2")], "mb-b": [Event(T0 + 50, "before b's newest")]}
+            )
+        assert list(raised.value.failed) == ["mb-b"] and "EVENT_TIME" in str(raised.value)
+        want = client.embed([Event(T0 + 100, "a1"), Event(T0 + 200, "a2")])
+        np.testing.assert_allclose(raised.value.applied["mb-a"], want, atol=TOL)
+        # b is intact: its next good event is answered from its window of one event.
+        got = client.update("mb-b", [Event(T0 + 300, "b2")])
+        want = client.embed([Event(T0 + 100, "b1"), Event(T0 + 300, "b2")])
+        np.testing.assert_allclose(got, want, atol=TOL)

@@ -38,11 +38,14 @@ def test_ratios_compare_compute_per_event_and_throughput():
     served = [
         Rate(RECOMPUTE, 200, 2.0, concurrency=8, server_cpu_s=1.6),
         Rate(SESSION, 500, 2.0, concurrency=8, server_cpu_s=0.5),
+        Rate(RECOMPUTE, 320, 1.0, concurrency=1, users_per_call=32, server_cpu_s=1.6),
+        Rate(SESSION, 320, 1.0, concurrency=1, users_per_call=32, server_cpu_s=0.1),
     ]
     got = ratios(inproc, served)
     assert got["inprocess_compute"] == pytest.approx(12.5)  # 5 ms vs 0.4 ms an event
     assert got["served_server_compute_c8"] == pytest.approx(8.0)  # 8 ms vs 1 ms
     assert got["served_events_per_s_c8"] == pytest.approx(2.5)
+    assert got["served_server_compute_c1x32"] == pytest.approx(16.0)
     assert Rate(SESSION, 0, 1.0, concurrency=1, server_cpu_s=1.0).cpu_ms_per_event is None
 
 

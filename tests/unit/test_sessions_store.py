@@ -8,12 +8,13 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from dynemb.sessions.state import SessionState, StateStore, window_after
-from dynemb_client import Event, ModelShape, ServerError
+from dynemb_client import Event, ModelShape, ServerError, ServerInputError, SessionUpdateError
 from dynemb_client import contract as wire
 from dynemb_client.sessions import (
     MAX_RESTARTS,
     SessionAnswer,
     SessionHistories,
+    update_many_steps,
     update_steps,
 )
 
@@ -134,14 +135,15 @@ def op(call) -> int:
 
 
 def drive(steps, answers):
-    """Feed answers (or exceptions) to the steps; the calls they made."""
+    """Feed answers (a SessionAnswer for a one-row call, a list for several, or an
+    exception) to the steps; the calls they made."""
     calls = [next(steps)]
     try:
         for answer in answers:
             if isinstance(answer, Exception):
                 calls.append(steps.throw(answer))
             else:
-                calls.append(steps.send(answer))
+                calls.append(steps.send(answer if isinstance(answer, list) else [answer]))
     except StopIteration as done:
         return calls, done.value
     raise AssertionError("the steps wanted more answers")
@@ -243,6 +245,97 @@ def test_histories_are_bounded_least_recent_first():
     assert "a" not in histories and len(histories) == 2
 
 
+def session_ids(call) -> list[str]:
+    return list(call.sessions)
+
+
+def test_update_many_sends_one_request_per_endpoint_and_keeps_each_window():
+    histories = SessionHistories()
+    for user in ("a", "b", "c"):
+        histories.keep(user, events(1, 2), 2)
+    route = {"a": "x:1", "b": "y:1", "c": "x:1"}.get
+    updates = {"a": events(3), "b": events(4, 5), "c": events(6)}
+    steps = update_many_steps(histories, "session", updates, None, SHAPE, route)
+    calls, done = drive(steps, [[ok(3), ok(3)], [ok(4)]])
+    assert [session_ids(c) for c in calls] == [["a", "c"], ["b"]]
+    assert all(op(c) == wire.OP_UPDATE and not c.retry_safe for c in calls)
+    assert calls[0].batch == 2 and calls[0].route == "a"
+    assert set(done) == {"a", "b", "c"}
+    assert kept_times(histories, "b") == [1, 2, 4, 5] and kept_times(histories, "c") == [1, 2, 6]
+
+
+def test_update_many_fills_requests_up_to_the_row_limit():
+    histories = SessionHistories()
+    updates = {f"u{i}": events(1) for i in range(wire.MAX_SESSION_ROWS + 3)}
+    steps = update_many_steps(histories, "session", updates, None, SHAPE, lambda s: "x:1")
+    first = next(steps)
+    assert first.batch == wire.MAX_SESSION_ROWS
+    second = steps.send([ok(1)] * wire.MAX_SESSION_ROWS)
+    assert second.batch == 3
+
+
+def test_update_many_restarts_the_sessions_the_server_lost():
+    histories = SessionHistories()
+    histories.keep("a", events(1, 2), 2)
+    updates = {"a": events(3), "b": events(4)}
+    steps = update_many_steps(histories, "session", updates, None, SHAPE, lambda s: "x:1")
+    calls, done = drive(steps, [[UNKNOWN, ok(1)], ok(3)])
+    assert op(calls[1]) == wire.OP_START and sent_times(calls[1]) == [1, 2, 3]
+    assert session_ids(calls[1]) == ["a"] and calls[1].retry_safe
+    assert done["a"].events_held == 3 and kept_times(histories, "a") == [1, 2, 3]
+
+
+def test_a_lost_many_update_starts_every_session_again():
+    histories = SessionHistories()
+    histories.keep("a", events(1), 1)
+    steps = update_many_steps(
+        histories, "session", {"a": events(2), "b": events(3)}, None, SHAPE, lambda s: "x:1"
+    )
+    calls, done = drive(steps, [LOST, ok(2), ok(1)])
+    assert [op(c) for c in calls] == [wire.OP_UPDATE, wire.OP_START, wire.OP_START]
+    assert [session_ids(c) for c in calls[1:]] == [["a"], ["b"]]
+    assert set(done) == {"a", "b"}
+
+
+def test_a_refused_many_update_fails_only_its_culprits():
+    """The server applied none of the refused request's rows; sent again one by one, the
+    good sessions are updated and the bad one is named."""
+    histories = SessionHistories()
+    for user in ("a", "b"):
+        histories.keep(user, events(1), 1)
+    bad = ServerInputError("EVENT_TIME[0] precedes the session's newest event", model="session")
+    steps = update_many_steps(
+        histories, "session", {"a": events(2), "b": events(3)}, None, SHAPE, lambda s: "x:1"
+    )
+    with pytest.raises(SessionUpdateError) as raised:
+        drive(steps, [bad, ok(2), bad])
+    steps = update_many_steps(
+        SessionHistories(),
+        "session",
+        {"a": events(2), "b": events(3)},
+        None,
+        SHAPE,
+        lambda s: "x:1",
+    )
+    first = next(steps)
+    second = steps.throw(bad)
+    third = steps.send([ok(1)])
+    assert [op(c) for c in (first, second, third)] == [wire.OP_UPDATE] * 3
+    assert [session_ids(c) for c in (first, second, third)] == [["a", "b"], ["a"], ["b"]]
+    assert list(raised.value.failed) == ["b"] and list(raised.value.applied) == ["a"]
+    assert isinstance(raised.value, ServerInputError)
+    assert kept_times(histories, "a") == [1, 2] and kept_times(histories, "b") == [1]
+
+
+def test_a_moved_session_of_a_many_update_starts_from_its_kept_window():
+    histories = SessionHistories()
+    histories.keep("a", events(1), 1)
+    histories.served_by("a", "old:1")
+    steps = update_many_steps(histories, "session", {"a": events(2)}, None, SHAPE, lambda s: "x:1")
+    calls, _ = drive(steps, [ok(2)])
+    assert [op(c) for c in calls] == [wire.OP_START]
+
+
 # --- the session model's row logic, over a stand-in engine that counts events ---------
 
 
@@ -273,10 +366,10 @@ class CountingEngine:
         return out
 
 
-def row(session: str, op: int, k: int = 1):
+def row(session: str, op: int, k: int = 1, request: int = 0):
     from dynemb.sessions.serving import _Row
 
-    return _Row(0, session, op, {wire.EVENT_COUNT: np.array([k])})
+    return _Row(request, session, op, {wire.EVENT_COUNT: np.array([k])})
 
 
 def test_rows_of_one_session_in_one_batch_advance_one_after_the_other():
@@ -338,3 +431,35 @@ def test_block_one_always_keeps_the_newest_l_and_a_bad_block_is_refused():
         window_after(3, 1, 50, 0)
     with pytest.raises(ValueError, match="block"):
         window_after(3, 1, 50, 51)
+
+
+def test_a_request_with_a_bad_row_applies_none_of_its_rows():
+    """Request 0 holds a good and a bad row: a gets its state back, b (never held) none;
+    request 1 (another caller) is untouched."""
+    from dynemb.sessions.serving import serve_rows
+
+    store, engine = StateStore(), CountingEngine()
+    serve_rows(store, engine, [row("a", wire.OP_START, 1), row("c", wire.OP_START, 1)])
+    rows = [
+        row("a", wire.OP_UPDATE, 1, request=0),
+        row("b", wire.OP_START, -1, request=0),
+        row("c", wire.OP_UPDATE, 1, request=1),
+    ]
+    answers = serve_rows(store, engine, rows)
+    assert answers[0][2] == 2 and isinstance(answers[1], Exception)
+    assert store.get("a", V1).n_events == 1  # as before the refused request
+    assert "b" not in store and store.get("c", V1).n_events == 2
+
+
+def test_a_session_changed_by_a_refused_and_a_good_request_is_dropped():
+    from dynemb.sessions.serving import serve_rows
+
+    store, engine = StateStore(), CountingEngine()
+    serve_rows(store, engine, [row("a", wire.OP_START, 1)])
+    rows = [
+        row("a", wire.OP_UPDATE, 1, request=0),
+        row("x", wire.OP_START, -1, request=0),
+        row("a", wire.OP_UPDATE, 1, request=1),
+    ]
+    serve_rows(store, engine, rows)
+    assert "a" not in store  # its next update is answered STATUS_UNKNOWN

@@ -51,6 +51,10 @@ class SessionBenchOptions:
     hold: int = 10  # events that start each session, untimed
     past: int = 50  # events streamed past the window (S)
     concurrencies: tuple[int, ...] = (1, 8, 32)
+    # Stream consumers batch events: `update_many` of this many users a call vs
+    # `embed_many` of their windows, at these concurrencies.
+    batch_users: int = 32
+    batch_concurrencies: tuple[int, ...] = (1, 4)
     max_seconds: float = 20.0  # per served point: it stops earlier when its streams end
     warmup_calls: int = 16
     max_users: int | None = None
@@ -70,6 +74,7 @@ class Rate:
     p99_ms: float | None = None
     failed: int = 0
     concurrency: int | None = None  # None: in-process
+    users_per_call: int = 1
     server_cpu_s: float | None = None  # tritonserver and its stage processes
     client_cpu_s: float | None = None  # the load generator
 
@@ -190,23 +195,31 @@ async def served_point(
     url: str,
     server_pid: int,
     users: list[list[Event]],
-    first: int,
-    last: int,
+    span: tuple[int, int],
     concurrency: int,
     mode: str,
     options: SessionBenchOptions,
+    per_call: int = 1,
 ) -> Rate:
-    """Events first..last-1 of every user, one call each, by `concurrency` workers that
-    each own a share of the users (a user's events go in order, one at a time). Sessions
-    are started at `first` (untimed). Stops when the streams end or at max_seconds."""
-    tag = f"{mode}-{first}-c{concurrency}-{time.monotonic_ns()}-"
+    """Events span[0]..span[1]-1 of every user by `concurrency` workers that each own a
+    share of the users (a user's events go in order, one at a time): one user's event a
+    call (`update` / `embed`), or `per_call` users' a call (`update_many` / `embed_many`).
+    Sessions are started at span[0] (untimed). Stops when the streams end or at
+    max_seconds."""
+    first, last = span
+    tag = f"{mode}-{first}-c{concurrency}x{per_call}-{time.monotonic_ns()}-"
+    groups = [list(range(i, min(i + per_call, len(users)))) for i in range(0, len(users), per_call)]
     async with AsyncInterestClient(url) as client:
 
-        async def send(u: int, k: int) -> None:
-            if mode == SESSION:
-                await client.update(f"{tag}{u}", [users[u][k]])
+        async def send(group: list[int], k: int) -> None:
+            if per_call == 1 and mode == SESSION:
+                await client.update(f"{tag}{group[0]}", [users[group[0]][k]])
+            elif per_call == 1:
+                await client.embed(recompute_window(users[group[0]], k))
+            elif mode == SESSION:
+                await client.update_many({f"{tag}{u}": [users[u][k]] for u in group})
             else:
-                await client.embed(recompute_window(users[u], k))
+                await client.embed_many([recompute_window(users[u], k) for u in group])
 
         if mode == SESSION:
             await asyncio.gather(
@@ -225,17 +238,17 @@ async def served_point(
             nonlocal failed
             done = 0
             for k in range(first, last):
-                for u in range(w, len(users), concurrency):
+                for group in groups[w::concurrency]:
                     if time.perf_counter() >= deadline:
                         return done
                     t0 = time.perf_counter()
                     try:
-                        await send(u, k)
+                        await send(group, k)
                     except Exception:
                         failed += 1
                         continue
                     latencies.append(1e3 * (time.perf_counter() - t0))
-                    done += 1
+                    done += len(group)
             return done
 
         cpu0, mine0, t0 = tree_cpu_seconds(server_pid), time.process_time(), time.perf_counter()
@@ -251,6 +264,7 @@ async def served_point(
         None if lat is None else float(np.percentile(lat, 99)),
         failed,
         concurrency,
+        per_call,
         cpu1 - cpu0,
         mine1 - mine0,
     )
@@ -261,14 +275,19 @@ def served(
 ) -> dict[str, list[Rate]]:
     out: dict[str, list[Rate]] = {WITHIN: [], PAST: []}
     spans = {WITHIN: (options.hold, DIMS.max_events), PAST: (DIMS.max_events, len(users[0]))}
+    points = [(c, 1) for c in options.concurrencies]
+    points += [(c, options.batch_users) for c in options.batch_concurrencies]
     with triton(repository, options.cache / "logs") as server:
         url, pid = server.config.grpc_url, server.process.pid
-        for phase, (first, last) in spans.items():
-            for c in options.concurrencies:
+        for phase, span in spans.items():
+            for c, per_call in points:
                 for mode in (RECOMPUTE, SESSION):
-                    rate = asyncio.run(served_point(url, pid, users, first, last, c, mode, options))
+                    rate = asyncio.run(
+                        served_point(url, pid, users, span, c, mode, options, per_call)
+                    )
                     say(
-                        f"  served {phase} c={c} {mode}: {rate.events_per_s:.0f} events/s, "
+                        f"  served {phase} c={c} x{per_call} {mode}: "
+                        f"{rate.events_per_s:.0f} events/s, "
                         f"server {rate.cpu_ms_per_event:.2f} ms CPU/event"
                     )
                     out[phase].append(rate)
@@ -277,16 +296,17 @@ def served(
 
 def ratios(inproc: dict[str, Rate], serv: list[Rate]) -> dict[str, float]:
     """Recompute over session: compute per event (the target's measure) and events/s."""
-    out = {
-        "inprocess_compute": inproc[RECOMPUTE].cpu_ms_per_event / inproc[SESSION].cpu_ms_per_event
-    }
-    for c in sorted({r.concurrency for r in serv}):
-        pair = {r.variant: r for r in serv if r.concurrency == c}
+    full, sess = inproc[RECOMPUTE], inproc[SESSION]
+    out = {"inprocess_compute": full.cpu_ms_per_event / sess.cpu_ms_per_event}
+    points = sorted({(r.users_per_call, r.concurrency) for r in serv})
+    for per_call, c in points:
+        pair = {r.variant: r for r in serv if (r.users_per_call, r.concurrency) == (per_call, c)}
         full, sess = pair[RECOMPUTE], pair[SESSION]
+        point = f"c{c}" if per_call == 1 else f"c{c}x{per_call}"
         if full.cpu_ms_per_event and sess.cpu_ms_per_event:
-            out[f"served_server_compute_c{c}"] = full.cpu_ms_per_event / sess.cpu_ms_per_event
+            out[f"served_server_compute_{point}"] = full.cpu_ms_per_event / sess.cpu_ms_per_event
         if full.events_per_s:
-            out[f"served_events_per_s_c{c}"] = sess.events_per_s / full.events_per_s
+            out[f"served_events_per_s_{point}"] = sess.events_per_s / full.events_per_s
     return out
 
 
@@ -352,7 +372,9 @@ def render_markdown(result: SessionBenchResult, options: SessionBenchOptions) ->
         f"B = {result.rewindow_block} events (the `session` config's `rewindow_block`) and "
         f"steps in between. In-process: one process, one thread, batches of {BATCH}; compute "
         "per event = that thread's time. Served: closed-loop asyncio clients over gRPC, each "
-        "owning a share of the users; compute per event = CPU time of tritonserver and its "
+        "owning a share of the users, one user's event a call (`update` / `embed`) or "
+        f"{options.batch_users} users' a call (`update_many` / `embed_many`, as a stream "
+        "consumer batches events); compute per event = CPU time of tritonserver and its "
         "stage processes (the load generator's own is listed apart).",
         "",
     ]
@@ -368,7 +390,9 @@ def render_markdown(result: SessionBenchResult, options: SessionBenchOptions) ->
             ]
             for x in [*p.inprocess, *p.served]:
                 where = (
-                    "in-process" if x.concurrency is None else f"served, {x.concurrency} clients"
+                    "in-process"
+                    if x.concurrency is None
+                    else f"served, {x.concurrency} clients x {x.users_per_call} users a call"
                 )
                 client = (
                     "–"

@@ -172,7 +172,8 @@ def serve_rows(
 ) -> list[tuple[np.ndarray, int, int] | Exception]:
     """Each row's (E_t, status, events held) or its error, in order. A session named by
     several rows of one batch is advanced by them one after the other (rounds), never twice
-    from the same state."""
+    from the same state. A request answers as a whole: if one of its rows failed, none of
+    its rows count (`undo_failed_requests`)."""
     seen: dict[str, int] = {}
     rounds: list[list[int]] = []
     for k, row in enumerate(rows):
@@ -181,11 +182,41 @@ def serve_rows(
         if n == len(rounds):
             rounds.append([])
         rounds[n].append(k)
+    before = {row.session: store.peek(row.session) for row in rows}
     answers: list = [None] * len(rows)
     for ks in rounds:
         for k, answer in zip(ks, _serve_round(store, engine, [rows[k] for k in ks]), strict=True):
             answers[k] = answer
+    undo_failed_requests(store, rows, answers, before)
     return answers
+
+
+def undo_failed_requests(
+    store: StateStore,
+    rows: list[_Row],
+    answers: list[tuple[np.ndarray, int, int] | Exception],
+    before: dict[str, SessionState | None],
+) -> None:
+    """The sessions that a failed request's rows changed get back the state they had
+    before this batch (the caller, told the request failed, must find none of its events
+    applied, and may send the good ones again). A session that a request which succeeded
+    also changed in this batch cannot be put back without undoing that one: it is
+    dropped, and its next update is answered STATUS_UNKNOWN (the client starts it again
+    from its kept window)."""
+    outcomes = list(zip(rows, answers, strict=True))
+    failed = {row.request for row, answer in outcomes if isinstance(answer, Exception)}
+    if not failed:
+        return
+    by_failed, by_good = set(), set()
+    for row, answer in outcomes:
+        if not isinstance(answer, Exception):
+            (by_failed if row.request in failed else by_good).add(row.session)
+    for session in by_failed:
+        prior = before.get(session)
+        if session in by_good or prior is None:
+            store.forget(session)
+        else:
+            store.put(session, prior)
 
 
 def _serve_round(

@@ -74,6 +74,7 @@ def session_spec(dims: Dims, options: SessionOptions | None = None) -> StageSpec
             *(TensorSpec(wire.version_output(s), "INT64", (1,)) for s in wire.INTEREST_STAGES),
         ),
         reports_version=False,  # its outputs hold the versions of the stages it runs
+        max_batch_size=wire.MAX_SESSION_ROWS,  # the client's update_many fills requests to it
         instances=1,  # every state lives in this one process
         description="E_t advanced by a user's new events (per-user state)",
         parameters=(options or SessionOptions()).parameters(),

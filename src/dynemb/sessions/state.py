@@ -115,6 +115,10 @@ class StateStore:
         state.used_at = self.clock()
         return state
 
+    def peek(self, session: str) -> SessionState | None:
+        """The session's state, if held, as it is: no use recorded, nothing counted."""
+        return self._states.get(session)
+
     def put(self, session: str, state: SessionState) -> None:
         """Keep `state` (replacing the session's old one); evict the least recently used
         sessions while over a bound. A state larger than max_bytes alone is not kept."""
