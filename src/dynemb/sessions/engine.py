@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynemb import stages
 from dynemb.dims import Dims
 from dynemb.errors import InputError
 from dynemb.manifest import Manifest
@@ -42,7 +41,7 @@ from dynemb.stages.preprocess.features import (
     query_features,
     time_feature_rows,
 )
-from dynemb.stages.temporal_lstm.network import TemporalLSTM
+from dynemb.stages.temporal_lstm.step import LSTMStep
 from dynemb_client import contract as wire
 
 PREPROCESS = "preprocess"
@@ -88,7 +87,7 @@ class SessionEngine:
         preprocessor: Preprocessor,
         item_runners: Mapping[str, Runner],
         sequence_runners: Mapping[str, Runner],
-        lstm: TemporalLSTM,
+        lstm: LSTMStep,
         encoder: EncoderStep,
         rewindow_block: int = 1,
     ) -> None:
@@ -111,9 +110,12 @@ class SessionEngine:
         repository: Path,
         versions: Mapping[str, int] | None = None,
         rewindow_block: int | None = None,
+        runtime: str = "onnxruntime",
     ) -> SessionEngine:
         """The engine of the given stage versions (default: each stage's newest) and
-        re-window block (default: the repository's `session` config's)."""
+        re-window block (default: the repository's `session` config's). `runtime` runs
+        the LSTM and MiniLM steps ("onnxruntime": exported from the loaded weights here,
+        the faster; "torch")."""
         if rewindow_block is None:
             rewindow_block = session_options(repository).rewindow_block
         versions = dict(versions or {})
@@ -133,8 +135,8 @@ class SessionEngine:
             preprocessor=runners[PREPROCESS].preprocessor,
             item_runners={name: runners[name] for name in PER_ITEM},
             sequence_runners={name: runners[name] for name in (SEQUENCE, ENCODER)},
-            lstm=stages.get(SEQUENCE).load_network(dirs[SEQUENCE], manifests[SEQUENCE]),
-            encoder=EncoderStep.load(dirs[ENCODER], manifests[ENCODER]),
+            lstm=LSTMStep.load(dirs[SEQUENCE], manifests[SEQUENCE], runtime),
+            encoder=EncoderStep.load(dirs[ENCODER], manifests[ENCODER], runtime),
             rewindow_block=rewindow_block,
         )
 

@@ -1,0 +1,105 @@
+"""The session's LSTM and MiniLM steps under ONNX Runtime (exported from the loaded
+weights) equal their torch functions, for one user and many, new sessions and long
+ones, masks with holes; and the engine built either way answers the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynemb.manifest import Manifest
+from dynemb.pipeline import latest_version
+from dynemb.sessions.engine import SessionEngine
+from dynemb.stages.llm_encoder.step import EncoderStep, KVCache
+from dynemb.stages.temporal_lstm.step import LSTMStep
+
+TOL = 1e-4  # the sessions' stated tolerance; float32 sums in another order differ ~1e-5
+
+
+@pytest.fixture(scope="module")
+def steps(repo):
+    out = {}
+    for runtime in ("torch", "onnxruntime"):
+        enc_dir, lstm_dir = (
+            latest_version(repo / "llm_encoder"),
+            latest_version(repo / "temporal_lstm"),
+        )
+        out[runtime] = (
+            EncoderStep.load(enc_dir, Manifest.load(enc_dir), runtime),
+            LSTMStep.load(lstm_dir, Manifest.load(lstm_dir), runtime),
+        )
+    return out
+
+
+@pytest.mark.parametrize(("users", "new", "past"), [(1, 1, 30), (32, 1, 49), (5, 3, 0), (4, 2, 7)])
+@torch.inference_mode()
+def test_the_minilm_step_under_onnxruntime_equals_torch(steps, users, new, past):
+    torch_step, ort_step = steps["torch"][0], steps["onnxruntime"][0]
+    g = torch.Generator().manual_seed(users + new + past)
+    shape = (users, len(torch_step.layers), torch_step.heads, past, torch_step.head_dim)
+    tokens = torch.randn(users, new, torch_step.hidden, generator=g)
+    mask = torch.rand(users, new, generator=g) > 0.3
+    mask[:, 0] = True
+    mask = mask.cummin(dim=1).values  # real tokens first
+    past_mask = torch.arange(past)[None, :] < torch.randint(0, past + 1, (users, 1), generator=g)
+    cache = KVCache(torch.randn(shape, generator=g), torch.randn(shape, generator=g), past_mask)
+    want = torch_step.extend(tokens, mask, cache)
+    got = ort_step.extend(tokens, mask, cache)
+    for w, o in zip(want, got, strict=True):
+        assert o.shape == w.shape
+    # Only real tokens are read: compare those.
+    real = mask[:, :, None]
+    assert (got[0] - want[0]).abs().mul(real).max() < TOL
+    kv = mask[:, None, None, :, None]
+    assert (got[1] - want[1]).abs().mul(kv).max() < TOL
+    assert (got[2] - want[2]).abs().mul(kv).max() < TOL
+
+
+@pytest.mark.parametrize(("users", "new"), [(1, 1), (32, 1), (3, 4)])
+@torch.inference_mode()
+def test_the_lstm_step_under_onnxruntime_equals_torch(steps, users, new):
+    torch_step, ort_step = steps["torch"][1], steps["onnxruntime"][1]
+    d = torch_step.network.dims
+    g = torch.Generator().manual_seed(users * 10 + new)
+    x = [torch.randn(users, new, k, generator=g) for k in (d.text_dim, d.image_dim, d.label_dim)]
+    x.append(torch.randn(users, new, d.time_dim, generator=g))
+    state = (torch.randn(users, d.seq_dim, generator=g), torch.randn(users, d.seq_dim, generator=g))
+    full = torch.ones(users, new, dtype=torch.bool)
+    want, got = torch_step.extend(*x, full, state), ort_step.extend(*x, full, state)
+    assert (got[0] - want[0]).abs().max() < TOL
+    assert max((a - b).abs().max() for a, b in zip(got[1], want[1], strict=True)) < TOL
+    # A batch with a user reading fewer events takes the torch path, packed.
+    ragged = full.clone()
+    ragged[0, 1:] = False
+    ragged[-1, :] = False
+    want, got = torch_step.extend(*x, ragged, state), ort_step.extend(*x, ragged, state)
+    assert (got[0] - want[0]).abs().max() < TOL
+    torch.testing.assert_close(got[1][0][-1], state[0][-1])  # no events: state kept
+
+
+def test_an_engine_on_either_runtime_answers_the_same(repo):
+    from dynemb_client import Event, build_inputs
+
+    engines = {r: SessionEngine.from_repository(repo, runtime=r) for r in ("torch", "onnxruntime")}
+    d = engines["torch"].dims
+    events = [
+        Event(1.7e9 + 3_600 * i, f"item {i % 7}", None, [f"category:c{i % 3}"]) for i in range(12)
+    ]
+
+    def wire(new, at):
+        x = build_inputs([new], [at], d.max_events, d.max_labels)
+        return {k: v[0] for k, v in x.items()}
+
+    answers = {}
+    for runtime, engine in engines.items():
+        [done] = engine.advance([(None, wire(events[:8], events[7].time))])
+        state, out = done.state, []
+        for e in events[8:]:
+            [done] = engine.advance([(state, wire([e], e.time))])
+            state = done.state
+            out.append(done.embedding)
+        answers[runtime] = np.stack(out)
+    np.testing.assert_allclose(answers["onnxruntime"], answers["torch"], atol=1e-5)
+    with pytest.raises(ValueError, match="runtime"):
+        SessionEngine.from_repository(repo, runtime="tensorrt")
