@@ -85,13 +85,40 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -
     )
 
 
-@app.command()
-def configs(repository: Repository = MODEL_REPOSITORY) -> None:
-    """Regenerate every config.pbtxt and model.py from the stage registry's specs."""
-    from dynemb.configs import write_configs
+TargetName = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        help="cpu (model_repository/), gpu or triton-container (build/variants/<target>/)",
+    ),
+]
 
-    for path in write_configs(repository):
-        console.print(f"wrote {path}")
+
+@app.command()
+def configs(
+    repository: Annotated[
+        Path | None, typer.Option("--repository", help="write a complete skeleton here")
+    ] = None,
+    target: TargetName = None,
+) -> None:
+    """Regenerate config.pbtxt and model.py files from the stage registry's specs: with no
+    option, every target's committed ones in this checkout (model_repository/ and
+    build/variants/*/); with --repository, one target's complete repository skeleton."""
+    from dynemb import targets
+    from dynemb.configs import write_configs, write_variant
+
+    chosen = [targets.get(target)] if target else list(targets.TARGETS.values())
+    for found in chosen:
+        if repository is not None:
+            written = write_configs(repository, target=found)
+        elif found is targets.CPU:
+            written = write_configs(MODEL_REPOSITORY)
+        else:
+            written = write_variant(Path(found.directory), found)
+        for path in written:
+            console.print(f"wrote {path}")
+        if repository is not None:
+            break
 
 
 @app.command()
@@ -127,12 +154,16 @@ def build(
     catalogue: Annotated[str, typer.Option(help="ml-100k, synthetic, or a JSONL path")] = "ml-100k",
     checkpoint: Annotated[Path | None, typer.Option(help="trained checkpoint")] = None,
     seed: int = 0,
+    target: Annotated[
+        str, typer.Option(help="cpu, gpu or triton-container: whose configs (see GPUs)")
+    ] = "cpu",
 ) -> None:
-    """Write every stage's version directory (artifact + manifest) and the item table."""
-    from dynemb import stages
+    """Write every stage's version directory (artifact + manifest) and the item table,
+    with the configs of a build target."""
+    from dynemb import stages, targets
     from dynemb.repository import BuildOptions, build_repository
 
-    options = BuildOptions(repository, catalogue, checkpoint, seed)
+    options = BuildOptions(repository, catalogue, checkpoint, seed, target=targets.get(target))
     with _progress() as progress:
         task = progress.add_task("exporting stages", total=len(stages.NAMES))
 
@@ -145,7 +176,9 @@ def build(
         manifests = build_repository(options, progress=track)
     learned = [m for name, m in manifests.items() if stages.get(name).learned]
     trained = all(m.trained for m in learned)
-    console.print(f"built {repository} ({'trained' if trained else 'UNTRAINED'} weights)")
+    console.print(
+        f"built {repository} for target {target} ({'trained' if trained else 'UNTRAINED'} weights)"
+    )
 
 
 @app.command()
