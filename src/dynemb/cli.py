@@ -592,6 +592,43 @@ def bench(
     console.print(f"wrote {out_dir / options.stem}.md, .json, .png")
 
 
+@app.command(name="bench-gpu")
+def bench_gpu(
+    out: Annotated[Path, typer.Option(help="results folder (gpu.json, gpu.md, server logs)")],
+    device: Annotated[str, typer.Option(help="cuda (cuda:N) or cpu: the dry run")] = "cuda",
+    dry_run: Annotated[
+        bool, typer.Option(help="tiny sizes and short windows (the CI check, --device cpu)")
+    ] = False,
+    budget_s: Annotated[
+        float | None, typer.Option(help="the whole run's seconds; phases that do not fit skip")
+    ] = None,
+    seconds: Annotated[float | None, typer.Option(help="measured window per point")] = None,
+    repository: Annotated[
+        Path | None, typer.Option(help="build here (default: a temporary folder)")
+    ] = None,
+) -> None:
+    """Issue 13's GPU check: build the gpu variant, E_t parity against CPU fp32 at each
+    precision, in-process GPU throughput at batch 64/256/1024, served throughput and
+    p50/p99 with and without DLPack; a short table last (benchmarks/gpu/README.md)."""
+    from dataclasses import replace
+
+    from dynemb.bench.gpu import GpuBenchOptions, run_gpu_bench, summary
+
+    options = (
+        GpuBenchOptions.dry_run(out, repository)
+        if dry_run
+        else GpuBenchOptions(out=out, repository=repository)
+    )
+    options = replace(options, device=device)
+    if budget_s is not None:
+        options = replace(options, budget_s=budget_s)
+    if seconds is not None:
+        options = replace(options, seconds=seconds)
+    result, _ = run_gpu_bench(options, say=console.print)
+    console.print(f"wrote {out / 'gpu.md'} and {out / 'gpu.json'}")
+    print(summary(result))
+
+
 @app.command(name="bench-runtimes")
 def bench_runtimes(
     repository: Repository = MODEL_REPOSITORY,

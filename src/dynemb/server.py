@@ -10,6 +10,7 @@ nvidia_pytriton.libs, so the stub loads the right libpython (else `ssl` fails).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -63,11 +64,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytriton_dir() -> Path:
+    """Where nvidia-pytriton's package lies, found without importing it (its `__init__`
+    imports its own client's dependencies; only its server tree is used here)."""
+    found = importlib.util.find_spec("pytriton")
+    if found is None or not found.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: it bundles tritonserver")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
 def server_tree() -> Path:
     """A copy of the bundled server tree with this interpreter's stub in backends/python."""
-    import pytriton
-
-    source = Path(pytriton.__file__).parent / "tritonserver"
+    source = pytriton_dir() / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
@@ -94,9 +102,7 @@ STAGE_ENV = {
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    import pytriton
-
-    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    libs = pytriton_dir().parent / "nvidia_pytriton.libs"
     python_libdir = sysconfig.get_config_var("LIBDIR") or ""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
