@@ -206,6 +206,14 @@ def serve(
             "(client: InterestClient(urls=[...]) balances over them)",
         ),
     ] = 1,
+    cuda_memory_pool_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="GPU 0's CUDA memory pool for GPU tensors between stages (the gpu variant; "
+            "0: Triton's 64 MiB)",
+        ),
+    ] = 0,
 ) -> None:
     """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM.
 
@@ -221,7 +229,14 @@ def serve(
     token = None if insecure_control else load_token(create=True)
     server_args(token, host)  # refuses an open non-loopback server before anything starts
     base = ServerConfig(
-        repository, host, grpc_port, http_port, metrics_port, log_file, control_token=token
+        repository,
+        host,
+        grpc_port,
+        http_port,
+        metrics_port,
+        log_file,
+        control_token=token,
+        cuda_memory_pool_mb=cuda_memory_pool_mb,
     )
     try:
         cluster = Replicas(stepped_configs(base, replicas))

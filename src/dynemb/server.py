@@ -50,6 +50,9 @@ class ServerConfig:
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 15
     control_token: str | None = None  # None: model control unprotected (loopback only)
+    # GPU 0's CUDA memory pool (MiB) through which the Python backend hands GPU tensors
+    # between stages (the gpu variant); 0: Triton's default (64 MiB), no flag.
+    cuda_memory_pool_mb: int = 0
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -130,6 +133,11 @@ def serving_flags(c: ServerConfig, repository: str) -> list[str]:
         f"--metrics-port={c.metrics_port}",
         "--log-verbose=0",
         *control.server_args(c.control_token, c.host),
+        *(
+            (f"--cuda-memory-pool-byte-size=0:{c.cuda_memory_pool_mb * 2**20}",)
+            if c.cuda_memory_pool_mb
+            else ()
+        ),
         *c.extra_args,
     ]
 

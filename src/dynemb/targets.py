@@ -129,6 +129,34 @@ class Target:
         )
 
 
+def plan_spec(spec: StageSpec) -> StageSpec:
+    """A native stage as a TensorRT plan (`model.plan`, built from its `stage.onnx` by
+    build/triton-container/build_engines.py inside NVIDIA's container) instead of ONNX
+    Runtime with TensorRT: the same tensors and batching, platform tensorrt_plan."""
+    if spec.native is None:
+        raise ValueError(f"{spec.name} is a Python stage, not a native model")
+    return replace(spec, native=NativeModel(platform="tensorrt_plan", model_file="model.plan"))
+
+
+def trtexec_args(spec: StageSpec, onnx: str, plan: str) -> list[str]:
+    """trtexec's flags for a native stage's plan: its ONNX Runtime profile's shapes (one
+    profile, one user to the largest batch), the same precision and workspace."""
+    if spec.native is None:
+        raise ValueError(f"{spec.name} is a Python stage, not a native model")
+    trt = dict(spec.native.accelerator_parameters)
+    precision = {"FP16": ["--fp16"], "FP32": [], "INT8": ["--int8"]}[trt["precision_mode"]]
+    workspace_mib = int(trt["max_workspace_size_bytes"]) // 2**20
+    return [
+        f"--onnx={onnx}",
+        f"--saveEngine={plan}",
+        *precision,
+        f"--memPoolSize=workspace:{workspace_mib}M",
+        f"--minShapes={trt['trt_profile_min_shapes']}",
+        f"--optShapes={trt['trt_profile_opt_shapes']}",
+        f"--maxShapes={trt['trt_profile_max_shapes']}",
+    ]
+
+
 CPU = Target(
     "cpu",
     "model_repository",

@@ -165,3 +165,11 @@ def test_a_host_stage_of_the_gpu_variant_reads_numpy_as_before(repo, png):
     x = build_inputs([[Event(1.7e9, "a lamp", png)]], [None], DIMS.max_events, DIMS.max_labels)
     [response] = model.execute([fake_pb_utils.InferenceRequest(x)])
     assert not response.has_error() and response.output_tensors["IMAGE_MASK"][0, 0]
+
+
+def test_the_cuda_memory_pool_is_a_flag_only_when_asked_for():
+    from dynemb.server import ServerConfig, serving_flags
+
+    pool = [f for f in serving_flags(ServerConfig(cuda_memory_pool_mb=2048), "r") if "pool" in f]
+    assert pool == ["--cuda-memory-pool-byte-size=0:2147483648"]
+    assert not [f for f in serving_flags(ServerConfig(), "r") if "pool" in f]

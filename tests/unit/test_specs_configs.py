@@ -193,3 +193,28 @@ def test_triton_container_variant_serves_neural_stages_natively_with_tensorrt():
             assert set(profile) == set(inputs), f"{name} {key}"
             for tensor, shape in profile.items():
                 assert [int(d) for d in shape.split("x")] == [batch, *inputs[tensor]]
+
+
+def test_tensorrt_plan_recipe_matches_the_container_variant():
+    """The engine recipe (build/triton-container/build_engines.py) builds each plan for the
+    shapes the variant's config serves, and writes a config Triton accepts for it."""
+    from dynemb.configs import stage_config
+
+    for name in stages.NAMES:
+        spec = targets.TRITON_CONTAINER.stage_spec(stages.get(name), DIMS)
+        if spec.native is None:
+            with pytest.raises(ValueError, match="Python stage"):
+                targets.trtexec_args(spec, "stage.onnx", "model.plan")
+            continue
+        args = targets.trtexec_args(spec, "stage.onnx", "model.plan")
+        assert "--fp16" in args and "--saveEngine=model.plan" in args
+        shapes = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "Shapes=" in a}
+        for flag, batch in (("--minShapes", 1), ("--maxShapes", spec.max_batch_size)):
+            for part in shapes[flag].split(","):
+                tensor, dims = part.split(":")
+                assert [int(d) for d in dims.split("x")] == [batch, *spec.input(tensor).dims]
+        plan = stage_config(targets.plan_spec(spec))
+        assert plan.platform == "tensorrt_plan" and plan.default_model_filename == "model.plan"
+        assert not plan.optimization.HasField("execution_accelerators")
+        assert [i.name for i in plan.input] == [t.name for t in spec.inputs]
+        assert plan.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU

@@ -471,7 +471,6 @@ def serving(
     from dynemb.server import ServerConfig, TritonServer, free_port
 
     write_configs(repository, target=target)
-    pool = (f"--cuda-memory-pool-byte-size=0:{options.cuda_pool_mb * 2**20}",)
     config = ServerConfig(
         repository,
         grpc_port=free_port(),
@@ -480,7 +479,7 @@ def serving(
         log_file=options.out / log_name,
         models=(*stages.NAMES, *ENSEMBLE_NAMES),
         startup_timeout_s=max(30.0, min(300.0, budget.left() - 30)),
-        extra_args=pool if options.on_gpu and options.cuda_pool_mb else (),
+        cuda_memory_pool_mb=options.cuda_pool_mb if options.on_gpu else 0,
     )
     server = TritonServer(config)
     with server:
