@@ -50,7 +50,7 @@ from dynemb.bench.context import (
 from dynemb.bench.histories import HistorySet, synthetic_with_images
 from dynemb.configs import write_configs
 from dynemb.ensembles import ENSEMBLE_NAMES, stage_specs
-from dynemb.pipeline import Pipeline, eager_uncached
+from dynemb.pipeline import Pipeline, eager_uncached, serving_manifests
 from dynemb.repository import BuildOptions, build_repository
 from dynemb.stages import RunnerOptions
 from dynemb.targets import GPU, Target
@@ -630,7 +630,7 @@ def run_gpu_bench(
 
     try:
         phase("build", lambda: build(options, repository, result))
-        dims = next(iter(Pipeline.from_repository(repository).runners.values())).manifest.dims
+        dims = serving_manifests(repository)["preprocess"].dims
         wire = build_inputs(users, at, dims.max_events, dims.max_labels)
         reference = (
             phase("parity", lambda: parity(options, repository, wire, result))
