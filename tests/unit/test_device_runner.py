@@ -173,3 +173,14 @@ def test_the_cuda_memory_pool_is_a_flag_only_when_asked_for():
     pool = [f for f in serving_flags(ServerConfig(cuda_memory_pool_mb=2048), "r") if "pool" in f]
     assert pool == ["--cuda-memory-pool-byte-size=0:2147483648"]
     assert not [f for f in serving_flags(ServerConfig(), "r") if "pool" in f]
+
+
+def test_requests_of_one_batch_may_hold_device_tensors_and_host_arrays():
+    from dynemb.serving.arrays import concat, split
+
+    host = np.arange(6, dtype=np.float32).reshape(3, 2)
+    joined = concat([torch.from_numpy(host[:1].copy()), host[1:]])
+    assert isinstance(joined, torch.Tensor)
+    np.testing.assert_array_equal(joined.numpy(), host)
+    assert [p.shape[0] for p in split(joined, [1, 2])] == [1, 2]
+    assert isinstance(concat([host[:1], host[1:]]), np.ndarray)

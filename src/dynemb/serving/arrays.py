@@ -52,11 +52,15 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 def concat(values: Sequence[Any]) -> Any:
-    if is_tensor(values[0]):
-        import torch
+    """One array of the requests' values: numpy if all are, else a tensor on the device of
+    the first tensor (requests of one batch may differ in where Triton left a tensor)."""
+    tensors = [v for v in values if is_tensor(v)]
+    if not tensors:
+        return np.concatenate(values)
+    import torch
 
-        return torch.cat([v if is_tensor(v) else torch.from_numpy(v) for v in values])
-    return np.concatenate([to_numpy(v) for v in values])
+    device = tensors[0].device
+    return torch.cat([torch.as_tensor(v).to(device) for v in values])
 
 
 def split(value: Any, sizes: Sequence[int]) -> list[Any]:
