@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install demo test test-unit test-integration test-gpu lint format configs bench \
-	bench-quick bench-runtimes bench-faults bench-sessions bench-replicas bench-embed-all bench-swap clean
+	bench-quick bench-runtimes bench-faults bench-sessions bench-replicas bench-embed-all bench-swap \
+	bench-gpu-dry gpu-pack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +70,14 @@ bench-embed-all: install
 
 bench-swap: install
 	$(PY) benchmarks/swap_under_load.py --clients 16 --settle-seconds 20
+
+# The GPU run (benchmarks/gpu/README.md): its dry run on the CPU (every phase, tiny sizes,
+# about a minute), and what travels to a lent GPU machine (.gpu/, checked against 64 MiB).
+bench-gpu-dry: install
+	$(VENV)/bin/dynemb bench-gpu --device cpu --dry-run --out .cache/dynemb/bench-gpu-dry
+
+gpu-pack: install
+	$(PY) benchmarks/gpu/pack.py
 
 configs: install
 	$(VENV)/bin/dynemb configs

@@ -37,7 +37,7 @@ from dynemb_client.sessions import (
     parse_sessions,
     retrieve_call,
 )
-from dynemb_client.transport import ClientBase, shape_from_metadata
+from dynemb_client.transport import ClientBase, reported_stages, shape_from_metadata
 
 __all__ = ["AsyncInterestClient"]
 
@@ -97,6 +97,18 @@ class AsyncInterestClient(ClientBase):
             self._shape = shape_from_metadata(metadata, self.model_interest)
         return self._shape
 
+    async def reported(self, model: str, stages: Sequence[str]) -> tuple[str, ...]:
+        """The stages among `stages` whose versions `model` reports, fetched on first use."""
+        if model not in self._reporting:
+            metadata = await self._call(
+                model,
+                lambda inner: inner.get_model_metadata(
+                    model, as_json=True, client_timeout=self._timeout_s
+                ),
+            )
+            self._reporting[model] = reported_stages(metadata, stages)
+        return self._reporting[model]
+
     async def embed(self, events: Sequence[Event], at: TimeLike | None = None) -> np.ndarray:
         """E_t for one user: float32 (D,)."""
         return (await self.embed_many([events], at=[at]))[0]
@@ -147,10 +159,11 @@ class AsyncInterestClient(ClientBase):
     async def embed_many_versioned(
         self, histories: Sequence[Sequence[Event]], at: QueryTimes = None
     ) -> Versioned[np.ndarray]:
-        """`embed_many` and the version of each stage that computed the embeddings."""
+        """`embed_many` and the version of each stage that computed the embeddings (of
+        each that reports one: a native model in NVIDIA's container cannot)."""
         call = versions_asked(
             embedding_call(self.model_interest, histories, at, await self.model_shape()),
-            INTEREST_STAGES,
+            await self.reported(self.model_interest, INTEREST_STAGES),
         )
         result = await self._infer(call)
         return with_versions(result, call, parse_embeddings(result, call.model, call.batch))
@@ -162,11 +175,12 @@ class AsyncInterestClient(ClientBase):
         at: QueryTimes = None,
         exclude: Sequence[Iterable[str]] | None = None,
     ) -> Versioned[list[list[Recommendation]]]:
-        """`recommend_many` and the version of each stage that computed the lists."""
+        """`recommend_many` and the version of each stage that computed the lists (of
+        each that reports one)."""
         shape = await self.model_shape()
         call = versions_asked(
             recommend_call(self.model_recommend, histories, at, shape, k, exclude),
-            RECOMMEND_STAGES,
+            await self.reported(self.model_recommend, RECOMMEND_STAGES),
         )
         result = await self._infer(call)
         items = parse_recommendations(result, call.model, call.batch, k, call.exclude)

@@ -25,6 +25,7 @@ from dynemb_client.contract import (
     RETRIEVE,
     SESSION,
     USER_INTEREST,
+    version_output,
 )
 from dynemb_client.errors import ServerError, ServerInputError, ServerUnavailable
 from dynemb_client.requests import ModelShape
@@ -353,6 +354,15 @@ def shape_from_metadata(metadata: Mapping[str, Any], model: str) -> ModelShape:
     return ModelShape(max_events=max_events, max_labels=max_labels)
 
 
+def reported_stages(metadata: Mapping[str, Any], stages: Sequence[str]) -> tuple[str, ...]:
+    """The stages among `stages` whose version the model's answers carry, from its metadata:
+    every stage's in a Python-backend repository; fewer in one whose stages are native
+    models (NVIDIA's container variant) or that was built before answers carried versions.
+    A versioned call asks for these only (Triton refuses an output a model lacks)."""
+    outputs = {tensor["name"] for tensor in metadata.get("outputs", [])}
+    return tuple(stage for stage in stages if version_output(stage) in outputs)
+
+
 class ClientBase:
     """Endpoints, retry policy and model names, shared by the sync and asyncio clients.
 
@@ -394,6 +404,7 @@ class ClientBase:
         # The newest L events of each session, re-sent when a server lost its state.
         self.sessions = SessionHistories(max_sessions)
         self._shape: ModelShape | None = None
+        self._reporting: dict[str, tuple[str, ...]] = {}  # model -> stages it reports
 
     @property
     def urls(self) -> list[str]:

@@ -14,6 +14,7 @@ from dynemb.dims import Dims
 from dynemb.errors import DynembError
 from dynemb.joint import JointModel, JointParams
 from dynemb.manifest import Provenance
+from dynemb.stages.llm_encoder import minilm_config
 from dynemb.stages.preprocess.features import build_label_vocab
 
 
@@ -115,9 +116,20 @@ def label_vocab(dataset: Dataset) -> dict[str, int]:
     return build_label_vocab(labels)
 
 
-def initial_checkpoint(dataset: Dataset, dims: Dims, seed: int) -> Checkpoint:
-    """Seeded, untrained weights (MiniLM pretrained) for a repository without training."""
+def initial_checkpoint(
+    dataset: Dataset,
+    dims: Dims,
+    seed: int,
+    llm_layers: int | None = None,
+    pretrained: bool = True,
+) -> Checkpoint:
+    """Seeded, untrained weights for a repository without training: MiniLM's first
+    `llm_layers` layers (all by default), pretrained unless `pretrained` is False (seeded
+    weights of the same shapes, where MiniLM's weights are not installed: the GPU
+    benchmark's machine; what a request costs does not depend on the weights)."""
     labels = label_vocab(dataset)
-    model = JointModel.initial(dims, JointParams.default(len(labels)), n_items=0, seed=seed)
-    provenance = Provenance(data=dataset.name, synthetic=dataset.synthetic, seed=seed)
+    params = JointParams.default(len(labels), bert_config=minilm_config(layers=llm_layers))
+    model = JointModel.initial(dims, params, n_items=0, seed=seed, pretrained=pretrained)
+    note = "" if pretrained else "seeded weights, MiniLM not pretrained (same shapes)"
+    provenance = Provenance(data=dataset.name, synthetic=dataset.synthetic, seed=seed, note=note)
     return Checkpoint(model.eval(), labels, list(dataset.items), provenance, trained=False)

@@ -85,13 +85,40 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -
     )
 
 
-@app.command()
-def configs(repository: Repository = MODEL_REPOSITORY) -> None:
-    """Regenerate every config.pbtxt and model.py from the stage registry's specs."""
-    from dynemb.configs import write_configs
+TargetName = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        help="cpu (model_repository/), gpu or triton-container (build/variants/<target>/)",
+    ),
+]
 
-    for path in write_configs(repository):
-        console.print(f"wrote {path}")
+
+@app.command()
+def configs(
+    repository: Annotated[
+        Path | None, typer.Option("--repository", help="write a complete skeleton here")
+    ] = None,
+    target: TargetName = None,
+) -> None:
+    """Regenerate config.pbtxt and model.py files from the stage registry's specs: with no
+    option, every target's committed ones in this checkout (model_repository/ and
+    build/variants/*/); with --repository, one target's complete repository skeleton."""
+    from dynemb import targets
+    from dynemb.configs import write_configs, write_variant
+
+    chosen = [targets.get(target)] if target else list(targets.TARGETS.values())
+    for found in chosen:
+        if repository is not None:
+            written = write_configs(repository, target=found)
+        elif found is targets.CPU:
+            written = write_configs(MODEL_REPOSITORY)
+        else:
+            written = write_variant(Path(found.directory), found)
+        for path in written:
+            console.print(f"wrote {path}")
+        if repository is not None:
+            break
 
 
 @app.command()
@@ -127,12 +154,16 @@ def build(
     catalogue: Annotated[str, typer.Option(help="ml-100k, synthetic, or a JSONL path")] = "ml-100k",
     checkpoint: Annotated[Path | None, typer.Option(help="trained checkpoint")] = None,
     seed: int = 0,
+    target: Annotated[
+        str, typer.Option(help="cpu, gpu or triton-container: whose configs (see GPUs)")
+    ] = "cpu",
 ) -> None:
-    """Write every stage's version directory (artifact + manifest) and the item table."""
-    from dynemb import stages
+    """Write every stage's version directory (artifact + manifest) and the item table,
+    with the configs of a build target."""
+    from dynemb import stages, targets
     from dynemb.repository import BuildOptions, build_repository
 
-    options = BuildOptions(repository, catalogue, checkpoint, seed)
+    options = BuildOptions(repository, catalogue, checkpoint, seed, target=targets.get(target))
     with _progress() as progress:
         task = progress.add_task("exporting stages", total=len(stages.NAMES))
 
@@ -145,7 +176,9 @@ def build(
         manifests = build_repository(options, progress=track)
     learned = [m for name, m in manifests.items() if stages.get(name).learned]
     trained = all(m.trained for m in learned)
-    console.print(f"built {repository} ({'trained' if trained else 'UNTRAINED'} weights)")
+    console.print(
+        f"built {repository} for target {target} ({'trained' if trained else 'UNTRAINED'} weights)"
+    )
 
 
 @app.command()
@@ -173,6 +206,14 @@ def serve(
             "(client: InterestClient(urls=[...]) balances over them)",
         ),
     ] = 1,
+    cuda_memory_pool_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="GPU 0's CUDA memory pool for GPU tensors between stages (the gpu variant; "
+            "0: Triton's 64 MiB)",
+        ),
+    ] = 0,
 ) -> None:
     """Start tritonserver on the repository; stop cleanly on Ctrl-C or SIGTERM.
 
@@ -188,7 +229,14 @@ def serve(
     token = None if insecure_control else load_token(create=True)
     server_args(token, host)  # refuses an open non-loopback server before anything starts
     base = ServerConfig(
-        repository, host, grpc_port, http_port, metrics_port, log_file, control_token=token
+        repository,
+        host,
+        grpc_port,
+        http_port,
+        metrics_port,
+        log_file,
+        control_token=token,
+        cuda_memory_pool_mb=cuda_memory_pool_mb,
     )
     try:
         cluster = Replicas(stepped_configs(base, replicas))
@@ -608,6 +656,43 @@ def bench(
     for check in result.targets:
         console.print(f"{'met ' if check.met else 'MISSED'}  {check.target}: {check.measured}")
     console.print(f"wrote {out_dir / options.stem}.md, .json, .png")
+
+
+@app.command(name="bench-gpu")
+def bench_gpu(
+    out: Annotated[Path, typer.Option(help="results folder (gpu.json, gpu.md, server logs)")],
+    device: Annotated[str, typer.Option(help="cuda (cuda:N) or cpu: the dry run")] = "cuda",
+    dry_run: Annotated[
+        bool, typer.Option(help="tiny sizes and short windows (the CI check, --device cpu)")
+    ] = False,
+    budget_s: Annotated[
+        float | None, typer.Option(help="the whole run's seconds; phases that do not fit skip")
+    ] = None,
+    seconds: Annotated[float | None, typer.Option(help="measured window per point")] = None,
+    repository: Annotated[
+        Path | None, typer.Option(help="build here (default: a temporary folder)")
+    ] = None,
+) -> None:
+    """Issue 13's GPU check: build the gpu variant, E_t parity against CPU fp32 at each
+    precision, in-process GPU throughput at batch 64/256/1024, served throughput and
+    p50/p99 with and without DLPack; a short table last (benchmarks/gpu/README.md)."""
+    from dataclasses import replace
+
+    from dynemb.bench.gpu import GpuBenchOptions, run_gpu_bench, summary
+
+    options = (
+        GpuBenchOptions.dry_run(out, repository)
+        if dry_run
+        else GpuBenchOptions(out=out, repository=repository)
+    )
+    options = replace(options, device=device)
+    if budget_s is not None:
+        options = replace(options, budget_s=budget_s)
+    if seconds is not None:
+        options = replace(options, seconds=seconds)
+    result, _ = run_gpu_bench(options, say=console.print)
+    console.print(f"wrote {out / 'gpu.md'} and {out / 'gpu.json'}")
+    print(summary(result))
 
 
 @app.command(name="bench-runtimes")

@@ -1,7 +1,8 @@
 """The files of a model folder that come from code, not from training: every model's
-`config.pbtxt` (through Triton's own protobuf schema) and every stage's `model.py`
-adapter. `dynemb configs` writes them; the checkout commits them and a unit test
-regenerates them and fails on any difference."""
+`config.pbtxt` (through Triton's own protobuf schema) and every Python stage's `model.py`
+adapter, for each build target (dynemb.targets). `dynemb configs` writes them; the
+checkout commits them (the CPU repository in `model_repository/`, the variants' configs
+under `build/variants/`) and a unit test regenerates them and fails on any difference."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dynemb.dims import DIMS, Dims
 from dynemb.ensembles import ensemble_specs, stage_specs
 from dynemb.sessions.spec import session_spec
 from dynemb.specs import EnsembleSpec, StageSpec, TensorSpec
+from dynemb.targets import CPU, Target
 from dynemb_client import contract as wire
 
 _DTYPES = {
@@ -71,7 +73,12 @@ def _io(tensor: TensorSpec, cls: type) -> object:
 
 
 def stage_config(spec: StageSpec) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=spec.max_batch_size)
+    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    if spec.native is None:
+        config.backend = "python"
+    else:
+        config.platform = spec.native.platform
+        config.default_model_filename = spec.native.model_file
     config.input.extend(_io(t, mc.ModelInput) for t in spec.inputs)
     config.output.extend(_io(t, mc.ModelOutput) for t in spec.served_outputs)
     config.dynamic_batching.SetInParent()  # present even with every field at its default
@@ -83,6 +90,11 @@ def stage_config(spec: StageSpec) -> mc.ModelConfig:
     config.version_policy.latest.num_versions = 1
     for key, value in spec.parameters:
         config.parameters[key].string_value = value
+    if spec.native is not None and spec.native.accelerator:
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        accelerator = accelerators.add(name=spec.native.accelerator)
+        for key, value in spec.native.accelerator_parameters:
+            accelerator.parameters[key] = value
     return config
 
 
@@ -113,11 +125,12 @@ def read_parameters(path: Path) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
-def all_configs(dims: Dims = DIMS) -> dict[str, str]:
-    """Model name -> config.pbtxt text, for every stage and ensemble."""
-    specs = stage_specs(dims)
+def all_configs(dims: Dims = DIMS, target: Target = CPU) -> dict[str, str]:
+    """Model name -> config.pbtxt text, for every stage and ensemble as `target` serves
+    them (the session model is the same in every target)."""
+    specs = stage_specs(dims, target)
     configs = {name: render(stage_config(spec)) for name, spec in specs.items()}
-    for name, spec in ensemble_specs(dims).items():
+    for name, spec in ensemble_specs(dims, target).items():
         configs[name] = render(ensemble_config(spec, specs))
     configs[wire.SESSION] = render(stage_config(session_spec(dims)))
     return configs
@@ -132,24 +145,37 @@ def adapter_source(stage: str) -> str:
     return ADAPTER.format(doc=doc)
 
 
-def adapters() -> dict[Path, str]:
-    """Relative path -> text of every committed `model.py` (in each stage's version 1)."""
-    found = {Path(name) / "1" / "model.py": adapter_source(name) for name in stages.NAMES}
+def adapters(target: Target = CPU) -> dict[Path, str]:
+    """Relative path -> text of every `model.py` (in each Python stage's version 1)."""
+    python = [n for n, s in stage_specs(DIMS, target).items() if s.native is None]
+    found = {Path(name) / "1" / "model.py": adapter_source(name) for name in python}
     found[Path(wire.SESSION) / "1" / "model.py"] = SESSION_ADAPTER
     return found
 
 
-def write_configs(repository: Path, dims: Dims = DIMS) -> list[Path]:
-    """Every config.pbtxt, each stage's version-1 `model.py` and each ensemble's empty
-    version directory: a repository tritonserver can read once the artifacts are in."""
+def write_variant(directory: Path, target: Target, dims: Dims = DIMS) -> list[Path]:
+    """A variant's committed part: one `<model>/config.pbtxt` per model (its version
+    directories, adapters included, come from `dynemb build --target`)."""
     written = []
-    for name, text in all_configs(dims).items():
+    for name, text in all_configs(dims, target).items():
+        path = directory / name / "config.pbtxt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def write_configs(repository: Path, dims: Dims = DIMS, target: Target = CPU) -> list[Path]:
+    """Every config.pbtxt, each Python stage's version-1 `model.py` and each other model's
+    empty version directory: a repository tritonserver can read once the artifacts are in."""
+    written = []
+    for name, text in all_configs(dims, target).items():
         path = repository / name / "config.pbtxt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
         (repository / name / "1").mkdir(exist_ok=True)
-    for relative, text in adapters().items():
+    for relative, text in adapters(target).items():
         path = repository / relative
         path.write_text(text, encoding="utf-8")
         written.append(path)

@@ -106,11 +106,14 @@ class JointModel(nn.Module):
 
     @classmethod
     def initial(
-        cls, dims: Dims, params: JointParams, n_items: int = 0, seed: int = 0
+        cls, dims: Dims, params: JointParams, n_items: int = 0, seed: int = 0, pretrained=True
     ) -> JointModel:
-        """Seeded initial weights; MiniLM and the token embeddings start pretrained."""
+        """Seeded initial weights; MiniLM and the token embeddings start pretrained (unless
+        not `pretrained`: all seeded, for machines without MiniLM's weights)."""
         torch.manual_seed(seed)
         model = cls(dims, params, n_items)
+        if not pretrained:
+            return model
         model.stages["llm_encoder"].load_pretrained()
         bert = model.stages["llm_encoder"].bert
         model.stages["text_rnn"].embed.weight.data.copy_(bert.embeddings.word_embeddings.weight)

@@ -12,6 +12,7 @@ from dynemb import stages
 from dynemb.ensembles import ENSEMBLE_SPECS
 from dynemb.errors import DynembError
 from dynemb.manifest import MANIFEST, Manifest
+from dynemb.serving.arrays import to_numpy
 from dynemb.stages import Runner, RunnerOptions, load_runner
 from dynemb_client import contract as wire
 
@@ -93,6 +94,8 @@ class Pipeline:
         for name in ENSEMBLE_SPECS[ensemble].steps:
             runner = self.runners[name]
             step_inputs = {t.name: tensors[t.name] for t in runner.spec.inputs}
+            if not runner.device_inputs:  # a GPU stage's outputs, read by a host stage
+                step_inputs = {k: to_numpy(v) for k, v in step_inputs.items()}
             if checks:
                 runner.check(step_inputs)
             outputs = runner(step_inputs)
@@ -100,4 +103,4 @@ class Pipeline:
         return tensors
 
     def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run(inputs)[wire.USER_EMBEDDING]
+        return to_numpy(self.run(inputs)[wire.USER_EMBEDDING])

@@ -1,6 +1,8 @@
 """`dynemb build`: write every stage's version directory (artifact + manifest) into a model
-repository, from a trained checkpoint or from seeded initial weights. Each stage writes
-its own artifact (`Stage.export`); this module only orders the work and writes manifests."""
+repository, from a trained checkpoint or from seeded initial weights, with the configs of
+a build target (dynemb.targets: cpu, gpu, triton-container; the artifacts are the same for
+all). Each stage writes its own artifact (`Stage.export`); this module only orders the
+work and writes manifests."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dynemb.dims import DIMS, Dims
 from dynemb.manifest import ADAPTER, Manifest, Provenance
 from dynemb.paths import MODEL_REPOSITORY, cache_dir
 from dynemb.stages.base import ExportContext
+from dynemb.targets import CPU, Target
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,11 @@ class BuildOptions:
     seed: int = 0
     dims: Dims = DIMS  # of seeded weights; a checkpoint brings its own
     cache: Path = field(default_factory=cache_dir)
+    target: Target = CPU  # whose configs the repository gets
+    # Seeded weights only: MiniLM layers kept (None: all), and whether they are MiniLM's
+    # pretrained ones (False: seeded, where its weights are not installed).
+    llm_layers: int | None = None
+    pretrained: bool = True
 
 
 def prepare_version_dir(repository: Path, stage: str, version: int = 1) -> Path:
@@ -81,9 +89,11 @@ def build_repository(
     checkpoint = (
         Checkpoint.load(options.checkpoint)
         if options.checkpoint
-        else initial_checkpoint(dataset, options.dims, options.seed)
+        else initial_checkpoint(
+            dataset, options.dims, options.seed, options.llm_layers, options.pretrained
+        )
     )
-    write_configs(options.repository, checkpoint.dims)
+    write_configs(options.repository, checkpoint.dims, options.target)
     context = ExportContext(checkpoint, dataset)
     manifests = {}
     for name in progress(list(stages.NAMES)):

@@ -10,6 +10,7 @@ nvidia_pytriton.libs, so the stub loads the right libpython (else `ssl` fails).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -49,6 +50,9 @@ class ServerConfig:
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 15
     control_token: str | None = None  # None: model control unprotected (loopback only)
+    # GPU 0's CUDA memory pool (MiB) through which the Python backend hands GPU tensors
+    # between stages (the gpu variant); 0: Triton's default (64 MiB), no flag.
+    cuda_memory_pool_mb: int = 0
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -63,11 +67,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytriton_dir() -> Path:
+    """Where nvidia-pytriton's package lies, found without importing it (its `__init__`
+    imports its own client's dependencies; only its server tree is used here)."""
+    found = importlib.util.find_spec("pytriton")
+    if found is None or not found.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: it bundles tritonserver")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
 def server_tree() -> Path:
     """A copy of the bundled server tree with this interpreter's stub in backends/python."""
-    import pytriton
-
-    source = Path(pytriton.__file__).parent / "tritonserver"
+    source = pytriton_dir() / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
@@ -94,9 +105,7 @@ STAGE_ENV = {
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    import pytriton
-
-    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    libs = pytriton_dir().parent / "nvidia_pytriton.libs"
     python_libdir = sysconfig.get_config_var("LIBDIR") or ""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -124,6 +133,11 @@ def serving_flags(c: ServerConfig, repository: str) -> list[str]:
         f"--metrics-port={c.metrics_port}",
         "--log-verbose=0",
         *control.server_args(c.control_token, c.host),
+        *(
+            (f"--cuda-memory-pool-byte-size=0:{c.cuda_memory_pool_mb * 2**20}",)
+            if c.cuda_memory_pool_mb
+            else ()
+        ),
         *c.extra_args,
     ]
 

@@ -86,8 +86,21 @@ class Signature:
 
 
 @dataclass(frozen=True)
+class NativeModel:
+    """A stage served by one of Triton's own backends instead of Python (NVIDIA's container:
+    dynemb.targets): its platform, the artifact file in its version directory, and the GPU
+    execution accelerator with its parameters (e.g. TensorRT's precision and profiles)."""
+
+    platform: str  # e.g. "onnxruntime_onnx"
+    model_file: str  # e.g. "stage.onnx" (config: default_model_filename)
+    accelerator: str = ""  # e.g. "tensorrt"; "" = the backend's plain GPU provider
+    accelerator_parameters: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class StageSpec:
-    """One Triton model served by the Python backend, batched over users."""
+    """One Triton model, batched over users: served by the Python backend (the adapter),
+    or natively by another backend where `native` says how."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
@@ -100,9 +113,11 @@ class StageSpec:
     # Free-form model parameters written into config.pbtxt (the runtime, cache bounds):
     # the adapter reads them back into the stage's typed RunnerOptions.
     parameters: tuple[tuple[str, str], ...] = ()
-    # Whether the model also outputs `version_output` (every stage does; the session
-    # model reports the versions of the stages it runs among its own outputs).
+    # Whether the model also outputs `version_output` (every Python stage does; the session
+    # model reports the versions of the stages it runs among its own outputs; a native
+    # model cannot).
     reports_version: bool = True
+    native: NativeModel | None = None
 
     def __post_init__(self) -> None:
         if self.instance_kind not in INSTANCE_KINDS:

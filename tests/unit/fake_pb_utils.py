@@ -8,14 +8,37 @@ import numpy as np
 
 
 class Tensor:
-    def __init__(self, name: str, value: np.ndarray) -> None:
-        self._name, self._value = name, value
+    """A tensor in host memory, or (`from_dlpack` of a torch tensor, `device=True`) one that
+    stands for a tensor Triton keeps on a GPU: only DLPack reads it then, as in the backend."""
+
+    dlpack_outputs: ClassVar[list[str]] = []  # names of the tensors made by from_dlpack
+
+    def __init__(self, name: str, value, device: bool = False) -> None:
+        self._name, self._value, self._device = name, value, device
 
     def name(self) -> str:
         return self._name
 
+    def is_cpu(self) -> bool:
+        return not self._device
+
     def as_numpy(self) -> np.ndarray:
-        return self._value
+        if self._device:
+            raise RuntimeError(f"{self._name} is on the GPU: read it with to_dlpack")
+        return self._value.numpy() if hasattr(self._value, "numpy") else self._value
+
+    def to_dlpack(self):
+        import torch
+
+        value = self._value if hasattr(self._value, "numpy") else torch.from_numpy(self._value)
+        return torch.utils.dlpack.to_dlpack(value)
+
+    @classmethod
+    def from_dlpack(cls, name: str, value) -> Tensor:
+        if not value.is_contiguous():
+            raise ValueError("from_dlpack takes C-contiguous tensors only")
+        cls.dlpack_outputs.append(name)
+        return cls(name, value)
 
 
 class TritonError:
@@ -43,8 +66,11 @@ class InferenceResponse:
 
 
 class InferenceRequest:
-    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
-        self.tensors = {name: Tensor(name, value) for name, value in tensors.items()}
+    def __init__(self, tensors: dict[str, np.ndarray], on_device: tuple[str, ...] = ()) -> None:
+        """`on_device`: inputs that arrive as GPU tensors (FORCE_CPU_ONLY_INPUT_TENSORS "no")."""
+        self.tensors = {
+            name: Tensor(name, value, device=name in on_device) for name, value in tensors.items()
+        }
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:

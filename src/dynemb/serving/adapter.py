@@ -2,6 +2,11 @@
 
 No Triton import here: `model.py` hands in `triton_python_backend_utils` (tests hand in a
 fake), so this module is importable and tested without a server.
+
+A runner with `device_inputs` (a GPU stage with DLPack on) may get inputs that Triton left
+on the GPU (`FORCE_CPU_ONLY_INPUT_TENSORS` "no"): they are read as torch tensors through
+DLPack, and its torch outputs leave the same way (`pb_utils.Tensor.from_dlpack`), so
+tensors stay on the device between GPU stages. Every other stage reads numpy.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dynemb.errors import InputError
+from dynemb.serving.arrays import all_finite, concat, dtype_name, is_tensor, split
 from dynemb.serving.metrics import CacheMetrics
 from dynemb.specs import StageSpec
 from dynemb.stages import Runner, load_runner
@@ -33,7 +39,12 @@ class StageAdapter:
             key: value.get("string_value", "")
             for key, value in config.get("parameters", {}).items()
         }
-        self.runner = load_runner(directory, parameters=parameters)
+        device_id = args.get("model_instance_device_id")
+        self.runner = load_runner(
+            directory,
+            parameters=parameters,
+            device_id=int(device_id) if args.get("model_instance_kind") == "GPU" else None,
+        )
         # A repository built before answers carried versions has no version output in its
         # config (Triton refuses an undeclared output): it serves on, without them.
         declared = {output.get("name") for output in config.get("output", [])}
@@ -57,18 +68,19 @@ class StageAdapter:
         self.runner = None
 
 
-def read_inputs(pb_utils: ModuleType, request: Any, spec: StageSpec) -> dict[str, np.ndarray]:
+def read_inputs(
+    pb_utils: ModuleType, request: Any, spec: StageSpec, device_inputs: bool = False
+) -> dict[str, np.ndarray]:
     """A request's tensors by name, checked against the spec (Triton checks the ensemble's
-    inputs; this guards a stage called directly)."""
+    inputs; this guards a stage called directly). With `device_inputs`, a tensor Triton
+    left on the GPU is read through DLPack as a torch tensor, where it is."""
     inputs = {}
     for tensor in spec.inputs:
         found = pb_utils.get_input_tensor_by_name(request, tensor.name)
         if found is None:
             raise InputError(tensor.name, "missing")
-        value = found.as_numpy()
-        if value.dtype != tensor.numpy_dtype and not (
-            tensor.dtype == "BYTES" and value.dtype.kind in "OSU"
-        ):
+        value = _read(found) if device_inputs else found.as_numpy()
+        if dtype_name(value) != tensor.dtype:
             raise InputError(tensor.name, f"dtype {value.dtype}, expected {tensor.dtype}")
         if value.ndim != len(tensor.dims) + 1 or (
             tuple(value.shape[1:]) != tensor.dims and -1 not in tensor.dims
@@ -79,6 +91,14 @@ def read_inputs(pb_utils: ModuleType, request: Any, spec: StageSpec) -> dict[str
     if len(set(sizes.values())) > 1 or 0 in sizes.values():
         raise InputError(", ".join(sizes), f"batch sizes must be equal and positive, got {sizes}")
     return inputs
+
+
+def _read(found: Any) -> Any:
+    if found.is_cpu():
+        return found.as_numpy()
+    import torch
+
+    return torch.from_dlpack(found.to_dlpack())
 
 
 def respond(
@@ -95,7 +115,7 @@ def respond(
     valid: list[tuple[int, dict[str, np.ndarray]]] = []
     for i, request in enumerate(requests):
         try:
-            inputs = read_inputs(pb_utils, request, runner.spec)
+            inputs = read_inputs(pb_utils, request, runner.spec, runner.device_inputs)
             runner.check(inputs)
         except InputError as exc:
             responses[i] = _error(pb_utils, runner, exc)
@@ -132,11 +152,11 @@ def _response(
 ) -> Any:
     out = runner.trim(inputs, outputs)
     for tensor in runner.spec.outputs:
-        if tensor.dtype == "FP32" and not np.isfinite(out[tensor.name]).all():
+        if tensor.dtype == "FP32" and not all_finite(out[tensor.name]):
             error = NonFiniteOutputError(f"{tensor.name} is not finite")
             pb_utils.Logger.log_error(f"{runner.spec.name}: computed a non-finite {tensor.name}")
             return _error(pb_utils, runner, error, internal=True)
-    tensors = [pb_utils.Tensor(t.name, _wire(out[t.name], t.dtype)) for t in runner.spec.outputs]
+    tensors = [_tensor(pb_utils, t.name, out[t.name], t.dtype) for t in runner.spec.outputs]
     if version is not None:
         users = len(next(iter(out.values())))
         tag = np.full((users, 1), version, np.int64)
@@ -160,15 +180,18 @@ def _run(runner: Runner, group: list[tuple[int, dict[str, np.ndarray]]]) -> list
         return [runner(group[0][1])]
     sizes = [len(next(iter(inputs.values()))) for _, inputs in group]
     names = group[0][1].keys()
-    batch = {name: np.concatenate([inputs[name] for _, inputs in group]) for name in names}
+    batch = {name: concat([inputs[name] for _, inputs in group]) for name in names}
     outputs = runner(batch)
-    bounds = np.cumsum(sizes)[:-1]
-    split = {name: np.split(value, bounds) for name, value in outputs.items()}
-    return [{name: parts[j] for name, parts in split.items()} for j in range(len(group))]
+    parts = {name: split(value, sizes) for name, value in outputs.items()}
+    return [{name: pieces[j] for name, pieces in parts.items()} for j in range(len(group))]
 
 
-def _wire(value: np.ndarray, dtype: str) -> np.ndarray:
-    return value.astype(object) if dtype == "BYTES" else np.ascontiguousarray(value)
+def _tensor(pb_utils: ModuleType, name: str, value: Any, dtype: str) -> Any:
+    """An output tensor: a device tensor leaves by DLPack (no copy), numpy as it is."""
+    if is_tensor(value):
+        return pb_utils.Tensor.from_dlpack(name, value.contiguous())
+    wire = value.astype(object) if dtype == "BYTES" else np.ascontiguousarray(value)
+    return pb_utils.Tensor(name, wire)
 
 
 def _error(pb_utils: ModuleType, runner: Runner, exc: Exception, internal: bool = False) -> Any:

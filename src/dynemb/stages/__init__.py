@@ -65,10 +65,12 @@ def load_runner(
     verify: bool = True,
     options: RunnerOptions | None = None,
     parameters: Mapping[str, str] | None = None,
+    device_id: int | None = None,
 ) -> Runner:
     """Load one version directory; refuse it if its files are not the ones its manifest
     hashed (`verify`) or its signature is not the stage spec's. The runner's options are
-    `options`, else the stage's own defaults overridden by a config's `parameters`."""
+    `options`, else the stage's own defaults overridden by a config's `parameters`; a
+    device "cuda" becomes the GPU `device_id` Triton gave the instance."""
     from dynemb.manifest import Manifest
 
     manifest = Manifest.load(directory)
@@ -83,6 +85,7 @@ def load_runner(
         )
     if options is None:
         options = RunnerOptions.from_parameters(dict(parameters or {}), stage.options)
+    options = options.on_device(device_id)
     log.info("loading %s from %s (%s)", stage.name, directory, options)
     return stage.runner(directory, manifest, options)
 

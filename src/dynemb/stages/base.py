@@ -10,7 +10,7 @@ transformers). The registry (dynemb.stages) is the only way in.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -30,35 +30,76 @@ CandidateKind = Literal["perturb", "reinit", "nan", "broken", "signature"]
 CANDIDATE_KINDS: tuple[str, ...] = ("perturb", "reinit", "nan", "broken", "signature")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     """How a stage's runner serves: its runtime (torch stages) and its per-item cache
     bound (0 = no cache). A stage sets its defaults; they are written into its
-    config.pbtxt as parameters, which the server hands back to the adapter."""
+    config.pbtxt as parameters, which the server hands back to the adapter.
+
+    `device` moves a torch stage off its CPU runners: it then serves its stage-level
+    function (the one `stage.onnx` exports: the spec's tensors in, the spec's out) in torch
+    on that device ("cpu", "cuda" or "cuda:N"), at `precision` (fp32 exact; bf16 or fp16
+    under autocast), the whole batch in one call. With `dlpack` its outputs stay on the
+    device and its inputs may arrive there (Triton hands GPU tensors between stages by
+    DLPack where the config says FORCE_CPU_ONLY_INPUT_TENSORS "no")."""
 
     runtime: str = ""  # torch stages: "torch" or "onnxruntime" (dynemb.serving.runtime)
     cache_entries: int = 0
     cache_mb: float = 0.0
+    device: str = ""  # torch stages: "" = the CPU runners above; else torch on this device
+    precision: str = "fp32"  # with a device: one of PRECISIONS
+    dlpack: bool = False  # with a device: tensors stay on it between stages
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if (self.precision != "fp32" or self.dlpack) and not self.device:
+            raise ValueError("precision and dlpack need a device (device=cpu|cuda)")
 
     def parameters(self) -> tuple[tuple[str, str], ...]:
         runtime = (("runtime", self.runtime),) if self.runtime else ()
+        device = (
+            (
+                ("device", self.device),
+                ("precision", self.precision),
+                ("dlpack", "true" if self.dlpack else "false"),
+            )
+            if self.device
+            else ()
+        )
         return (
             *runtime,
             ("cache_entries", str(self.cache_entries)),
             ("cache_mb", f"{self.cache_mb:g}"),
+            *device,
         )
 
     @classmethod
     def from_parameters(cls, raw: dict[str, str], default: RunnerOptions) -> RunnerOptions:
         """Options from a config's parameters; absent ones keep `default`'s values."""
         try:
+            dlpack = raw.get("dlpack", "true" if default.dlpack else "false").lower()
+            if dlpack not in ("true", "false"):
+                raise ValueError(f"dlpack must be true or false, got {dlpack!r}")
             return cls(
                 runtime=raw.get("runtime", default.runtime),
                 cache_entries=int(raw.get("cache_entries", default.cache_entries)),
                 cache_mb=float(raw.get("cache_mb", default.cache_mb)),
+                device=raw.get("device", default.device),
+                precision=raw.get("precision", default.precision),
+                dlpack=dlpack == "true",
             )
         except ValueError as exc:
             raise ValueError(f"bad runner parameters {raw}: {exc}") from exc
+
+    def on_device(self, device_id: int | None) -> RunnerOptions:
+        """The same options with "cuda" made "cuda:N" for the GPU Triton gave an instance."""
+        if self.device == "cuda" and device_id is not None:
+            return replace(self, device=f"cuda:{device_id}")
+        return self
 
     def cache(self) -> RowCache | None:
         if self.cache_entries <= 0 or self.cache_mb <= 0:
@@ -72,6 +113,9 @@ class Runner:
     (their work is per user anyway); `check` and `trim` see one request's tensors."""
 
     per_request = False
+    # Whether `__call__` and `check` take torch tensors that live on a device (handed over
+    # by DLPack) besides numpy arrays; callers convert for runners that do not.
+    device_inputs = False
 
     def __init__(self, spec: StageSpec, manifest: Manifest) -> None:
         self.spec = spec
@@ -118,6 +162,9 @@ class Stage(ABC):
     description: ClassVar[str]
     params_type: ClassVar[type]  # the typed hyperparameters, a dataclass
     learned: ClassVar[bool] = True  # its artifact holds trained weights (preprocess: no)
+    # A neural network (torch stages): it can run on a GPU, and it exports its stage-level
+    # ONNX (`stage.onnx`), which NVIDIA's container serves natively (dynemb.targets).
+    neural: ClassVar[bool] = False
     options: ClassVar[RunnerOptions] = RunnerOptions()  # serving defaults (config parameters)
     # Dynamic batching (benchmarks/results/serving.md): no queue delay, since under load a
     # busy instance's queue fills by itself and at low load a delay is paid at every level

@@ -6,12 +6,19 @@ that function's inputs look like (`example_inputs`), and how its runner uses it
 (`make_runner`). Saving (`weights.pt` and the ONNX export `model.onnx`, both hashed in
 the manifest), loading under either runtime, and candidate-making are the same for all
 of them and live here.
+
+Every torch stage also exports its stage-level function (`stage_function`: the spec's
+input tensors in, the spec's output out, a dynamic batch of users, fixed L/T/M) as
+`stage.onnx`: what NVIDIA's container serves natively (dynemb.targets), and what a
+`DeviceRunner` computes in torch on a GPU.
 """
 
 from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,6 +26,7 @@ import numpy as np
 
 from dynemb.dims import Dims
 from dynemb.serving import checks
+from dynemb.serving.arrays import is_tensor
 from dynemb.serving.runtime import RUNTIMES, OnnxRuntime, Runtime, TorchRuntime
 from dynemb.stages.base import CandidateChange, ExportContext, Runner, RunnerOptions, Stage
 
@@ -30,8 +38,17 @@ if TYPE_CHECKING:
     from dynemb.specs import StageSpec
 
 WEIGHTS = "weights.pt"
-ONNX = "model.onnx"
+ONNX = "model.onnx"  # the served function (`served`), for the CPU runners
+STAGE_ONNX = "stage.onnx"  # the stage-level function (`stage_function`), spec in, spec out
 ONNX_OPSET = 17
+
+
+def check_sequence(spec: StageSpec, mask_name: str, inputs: dict[str, np.ndarray]) -> None:
+    """A sequence stage's request: finite floats, real events first in the mask."""
+    for tensor in spec.inputs:
+        if tensor.dtype == "FP32":
+            checks.finite(tensor.name, inputs[tensor.name])
+    checks.prefix_mask(mask_name, inputs[mask_name])
 
 
 class NetworkRunner(Runner):
@@ -81,10 +98,7 @@ class SequenceRunner(NetworkRunner):
         self.mask_name = mask_name
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
-        for tensor in self.spec.inputs:
-            if tensor.dtype == "FP32":
-                checks.finite(tensor.name, inputs[tensor.name])
-        checks.prefix_mask(self.mask_name, inputs[self.mask_name])
+        check_sequence(self.spec, self.mask_name, inputs)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = inputs[self.mask_name]
@@ -103,13 +117,77 @@ class SequenceRunner(NetworkRunner):
         return {output.name: out}
 
 
+class DeviceRunner(Runner):
+    """The stage-level function (`TorchStage.stage_function`, what `stage.onnx` exports) in
+    torch on a device, the whole batch in one call at fixed shapes: no per-item cache and no
+    cut to the longest history (both pay on a CPU; on a GPU a fixed-shape batch is cheaper
+    than Python hashing its rows). fp32 is exact (TF32 off); bf16 and fp16 run under
+    autocast, which keeps reductions and normalisations in fp32. Outputs are fp32, on the
+    host, or on the device with `dlpack` (the next stage reads them there)."""
+
+    def __init__(
+        self,
+        spec: StageSpec,
+        manifest: Manifest,
+        function: nn.Module,
+        options: RunnerOptions,
+        check: Callable[[dict[str, np.ndarray]], None],
+    ) -> None:
+        import torch
+
+        super().__init__(spec, manifest)
+        self.torch = torch
+        self.device = torch.device(options.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # instances are processes: scale with their count
+        elif options.precision == "fp32":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.function = function.eval().to(self.device)
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+        self.options = options
+        self.device_inputs = options.dlpack
+        self._check = check
+        self.input_names = [t.name for t in spec.inputs]
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None:
+        self._check(inputs)
+
+    def _tensor(self, value: Any) -> Any:
+        torch = self.torch
+        if not is_tensor(value):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        return value.to(self.device, non_blocking=True)
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        torch = self.torch
+        args = [self._tensor(inputs[name]) for name in self.input_names]
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
+            ),
+        ):
+            out = self.function(*args)
+        out = out.float().contiguous()
+        if self.options.dlpack:
+            if self.device.type == "cuda":  # the next process reads it on another stream
+                torch.cuda.current_stream(self.device).synchronize()
+            return {self.spec.outputs[0].name: out}
+        return {self.spec.outputs[0].name: out.cpu().numpy()}
+
+
 class TorchStage(Stage):
     """A stage served by a torch network; artifacts `weights.pt` and `model.onnx`."""
 
     options: ClassVar[RunnerOptions] = RunnerOptions(runtime="onnxruntime")
+    neural = True
     # Inputs (and output) of the served function that have an events axis (axis 1) of
     # any length: a sequence stage's runner cuts a batch to its longest history.
     event_tensors: ClassVar[tuple[str, ...]] = ()
+    # A sequence stage's event mask (real events first): its runner cuts batches to the
+    # longest history, and its requests are checked for finite floats and that mask.
+    sequence_mask: ClassVar[str | None] = None
 
     @abstractmethod
     def network(self, dims: Dims, params: Any) -> nn.Module:
@@ -119,8 +197,24 @@ class TorchStage(Stage):
         """The module whose forward the runtimes compute (default: the network itself)."""
         return network
 
+    def stage_function(self, network: nn.Module) -> nn.Module:
+        """The module whose forward is the stage itself: the spec's inputs in order, for a
+        batch of users, to its one output (default: the network; a stage whose served
+        function is per row wraps it). `stage.onnx` exports it; a DeviceRunner runs it."""
+        return network
+
+    def check_inputs(self, manifest: Manifest, inputs: dict[str, np.ndarray]) -> None:
+        """Raise InputError for a malformed request before it joins a batch: the same
+        checks whichever runner serves the stage (default: a sequence stage's)."""
+        if self.sequence_mask is not None:
+            check_sequence(self.spec(manifest.dims), self.sequence_mask, inputs)
+
     def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
         """Inputs of the served function, by name, in order: the spec's own by default."""
+        return self.spec_example_inputs(dims)
+
+    def spec_example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
+        """Valid inputs of the stage-level function for two users, by name, in order."""
         spec = self.spec(dims)
         rng = np.random.default_rng(0)
         out = {}
@@ -145,43 +239,40 @@ class TorchStage(Stage):
     ) -> Runner:
         if self.row_runner is not None:
             return self.row_runner(spec, manifest, runtime, options.cache())
+        if self.sequence_mask is not None:
+            return SequenceRunner(spec, manifest, runtime, self.event_tensors, self.sequence_mask)
         return NetworkRunner(spec, manifest, runtime)
 
     # --- artifacts ----------------------------------------------------------------------
 
     def save(self, network: nn.Module, directory: Path) -> None:
-        """Write the weights and their ONNX export (the manifest hashes both)."""
+        """Write the weights and their two ONNX exports (the manifest hashes all three)."""
         import torch
 
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(network.state_dict(), directory / WEIGHTS)
-        self.export_onnx(network, network_dims(network), directory / ONNX)
+        dims = network_dims(network)
+        self.export_onnx(network, dims, directory / ONNX)
+        self.export_stage_onnx(network, dims, directory / STAGE_ONNX)
 
     def export_onnx(self, network: nn.Module, dims: Dims, path: Path) -> None:
-        import torch
-
+        """The served function, rows (and events, for sequence stages) of any number."""
         example = self.example_inputs(dims)
-        names = list(example)
         output = self.output_name(dims)
         dynamic = {
             name: {0: "rows", 1: "events"} if name in self.event_tensors else {0: "rows"}
-            for name in (*names, output)
+            for name in (*example, output)
         }
-        args = tuple(torch.from_numpy(value) for value in example.values())
-        with warnings.catch_warnings(), torch.inference_mode():
-            # The TorchScript-based exporter: the torch.export one needs onnxscript, and
-            # these networks (GRU, LSTM, BERT) export exactly with it (parity tests).
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                self.served(network.eval()),
-                args,
-                str(path),
-                input_names=names,
-                output_names=[output],
-                dynamic_axes=dynamic,
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
+        _export(self.served(network.eval()), example, output, dynamic, path)
+
+    def export_stage_onnx(self, network: nn.Module, dims: Dims, path: Path) -> None:
+        """The stage-level function: the spec's tensor names, dtypes and dims, a dynamic
+        batch axis ("users") and nothing else dynamic (TensorRT builds for fixed L/T/M)."""
+        example = self.spec_example_inputs(dims)
+        output = self.output_name(dims)
+        dynamic = {name: {0: "users"} for name in (*example, output)}
+        _export(self.stage_function(network.eval()), example, output, dynamic, path)
+        _stamp_dims(path, self.spec(dims))
 
     def load_network(self, directory: Path, manifest: Manifest) -> nn.Module:
         import torch
@@ -206,6 +297,15 @@ class TorchStage(Stage):
         return model.params.of(self.name)
 
     def runner(self, directory: Path, manifest: Manifest, options: RunnerOptions) -> Runner:
+        if options.device:
+            if options.runtime != "torch":
+                raise ValueError(
+                    f"{self.name}: device={options.device} runs torch; set runtime=torch, "
+                    f"not {options.runtime!r}"
+                )
+            function = self.stage_function(self.load_network(directory, manifest))
+            check = partial(self.check_inputs, manifest)
+            return DeviceRunner(self.spec(manifest.dims), manifest, function, options, check)
         runtime = self.runtime(directory, manifest, options.runtime)
         return self.make_runner(self.spec(manifest.dims), manifest, runtime, options)
 
@@ -234,6 +334,45 @@ class TorchStage(Stage):
                 state[name] = torch.full_like(state[name], float("nan"))
             network.load_state_dict(state)
         self.save(network, directory)
+
+
+def _export(
+    module: nn.Module, example: dict[str, np.ndarray], output: str, dynamic: dict, path: Path
+) -> None:
+    import torch
+
+    args = tuple(torch.from_numpy(value) for value in example.values())
+    with warnings.catch_warnings(), torch.inference_mode():
+        # The TorchScript-based exporter: the torch.export one needs onnxscript, and
+        # these networks (GRU, LSTM, BERT) export exactly with it (parity tests).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(example),
+            output_names=[output],
+            dynamic_axes=dynamic,
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+
+
+def _stamp_dims(path: Path, spec: StageSpec) -> None:
+    """Write the spec's fixed dims into the graph's inputs and outputs (the exporter leaves
+    reshaped outputs symbolic), checked by ONNX's strict shape inference: a stamped dim
+    that the graph contradicts fails the build, not a server in NVIDIA's container."""
+    import onnx
+
+    model = onnx.load(str(path))
+    tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(list(dims)[1:], tensors[value.name].dims, strict=True):
+            dim.Clear()
+            dim.dim_value = size
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    onnx.save(model, str(path))
 
 
 def network_dims(network: nn.Module) -> Dims:

@@ -79,6 +79,11 @@ class ImageCNNStage(TorchStage):
 
         return ImageRows(network)
 
+    def stage_function(self, network: nn.Module) -> nn.Module:
+        from dynemb.stages.image_cnn.network import ImageEvents
+
+        return ImageEvents(network)
+
     def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
         s = dims.image_size
         pixels = np.random.default_rng(0).integers(0, 256, (2, 3, s, s), dtype=np.uint8)

@@ -58,3 +58,20 @@ class ImageRows(nn.Module):
 
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.where(mask.unsqueeze(-1), self.network.encode(pixels), self.network.missing)
+
+
+class ImageEvents(nn.Module):
+    """The stage-level function (`stage.onnx`): (B, L, 3, S, S) uint8, (B, L) bool -> (B, L,
+    image_dim), every event's picture through `ImageRows` at once (an event without an image
+    gets the learned "no image" vector). The same function as `ImageCNN.forward`, at fixed
+    shapes (it computes the CNN for absent images too and discards it)."""
+
+    def __init__(self, network: ImageCNN) -> None:
+        super().__init__()
+        self.rows = ImageRows(network)
+        self.dims = network.dims
+
+    def forward(self, pixels: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        d = self.dims  # constants, so that the export's dims are fixed
+        flat = pixels.reshape(-1, 3, d.image_size, d.image_size)
+        return self.rows(flat, image_mask.reshape(-1)).reshape(-1, d.max_events, d.image_dim)

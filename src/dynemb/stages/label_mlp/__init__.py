@@ -18,6 +18,8 @@ from dynemb.tensors import Tensors
 if TYPE_CHECKING:
     from torch import nn
 
+    from dynemb.manifest import Manifest
+
 
 @dataclass(frozen=True)
 class LabelMLPParams:
@@ -41,7 +43,7 @@ class LabelRunner(RowCacheRunner):
         return {"LABEL_VEC": out.reshape(users, events, -1)}
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
-        checks.in_range("LABEL_IDS", inputs["LABEL_IDS"], 0, self.manifest.hparams.n_labels)
+        STAGE.check_inputs(self.manifest, inputs)
 
 
 class LabelMLPStage(TorchStage):
@@ -64,6 +66,14 @@ class LabelMLPStage(TorchStage):
         from dynemb.stages.label_mlp.network import LabelRows
 
         return LabelRows(network)
+
+    def stage_function(self, network: nn.Module) -> nn.Module:
+        from dynemb.stages.label_mlp.network import LabelEvents
+
+        return LabelEvents(network)
+
+    def check_inputs(self, manifest: Manifest, inputs: dict[str, np.ndarray]) -> None:
+        checks.in_range("LABEL_IDS", inputs["LABEL_IDS"], 0, manifest.hparams.n_labels)
 
     def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
         ids = np.zeros((2, dims.max_labels), np.int64)

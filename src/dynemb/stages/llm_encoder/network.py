@@ -124,5 +124,7 @@ class LLMEncoder(CausalEncoder):
         return self.event_proj(torch.cat([seq_features, text_vec, image_vec, label_vec], -1))
 
     def embed(self, states: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
-        """States (..., hidden) and query features (..., Q) -> unit-norm E_t (..., D)."""
-        return F.normalize(self.out(self.norm(states + self.query_proj(query_features))), dim=-1)
+        """States (..., hidden) and query features (..., Q) -> unit-norm E_t (..., D). The
+        norm is taken in fp32 (a no-op there): under bf16/fp16 autocast E_t stays unit-norm."""
+        out = self.out(self.norm(states + self.query_proj(query_features)))
+        return F.normalize(out.float(), dim=-1)

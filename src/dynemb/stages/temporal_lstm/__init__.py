@@ -6,16 +6,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dynemb.dims import Dims
-from dynemb.specs import StageSpec, TensorSpec
-from dynemb.stages.base import Runner, RunnerOptions
-from dynemb.stages.torch_stage import SequenceRunner, TorchStage
+from dynemb.specs import TensorSpec
+from dynemb.stages.torch_stage import TorchStage
 from dynemb.tensors import Tensors
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from dynemb.manifest import Manifest
-    from dynemb.serving.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -34,6 +30,7 @@ class TemporalLSTMStage(TorchStage):
         "EVENT_MASK",
         "SEQ_FEATURES",
     )
+    sequence_mask = "EVENT_MASK"
     params_type = TemporalLSTMParams
 
     def tensors(self, t: Tensors) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -45,12 +42,6 @@ class TemporalLSTMStage(TorchStage):
         from dynemb.stages.temporal_lstm.network import TemporalLSTM
 
         return TemporalLSTM(dims, params)
-
-    def make_runner(
-        self, spec: StageSpec, manifest: Manifest, runtime: Runtime, options: RunnerOptions
-    ) -> Runner:
-        mask = Tensors(manifest.dims).event_mask.name
-        return SequenceRunner(spec, manifest, runtime, self.event_tensors, mask)
 
 
 STAGE = TemporalLSTMStage()

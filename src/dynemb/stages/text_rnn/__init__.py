@@ -18,6 +18,8 @@ from dynemb.tensors import Tensors
 if TYPE_CHECKING:
     from torch import nn
 
+    from dynemb.manifest import Manifest
+
 
 @dataclass(frozen=True)
 class TextRNNParams:
@@ -47,8 +49,7 @@ class TextRunner(RowCacheRunner):
         return {"TEXT_VEC": out.reshape(users, events, -1)}
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
-        checks.in_range("TOKEN_IDS", inputs["TOKEN_IDS"], 0, self.manifest.hparams.vocab_size)
-        checks.in_range("TOKEN_COUNT", inputs["TOKEN_COUNT"], 0, self.manifest.dims.max_tokens + 1)
+        STAGE.check_inputs(self.manifest, inputs)
 
 
 class TextRNNStage(TorchStage):
@@ -71,6 +72,15 @@ class TextRNNStage(TorchStage):
         from dynemb.stages.text_rnn.network import TextRows
 
         return TextRows(network)
+
+    def stage_function(self, network: nn.Module) -> nn.Module:
+        from dynemb.stages.text_rnn.network import TextEvents
+
+        return TextEvents(network)
+
+    def check_inputs(self, manifest: Manifest, inputs: dict[str, np.ndarray]) -> None:
+        checks.in_range("TOKEN_IDS", inputs["TOKEN_IDS"], 0, manifest.hparams.vocab_size)
+        checks.in_range("TOKEN_COUNT", inputs["TOKEN_COUNT"], 0, manifest.dims.max_tokens + 1)
 
     def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
         ids = np.ones((2, dims.max_tokens), np.int64)

@@ -51,3 +51,21 @@ class TextRows(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:
         return self.network.encode(token_ids, token_count)
+
+
+class TextEvents(nn.Module):
+    """The stage-level function (`stage.onnx`): (B, L, T) ids, (B, L) counts -> (B, L,
+    text_dim), every event's text through `encode` at once and zeros where an event has no
+    text. The same function as `TextRNN.forward`, without its data-dependent branch and
+    boolean indexing, so that it exports with fixed shapes and runs as one GPU batch."""
+
+    def __init__(self, network: TextRNN) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, token_ids: torch.Tensor, token_count: torch.Tensor) -> torch.Tensor:
+        dims = self.network.dims  # constants, so that the export's dims are fixed
+        count = token_count.reshape(-1)
+        vec = self.network.encode(token_ids.reshape(-1, dims.max_tokens), count.clamp(min=1))
+        vec = vec * (count > 0).unsqueeze(-1).to(vec.dtype)
+        return vec.reshape(-1, dims.max_events, dims.text_dim)
