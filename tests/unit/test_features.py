@@ -127,3 +127,35 @@ def test_first_label_shares_are_the_same_for_a_few_rows_and_for_all():
         full = _shares_first_label(labels, 0)  # the vectorised path
         for first in range(n):  # the last rows take the direct path
             np.testing.assert_array_equal(_shares_first_label(labels, first), full[first:])
+
+
+def test_a_batch_of_histories_gets_each_one_s_own_time_and_query_features():
+    """The session engine computes a whole batch's features in one pass over padded
+    histories: each must equal that history's features alone, whatever its neighbours."""
+    import random
+
+    from dynemb.stages.preprocess.features import (
+        TimeRows,
+        query_feature_batch,
+        query_features,
+        time_feature_batch,
+        time_feature_rows,
+    )
+
+    rng = random.Random(7)
+    gaps = (0, 60, 3_600, 86_400, 9 * 86_400, 40 * 86_400)
+    histories, at = [], []
+    for _ in range(40):
+        n = rng.randrange(0, 55)
+        times = 1.7e9 + np.cumsum([rng.choice(gaps) for _ in range(n)]).astype(np.float64)
+        pool = ["genre:a", "genre:b", "rating:3", "rating:5", "rating:?"]
+        labels = [rng.sample(pool, rng.randrange(3)) for _ in range(n)]
+        first = rng.choice([0, max(0, n - 1), max(0, n - 4), n])
+        histories.append(TimeRows(times, labels, first))
+        at.append((times[-1] if n else 1.7e9) + rng.choice([0, 30, 1e6]))
+    batched = time_feature_batch(histories, DIMS)
+    queries = query_feature_batch([h.times for h in histories], np.array(at), DIMS)
+    for h, rows, q, t in zip(histories, batched, queries, at, strict=True):
+        np.testing.assert_array_equal(rows, time_feature_rows(h.times, h.labels, DIMS, h.first))
+        np.testing.assert_array_equal(q, query_features(h.times, t, DIMS))
+    assert sum(len(r) for r in batched) == sum(len(h.times) - h.first for h in histories)

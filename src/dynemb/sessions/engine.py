@@ -37,9 +37,10 @@ from dynemb.stages.llm_encoder.step import EncoderStep, KVCache
 from dynemb.stages.preprocess.features import (
     Preprocessor,
     SessionEvents,
+    TimeRows,
     event_ratings,
-    query_features,
-    time_feature_rows,
+    query_feature_batch,
+    time_feature_batch,
 )
 from dynemb.stages.temporal_lstm.step import LSTMStep
 from dynemb_client import contract as wire
@@ -72,11 +73,14 @@ class _Plan:
     raw_labels: list[tuple[bytes, ...]]
     g_all: np.ndarray  # (n, event_dim) of the new state
     g_new: np.ndarray  # (k, event_dim) rows the LSTM and MiniLM read now
-    time_new: np.ndarray  # (k, time_dim)
-    query: np.ndarray  # (Q,)
-    windowed: bool  # a full window: recomputed whole, no keys, values or LSTM state kept
-    # A re-window below L: recomputed from its stored G by steps from nothing (base None),
-    # so its keys, values and LSTM state are kept for the events that follow.
+    first: int  # the first of `times` read now (g_new's): k = len(times) - first
+    # A full window: recomputed whole, no keys, values or LSTM state kept. (A re-window
+    # below L is a plan with base None: steps from nothing over its stored G, so its keys,
+    # values and LSTM state are kept for the events that follow.)
+    windowed: bool
+    # The batch's time and query features, each in one pass over every plan of it.
+    time_new: np.ndarray | None = None  # (k, time_dim)
+    query: np.ndarray | None = None  # (Q,)
 
 
 class SessionEngine:
@@ -164,6 +168,12 @@ class SessionEngine:
                 self._plan(state, events, g)
                 for (_, state, events), g in zip(prepared, g_rows, strict=True)
             ]
+            rows = [TimeRows(p.times, p.labels, p.first, p.ratings) for p in plans]
+            at = np.array([p.events.query_time for p in plans])
+            queries = query_feature_batch([p.times for p in plans], at, self.dims)
+            times = time_feature_batch(rows, self.dims)
+            for plan, time_new, query in zip(plans, times, queries, strict=True):
+                plan.time_new, plan.query = time_new, query
             for (i, _, _), done in zip(prepared, self._run(plans), strict=True):
                 results[i] = done
         return results  # type: ignore[return-value]
@@ -218,21 +228,24 @@ class SessionEngine:
             raw_labels=raw,
             g_all=g_all,
             g_new=g_all[first:],
-            time_new=time_feature_rows(times, labels, d, first=first, ratings=ratings),
-            query=query_features(times, events.query_time, d),
+            first=first,
             windowed=windowed,
         )
 
     def _run(self, plans: list[_Plan]) -> list[Advanced]:
         """Each plan's advanced session: full windows through the serving runtimes in one
-        batch, the others by steps from their stored state in another."""
+        batch; the others by steps, one batch per number of tokens MiniLM reads. A batch
+        pads every user to its widest, so one re-window (26 tokens with B = 25) among 31
+        one-event updates would make all 32 read 26: grouped, each reads its own."""
+        groups: dict[object, list[int]] = {}
+        for i, p in enumerate(plans):
+            key = "window" if p.windowed else len(p.g_new) + (p.base is None)
+            groups.setdefault(key, []).append(i)
         out: list[Advanced | None] = [None] * len(plans)
-        for windowed in (True, False):
-            which = [i for i, p in enumerate(plans) if p.windowed == windowed]
-            if which:
-                run = self._windows if windowed else self._steps
-                for i, done in zip(which, run([plans[i] for i in which]), strict=True):
-                    out[i] = done
+        for key, which in groups.items():
+            run = self._windows if key == "window" else self._steps
+            for i, done in zip(which, run([plans[i] for i in which]), strict=True):
+                out[i] = done
         return out  # type: ignore[return-value]
 
     def _windows(self, plans: list[_Plan]) -> list[Advanced]:

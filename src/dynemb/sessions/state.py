@@ -13,6 +13,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import chain
 
 import numpy as np
 
@@ -62,11 +64,13 @@ class SessionState:
     def n_events(self) -> int:
         return len(self.times)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        """Its size, once: a state is not changed after it is made, and the store reads the
+        size on every put and drop (summed label by label, it was a third of an update)."""
         arrays = (self.times, self.ratings, self.events, self.lstm_h, self.lstm_c)
         arrays += (self.keys, self.values, self.newest)
-        labels = sum(64 + sum(len(x) for x in row) for row in self.raw_labels)
+        labels = 64 * len(self.raw_labels) + sum(map(len, chain.from_iterable(self.raw_labels)))
         return sum(a.nbytes for a in arrays) + 2 * labels + 512
 
 

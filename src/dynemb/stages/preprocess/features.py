@@ -11,6 +11,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -414,40 +415,69 @@ def time_feature_rows(
     share of them carrying the event's first label. `ratings` (`event_ratings(labels)`) may
     be passed in by a caller that keeps them.
     """
-    n = len(times)
-    out = np.zeros((n - first, dims.time_dim), dtype=np.float32)
-    if n == first:
-        return out
-    rows = times[first:]
-    index = np.arange(first, n)
-    prev_gap = rows - times[np.maximum(index - 1, 0)]  # 0 for the first event
-    out[:, 0] = np.log1p((rows - times[0]) / _HOUR_S)
+    return time_feature_batch([TimeRows(times, labels, first, ratings)], dims)[0]
+
+
+@dataclass(frozen=True)
+class TimeRows:
+    """One history whose events `first`.. need time features (see time_feature_rows)."""
+
+    times: np.ndarray
+    labels: list[list[str]]
+    first: int = 0
+    ratings: np.ndarray | None = None
+
+
+def time_feature_batch(histories: Sequence[TimeRows], dims: Dims) -> list[np.ndarray]:
+    """`time_feature_rows` of several histories in one vectorised pass (a batch of
+    sessions' new events): histories are padded to the longest, and padding sits after
+    every row's own events, which the causal mask already leaves out."""
+    sizes = [len(h.times) for h in histories]
+    counts = [n - h.first for n, h in zip(sizes, histories, strict=True)]
+    width = max(sizes, default=0)
+    out = np.zeros((sum(counts), dims.time_dim), dtype=np.float32)
+    if not len(out):
+        return [out[:0] for _ in histories]
+    times = np.zeros((len(histories), width))
+    rated = np.zeros((len(histories), width), dtype=bool)
+    known = np.zeros((len(histories), width))
+    same = np.zeros((len(out), width), dtype=bool)
+    owner = np.repeat(np.arange(len(histories)), counts)
+    index = np.concatenate([np.arange(h.first, n) for h, n in zip(histories, sizes, strict=True)])
+    row = 0
+    for b, (h, n) in enumerate(zip(histories, sizes, strict=True)):
+        times[b, :n] = h.times
+        ratings = event_ratings(h.labels) if h.ratings is None else h.ratings
+        rated[b, :n] = np.isfinite(ratings)
+        known[b, :n] = np.where(rated[b, :n], ratings, 0.0)
+        same[row : row + n - h.first, :n] = _shares_first_label(h.labels, h.first)
+        row += n - h.first
+    mine = times[owner]  # (rows, width): each row's own history
+    rows = mine[np.arange(len(out)), index]
+    prev_gap = rows - mine[np.arange(len(out)), np.maximum(index - 1, 0)]  # 0 for the first
+    out[:, 0] = np.log1p((rows - mine[:, 0]) / _HOUR_S)
     out[:, 1] = np.log1p(prev_gap / _HOUR_S)
     out[:, 2:6] = _cycles(rows)
     out[:, 6] = index / dims.max_events
-    ratings = event_ratings(labels) if ratings is None else ratings
-    rated = np.isfinite(ratings)
-    known = np.where(rated, ratings, 0.0)
-    same = _shares_first_label(labels, first)
-    # in_window[w, i, j]: event j is in event (first + i)'s trailing window w (j <= first + i),
-    # for every window at once; (windows, n - first, n), so a session's one new row is O(n).
-    age = rows[:, None] - times[None, :]
-    causal = np.arange(n)[None, :] <= index[:, None]
+    # in_window[w, i, j]: event j is in row i's trailing window w (j <= its own index), for
+    # every window at once: (windows, rows, width), so a session's new row is O(n).
+    age = rows[:, None] - mine
+    causal = np.arange(width)[None, :] <= index[:, None]
     windows = np.asarray(dims.windows_s, dtype=np.float64)[:, None, None]
     in_window = causal[None] & (age[None] < windows)
     count = in_window.sum(axis=2)
-    rated_in = in_window & rated[None, None, :]
+    rated_in = in_window & rated[owner][None]
     n_rated = rated_in.sum(axis=2)
-    rating_sum = (rated_in * known[None, None, :]).sum(axis=2)
+    rating_sum = (rated_in * known[owner][None]).sum(axis=2)
     share = (in_window & same[None]).sum(axis=2) / count
     mean_rating = np.where(n_rated > 0, rating_sum / np.maximum(n_rated, 1) / 5.0, 0.0)
     # Columns 7 + 3k, 8 + 3k, 9 + 3k per window k: log count, mean rating / 5, share.
     out[:, 7:] = (
         np.stack([np.log1p(count), mean_rating, share], axis=-1)
         .transpose(1, 0, 2)
-        .reshape(n - first, -1)
+        .reshape(len(out), -1)
     )
-    return out
+    return np.split(out, np.cumsum(counts)[:-1])
 
 
 def event_ratings(labels: list[list[str]]) -> np.ndarray:
@@ -461,12 +491,8 @@ def _shares_first_label(labels: list[list[str]], first: int = 0) -> np.ndarray:
     through codes that this history's labels get here."""
     n = len(labels)
     if (n - first) * 8 <= n:  # a few new rows (a session's update): direct lookups
-        sets = [set(row) for row in labels]
         return np.array(
-            [
-                [bool(labels[i]) and labels[i][0] in sets[j] for j in range(n)]
-                for i in range(first, n)
-            ],
+            [[bool(labels[i]) and labels[i][0] in row for row in labels] for i in range(first, n)],
             dtype=bool,
         ).reshape(n - first, n)
     codes: dict[str, int] = {}
@@ -481,12 +507,27 @@ def _shares_first_label(labels: list[list[str]], first: int = 0) -> np.ndarray:
 
 def query_features(times: np.ndarray, query_time: float, dims: Dims) -> np.ndarray:
     """Features of t itself: time since the newest event, cycles, history flag, window counts."""
-    out = np.zeros(dims.query_dim, dtype=np.float32)
-    out[1:5] = _cycles(np.array([query_time]))[0]
-    if len(times):
-        out[0] = np.log1p((query_time - times[-1]) / _HOUR_S)
-        out[5] = 1.0
-        ages = query_time - np.asarray(times)
-        windows = np.asarray(dims.windows_s, dtype=np.float64)
-        out[6:] = np.log1p((ages[None, :] < windows[:, None]).sum(axis=1))
+    return query_feature_batch([times], np.array([query_time]), dims)[0]
+
+
+def query_feature_batch(
+    histories: Sequence[np.ndarray], query_times: np.ndarray, dims: Dims
+) -> np.ndarray:
+    """`query_features` of several histories (event times) and their query times, (B, Q)."""
+    users = len(histories)
+    out = np.zeros((users, dims.query_dim), dtype=np.float32)
+    out[:, 1:5] = _cycles(np.asarray(query_times, dtype=np.float64))
+    sizes = np.array([len(t) for t in histories])
+    if not sizes.any():
+        return out
+    times = np.full((users, sizes.max()), -np.inf)  # padding is never within a window
+    for b, t in enumerate(histories):
+        times[b, : len(t)] = t
+    some = sizes > 0
+    newest = times[np.arange(users), np.maximum(sizes - 1, 0)]
+    out[some, 0] = np.log1p((query_times[some] - newest[some]) / _HOUR_S)
+    out[some, 5] = 1.0
+    ages = np.asarray(query_times, dtype=np.float64)[:, None] - times
+    windows = np.asarray(dims.windows_s, dtype=np.float64)[:, None, None]
+    out[some, 6:] = np.log1p((ages[None] < windows).sum(axis=2)).T[some]
     return out
