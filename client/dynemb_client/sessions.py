@@ -157,11 +157,10 @@ def rows_call(
     if not 0 < len(rows) <= MAX_SESSION_ROWS:
         raise ValueError(f"a session request holds 1-{MAX_SESSION_ROWS} rows, got {len(rows)}")
     sessions = [session for session, *_ in rows]
+    # Only the events sent travel (the session model's events axis is variable, up to L).
+    width = min(shape.max_events, max(1, *(len(events) for _, _, events, _ in rows)))
     arrays = build_inputs(
-        [events for _, _, events, _ in rows],
-        [t for *_, t in rows],
-        shape.max_events,
-        shape.max_labels,
+        [events for _, _, events, _ in rows], [t for *_, t in rows], width, shape.max_labels
     )
     arrays[SESSION_ID] = np.array([[s.encode("utf-8")] for s in sessions], dtype=object)
     arrays[SESSION_OP] = np.array([[op] for _, op, _, _ in rows], dtype=np.int32)

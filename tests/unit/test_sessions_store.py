@@ -463,3 +463,26 @@ def test_a_session_changed_by_a_refused_and_a_good_request_is_dropped():
     ]
     serve_rows(store, engine, rows)
     assert "a" not in store  # its next update is answered STATUS_UNKNOWN
+
+
+def test_a_session_request_s_event_tensors_share_one_width_up_to_l():
+    from dynemb.errors import InputError
+    from dynemb.sessions.serving import check_event_width
+
+    def request(width: int, count: int, labels_width: int | None = None) -> dict:
+        return {
+            wire.EVENT_TEXT: np.full((2, width), b"", dtype=object),
+            wire.EVENT_IMAGE: np.full((2, width), b"", dtype=object),
+            wire.EVENT_LABELS: np.full((2, labels_width or width, 8), b"", dtype=object),
+            wire.EVENT_TIME: np.zeros((2, width)),
+            wire.EVENT_COUNT: np.full((2, 1), count, dtype=np.int32),
+        }
+
+    check_event_width(request(1, 1), 50)  # one new event each: what an update sends
+    check_event_width(request(50, 7), 50)
+    with pytest.raises(InputError, match=r"EVENT_LABELS.*equal"):
+        check_event_width(request(3, 1, labels_width=2), 50)
+    with pytest.raises(InputError, match="at most 50"):
+        check_event_width(request(51, 1), 50)
+    with pytest.raises(InputError, match="EVENT_COUNT"):
+        check_event_width(request(2, 3), 50)

@@ -30,7 +30,7 @@ from dynemb.errors import InputError
 from dynemb.pipeline import versions_of
 from dynemb.serving.adapter import read_inputs
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
-from dynemb.sessions.spec import SessionOptions, session_spec
+from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
 from dynemb.sessions.state import SessionState, StateStore, StoreStats
 from dynemb.specs import StageSpec
 from dynemb_client import contract as wire
@@ -145,6 +145,7 @@ class SessionAdapter:
 
     def _rows(self, i: int, request: Any) -> list[_Row]:
         inputs = read_inputs(self.pb_utils, request, self.spec)
+        check_event_width(inputs, self.engine.dims.max_events if self.engine else None)
         out = []
         for j in range(len(inputs[wire.SESSION_ID])):
             row = {name: value[j] for name, value in inputs.items()}
@@ -258,6 +259,21 @@ def _serve_round(
             else:
                 answers[k] = result
     return answers  # type: ignore[return-value]
+
+
+def check_event_width(inputs: dict[str, np.ndarray], max_events: int | None) -> None:
+    """The event tensors of a request share one width, at most L, holding every event
+    that EVENT_COUNT says each row sends."""
+    widths = {name: inputs[name].shape[1] for name in EVENT_TENSORS}
+    width = widths[wire.EVENT_TIME]
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"{name} {w}" for name, w in widths.items())
+        raise InputError(", ".join(widths), f"events axes must be equal, got {shown}")
+    if max_events is not None and width > max_events:
+        raise InputError(", ".join(widths), f"{width} events a row; at most {max_events}")
+    counts = inputs[wire.EVENT_COUNT].reshape(-1)
+    if len(counts) and int(counts.max()) > width:
+        raise InputError(wire.EVENT_COUNT, f"{int(counts.max())} events, but {width} were sent")
 
 
 def session_id(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from dynemb.dims import Dims
 from dynemb.sessions.state import StateStore
@@ -52,17 +52,24 @@ class SessionOptions:
         return StateStore(self.max_users, int(self.max_mb * 2**20), self.ttl_s)
 
 
+# The session's event tensors: as the ensembles' but with an events axis of any width up
+# to L, since an update carries its new events only (padded to L, a one-event update of
+# 32 users sent 16,000 BYTES elements for 320 real ones, a third of its server time).
+EVENT_TENSORS = (wire.EVENT_TEXT, wire.EVENT_IMAGE, wire.EVENT_LABELS, wire.EVENT_TIME)
+
+
 def session_spec(dims: Dims, options: SessionOptions | None = None) -> StageSpec:
     t = Tensors(dims)
+    sent = tuple(
+        replace(tensor, dims=(-1, *tensor.dims[1:]))
+        for tensor in (t.event_text, t.event_image, t.event_labels, t.event_time)
+    )
     return StageSpec(
         name=wire.SESSION,
         inputs=(
             TensorSpec(wire.SESSION_ID, "BYTES", (1,)),
             TensorSpec(wire.SESSION_OP, "INT32", (1,)),
-            t.event_text,
-            t.event_image,
-            t.event_labels,
-            t.event_time,
+            *sent,
             t.event_count,
             t.query_time,
         ),
