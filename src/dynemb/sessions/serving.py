@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -101,7 +102,7 @@ class SessionAdapter:
                 by_request.setdefault(row.request, []).append(answer)
         for i, answers_i in by_request.items():
             if responses[i] is None:
-                responses[i] = self._response(answers_i, engine)
+                responses[i] = self._response(answers_i, engine, requested(requests[i]))
         self.metrics.update(self.store.stats())
         return responses
 
@@ -152,20 +153,34 @@ class SessionAdapter:
             out.append(_Row(i, session_id(row[wire.SESSION_ID]), session_op(row), row))
         return out
 
-    def _response(self, answers: list[tuple[np.ndarray, int, int]], engine: SessionEngine) -> Any:
+    def _response(
+        self,
+        answers: list[tuple[np.ndarray, int, int]],
+        engine: SessionEngine,
+        asked: set[str] | None = None,
+    ) -> Any:
         """The answers of one request, with the stage versions of the engine that gave
-        them (every state it holds was computed by them)."""
+        them (every state it holds was computed by them); only the outputs it `asked` for
+        (None: all), since each tensor made costs the stub a transfer that Triton would
+        then drop."""
         pb = self.pb_utils
         embeddings, status, held = zip(*answers, strict=True)
-        tensors = [
-            pb.Tensor(wire.USER_EMBEDDING, np.stack(embeddings).astype(np.float32)),
-            pb.Tensor(wire.SESSION_STATUS, np.array(status, np.int32)[:, None]),
-            pb.Tensor(wire.SESSION_EVENTS, np.array(held, np.int32)[:, None]),
-        ]
+        outputs = {
+            wire.USER_EMBEDDING: lambda: np.stack(embeddings).astype(np.float32),
+            wire.SESSION_STATUS: lambda: np.array(status, np.int32)[:, None],
+            wire.SESSION_EVENTS: lambda: np.array(held, np.int32)[:, None],
+        }
         for stage, version in engine.versions if self.reports_versions else ():
-            tag = np.full((len(answers), 1), int(version), np.int64)
-            tensors.append(pb.Tensor(wire.version_output(stage), tag))
-        return pb.InferenceResponse(output_tensors=tensors)
+            outputs[wire.version_output(stage)] = partial(
+                np.full, (len(answers), 1), int(version), np.int64
+            )
+        return pb.InferenceResponse(
+            output_tensors=[
+                pb.Tensor(name, make())
+                for name, make in outputs.items()
+                if asked is None or name in asked
+            ]
+        )
 
 
 def serve_rows(
@@ -259,6 +274,12 @@ def _serve_round(
             else:
                 answers[k] = result
     return answers  # type: ignore[return-value]
+
+
+def requested(request: Any) -> set[str] | None:
+    """The outputs a request asked for (None where the backend does not say: all)."""
+    names = getattr(request, "requested_output_names", None)
+    return set(names()) if names is not None else None
 
 
 def check_event_width(inputs: dict[str, np.ndarray], max_events: int | None) -> None:
