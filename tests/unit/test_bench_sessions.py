@@ -58,3 +58,25 @@ def test_cpu_seconds_follow_work_done():
     assert tree_cpu_seconds(os.getpid()) >= cpu_seconds(os.getpid())
     assert time.process_time() - mine >= 0.29
     assert cpu_seconds(2**22 + 12345) == 0.0  # no such process
+
+
+def test_within_the_window_a_session_is_also_set_against_a_full_window_recompute():
+    from dynemb.bench.sessions import PhaseResult, against_full_window
+
+    within = PhaseResult(
+        WITHIN,
+        "the whole history so far",
+        [Rate(RECOMPUTE, 100, 0.3), Rate(SESSION, 100, 0.04)],
+        [Rate(SESSION, 100, 1.0, concurrency=1, users_per_call=32, server_cpu_s=0.05)],
+        {},
+    )
+    past = PhaseResult(
+        PAST,
+        "the newest L events",
+        [Rate(RECOMPUTE, 100, 0.5), Rate(SESSION, 100, 0.05)],
+        [Rate(RECOMPUTE, 100, 1.0, concurrency=1, users_per_call=32, server_cpu_s=0.6)],
+        {},
+    )
+    got = against_full_window(within, past)
+    assert got["inprocess_compute_vs_full_l"] == pytest.approx(12.5)  # 5 ms vs 0.4 ms
+    assert got["served_server_compute_vs_full_l_c1x32"] == pytest.approx(12.0)
