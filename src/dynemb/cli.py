@@ -46,11 +46,22 @@ def main() -> None:
     from dynemb_client import ClientInputError
     from dynemb_client import ServerError as ClientServerError
 
+    stop_like_ctrl_c()
     try:
         app()
     except (DynembError, ClientInputError, ClientServerError) as exc:
         print(f"dynemb: error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def stop_like_ctrl_c() -> None:
+    """SIGTERM and SIGINT both unwind like Ctrl-C, so every command stops the servers,
+    replicas and workers it started (their context managers run): a benchmark killed with
+    SIGTERM left its tritonserver and stage processes running. A process started in the
+    background by a non-interactive shell inherits SIGINT as ignored, and Python then
+    leaves it ignored: kill -INT must still stop it."""
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _progress() -> Progress:
@@ -242,10 +253,6 @@ def serve(
         cluster = Replicas(stepped_configs(base, replicas))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    # A process started in the background by a non-interactive shell inherits SIGINT as
-    # ignored, and Python then leaves it ignored: Ctrl-C / kill -INT must still stop us.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     supervisors: dict[int, StageSupervisor] = {}
 
     def supervise_replica(i: int) -> None:
