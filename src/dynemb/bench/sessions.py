@@ -394,6 +394,10 @@ def write(result: SessionBenchResult, options: SessionBenchOptions) -> None:
     write_results(stem, result, result.context, render_markdown(result, options))
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -431,7 +435,8 @@ def render_markdown(result: SessionBenchResult, options: SessionBenchOptions) ->
                 where = (
                     "in-process"
                     if x.concurrency is None
-                    else f"served, {x.concurrency} clients x {x.users_per_call} users a call"
+                    else f"served, {_plural(x.concurrency, 'client')} x "
+                    f"{_plural(x.users_per_call, 'user')} a call"
                 )
                 client = (
                     "–"
