@@ -109,3 +109,13 @@ class OnnxFunction:
         return self.session.run(
             None, {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
         )
+
+
+def on_runtime(step: Any, runtime: str, what: str) -> Any:
+    """A session step (`EncoderStep`, `LSTMStep`) set to run on `runtime`: "torch" as it
+    is, "onnxruntime" through its `use_onnxruntime()`."""
+    if runtime == "onnxruntime":
+        step.use_onnxruntime()
+    elif runtime != "torch":
+        raise ValueError(f"{what}: runtime must be torch or onnxruntime, not {runtime!r}")
+    return step

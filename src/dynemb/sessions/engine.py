@@ -237,13 +237,13 @@ class SessionEngine:
         batch; the others by steps, one batch per number of tokens MiniLM reads. A batch
         pads every user to its widest, so one re-window (26 tokens with B = 25) among 31
         one-event updates would make all 32 read 26: grouped, each reads its own."""
-        groups: dict[object, list[int]] = {}
+        groups: dict[tuple[bool, int], list[int]] = {}
         for i, p in enumerate(plans):
-            key = "window" if p.windowed else len(p.g_new) + (p.base is None)
-            groups.setdefault(key, []).append(i)
+            width = 0 if p.windowed else len(p.g_new) + (p.base is None)
+            groups.setdefault((p.windowed, width), []).append(i)
         out: list[Advanced | None] = [None] * len(plans)
-        for key, which in groups.items():
-            run = self._windows if key == "window" else self._steps
+        for (windowed, _), which in groups.items():
+            run = self._windows if windowed else self._steps
             for i, done in zip(which, run([plans[i] for i in which]), strict=True):
                 out[i] = done
         return out  # type: ignore[return-value]

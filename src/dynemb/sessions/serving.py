@@ -122,11 +122,7 @@ class SessionAdapter:
         serving = {}
         for name in SESSION_STAGES:
             ready = next(
-                (
-                    v
-                    for v in reversed(versions_of(self.repository / name))
-                    if self.pb_utils.is_model_ready(name, str(v))
-                ),
+                (v for v in reversed(versions_of(self.repository / name)) if self._ready(name, v)),
                 None,
             )
             if ready is None:
@@ -143,6 +139,15 @@ class SessionAdapter:
             self.pb_utils.Logger.log_info(f"session: serving with {dict(key)}")
         self._next_check = time.monotonic() + self.options.version_check_s
         return self.engine
+
+    def _ready(self, name: str, version: int) -> bool:
+        """Whether the server serves `version` of stage `name`. A server that cannot say
+        (it is stopping: "Server not ready") serves nothing: the request is UNAVAILABLE,
+        which the client retries, not a failure of ours (INTERNAL), which it would not."""
+        try:
+            return bool(self.pb_utils.is_model_ready(name, str(version)))
+        except Exception as exc:
+            raise NoServingVersionError(f"{name}: readiness unknown ({exc})") from exc
 
     def _rows(self, i: int, request: Any) -> list[_Row]:
         inputs = read_inputs(self.pb_utils, request, self.spec)

@@ -85,17 +85,12 @@ class EncoderStep:
 
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, runtime: str = "torch") -> EncoderStep:
+        from dynemb.serving.runtime import on_runtime
         from dynemb.stages.torch_stage import WEIGHTS
 
         state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
         step = cls(state, manifest.hparams.bert_config)
-        if runtime == "onnxruntime":
-            step.use_onnxruntime()
-        elif runtime != "torch":
-            raise ValueError(
-                f"llm_encoder step: runtime must be torch or onnxruntime, not {runtime!r}"
-            )
-        return step
+        return on_runtime(step, runtime, "llm_encoder step")
 
     _onnx = None  # OnnxFunction of `extend`, once use_onnxruntime() made it
 

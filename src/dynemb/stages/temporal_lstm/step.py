@@ -28,15 +28,10 @@ class LSTMStep:
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, runtime: str = "torch") -> LSTMStep:
         from dynemb import stages
+        from dynemb.serving.runtime import on_runtime
 
         step = cls(stages.get("temporal_lstm").load_network(directory, manifest))
-        if runtime == "onnxruntime":
-            step.use_onnxruntime()
-        elif runtime != "torch":
-            raise ValueError(
-                f"temporal_lstm step: runtime must be torch or onnxruntime, not {runtime!r}"
-            )
-        return step
+        return on_runtime(step, runtime, "temporal_lstm step")
 
     def use_onnxruntime(self) -> None:
         from dynemb.serving.runtime import OnnxFunction

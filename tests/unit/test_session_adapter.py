@@ -1,0 +1,82 @@
+"""The `session` model's adapter driven without a server (a stand-in for the backend's
+utilities): its answers, and what a stopping server's readiness errors become."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from dynemb.sessions.serving import SessionAdapter
+from dynemb_client import Event, build_inputs
+from dynemb_client import contract as wire
+
+from . import fake_pb_utils
+
+
+class ServerStoppingError(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def adapter(repo):
+    state = {"stopping": False}
+
+    def is_model_ready(name: str, version: str = "") -> bool:
+        if state["stopping"]:
+            raise ServerStoppingError("Failed to check model readiness: Server not ready")
+        return True
+
+    pb = types.SimpleNamespace(**vars(fake_pb_utils), is_model_ready=is_model_ready)
+
+    class Adapter(SessionAdapter):
+        pb_utils = pb
+
+    model = Adapter()
+    declared = {"output": [{"name": wire.version_output(s)} for s in wire.INTEREST_STAGES]}
+    model.initialize(
+        {"model_repository": str(repo / wire.SESSION), "model_config": json.dumps(declared)}
+    )
+    model.options = type(model.options)(version_check_s=0.0)  # ask the server every batch
+    return model, state
+
+
+def request(session: str, op: int, events: list[Event], at: float):
+    x = build_inputs([events], [at], max(1, len(events)), 8)
+    x[wire.SESSION_ID] = np.array([[session.encode()]], dtype=object)
+    x[wire.SESSION_OP] = np.array([[op]], dtype=np.int32)
+    return fake_pb_utils.InferenceRequest(x)
+
+
+def test_a_stopping_server_makes_requests_unavailable_not_internal(adapter):
+    model, state = adapter
+    events = [Event(1.7e9 + 60 * i, f"item {i}") for i in range(3)]
+    [started] = model.execute([request("u", wire.OP_START, events, events[-1].time)])
+    assert not started.has_error()
+    assert started.output_tensors[wire.SESSION_EVENTS].item() == 3
+    state["stopping"] = True
+    [refused] = model.execute(
+        [request("u", wire.OP_UPDATE, [Event(1.7e9 + 600, "x")], 1.7e9 + 600)]
+    )
+    assert refused.has_error() and refused.error.code() == fake_pb_utils.TritonError.UNAVAILABLE
+    assert "readiness unknown" in refused.error.message()
+    state["stopping"] = False
+    [later] = model.execute([request("u", wire.OP_UPDATE, [Event(1.7e9 + 600, "x")], 1.7e9 + 600)])
+    assert not later.has_error() and later.output_tensors[wire.SESSION_EVENTS].item() == 4
+
+
+def test_only_the_asked_outputs_are_made(adapter):
+    model, _ = adapter
+
+    class Asking(fake_pb_utils.InferenceRequest):
+        def requested_output_names(self):
+            return [wire.USER_EMBEDDING, wire.SESSION_STATUS]
+
+    plain = request("v", wire.OP_START, [Event(1.7e9, "a")], 1.7e9)
+    asking = Asking({t.name(): t.as_numpy() for t in plain.tensors.values()})
+    [answer] = model.execute([asking])
+    assert set(answer.output_tensors) == {wire.USER_EMBEDDING, wire.SESSION_STATUS}
+    [everything] = model.execute([request("w", wire.OP_START, [Event(1.7e9, "a")], 1.7e9)])
+    assert wire.version_output(wire.INTEREST_STAGES[0]) in everything.output_tensors
