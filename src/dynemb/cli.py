@@ -74,6 +74,18 @@ def _progress() -> Progress:
     )
 
 
+def _evaluation_training(max_minutes: float, max_epochs: int, threads: int):
+    """The training options of each seed an evaluation trains (a progress bar on a tty)."""
+    from dynemb.training.train import TrainOptions
+
+    return TrainOptions(
+        max_minutes=max_minutes,
+        max_epochs=max_epochs,
+        num_threads=threads,
+        progress=sys.stderr.isatty(),
+    )
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
@@ -469,17 +481,11 @@ def evaluate(
     (full ranking), ablations and cold-start slices; writes STEM.md and STEM.json."""
     from dynemb.data import load_dataset
     from dynemb.evaluation.quality import QualityOptions, quality_benchmark
-    from dynemb.training.train import TrainOptions
 
     options = QualityOptions(
         data=data,
         seeds=_seeds(seeds),
-        train=TrainOptions(
-            max_minutes=max_minutes,
-            max_epochs=max_epochs,
-            num_threads=threads,
-            progress=sys.stderr.isatty(),
-        ),
+        train=_evaluation_training(max_minutes, max_epochs, threads),
         ablation_minutes=ablation_minutes,
         ablation_epochs=ablation_epochs,
         ablations=ablations,
@@ -517,7 +523,6 @@ def evaluate_sessions(
     from dynemb.data import load_dataset
     from dynemb.dims import DIMS
     from dynemb.evaluation.streaming import StreamingOptions, streaming_benchmark
-    from dynemb.training.train import TrainOptions
 
     chosen = _seeds(blocks)
     if any(not 1 < b <= DIMS.max_events for b in chosen):
@@ -525,12 +530,7 @@ def evaluate_sessions(
     options = StreamingOptions(
         seeds=_seeds(seeds),
         blocks=chosen,
-        train=TrainOptions(
-            max_minutes=max_minutes,
-            max_epochs=max_epochs,
-            num_threads=threads,
-            progress=sys.stderr.isatty(),
-        ),
+        train=_evaluation_training(max_minutes, max_epochs, threads),
         out_dir=out_dir,
         stem=stem,
         command=_command(),

@@ -10,7 +10,6 @@ epoch on validation NDCG@10 only; test is read once per trained model.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from dynemb.evaluation.results import (
     RunResult,
     SeenMetrics,
     SliceResult,
+    as_record,
     save_report,
 )
 from dynemb.evaluation.split import Split, Which, leave_one_out
@@ -160,7 +160,7 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResul
         evaluated_users=len(split.eval_users),
         items=split.n_items,
         seeds=list(options.seeds),
-        train_options=json.loads(json.dumps(asdict(options.train), default=str)),
+        train_options=as_record(options.train),
         models=models,
         run=run,
     )

@@ -131,6 +131,12 @@ class DynamicsResult:
     run: RunRecord
 
 
+def as_record(options: Any) -> dict[str, Any]:
+    """A dataclass of options as the JSON record stores it (values it cannot hold as
+    strings), so that the record read back equals the one written."""
+    return json.loads(json.dumps(asdict(options), default=str))
+
+
 def machine() -> dict[str, Any]:
     import torch
 

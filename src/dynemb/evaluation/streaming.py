@@ -12,11 +12,10 @@ evaluated users and over those whose history exceeds L (the only ones that diffe
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from dynemb.data.types import Dataset
 from dynemb.dims import DIMS
 from dynemb.evaluation.metrics import format_mean_std, summarize
 from dynemb.evaluation.quality import evaluate
-from dynemb.evaluation.results import RunRecord, SeenMetrics, save_report
+from dynemb.evaluation.results import RunRecord, SeenMetrics, as_record, save_report
 from dynemb.evaluation.split import leave_one_out
 from dynemb.paths import RESULTS_DIR
 from dynemb.sessions.state import window_after
@@ -156,7 +155,7 @@ def streaming_benchmark(dataset: Dataset, options: StreamingOptions) -> Streamin
         users_past_window=len(past),
         blocks=list(options.blocks),
         seeds=list(options.seeds),
-        train_options=json.loads(json.dumps(asdict(options.train), default=str)),
+        train_options=as_record(options.train),
         runs=runs,
         run=record,
     )
