@@ -539,11 +539,13 @@ def evaluate_sessions(
     full_mean, full_std = result.summary(None)
     console.print(f"full model: NDCG@10 {full_mean:.4f} ± {full_std:.4f}")
     for block in result.blocks:
-        verdict = {True: "within", False: "NOT within", None: "one seed: no std for"}[
-            result.within_one_std(block)
-        ]
+        verdict = {
+            True: "within one seed-std of the full model",
+            False: "NOT within one seed-std of the full model",
+            None: "one seed: no std to compare with",
+        }[result.within_one_std(block)]
         mean, std = result.summary(block)
-        console.print(f"B = {block}: NDCG@10 {mean:.4f} ± {std:.4f} ({verdict} one seed-std)")
+        console.print(f"B = {block}: NDCG@10 {mean:.4f} ± {std:.4f} ({verdict})")
     console.print(f"wrote {out_dir / stem}.md and .json")
 
 

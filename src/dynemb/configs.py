@@ -168,13 +168,9 @@ def write_variant(directory: Path, target: Target, dims: Dims = DIMS) -> list[Pa
 def write_configs(repository: Path, dims: Dims = DIMS, target: Target = CPU) -> list[Path]:
     """Every config.pbtxt, each Python stage's version-1 `model.py` and each other model's
     empty version directory: a repository tritonserver can read once the artifacts are in."""
-    written = []
-    for name, text in all_configs(dims, target).items():
-        path = repository / name / "config.pbtxt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-        (repository / name / "1").mkdir(exist_ok=True)
+    written = write_variant(repository, target, dims)
+    for config in written:
+        (config.parent / "1").mkdir(exist_ok=True)
     for relative, text in adapters(target).items():
         path = repository / relative
         path.write_text(text, encoding="utf-8")
