@@ -247,8 +247,6 @@ def update_many_steps(
     single-session fallback of `update_steps`. A request refused as bad input applied
     none of its rows: its sessions are sent again one by one, so that only the culprits
     fail, and a SessionUpdateError names them after every other session is updated."""
-    from dynemb_client.transport import is_transient  # transport imports this module
-
     prepared = {}
     for session, events in updates.items():
         session, events, kept, t = _prepared(session, events, at, shape, histories)
@@ -265,15 +263,12 @@ def update_many_steps(
             chunk = sessions[start : start + MAX_SESSION_ROWS]
             rows = [(s, OP_UPDATE, prepared[s][0], prepared[s][2]) for s in chunk]
             try:
-                got = yield rows_call(model, rows, shape)
+                got = yield from _sent(rows_call(model, rows, shape))
             except ServerInputError:
                 alone.update(chunk)
                 continue
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                continue  # whether it was applied is unknown: each starts again
-            answers.update(zip(chunk, got, strict=True))
+            if got is not None:  # else whether it was applied is unknown: each starts again
+                answers.update(zip(chunk, got, strict=True))
     done: dict[str, SessionAnswer] = {}
     failed: dict[str, ServerInputError] = {}
     for session, answer in answers.items():
@@ -343,11 +338,17 @@ def _update(
 ) -> Generator[InferCall, list[SessionAnswer], SessionAnswer | None]:
     """An update (never re-sent: had a lost answer been applied, its events would count
     twice); None when it failed in transit."""
+    answers = yield from _sent(session_call(model, session, OP_UPDATE, events, t, shape))
+    return None if answers is None else answers[0]
+
+
+def _sent(call: InferCall) -> Generator[InferCall, list[SessionAnswer], list[SessionAnswer] | None]:
+    """The answers to `call`, or None when it failed in transit (whether the server
+    applied it is then unknown); anything else it raises is the caller's to handle."""
     from dynemb_client.transport import is_transient  # transport imports this module
 
     try:
-        [answer] = yield session_call(model, session, OP_UPDATE, events, t, shape)
-        return answer
+        return (yield call)
     except Exception as exc:
         if not is_transient(exc):
             raise

@@ -31,7 +31,7 @@ from dynemb.errors import InputError
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version, versions_of
 from dynemb.sessions.spec import SessionOptions
-from dynemb.sessions.state import SessionState, Versions, window_after
+from dynemb.sessions.state import SessionState, Versions, check_block, window_after
 from dynemb.stages import Runner, load_runner
 from dynemb.stages.llm_encoder.step import EncoderStep, KVCache
 from dynemb.stages.preprocess.features import (
@@ -95,10 +95,7 @@ class SessionEngine:
         encoder: EncoderStep,
         rewindow_block: int = 1,
     ) -> None:
-        if not 1 <= rewindow_block <= dims.max_events:
-            raise ValueError(
-                f"rewindow_block must be in [1, {dims.max_events}], got {rewindow_block}"
-            )
+        check_block(rewindow_block, dims.max_events)
         self.versions = versions
         self.dims = dims
         self.preprocessor = preprocessor
@@ -171,8 +168,8 @@ class SessionEngine:
             rows = [TimeRows(p.times, p.labels, p.first, p.ratings) for p in plans]
             at = np.array([p.events.query_time for p in plans])
             queries = query_feature_batch([p.times for p in plans], at, self.dims)
-            times = time_feature_batch(rows, self.dims)
-            for plan, time_new, query in zip(plans, times, queries, strict=True):
+            time_rows = time_feature_batch(rows, self.dims)
+            for plan, time_new, query in zip(plans, time_rows, queries, strict=True):
                 plan.time_new, plan.query = time_new, query
             for (i, _, _), done in zip(prepared, self._run(plans), strict=True):
                 results[i] = done

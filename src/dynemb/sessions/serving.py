@@ -86,7 +86,7 @@ class SessionAdapter:
         rows: list[_Row] = []
         for i, request in enumerate(requests):
             try:
-                rows.extend(self._rows(i, request))
+                rows.extend(self._rows(i, request, engine.dims.max_events))
             except InputError as exc:
                 responses[i] = _error(pb, f"session: bad input: {exc}", pb.TritonError.INVALID_ARG)
         answers = serve_rows(self.store, engine, rows)
@@ -149,9 +149,9 @@ class SessionAdapter:
         except Exception as exc:
             raise NoServingVersionError(f"{name}: readiness unknown ({exc})") from exc
 
-    def _rows(self, i: int, request: Any) -> list[_Row]:
+    def _rows(self, i: int, request: Any, max_events: int) -> list[_Row]:
         inputs = read_inputs(self.pb_utils, request, self.spec)
-        check_event_width(inputs, self.engine.dims.max_events if self.engine else None)
+        check_event_width(inputs, max_events)
         out = []
         for j in range(len(inputs[wire.SESSION_ID])):
             row = {name: value[j] for name, value in inputs.items()}
@@ -287,7 +287,7 @@ def requested(request: Any) -> set[str] | None:
     return set(names()) if names is not None else None
 
 
-def check_event_width(inputs: dict[str, np.ndarray], max_events: int | None) -> None:
+def check_event_width(inputs: dict[str, np.ndarray], max_events: int) -> None:
     """The event tensors of a request share one width, at most L, holding every event
     that EVENT_COUNT says each row sends."""
     widths = {name: inputs[name].shape[1] for name in EVENT_TENSORS}
@@ -295,7 +295,7 @@ def check_event_width(inputs: dict[str, np.ndarray], max_events: int | None) -> 
     if len(set(widths.values())) > 1:
         shown = ", ".join(f"{name} {w}" for name, w in widths.items())
         raise InputError(", ".join(widths), f"events axes must be equal, got {shown}")
-    if max_events is not None and width > max_events:
+    if width > max_events:
         raise InputError(", ".join(widths), f"{width} events a row; at most {max_events}")
     counts = inputs[wire.EVENT_COUNT].reshape(-1)
     if len(counts) and int(counts.max()) > width:

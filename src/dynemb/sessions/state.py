@@ -22,6 +22,12 @@ import numpy as np
 Versions = tuple[tuple[str, str], ...]
 
 
+def check_block(block: int, max_events: int) -> None:
+    """A re-window block is 1 to L events."""
+    if not 1 <= block <= max_events:
+        raise ValueError(f"rewindow_block must be in [1, {max_events}], got {block}")
+
+
 def window_after(held: int, new: int, max_events: int, block: int) -> int:
     """How many events a session's window holds after `new` events reach a window of
     `held`: as if they arrived one at a time, each joining the window until it holds L
@@ -34,8 +40,7 @@ def window_after(held: int, new: int, max_events: int, block: int) -> int:
     in between. The count depends only on `held + new`, never on how the events were
     grouped into updates (for held <= L): window_after(0, held + new) equals it.
     """
-    if not 1 <= block <= max_events:
-        raise ValueError(f"block must be in [1, {max_events}], got {block}")
+    check_block(block, max_events)
     total = held + new
     if total <= max_events:
         return total
