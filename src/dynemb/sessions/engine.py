@@ -29,7 +29,7 @@ import torch
 from dynemb.dims import Dims
 from dynemb.errors import InputError
 from dynemb.manifest import Manifest
-from dynemb.pipeline import latest_version, versions_of
+from dynemb.pipeline import latest_version
 from dynemb.sessions.spec import SessionOptions
 from dynemb.sessions.state import SessionState, Versions, check_block, window_after
 from dynemb.stages import Runner, load_runner
@@ -400,8 +400,3 @@ def session_options(repository: Path) -> SessionOptions:
     if not path.exists():
         return SessionOptions()
     return SessionOptions.from_parameters(read_parameters(path))
-
-
-def serving_versions(repository: Path) -> dict[str, list[int]]:
-    """Each session stage's version numbers on disk, newest last."""
-    return {name: versions_of(repository / name) for name in SESSION_STAGES}
