@@ -33,11 +33,12 @@ class Checkpoint:
 
     `FORMAT` changes whenever the stage networks change shape or meaning (2: causal MiniLM
     with a start token, item score bias, prefix-independent time features; 3: a residual
-    around MiniLM's layers); a checkpoint of another format is refused with
+    around MiniLM's layers; 4: the item tower reads title sentence embeddings and predicts
+    a content prior bias); a checkpoint of another format is refused with
     `StaleCheckpointError` rather than half-loaded.
     """
 
-    FORMAT: ClassVar[int] = 3
+    FORMAT: ClassVar[int] = 4
 
     model: JointModel
     labels: dict[str, int]

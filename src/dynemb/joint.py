@@ -60,34 +60,56 @@ class JointParams:
 
 
 class ItemTower(nn.Module):
-    """Item content G_item = text ⊕ image ⊕ label (from the same stages as events), projected
-    to E_t's space, plus an optional id embedding (row 0 = no id / withheld).
+    """Item content G_item = text ⊕ image ⊕ label (from the same stages as events) and the
+    title's sentence embedding from the whole pretrained MiniLM (`llm_encoder.sentences`,
+    computed once per item), projected to E_t's space, plus an optional id embedding (row
+    0 = no id / withheld).
 
-    With ids, each item also has a score bias (in cosine units, added to E_t · v by
-    retrieve): unit vectors cannot say that an item is popular, a bias can."""
+    Each item also has a score bias (in cosine units, added to E_t · v by retrieve): unit
+    vectors cannot say that an item is popular, a bias can. Part of it is predicted from
+    the content and title (`prior`), so that an item without an id row (a new item) still
+    gets one; the id table adds the rest."""
 
     def __init__(self, dims: Dims, n_items: int = 0) -> None:
         super().__init__()
+        from dynemb.stages.llm_encoder.sentences import SENTENCE_DIM
+
         self.proj = nn.Linear(dims.event_dim, dims.embed_dim)
-        self.ids = nn.Embedding(n_items + 1, dims.embed_dim) if n_items else None
-        self.bias = nn.Embedding(n_items + 1, 1) if n_items else None
+        self.title = nn.Linear(SENTENCE_DIM, dims.embed_dim)
+        # Normalised inputs and a small output scale: one shared linear map moves every
+        # item's bias at once, so at full size a single optimiser step swings them all.
+        self.prior = nn.Sequential(
+            nn.LayerNorm(dims.event_dim + SENTENCE_DIM), nn.Linear(dims.event_dim + SENTENCE_DIM, 1)
+        )
+        self.prior_scale = (dims.event_dim + SENTENCE_DIM) ** -0.5
+        nn.init.zeros_(self.prior[1].weight)
+        nn.init.zeros_(self.prior[1].bias)
+        # Row 0 (no id) stays zero: padding_idx keeps it out of every gradient, so that an
+        # item without an id row is scored by its content and title alone.
+        self.ids = nn.Embedding(n_items + 1, dims.embed_dim, padding_idx=0) if n_items else None
+        self.bias = nn.Embedding(n_items + 1, 1, padding_idx=0) if n_items else None
         for table in (self.ids, self.bias):
             if table is not None:
                 nn.init.zeros_(table.weight)
 
     def forward(
-        self, content: torch.Tensor, item_index: torch.Tensor | None = None
+        self, content: torch.Tensor, title: torch.Tensor, item_index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        vectors = self.proj(content)
+        """(N, event_dim) content, (N, SENTENCE_DIM) title embeddings -> (N, embed_dim)."""
+        vectors = self.proj(content) + self.title(title)
         if self.ids is not None and item_index is not None:
             vectors = vectors + self.ids(item_index)
         return F.normalize(vectors, dim=-1)
 
-    def item_bias(self, item_index: torch.Tensor) -> torch.Tensor:
-        """(N,) score bias of each item (0 without ids, and for row 0)."""
-        if self.bias is None:
-            return torch.zeros(item_index.shape, dtype=torch.float32)
-        return self.bias(item_index)[..., 0]
+    def item_bias(
+        self, content: torch.Tensor, title: torch.Tensor, item_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N,) score bias of each item: the content prior, plus the id row's (0 for row 0
+        and for a tower without ids)."""
+        bias = self.prior_scale * self.prior(torch.cat([content, title], dim=-1))[..., 0]
+        if self.bias is not None and item_index is not None:
+            bias = bias + self.bias(item_index)[..., 0]
+        return bias
 
 
 class JointModel(nn.Module):

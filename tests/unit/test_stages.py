@@ -87,11 +87,23 @@ def test_embedding_moves_with_query_time(model, batch):
 
 def test_item_tower_ids_add_to_content(model):
     from dynemb.joint import ItemTower
+    from dynemb.stages.llm_encoder.sentences import SENTENCE_DIM
 
     tower = ItemTower(DIMS, n_items=3)
     content = torch.randn(3, DIMS.event_dim)
-    torch.nn.init.normal_(tower.ids.weight)
-    with_ids = tower(content, torch.tensor([1, 2, 3]))
-    content_only = tower(content, torch.tensor([0, 0, 0]))
+    title = torch.randn(3, SENTENCE_DIM)
+    for table in (tower.ids, tower.bias):
+        torch.nn.init.normal_(table.weight[1:])
+    torch.nn.init.normal_(tower.prior[1].weight)
+    ids, none = torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0])
+    with_ids = tower(content, title, ids)
+    content_only = tower(content, title, none)
     assert not torch.allclose(with_ids, content_only)
+    # The title moves the vector, and the content prior gives an id-less item a bias.
+    assert not torch.allclose(content_only, tower(content, torch.zeros_like(title), none))
+    prior = tower.item_bias(content, title, none)
+    assert prior.shape == (3,) and bool((prior != 0).all())
+    torch.testing.assert_close(
+        tower.item_bias(content, title, ids) - prior, tower.bias(ids)[:, 0], atol=1e-6, rtol=0
+    )
     np.testing.assert_allclose(with_ids.norm(dim=-1).detach().numpy(), 1.0, rtol=1e-5)

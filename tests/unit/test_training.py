@@ -24,7 +24,7 @@ from dynemb.training.examples import (
     seen_items,
 )
 from dynemb.training.model import TrainModel, Variant, build_joint
-from dynemb.training.train import TrainOptions, fit, item_matrix, make_optimizer
+from dynemb.training.train import TrainOptions, fit, item_table, make_optimizer
 from dynemb_client import contract as wire
 
 TINY = TrainOptions(
@@ -92,14 +92,14 @@ def test_table_gather_equals_the_served_computation(data, builder):
         expected = joint.user_embedding(x)
         text, image = model.text_table(), model.image_table()
         got = model.user_embedding(collate([builder.example(*k) for k in keys]), text, image)
-        items = model.item_vectors(text, image)
+        items, bias = model.items(text, image)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     ids = builder.split.item_ids[1:]
     checkpoint = Checkpoint(joint, builder.labels, ids, Provenance(), trained=True)
     table = build_item_table(checkpoint, data)
     assert table.ids == ids
     np.testing.assert_allclose(table.vectors, items.numpy(), atol=1e-5)
-    np.testing.assert_allclose(table.bias, model.item_bias().detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(table.bias, bias.numpy(), atol=1e-6)
 
 
 def test_windows_target_training_events_only_and_each_once_in_all_mode():
@@ -163,9 +163,7 @@ def test_loss_decreases_in_a_few_steps(builder):
     model.train()
     for _ in range(6):
         text, image = model.text_table(), model.image_table()
-        logits = model.logits(
-            model.user_embedding(batch, text, image), model.item_vectors(text, image)
-        )
+        logits = model.logits(model.user_embedding(batch, text, image), *model.items(text, image))
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad()
         loss.backward()
@@ -202,7 +200,7 @@ def test_training_is_deterministic_and_evaluates(data, builder, tmp_path):
     a = fit(data, split, TINY, builder=builder)
     b = fit(data, split, TINY, builder=builder)
     assert a.epochs[0].loss == b.epochs[0].loss
-    np.testing.assert_array_equal(item_matrix(a.model), item_matrix(b.model))
+    np.testing.assert_array_equal(item_table(a.model)[0], item_table(b.model)[0])
     metrics = evaluate(a)
     for values in (metrics.kept, metrics.excluded):
         assert 0.0 <= values["ndcg@10"] <= values["recall@10"] <= values["recall@20"] <= 1.0

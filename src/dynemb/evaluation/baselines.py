@@ -92,10 +92,12 @@ def evaluate(
 
 def most_popular_metrics(split: Split) -> SeenMetrics:
     """MostPop's test metrics, seen items kept and excluded."""
-    scores = most_popular(split, "test")
-    return SeenMetrics(
-        kept=evaluate(scores, split, "test", False), excluded=evaluate(scores, split, "test", True)
-    )
+    return test_metrics(most_popular(split, "test"), split)
+
+
+def test_metrics(scores: np.ndarray, split: Split) -> SeenMetrics:
+    """Test metrics of `scores` (rows = `split.eval_users`), seen kept and excluded."""
+    return SeenMetrics.from_scores(scores, split.targets("test"), split.histories("test"))
 
 
 def run_sasrec_seeds(
@@ -112,10 +114,7 @@ def run_sasrec_seeds(
         scores = score_sasrec(model, split, "test")
         results.append(
             RunResult(
-                test=SeenMetrics(
-                    kept=evaluate(scores, split, "test", False),
-                    excluded=evaluate(scores, split, "test", True),
-                ),
+                test=test_metrics(scores, split),
                 seed=seed,
                 best_epoch=model.log.best_epoch,
                 epochs=len(model.log.epochs),

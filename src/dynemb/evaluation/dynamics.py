@@ -40,8 +40,7 @@ from dynemb.training.train import (
     Trained,
     TrainOptions,
     fit,
-    item_bias,
-    item_matrix,
+    item_table,
     user_vectors,
 )
 
@@ -91,7 +90,7 @@ def measure(
     split, builder, model = trained.split, trained.builder, trained.model
     rows = probes(data, users, opts.after)
     events = split.events
-    items, bias = item_matrix(model), item_bias(model)
+    items, bias = item_table(model)
     fresh = user_vectors(model, builder, [(u, j) for u, _, j in rows])
     stale_t = [events[u][c].time - 3600.0 * opts.stale_hours for u, c, _ in rows]
     stale = user_vectors(

@@ -80,6 +80,34 @@ def ranking_metrics(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS) -> dict[s
     return out
 
 
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k (one relevant item): what `ranking_metrics` averages."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def ratio_interval(
+    a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(a) / mean(b) for per-user values of two models
+    over the same users: `a` (seeds_a, users), `b` (seeds_b, users). Each replicate draws
+    each model's seeds with replacement and one sample of users for both (paired), so the
+    interval holds both the seed-to-seed and the user-sampling uncertainty."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or 0 in a.shape + b.shape:
+        raise ValueError(f"need (seeds, users) arrays of the same users: {a.shape}, {b.shape}")
+    rng = np.random.default_rng(seed)
+    users = a.shape[1]
+    ratios = np.empty(n_boot)
+    for i in range(n_boot):
+        rows = rng.integers(0, users, users)
+        mean_a = a[rng.integers(0, len(a), len(a))].mean(0)[rows].mean()
+        mean_b = b[rng.integers(0, len(b), len(b))].mean(0)[rows].mean()
+        ratios[i] = mean_a / mean_b if mean_b > 0 else np.nan
+    low, high = np.nanpercentile(ratios, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
 def evaluate_scores(
     scores: np.ndarray,
     targets: np.ndarray,

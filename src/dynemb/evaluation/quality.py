@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from dynemb.data.types import Dataset
-from dynemb.evaluation.metrics import evaluate_scores, format_mean_std
+from dynemb.evaluation.metrics import format_mean_std, ratio_interval
 from dynemb.evaluation.results import (
+    ColdItemResult,
     ModelResult,
     QualityResult,
     RunRecord,
@@ -44,10 +44,17 @@ ABLATIONS: dict[str, Variant] = {
     "no text": Variant(text=False),
     "no labels": Variant(labels=False),
     "no item ids": Variant(item_ids=False),
+    "no pretrained text knowledge": Variant(pretrained_text=False),
 }
 QUERY_TIME_NOTE = "t = time of the target event (history: events before it, at or before t)"
 COLD_HISTORY = 5  # "short history": only the newest 5 events are sent
-RARE_ITEM = 5  # "cold item": at most this many training interactions
+RARE_ITEM = 5  # "rare item": at most this many training interactions
+COLD_ITEM_FRACTION = 0.1  # the cold-item slice: this share of all items withheld from training
+COLD_ITEM_SEED = 0  # which ones: drawn once, before any run
+RATIO_TARGET = 1.20  # dynemb / SASRec-CE NDCG@10, seen excluded
+RATIO_LOW_TARGET = 1.10  # the lower end of its 95% interval
+CONTENT_TARGET = 2.0  # content-only item table / MostPop NDCG@10
+CONTENT_ONLY = "all item id rows withheld (content-only item table)"
 
 
 def evaluate(
@@ -62,10 +69,7 @@ def evaluate(
     users = split.eval_users if users is None else np.asarray(users)
     scores = scores_for(trained.model, trained.builder, which, users, **kw)
     targets = (split.valid if which == "valid" else split.test)[users]
-    histories = [split.history(int(u), which) for u in users]
-    return SeenMetrics(
-        kept=evaluate_scores(scores, targets), excluded=evaluate_scores(scores, targets, histories)
-    )
+    return SeenMetrics.from_scores(scores, targets, [split.history(int(u), which) for u in users])
 
 
 def cold_start(trained: Trained) -> dict[str, SliceResult]:
@@ -88,9 +92,7 @@ def cold_start(trained: Trained) -> dict[str, SliceResult]:
         ),
     }
     if trained.options.variant.item_ids:
-        out["all item id rows withheld (content-only item table)"] = SliceResult(
-            len(users), evaluate(trained, with_ids=False)
-        )
+        out[CONTENT_ONLY] = SliceResult(len(users), evaluate(trained, with_ids=False))
         if len(rare):
             out["rare target items, id rows withheld"] = SliceResult(
                 len(rare), evaluate(trained, users=rare, with_ids=False)
@@ -101,22 +103,25 @@ def cold_start(trained: Trained) -> dict[str, SliceResult]:
 @dataclass
 class QualityOptions:
     data: str = "ml-100k"
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     train: TrainOptions = field(default_factory=TrainOptions)
     ablation_minutes: float | None = None  # budget of each ablation run (seed 0 only)
     ablation_epochs: int | None = None  # their epochs (the cosine schedule's length)
     ablations: bool = True
     baselines: bool = True
+    cold_item_seeds: tuple[int, ...] | None = None  # the cold-item slice's runs (None: 1st)
+    cold_items: bool = True
+    workers: int = 1  # training runs side by side, each in its own process
     out_dir: Path = RESULTS_DIR
     stem: str = "quality-ml100k"
     checkpoint: Path | None = None  # save seed 0's checkpoint here
     command: str = ""
 
 
-def run_result(trained: Trained) -> RunResult:
+def run_result(trained: Trained, test: SeenMetrics | None = None) -> RunResult:
     """A trained dynemb model's row: its training run and its test metrics."""
     return RunResult(
-        test=evaluate(trained),
+        test=evaluate(trained) if test is None else test,
         seed=trained.options.seed,
         best_epoch=trained.best_epoch,
         epochs=len(trained.epochs),
@@ -127,29 +132,129 @@ def run_result(trained: Trained) -> RunResult:
     )
 
 
+def cold_items(split: Split) -> np.ndarray:
+    """The cold-item slice's items: a fixed random COLD_ITEM_FRACTION of all items (item
+    indices), drawn with a seed of their own, the same for every model and run."""
+    rng = np.random.default_rng(COLD_ITEM_SEED)
+    n = round(COLD_ITEM_FRACTION * split.n_items)
+    return np.sort(rng.choice(np.arange(1, split.n_items + 1), n, replace=False))
+
+
+# --- the runs, as tasks a process pool can take ------------------------------------------
+
+
+@dataclass(frozen=True)
+class DynembRun:
+    """One seed of the main table (the first also reads the cold-start slices and may save
+    its checkpoint)."""
+
+    train: TrainOptions
+    first: bool = False
+    checkpoint: Path | None = None
+
+    def __call__(self, dataset: Dataset) -> RunResult:
+        trained = fit(dataset, leave_one_out(dataset), self.train)
+        row = run_result(trained)
+        if self.first:
+            row.cold_start = cold_start(trained)
+            if self.checkpoint is not None:
+                trained.checkpoint(dataset).save(self.checkpoint)
+        logger.info("dynemb seed %d: %s", self.train.seed, row.test.excluded)
+        return row
+
+
+@dataclass(frozen=True)
+class SasrecRun:
+    seed: int
+
+    def __call__(self, dataset: Dataset) -> RunResult:
+        from dynemb.evaluation.baselines import TUNED_SASREC, run_sasrec_seeds
+
+        return run_sasrec_seeds(leave_one_out(dataset), TUNED_SASREC, [self.seed])[0]
+
+
+@dataclass(frozen=True)
+class ColdItemRun:
+    """dynemb trained without any event of the cold items, read on the users whose test
+    target is one of them (every item ranked; the cold ones by content and title only)."""
+
+    train: TrainOptions
+
+    def __call__(self, dataset: Dataset) -> tuple[RunResult, SeenMetrics]:
+        split = leave_one_out(dataset)
+        cold = split.withhold(cold_items(split))
+        trained = fit(dataset, cold, self.train)
+        users = cold_item_users(cold)
+        return run_result(trained, evaluate(trained, users=users)), evaluate(trained)
+
+
+def cold_item_users(split: Split) -> np.ndarray:
+    """Evaluated users whose test target is a withheld item."""
+    users = split.eval_users
+    return users[np.isin(split.test[users], split.withheld)]
+
+
+def _run_tasks(dataset: Dataset, tasks: list, workers: int) -> list:
+    """Each task's result, in order: in this process, or `workers` spawned processes."""
+    if workers <= 1:
+        return [task(dataset) for task in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # not fork: torch's threads
+    with ProcessPoolExecutor(workers, context, initializer=_hold, initargs=(dataset,)) as pool:
+        futures = [pool.submit(_call, task) for task in tasks]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+_DATASET: Dataset | None = None
+
+
+def _hold(dataset: Dataset) -> None:
+    global _DATASET
+    _DATASET = dataset
+
+
+def _call(task):
+    return task(_DATASET)
+
+
 def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResult:
-    """Train dynemb per seed (plus ablations and baselines), evaluate on test, write results."""
+    """Train dynemb per seed (plus ablations, the cold-item slice and the baselines),
+    evaluate on test, write results."""
     started = time.perf_counter()
     run = RunRecord.now(options.command)
     split = leave_one_out(dataset)
-    models: dict[str, ModelResult] = {}
-    builder = None
-    runs = []
-    for seed in options.seeds:
-        trained = fit(dataset, split, replace(options.train, seed=seed), builder=builder)
-        builder = trained.builder
-        row = run_result(trained)
-        if seed == options.seeds[0]:
-            row.cold_start = cold_start(trained)
-            if options.checkpoint is not None:
-                trained.checkpoint(dataset).save(options.checkpoint)
-        runs.append(row)
-        logger.info("dynemb seed %d: %s", seed, row.test.excluded)
-    models["dynemb"] = ModelResult(runs)
+    seeds = options.seeds
+    tasks: list = [
+        DynembRun(replace(options.train, seed=seed), seed == seeds[0], options.checkpoint)
+        for seed in seeds
+    ]
+    cold_seeds = options.cold_item_seeds or seeds[:1]
+    if options.cold_items:
+        tasks += [ColdItemRun(replace(options.train, seed=seed)) for seed in cold_seeds]
+    ablations = ablation_runs(options) if options.ablations else {}
+    tasks += [DynembRun(opts) for opts in ablations.values()]
     if options.baselines:
-        models.update(baseline_models(split, options.seeds))
-    if options.ablations:
-        models.update(ablation_models(dataset, split, options, builder))
+        tasks += [SasrecRun(seed) for seed in seeds]
+    results = iter(_run_tasks(dataset, tasks, options.workers))
+    models: dict[str, ModelResult] = {"dynemb": ModelResult([next(results) for _ in seeds])}
+    cold = [next(results) for _ in cold_seeds] if options.cold_items else []
+    for name, opts in ablations.items():
+        models[f"ablation: {name}"] = ModelResult(
+            [next(results)], budget_minutes=opts.max_minutes, max_epochs=opts.max_epochs
+        )
+    if options.baselines:
+        from dynemb.evaluation.baselines import TUNED_SASREC, most_popular_metrics
+
+        sasrec = [next(results) for _ in seeds]
+        models["MostPop"] = ModelResult([RunResult(test=most_popular_metrics(split))])
+        models["SASRec-CE"] = ModelResult(sasrec, config=asdict(TUNED_SASREC))
     run.total_seconds = round(time.perf_counter() - started, 1)
     result = QualityResult(
         data=dataset.name,
@@ -159,50 +264,54 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResul
         users=split.n_users,
         evaluated_users=len(split.eval_users),
         items=split.n_items,
-        seeds=list(options.seeds),
+        seeds=list(seeds),
         train_options=as_record(options.train),
         models=models,
         run=run,
+        cold_items=cold_item_result(split, cold) if cold else None,
     )
+    if options.baselines:
+        result.ratio_interval = ratio_interval(
+            *(per_user(models[name]) for name in ("dynemb", "SASRec-CE"))
+        )
     save_report(result, options.out_dir, options.stem, render_markdown(result))
     return result
 
 
-def ablation_models(
-    dataset: Dataset, split: Split, options: QualityOptions, builder
-) -> dict[str, ModelResult]:
-    """Each ablation variant trained once (the first seed) under the same budget."""
-    budget = options.ablation_minutes or options.train.max_minutes
-    seed = options.seeds[0]
-    out = {}
-    for name, variant in {"full (same budget)": Variant(), **ABLATIONS}.items():
-        opts = replace(
+def per_user(model: ModelResult) -> np.ndarray:
+    """(runs, users) NDCG@10 per user, seen excluded."""
+    return np.array([run.test.ndcg10_per_user for run in model.runs])
+
+
+def cold_item_result(split: Split, runs: list[tuple[RunResult, SeenMetrics]]) -> ColdItemResult:
+    from dynemb.evaluation.baselines import most_popular
+
+    cold = split.withhold(cold_items(split))
+    users = cold_item_users(cold)
+    rows = np.searchsorted(cold.eval_users, users)
+    scores = most_popular(cold, "test")[rows]
+    histories = [cold.history(int(u), "test") for u in users]
+    return ColdItemResult(
+        fraction=COLD_ITEM_FRACTION,
+        items=len(cold.withheld),
+        users=len(users),
+        dynemb=[slice_run for slice_run, _ in runs],
+        dynemb_all_users=[everyone for _, everyone in runs],
+        most_pop=SeenMetrics.from_scores(scores, cold.test[users], histories),
+    )
+
+
+def ablation_runs(options: QualityOptions) -> dict[str, TrainOptions]:
+    """Each ablation variant, trained once (the first seed) under the same budget."""
+    return {
+        name: replace(
             options.train,
-            seed=seed,
+            seed=options.seeds[0],
             variant=variant,
-            max_minutes=budget,
+            max_minutes=options.ablation_minutes or options.train.max_minutes,
             max_epochs=options.ablation_epochs or options.train.max_epochs,
         )
-        trained = fit(dataset, split, opts, builder=builder)
-        row = run_result(trained)
-        out[f"ablation: {name}"] = ModelResult(
-            [row], budget_minutes=budget, max_epochs=opts.max_epochs
-        )
-        logger.info("ablation %s: %s", name, row.test.excluded)
-    return out
-
-
-def baseline_models(split: Split, seeds: Sequence[int]) -> dict[str, ModelResult]:
-    """MostPop and the tuned SASRec-CE, on the same split."""
-    from dynemb.evaluation.baselines import TUNED_SASREC, most_popular_metrics, run_sasrec_seeds
-
-    t0 = time.perf_counter()
-    sasrec = run_sasrec_seeds(split, TUNED_SASREC, seeds)
-    return {
-        "MostPop": ModelResult([RunResult(test=most_popular_metrics(split))]),
-        "SASRec-CE": ModelResult(
-            sasrec, config=asdict(TUNED_SASREC), seconds=round(time.perf_counter() - t0, 1)
-        ),
+        for name, variant in {"full (same budget)": Variant(), **ABLATIONS}.items()
     }
 
 
@@ -217,6 +326,69 @@ def _table(models: dict[str, ModelResult]) -> list[str]:
             cells = [format_mean_std(*summary[c]) for c in COLUMNS]
             lines.append(f"| {name} | {seen} | {len(model.runs)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _ratio_lines(result: QualityResult) -> list[str]:
+    ndcg = result.ratio("ndcg@10")
+    line = (
+        f"dynemb / SASRec-CE (seen excluded): NDCG@10 **{ndcg:.3f}×**, "
+        f"Recall@10 {result.ratio('recall@10'):.3f}×"
+    )
+    if result.ratio_interval is None:
+        return [line + "."]
+    low, high = result.ratio_interval
+    met = ndcg >= RATIO_TARGET and low >= RATIO_LOW_TARGET
+    return [
+        line + f"; 95% interval of the NDCG@10 ratio {low:.3f}–{high:.3f} (bootstrap over "
+        "seeds and users, `metrics.ratio_interval`).",
+        f"Target: ratio ≥ {RATIO_TARGET:.2f}× with the interval's lower end ≥ "
+        f"{RATIO_LOW_TARGET:.2f}×: **{'met' if met else 'not met'}**.",
+    ]
+
+
+def _cold_item_lines(cold: ColdItemResult, most_pop: ModelResult | None) -> list[str]:
+    seeds = ", ".join(str(r.seed) for r in cold.dynemb)
+    md = [
+        f"## Cold items ({cold.fraction:.0%} of items withheld from training, dynemb "
+        f"seed(s) {seeds})",
+        "",
+        f"{cold.items} items, drawn once with their own seed, have every training event "
+        "removed and no id row; the model trained without them ranks every item for the "
+        f"{cold.users} users whose test target is one of them (the cold items by content "
+        "and title alone). MostPop counts the same withheld training data. SASRec-CE "
+        f"{cold.sasrec}.",
+        "",
+        "| model | users | seen items | " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
+    ]
+    rows = {"dynemb": ModelResult(cold.dynemb), "MostPop": ModelResult([RunResult(cold.most_pop)])}
+    rows["dynemb, all evaluated users"] = ModelResult(
+        [RunResult(metrics) for metrics in cold.dynemb_all_users]
+    )
+    for seen in ("excluded", "kept"):
+        for name, model in rows.items():
+            summary = model.summary(seen)
+            cells = [format_mean_std(*summary[c]) for c in COLUMNS]
+            users = "all" if name.endswith("users") else cold.users
+            md.append(f"| {name} | {users} | {seen} | " + " | ".join(cells) + " |")
+    ours = rows["dynemb"].summary()["ndcg@10"][0]
+    theirs = cold.most_pop.excluded["ndcg@10"]
+    versus = (
+        f"{ours / theirs:.2f}× MostPop's {theirs:.4f}" if theirs > 0 else ("MostPop scores 0 here")
+    )
+    md += ["", f"dynemb NDCG@10 on the slice (seen excluded): {ours:.4f}, {versus}."]
+    return md
+
+
+def _content_only_line(part: SliceResult, most_pop: ModelResult) -> str:
+    ours = part.test.excluded["ndcg@10"]
+    theirs = most_pop.summary()["ndcg@10"][0]
+    met = ours >= CONTENT_TARGET * theirs
+    return (
+        f"Content-only item table (every id row withheld), seen excluded: NDCG@10 {ours:.4f}"
+        f" = {ours / theirs:.2f}× MostPop's {theirs:.4f} (target ≥ {CONTENT_TARGET:.0f}×: "
+        f"**{'met' if met else 'not met'}**)."
+    )
 
 
 def render_markdown(result: QualityResult) -> list[str]:
@@ -240,11 +412,9 @@ def render_markdown(result: QualityResult) -> list[str]:
         *_table(main),
     ]
     if "dynemb" in main and "SASRec-CE" in main:
-        md += [
-            "",
-            f"dynemb / SASRec-CE (seen excluded): NDCG@10 {result.ratio('ndcg@10'):.3f}×, "
-            f"Recall@10 {result.ratio('recall@10'):.3f}× (target: ≥ 1.10× NDCG@10).",
-        ]
+        md += ["", *_ratio_lines(result)]
+    if result.cold_items is not None:
+        md += ["", *_cold_item_lines(result.cold_items, models.get("MostPop"))]
     if ablations:
         first = next(iter(ablations.values()))
         md += [
@@ -266,6 +436,9 @@ def render_markdown(result: QualityResult) -> list[str]:
             for seen in ("excluded", "kept"):
                 cells = [f"{part.test.of(seen)[c]:.4f}" for c in COLUMNS]
                 md.append(f"| {name} | {part.users} | {seen} | " + " | ".join(cells) + " |")
+        content_only = dyn[0].cold_start.get(CONTENT_ONLY)
+        if content_only is not None and content_only.test and "MostPop" in models:
+            md += ["", _content_only_line(content_only, models["MostPop"])]
     md += ["", "## Runs", "", "| model | seed | best epoch | epochs | train s | valid NDCG@10 |"]
     md += ["|---|---|---|---|---|---|"]
     for name, model in models.items():

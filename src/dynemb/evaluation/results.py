@@ -15,7 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynemb.evaluation.metrics import summarize_runs
+import numpy as np
+
+from dynemb.evaluation.metrics import (
+    DEFAULT_KS,
+    ndcg_per_user,
+    ranking_metrics,
+    summarize_runs,
+    target_ranks,
+)
 from dynemb.manifest import git_commit
 
 Metrics = dict[str, float]
@@ -27,6 +35,22 @@ class SeenMetrics:
 
     kept: Metrics
     excluded: Metrics
+    # Each user's NDCG@10 with seen items excluded, in the order scored (the bootstrap
+    # interval of a ratio between models resamples them).
+    ndcg10_per_user: list[float] | None = None
+
+    @classmethod
+    def from_scores(
+        cls, scores: np.ndarray, targets: np.ndarray, histories, ks=DEFAULT_KS
+    ) -> SeenMetrics:
+        """Full-ranking metrics of `scores` (rows = users) against `targets`, with the
+        `histories` kept in the ranking and excluded from it."""
+        excluded = target_ranks(scores, targets, histories)
+        return cls(
+            kept=ranking_metrics(target_ranks(scores, targets), ks),
+            excluded=ranking_metrics(excluded, ks),
+            ndcg10_per_user=[round(float(v), 6) for v in ndcg_per_user(excluded, 10)],
+        )
 
     def of(self, seen: str) -> Metrics:
         if seen not in ("kept", "excluded"):
@@ -85,6 +109,21 @@ class RunRecord:
 
 
 @dataclass
+class ColdItemResult:
+    """The cold-item slice: a fixed share of items withheld from training (no event of
+    theirs trains anything, no id row is learned for them), read on the users whose test
+    target is one of them, every item ranked."""
+
+    fraction: float
+    items: int  # withheld items
+    users: int  # evaluated users whose test target is withheld
+    dynemb: list[RunResult]  # per seed: test = the slice's metrics
+    dynemb_all_users: list[SeenMetrics]  # the same models on every evaluated user
+    most_pop: SeenMetrics  # popularity in the same withheld training data
+    sasrec: str = "cannot score them: an id-only model has no trained row for an item it never saw"
+
+
+@dataclass
 class QualityResult:
     data: str
     synthetic: bool
@@ -97,6 +136,10 @@ class QualityResult:
     train_options: dict[str, Any]
     models: dict[str, ModelResult]
     run: RunRecord
+    cold_items: ColdItemResult | None = None
+    # 95% bootstrap interval of dynemb / SASRec-CE NDCG@10, seen excluded (over seeds and
+    # users: `metrics.ratio_interval`).
+    ratio_interval: tuple[float, float] | None = None
 
     def ratio(self, metric: str, model: str = "dynemb", baseline: str = "SASRec-CE") -> float:
         """mean(model) / mean(baseline) of `metric`, seen items excluded."""

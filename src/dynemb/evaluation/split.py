@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -40,6 +40,8 @@ class Split:
     test: np.ndarray  # (n_users,) int64
     events: list[list[Interaction]]  # every event of the user (train, then valid, then test)
     min_events: int
+    # Items that do not exist at training time (`withhold`): no training event has them.
+    withheld: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def n_items(self) -> int:
@@ -53,6 +55,21 @@ class Split:
     def eval_users(self) -> np.ndarray:
         """Users that own a validation and a test target (the rows every metric averages)."""
         return np.flatnonzero(self.test != PAD)
+
+    def withhold(self, items: np.ndarray) -> Split:
+        """The same targets, with every training event of `items` (item indices) removed:
+        those items are new at test time, as a catalogue's newest items are. A user's
+        validation and test events stay, whatever their item."""
+        items = np.unique(np.asarray(items, np.int64))
+        train, events = [], []
+        for seq, user_events in zip(self.train, self.events, strict=True):
+            keep = ~np.isin(seq, items)
+            train.append(seq[keep])
+            n = len(seq)
+            held_out = user_events[n:]
+            events.append([e for e, k in zip(user_events[:n], keep, strict=True) if k] + held_out)
+        withheld = np.union1d(self.withheld, items)
+        return replace(self, train=train, events=events, withheld=withheld)
 
     def history(self, user: int, which: Which) -> np.ndarray:
         """Item indices a model may read to predict `which`: train, plus valid for test."""

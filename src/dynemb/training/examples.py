@@ -29,6 +29,7 @@ from dynemb.dims import Dims
 from dynemb.evaluation.seen import seen_before
 from dynemb.evaluation.split import Split, Which
 from dynemb.stages.llm_encoder import tokenizer_json
+from dynemb.stages.llm_encoder.sentences import sentence_embeddings
 from dynemb.stages.preprocess.features import (
     PreprocessAssets,
     Preprocessor,
@@ -92,6 +93,7 @@ class ItemInputs:
     image: np.ndarray  # (n_items,) int64 row of Tables.pixels, 0 = none
     image_mask: np.ndarray  # (n_items,) bool
     label_ids: np.ndarray  # (n_items, M) int64
+    title: np.ndarray  # (n_items, SENTENCE_DIM) float32: the title's sentence embedding
 
 
 @dataclass
@@ -154,6 +156,7 @@ class ExampleBuilder:
             image=np.array(image, np.int64),
             image_mask=np.array(image, np.int64) > 0,
             label_ids=self.preprocessor.label_ids([list(i.labels) for i in items], len(items)),
+            title=sentence_embeddings([i.title for i in items]),
         )
 
     def raw_inputs(self, history: list[Interaction], query_time: float) -> dict[str, np.ndarray]:

@@ -31,6 +31,10 @@ class Variant:
     labels: bool = True
     item_ids: bool = True  # item-tower id embedding and user-side "item:<id>" labels
     encoder: str = "llm"  # "llm" (MiniLM) or "mean" (mean of [F_t ⊕ G], projected)
+    # Pretrained text knowledge: text_rnn reads MiniLM's frozen token embeddings and the
+    # item tower its title sentence embeddings. Off: seeded token embeddings that learn,
+    # and no title embeddings (the item tower reads zeros).
+    pretrained_text: bool = True
 
 
 def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: int) -> JointModel:
@@ -95,6 +99,13 @@ class TrainModel(nn.Module):
         self.register_buffer("item_mask", torch.from_numpy(items.image_mask), False)
         self.register_buffer("item_labels", torch.from_numpy(items.label_ids), False)
         self.register_buffer("item_index", torch.arange(1, len(items.text) + 1), False)
+        title = torch.from_numpy(items.title)
+        if not variant.pretrained_text:
+            title = torch.zeros_like(title)
+        self.register_buffer("item_title", title, persistent=False)
+        # Items that do not exist during training (the cold-item slice): out of every
+        # softmax, so that their id rows stay empty and their content is never pushed away.
+        self.register_buffer("withheld", torch.zeros(len(items.text), dtype=torch.bool), False)
 
     @property
     def stages(self) -> nn.ModuleDict:
@@ -105,7 +116,7 @@ class TrainModel(nn.Module):
         below) and the pretrained token embeddings of text_rnn."""
         for p in self.llm_parameters():
             p.requires_grad_(llm_trainable)
-        self.stages["text_rnn"].embed.weight.requires_grad_(False)
+        self.stages["text_rnn"].embed.weight.requires_grad_(not self.variant.pretrained_text)
 
     def llm_parameters(self) -> list[nn.Parameter]:
         """MiniLM's own pretrained weights (frozen unless `llm_trainable`)."""
@@ -129,11 +140,9 @@ class TrainModel(nn.Module):
         missing = self.stages["image_cnn"].missing
         return torch.where(mask.unsqueeze(-1), table[rows], missing)
 
-    def item_vectors(
-        self, text: torch.Tensor, image: torch.Tensor, with_ids: bool = True
-    ) -> torch.Tensor:
-        """(n_items, embed_dim) unit vectors, row i = item index i+1 (the retrieve table)."""
-        content = torch.cat(
+    def item_content(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(n_items, event_dim) G_item of every item, row i = item index i+1."""
+        return torch.cat(
             [
                 text[self.item_text],
                 self._image(self.item_image, self.item_mask, image),
@@ -141,8 +150,16 @@ class TrainModel(nn.Module):
             ],
             dim=-1,
         )
+
+    def items(
+        self, text: torch.Tensor, image: torch.Tensor, with_ids: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The retrieve table, row i = item index i+1: (n_items, embed_dim) unit vectors
+        and (n_items,) score biases; without ids, what an item without an id row gets."""
+        content = self.item_content(text, image)
         ids = self.item_index if with_ids else torch.zeros_like(self.item_index)
-        return self.joint.item_tower(content, ids)
+        tower = self.joint.item_tower
+        return tower(content, self.item_title, ids), tower.item_bias(content, self.item_title, ids)
 
     def _encoder_inputs(self, b: Batch, text: torch.Tensor, image: torch.Tensor) -> tuple:
         s = self.stages
@@ -170,11 +187,6 @@ class TrainModel(nn.Module):
     def window_embeddings(self, b: Batch, text: torch.Tensor, image: torch.Tensor):
         """(B, n + 1, D): E after every prefix of each window (`collate_windows`)."""
         return self.encoder.forward_all(*self._encoder_inputs(b, text, image))
-
-    def item_bias(self, with_ids: bool = True) -> torch.Tensor:
-        """(n_items,) the retrieve table's score bias, row i = item index i+1."""
-        ids = self.item_index if with_ids else torch.zeros_like(self.item_index)
-        return self.joint.item_tower.item_bias(ids)
 
     def logits(
         self, user: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None = None

@@ -77,6 +77,9 @@ class TrainOptions:
     deterministic: bool = True
     valid_users: int | None = None  # cap on validation users per epoch (None = all)
     only: str | None = None  # fine-tune this stage of `init`, every other weight frozen
+    # Weight of a second cross-entropy against the content-only item table (every id row
+    # withheld: what a brand-new item gets), so that content and title alone can rank.
+    content_loss: float = 0.0
 
 
 @dataclass
@@ -250,11 +253,16 @@ def training_model(
     if init is None:
         n_items = split.n_items if variant.item_ids else 0
         joint = build_joint(dims, len(builder.labels), n_items, options.llm_layers, options.seed)
+        if not variant.pretrained_text:  # a word-piece vocabulary learned from scratch
+            embed = joint.stages["text_rnn"].embed
+            torch.nn.init.normal_(embed.weight, std=embed.embedding_dim**-0.5)
+            embed.weight.data[embed.padding_idx] = 0.0
     else:
         joint = copy.deepcopy(init)
     model = TrainModel(
         joint, builder.tables, builder.items, variant, options.scale, options.dropout
     )
+    model.withheld[torch.from_numpy(split.withheld - 1)] = True
     model.freeze(options.llm_trainable)
     if options.only is not None:
         if init is None or options.only not in joint.stages:
@@ -306,25 +314,40 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LambdaLR | None,
 ) -> tuple[float, int]:
     """One optimiser step on a batch of windows: cross-entropy over all items at every
-    prefix with a target; returns (mean loss, number of targets)."""
+    prefix with a target (plus `content_loss` x the same against the content-only item
+    table); returns (mean loss, number of targets)."""
     batch = collate_windows(chunk)
     text, image = model.text_table(), model.image_table()
-    users_e = model.window_embeddings(batch, text, image)
-    targets = torch.from_numpy(batch.target)
-    real = targets > 0
-    items = model.item_vectors(text, image)
-    logits = model.logits(users_e[real], items, model.item_bias())
-    target = targets[real] - 1
-    if options.exclude_seen:
-        had = torch.from_numpy(seen_items(chunk, n_items))[real]
-        logits = exclude_seen(logits, had, target)
-    loss = F.cross_entropy(logits, target)
+    real = batch.target > 0
+    users_e = model.window_embeddings(batch, text, image)[torch.from_numpy(real)]
+    target = torch.from_numpy(batch.target[real]) - 1
+    had = torch.from_numpy(seen_items(chunk, n_items)[real]) if options.exclude_seen else None
+    loss = item_loss(model, users_e, target, had, model.items(text, image))
+    if options.content_loss:
+        content_only = model.items(text, image, with_ids=False)
+        loss = loss + options.content_loss * item_loss(model, users_e, target, had, content_only)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return loss.item(), int(real.sum())
+    return loss.item(), len(target)
+
+
+def item_loss(
+    model: TrainModel,
+    users: torch.Tensor,
+    target: torch.Tensor,
+    had: torch.Tensor | None,
+    items: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Cross-entropy over every item that exists in training (withheld items are out of
+    the softmax); with `had`, the user's earlier items too, except the target."""
+    logits = model.logits(users, *items)
+    if had is not None:
+        logits = exclude_seen(logits, had, target)
+    logits = logits.masked_fill(model.withheld, float("-inf"))
+    return F.cross_entropy(logits, target)
 
 
 @torch.inference_mode()
@@ -342,15 +365,11 @@ def user_vectors(
 
 
 @torch.inference_mode()
-def item_matrix(model: TrainModel, with_ids: bool = True) -> np.ndarray:
+def item_table(model: TrainModel, with_ids: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The retrieve table the model would export: (n_items, D) vectors, (n_items,) biases."""
     model.eval()
-    text, image = model.text_table(), model.image_table()
-    return model.item_vectors(text, image, with_ids=with_ids).numpy()
-
-
-@torch.inference_mode()
-def item_bias(model: TrainModel, with_ids: bool = True) -> np.ndarray:
-    return model.item_bias(with_ids).numpy()
+    vectors, bias = model.items(model.text_table(), model.image_table(), with_ids=with_ids)
+    return vectors.numpy(), bias.numpy()
 
 
 def scores_for(
@@ -370,8 +389,8 @@ def scores_for(
         (int(u), builder.eval_cut(int(u), which), None, cap)
         for u, cap in zip(users, limits, strict=True)
     ]
-    scores = user_vectors(model, builder, keys) @ item_matrix(model, with_ids).T
-    scores += item_bias(model, with_ids)[None, :]
+    vectors, bias = item_table(model, with_ids)
+    scores = user_vectors(model, builder, keys) @ vectors.T + bias[None, :]
     return np.concatenate([np.full((len(users), 1), -np.inf, np.float32), scores], axis=1)
 
 

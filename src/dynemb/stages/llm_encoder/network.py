@@ -12,6 +12,26 @@ from dynemb.dims import Dims
 from dynemb.stages.llm_encoder import LLMEncoderParams, minilm_path
 
 
+def load_minilm(bert: BertModel) -> None:
+    """Copy MiniLM's pretrained weights into `bert` (offline, from the installed package).
+
+    A config with fewer layers keeps MiniLM's first ones; the pooler is unused and
+    position_ids is a buffer."""
+    layers = bert.config.num_hidden_layers
+    weights = {}
+    for key, value in load_file(str(minilm_path() / "model.safetensors")).items():
+        key = key.removeprefix("bert.")
+        if key.startswith("pooler.") or key.endswith("position_ids"):
+            continue
+        if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= layers:
+            continue
+        weights[key] = value
+    missing, unexpected = bert.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, extra {unexpected}")
+
+
 class CausalEncoder(nn.Module):
     """E after each prefix of the events: `states` (B, n + 1, H), state k having read the
     first k events, and `embed` (state, query features) -> unit-norm E. Serving reads the
@@ -81,23 +101,8 @@ class LLMEncoder(CausalEncoder):
         self.out = nn.Linear(hidden, dims.embed_dim)
 
     def load_pretrained(self) -> None:
-        """Copy the pretrained MiniLM weights in (offline, from the installed package).
-
-        A config with fewer layers keeps MiniLM's first ones; the pooler is unused and
-        position_ids is a buffer."""
-        layers = self.bert.config.num_hidden_layers
-        weights = {}
-        for key, value in load_file(str(minilm_path() / "model.safetensors")).items():
-            key = key.removeprefix("bert.")
-            if key.startswith("pooler.") or key.endswith("position_ids"):
-                continue
-            if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= layers:
-                continue
-            weights[key] = value
-        missing, unexpected = self.bert.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise RuntimeError(f"MiniLM weights do not fit: missing {missing}, extra {unexpected}")
+        """Copy the pretrained MiniLM weights in (offline, from the installed package)."""
+        load_minilm(self.bert)
 
     def states(
         self,

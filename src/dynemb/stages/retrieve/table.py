@@ -1,5 +1,6 @@
 """Build the item table at `dynemb build`: every catalogue item's content through the same
-preprocess / text / image / label stages as events, then the item tower (torch)."""
+preprocess / text / image / label stages as events, its title through the pretrained
+MiniLM (`llm_encoder.sentences`), then the item tower (torch)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from dynemb.checkpoint import Checkpoint
 from dynemb.data.types import Dataset
+from dynemb.stages.llm_encoder.sentences import SENTENCE_DIM, sentence_embeddings, weights_installed
 from dynemb.stages.preprocess import assets_for
 from dynemb.stages.preprocess.features import Preprocessor
 from dynemb.stages.retrieve.items import ItemTable
@@ -15,14 +17,23 @@ from dynemb.stages.retrieve.items import ItemTable
 ITEM_BATCH = 256
 
 
+def title_embeddings(checkpoint: Checkpoint, titles: list[str]) -> np.ndarray:
+    """The titles' sentence embeddings; zeros only for an untrained, seeded checkpoint on a
+    machine without MiniLM's weights (a trained one was trained with them, and refuses)."""
+    if checkpoint.trained or weights_installed():
+        return sentence_embeddings(titles)
+    return np.zeros((len(titles), SENTENCE_DIM), np.float32)
+
+
 @torch.inference_mode()
 def build_item_table(checkpoint: Checkpoint, catalogue: Dataset) -> ItemTable:
     """Unit vectors and score biases of the catalogue's items, in catalogue order; an item
-    the checkpoint has no id row for is scored by its content alone."""
+    the checkpoint has no id row for is scored by its content and title alone."""
     model = checkpoint.model.eval()
     preprocessor = Preprocessor(assets_for(checkpoint))
     index = {item_id: i + 1 for i, item_id in enumerate(checkpoint.item_ids)}
     items = list(catalogue.items.values())
+    titles = torch.from_numpy(title_embeddings(checkpoint, [i.title for i in items]))
     vectors, bias = [], []
     for start in range(0, len(items), ITEM_BATCH):
         chunk = items[start : start + ITEM_BATCH]
@@ -30,9 +41,10 @@ def build_item_table(checkpoint: Checkpoint, catalogue: Dataset) -> ItemTable:
             [i.title for i in chunk], [i.image for i in chunk], [list(i.labels) for i in chunk]
         )
         content = model.item_content({k: torch.from_numpy(v) for k, v in x.items()})
+        title = titles[start : start + ITEM_BATCH]
         ids = torch.tensor([index.get(i.item_id, 0) for i in chunk])
-        vectors.append(model.item_tower(content, ids).numpy())
-        bias.append(model.item_tower.item_bias(ids).numpy())
+        vectors.append(model.item_tower(content, title, ids).numpy())
+        bias.append(model.item_tower.item_bias(content, title, ids).numpy())
     return ItemTable(
         [i.item_id for i in items],
         [i.title for i in items],
