@@ -68,7 +68,7 @@ def test_withheld_items_get_no_id_rows_and_stay_out_of_the_softmax(data):
 
 def test_content_loss_changes_training_and_the_content_only_table(data):
     split = leave_one_out(data)
-    plain = fit(data, split, TINY)
+    plain = fit(data, split, replace(TINY, content_loss=0.0))
     both = fit(data, split, replace(TINY, content_loss=1.0))
     assert plain.epochs[0].loss != both.epochs[0].loss
     assert not np.allclose(item_table(plain.model, False)[0], item_table(both.model, False)[0])
@@ -89,7 +89,9 @@ def test_per_user_ndcg_averages_to_the_metric():
     ranks = np.array([1, 3, 11, 2, 50])
     assert ndcg_per_user(ranks).mean() == pytest.approx(ranking_metrics(ranks)["ndcg@10"])
     scores = np.array([[-np.inf, 0.9, 0.1, 0.5], [-np.inf, 0.2, 0.8, 0.1]])
-    metrics = SeenMetrics.from_scores(scores, np.array([3, 2]), [np.array([1]), np.array([], np.int64)])
+    metrics = SeenMetrics.from_scores(
+        scores, np.array([3, 2]), [np.array([1]), np.array([], np.int64)]
+    )
     assert metrics.ndcg10_per_user == pytest.approx([1.0, 1.0])  # item 1 seen: 3 ranks first
     assert metrics.kept["ndcg@10"] < metrics.excluded["ndcg@10"]
 

@@ -35,6 +35,7 @@ class Variant:
     # item tower its title sentence embeddings. Off: seeded token embeddings that learn,
     # and no title embeddings (the item tower reads zeros).
     pretrained_text: bool = True
+    titles: bool = True  # the title embeddings alone (off: zeros, token embeddings kept)
 
 
 def build_joint(dims: Dims, n_labels: int, n_items: int, llm_layers: int, seed: int) -> JointModel:
@@ -100,7 +101,7 @@ class TrainModel(nn.Module):
         self.register_buffer("item_labels", torch.from_numpy(items.label_ids), False)
         self.register_buffer("item_index", torch.arange(1, len(items.text) + 1), False)
         title = torch.from_numpy(items.title)
-        if not variant.pretrained_text:
+        if not (variant.pretrained_text and variant.titles):
             title = torch.zeros_like(title)
         self.register_buffer("item_title", title, persistent=False)
         # Items that do not exist during training (the cold-item slice): out of every

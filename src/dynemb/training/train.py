@@ -78,8 +78,10 @@ class TrainOptions:
     valid_users: int | None = None  # cap on validation users per epoch (None = all)
     only: str | None = None  # fine-tune this stage of `init`, every other weight frozen
     # Weight of a second cross-entropy against the content-only item table (every id row
-    # withheld: what a brand-new item gets), so that content and title alone can rank.
-    content_loss: float = 0.0
+    # withheld: what a brand-new item gets), so that content and title alone can rank. It
+    # reads E_t detached: it trains the item side only (through the user side too, it cost
+    # validation NDCG@10: benchmarks/results/training-choices-ml100k.md).
+    content_loss: float = 8.0
 
 
 @dataclass
@@ -325,7 +327,8 @@ def train_step(
     loss = item_loss(model, users_e, target, had, model.items(text, image))
     if options.content_loss:
         content_only = model.items(text, image, with_ids=False)
-        loss = loss + options.content_loss * item_loss(model, users_e, target, had, content_only)
+        content = item_loss(model, users_e.detach(), target, had, content_only)
+        loss = loss + options.content_loss * content
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
