@@ -346,9 +346,19 @@ def _ratio_lines(result: QualityResult) -> list[str]:
     ]
 
 
-def _cold_item_lines(cold: ColdItemResult, most_pop: ModelResult | None) -> list[str]:
+def _cold_item_lines(cold: ColdItemResult) -> list[str]:
     seeds = ", ".join(str(r.seed) for r in cold.dynemb)
-    md = [
+    rows = {
+        f"dynemb ({cold.users} users)": ModelResult(cold.dynemb),
+        f"MostPop ({cold.users} users)": ModelResult([RunResult(cold.most_pop)]),
+        "dynemb (all evaluated users)": ModelResult(
+            [RunResult(metrics) for metrics in cold.dynemb_all_users]
+        ),
+    }
+    ours = ModelResult(cold.dynemb).summary()["ndcg@10"][0]
+    theirs = cold.most_pop.excluded["ndcg@10"]
+    versus = f"{ours / theirs:.2f}× MostPop's {theirs:.4f}" if theirs > 0 else "MostPop scores 0"
+    return [
         f"## Cold items ({cold.fraction:.0%} of items withheld from training, dynemb "
         f"seed(s) {seeds})",
         "",
@@ -358,26 +368,10 @@ def _cold_item_lines(cold: ColdItemResult, most_pop: ModelResult | None) -> list
         "and title alone). MostPop counts the same withheld training data. SASRec-CE "
         f"{cold.sasrec}.",
         "",
-        "| model | users | seen items | " + " | ".join(COLUMNS) + " |",
-        "|---|---|---|" + "---|" * len(COLUMNS),
+        *_table(rows),
+        "",
+        f"dynemb NDCG@10 on the slice (seen excluded): {ours:.4f}; {versus}.",
     ]
-    rows = {"dynemb": ModelResult(cold.dynemb), "MostPop": ModelResult([RunResult(cold.most_pop)])}
-    rows["dynemb, all evaluated users"] = ModelResult(
-        [RunResult(metrics) for metrics in cold.dynemb_all_users]
-    )
-    for seen in ("excluded", "kept"):
-        for name, model in rows.items():
-            summary = model.summary(seen)
-            cells = [format_mean_std(*summary[c]) for c in COLUMNS]
-            users = "all" if name.endswith("users") else cold.users
-            md.append(f"| {name} | {users} | {seen} | " + " | ".join(cells) + " |")
-    ours = rows["dynemb"].summary()["ndcg@10"][0]
-    theirs = cold.most_pop.excluded["ndcg@10"]
-    versus = (
-        f"{ours / theirs:.2f}× MostPop's {theirs:.4f}" if theirs > 0 else ("MostPop scores 0 here")
-    )
-    md += ["", f"dynemb NDCG@10 on the slice (seen excluded): {ours:.4f}, {versus}."]
-    return md
 
 
 def _content_only_line(part: SliceResult, most_pop: ModelResult) -> str:
@@ -414,7 +408,7 @@ def render_markdown(result: QualityResult) -> list[str]:
     if "dynemb" in main and "SASRec-CE" in main:
         md += ["", *_ratio_lines(result)]
     if result.cold_items is not None:
-        md += ["", *_cold_item_lines(result.cold_items, models.get("MostPop"))]
+        md += ["", *_cold_item_lines(result.cold_items)]
     if ablations:
         first = next(iter(ablations.values()))
         md += [

@@ -157,7 +157,12 @@ class TrainModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The retrieve table, row i = item index i+1: (n_items, embed_dim) unit vectors
         and (n_items,) score biases; without ids, what an item without an id row gets."""
-        content = self.item_content(text, image)
+        return self.tower(self.item_content(text, image), with_ids)
+
+    def tower(
+        self, content: torch.Tensor, with_ids: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`items` from `item_content`'s vectors (one content, two tables in training)."""
         ids = self.item_index if with_ids else torch.zeros_like(self.item_index)
         tower = self.joint.item_tower
         return tower(content, self.item_title, ids), tower.item_bias(content, self.item_title, ids)

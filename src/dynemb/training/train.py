@@ -324,11 +324,13 @@ def train_step(
     users_e = model.window_embeddings(batch, text, image)[torch.from_numpy(real)]
     target = torch.from_numpy(batch.target[real]) - 1
     had = torch.from_numpy(seen_items(chunk, n_items)[real]) if options.exclude_seen else None
-    loss = item_loss(model, users_e, target, had, model.items(text, image))
+    content = model.item_content(text, image)
+    loss = item_loss(model, users_e, target, had, model.tower(content))
     if options.content_loss:
-        content_only = model.items(text, image, with_ids=False)
-        content = item_loss(model, users_e.detach(), target, had, content_only)
-        loss = loss + options.content_loss * content
+        content_only = model.tower(content, with_ids=False)
+        loss = loss + options.content_loss * item_loss(
+            model, users_e.detach(), target, had, content_only
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
