@@ -95,6 +95,39 @@ def test_optimised_embedding_equals_eager_uncached(eager, served, inputs):
     assert hits["image_cnn/image"] > 0 and hits["label_mlp/labels"] > 0, hits
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_the_newest_only_encoder_equals_the_network(layers):
+    """llm_encoder's export computes MiniLM's last layer for the newest token only: the
+    same E_t as the network's forward for any depth, in one batch of histories from
+    empty to full (padding last), before and after a training-like weight change."""
+    import torch
+
+    from dynemb.stages.llm_encoder import LLMEncoderParams, minilm_config
+    from dynemb.stages.llm_encoder.network import LLMEncoder
+    from dynemb.stages.llm_encoder.step import NewestEmbedding
+
+    torch.manual_seed(layers)
+    network = LLMEncoder(DIMS, LLMEncoderParams(minilm_config(layers))).eval()
+    with torch.no_grad():  # move every weight off its initial value
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    users, n = 6, DIMS.max_events
+    counts = torch.tensor([0, 1, 2, 17, n - 1, n])
+    inputs = {
+        t.name: torch.randn(users, *t.dims)
+        for t in stages.get("llm_encoder").spec(DIMS).inputs
+        if t.dtype == "FP32"
+    }
+    mask = torch.arange(n)[None, :] < counts[:, None]
+    args = [*(inputs[k] for k in ("SEQ_FEATURES", "TEXT_VEC", "IMAGE_VEC", "LABEL_VEC")), mask]
+    args.append(inputs["QUERY_FEATURES"])
+    with torch.inference_mode():
+        want = network(*args)
+        got = NewestEmbedding.of(network)(*args)
+    assert got.shape == want.shape == (users, DIMS.embed_dim)
+    assert (got - want).abs().max().item() <= TOLERANCE
+
+
 def test_a_short_batch_is_cut_and_equals_the_full_length_answer(repo, eager):
     """Sequence stages cut a batch to its longest history: two 3-event users alone give
     what they give beside a full one."""

@@ -72,5 +72,12 @@ class LLMEncoderStage(TorchStage):
 
         return LLMEncoder(dims, params)
 
+    def exported(self, network: nn.Module) -> nn.Module:
+        """MiniLM's last layer for the newest token only (serving reads nothing else):
+        41% fewer multiply-adds for 50 events (dynemb.stages.llm_encoder.step)."""
+        from dynemb.stages.llm_encoder.step import NewestEmbedding
+
+        return NewestEmbedding.of(network)
+
 
 STAGE = LLMEncoderStage()

@@ -1,11 +1,20 @@
-"""llm_encoder one step at a time, for sessions: the trained network's own weights run
-token by token with the keys and values of the tokens read before.
+"""llm_encoder in plain torch over the saved state dict: one step at a time for sessions,
+and the newest state alone for the served export.
 
-Plain torch over the saved state dict (no transformers import: a session process that
-imported it would start ~10 s slower here). It computes what `LLMEncoder.states` and
-`embed` compute, held to them by the session parity tests: BERT's absolute position and
-token-type embeddings, post-LayerNorm self-attention (causal) and GELU feed-forward
-layers, then the residual with the token itself and the projection to E_t.
+No transformers import (a session process that imported it would start ~10 s slower
+here). It computes what `LLMEncoder.states` and `embed` compute, held to them by the
+session and runtime parity tests: BERT's absolute position and token-type embeddings,
+post-LayerNorm self-attention (causal) and GELU feed-forward layers, then the residual
+with the token itself and the projection to E_t.
+
+- `EncoderStep.extend`: new tokens with the keys and values of the tokens read before
+  (sessions).
+- `EncoderStep.newest`: a whole sequence read from nothing, returning only the newest
+  token's state. Serving reads nothing else, and under causal attention the last layer
+  needs every token's keys and values but the query, attention and feed-forward of the
+  newest token only: with MiniLM's 2 layers over 51 tokens that is 41% fewer
+  multiply-adds than the network's forward. `NewestEmbedding` wraps it as the served
+  function that `model.onnx` exports.
 """
 
 from __future__ import annotations
@@ -168,7 +177,6 @@ class EncoderStep:
     def extend_torch(self, tokens: torch.Tensor, mask: torch.Tensor, past: KVCache):
         """`extend` in torch (what the ONNX Runtime one is exported from)."""
         users, new, _ = tokens.shape
-        heads, head_dim = self.heads, self.head_dim
         read = past.mask.sum(1)  # tokens each user has read: the new ones' first position
         positions = read[:, None] + torch.arange(new)[None, :]
         hidden = tokens + self.token_type + self.positions[positions]
@@ -178,36 +186,74 @@ class EncoderStep:
         allowed = torch.cat(
             [past.mask[:, None, :].expand(users, new, -1), causal[None] & mask[:, None, :]], 2
         )
-        bias = torch.zeros(allowed.shape, dtype=hidden.dtype)
-        bias = bias.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
-        scale = head_dim**-0.5
+        bias = self._bias(allowed, hidden.dtype)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(hidden, layer.qkv_w, layer.qkv_b)
-            q, k, v = (
-                part.view(users, new, heads, head_dim).transpose(1, 2)
-                for part in qkv.split(self.hidden, dim=-1)
-            )
+            q, k, v = self._heads(F.linear(hidden, layer.qkv_w, layer.qkv_b))
             keys.append(k)
             values.append(v)
             all_k = torch.cat([past.keys[:, i], k], dim=2)
             all_v = torch.cat([past.values[:, i], v], dim=2)
-            scores = q @ all_k.transpose(-1, -2) * scale + bias
-            context = (scores.softmax(-1) @ all_v).transpose(1, 2).reshape(users, new, -1)
-            attended = F.layer_norm(
-                F.linear(context, layer.out_w, layer.out_b) + hidden,
-                (self.hidden,),
-                *layer.ln1,
-                eps=self.eps,
-            )
-            up = F.gelu(F.linear(attended, layer.up_w, layer.up_b))
-            hidden = F.layer_norm(
-                F.linear(up, layer.down_w, layer.down_b) + attended,
-                (self.hidden,),
-                *layer.ln2,
-                eps=self.eps,
-            )
+            hidden = self._block(layer, hidden, q, all_k, all_v, bias)
         return hidden + tokens, torch.stack(keys, 1), torch.stack(values, 1)
+
+    def newest(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The state `LLMEncoder.states` gives the newest real token of `tokens` (B, n, H),
+        the start token first, real ones first (`mask` (B, n), position 0 always real),
+        read from nothing: (B, H). Every layer but the last runs over every token; the last
+        computes keys and values for every token and the rest for the newest only."""
+        users, n, _ = tokens.shape
+        hidden = tokens + self.token_type + self.positions[:n]
+        hidden = F.layer_norm(hidden, (self.hidden,), *self.emb_ln, eps=self.eps)
+        allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))[None] & mask[:, None, :]
+        for layer in self.layers[:-1]:
+            q, k, v = self._heads(F.linear(hidden, layer.qkv_w, layer.qkv_b))
+            hidden = self._block(layer, hidden, q, k, v, self._bias(allowed, hidden.dtype))
+        rows, at = torch.arange(users), mask.sum(1) - 1
+        newest = hidden[rows, at][:, None]  # (B, 1, H)
+        if self.layers:
+            last, h = self.layers[-1], self.hidden
+            (q,) = self._heads(F.linear(newest, last.qkv_w[:h], last.qkv_b[:h]))
+            k, v = self._heads(F.linear(hidden, last.qkv_w[h:], last.qkv_b[h:]))
+            # The newest token sees every position up to its own: all real (padding is last).
+            sees = torch.arange(n)[None, None, :] <= at[:, None, None]  # (B, 1, n)
+            newest = self._block(last, newest, q, k, v, self._bias(sees, hidden.dtype))
+        return newest[:, 0] + tokens[rows, at]
+
+    def _heads(self, projected: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, R, k * H) -> k tensors (B, heads, R, head_dim): query / key / value parts."""
+        users, rows, _ = projected.shape
+        return tuple(
+            part.view(users, rows, self.heads, self.head_dim).transpose(1, 2)
+            for part in projected.split(self.hidden, dim=-1)
+        )
+
+    @staticmethod
+    def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, R, P) allowed -> the additive attention bias (B, 1, R, P): 0 or dtype's min."""
+        bias = torch.zeros(allowed.shape, dtype=dtype)
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def _block(self, layer: _Layer, hidden, q, k, v, bias) -> torch.Tensor:
+        """One layer for the R rows of `hidden` (B, R, H) whose queries are `q`
+        (B, heads, R, head_dim), attending to `k`, `v` (B, heads, P, head_dim) under
+        `bias` (B, 1, R, P): post-LayerNorm attention, then the GELU feed-forward."""
+        users, rows, _ = hidden.shape
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5 + bias
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(users, rows, -1)
+        attended = F.layer_norm(
+            F.linear(context, layer.out_w, layer.out_b) + hidden,
+            (self.hidden,),
+            *layer.ln1,
+            eps=self.eps,
+        )
+        up = F.gelu(F.linear(attended, layer.up_w, layer.up_b))
+        return F.layer_norm(
+            F.linear(up, layer.down_w, layer.down_b) + attended,
+            (self.hidden,),
+            *layer.ln2,
+            eps=self.eps,
+        )
 
 
 class _Extend(torch.nn.Module):
@@ -219,3 +265,24 @@ class _Extend(torch.nn.Module):
 
     def forward(self, tokens, mask, past_keys, past_values, past_mask):
         return self.step.extend_torch(tokens, mask, KVCache(past_keys, past_values, past_mask))
+
+
+class NewestEmbedding(torch.nn.Module):
+    """`LLMEncoder.forward` (the served function: per-event tensors, mask and query
+    features in, E_t out) through `EncoderStep.newest`: what `model.onnx` exports."""
+
+    def __init__(self, step: EncoderStep) -> None:
+        super().__init__()
+        self.step = step
+
+    @classmethod
+    def of(cls, network: torch.nn.Module) -> NewestEmbedding:
+        """Over a trained `LLMEncoder`'s weights and its BERT config."""
+        return cls(EncoderStep(network.state_dict(), network.bert.config.to_dict()))
+
+    def forward(self, seq_features, text_vec, image_vec, label_vec, event_mask, query_features):
+        s = self.step
+        events = s.tokens(seq_features, text_vec, image_vec, label_vec)
+        tokens = torch.cat([s.start_token.expand(events.shape[0], 1, -1), events], dim=1)
+        mask = torch.cat([event_mask.new_ones((event_mask.shape[0], 1)), event_mask], dim=1)
+        return s.embed(s.newest(tokens, mask), query_features)
