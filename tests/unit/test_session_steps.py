@@ -48,12 +48,31 @@ def test_the_minilm_step_under_onnxruntime_equals_torch(steps, users, new, past)
     got = ort_step.extend(tokens, mask, cache)
     for w, o in zip(want, got, strict=True):
         assert o.shape == w.shape
-    # Only real tokens are read: compare those.
-    real = mask[:, :, None]
-    assert (got[0] - want[0]).abs().mul(real).max() < TOL
+    assert got[0].shape == (users, torch_step.hidden)  # the newest real token's state
+    assert (got[0] - want[0]).abs().max() < TOL
     kv = mask[:, None, None, :, None]
     assert (got[1] - want[1]).abs().mul(kv).max() < TOL
     assert (got[2] - want[2]).abs().mul(kv).max() < TOL
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+@torch.inference_mode()
+def test_the_newest_state_is_the_same_read_at_once_or_in_two_parts(steps, runtime):
+    """`extend` from nothing then over the rest gives the newest state that `newest` gives
+    over the whole sequence (the served export's function), for users of different
+    lengths; and the keys and values it keeps carry the first part to the second."""
+    step = steps[runtime][0]
+    g = torch.Generator().manual_seed(7)
+    users, n, first = 5, 30, 12
+    tokens = torch.randn(users, n, step.hidden, generator=g)
+    counts = torch.tensor([13, 14, 20, 29, 30])  # every user reads past the first part
+    mask = torch.arange(n)[None, :] < counts[:, None]
+    want = step.newest(tokens, mask)
+    _, keys, values = step.extend(tokens[:, :first], mask[:, :first], step.empty(users))
+    past = KVCache(keys, values, mask[:, :first])
+    got, _, _ = step.extend(tokens[:, first:], mask[:, first:], past)
+    assert got.shape == want.shape == (users, step.hidden)
+    assert (got - want).abs().max() < TOL
 
 
 @pytest.mark.parametrize(("users", "new"), [(1, 1), (32, 1), (3, 4)])

@@ -317,13 +317,8 @@ class SessionEngine:
             tokens = torch.zeros((users, 0, self.encoder.start_token.shape[0]))
         token_in, token_mask = self._tokens_in(plans, tokens, mask_t)
         past = self._past(plans)
-        states, keys, values = self.encoder.extend(token_in, token_mask, past)
+        newest, keys, values = self.encoder.extend(token_in, token_mask, past)
         read = token_mask.sum(1)
-        newest = (
-            states[torch.arange(users), (read - 1).clamp(min=0)]
-            if states.shape[1]
-            else torch.zeros((users, states.shape[-1]))
-        )
         for b in torch.nonzero(read == 0).flatten().tolist():  # no new token: as it was
             newest[b] = torch.from_numpy(plans[b].base.newest)
         query = torch.from_numpy(np.stack([p.query for p in plans]))
