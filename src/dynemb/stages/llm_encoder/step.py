@@ -158,8 +158,9 @@ class EncoderStep:
         reads the whole sequence (causal attention: old tokens never look at new ones), at
         the cost of the new tokens only. Returns the state of each user's newest real new
         token (B, H) (undefined for a user with none) and the new tokens' keys and values
-        (B, layers, heads, K, head_dim). As in `newest`, the last layer computes the rest
-        for that token only: a re-window of 26 tokens costs 40% less."""
+        (B, layers, heads, K, head_dim). The last layer needs only the keys and values of
+        the other new tokens, so it computes the rest for that token alone (a session's
+        re-window of 26 tokens: 37% less time)."""
         users, new, _ = tokens.shape
         heads, head_dim = self.heads, self.head_dim
         if new == 0:
