@@ -37,22 +37,25 @@ def steps(repo):
 def test_the_minilm_step_under_onnxruntime_equals_torch(steps, users, new, past):
     torch_step, ort_step = steps["torch"][0], steps["onnxruntime"][0]
     g = torch.Generator().manual_seed(users + new + past)
-    shape = (users, len(torch_step.layers), torch_step.heads, past, torch_step.head_dim)
+    shape = (users, torch_step.heads, past, torch_step.head_dim)
+    layers = len(torch_step.layers)
     tokens = torch.randn(users, new, torch_step.hidden, generator=g)
     mask = torch.rand(users, new, generator=g) > 0.3
     mask[:, 0] = True
     mask = mask.cummin(dim=1).values  # real tokens first
     past_mask = torch.arange(past)[None, :] < torch.randint(0, past + 1, (users, 1), generator=g)
-    cache = KVCache(torch.randn(shape, generator=g), torch.randn(shape, generator=g), past_mask)
+    keys, values = ([torch.randn(shape, generator=g) for _ in range(layers)] for _ in "kv")
+    cache = KVCache(tuple(keys), tuple(values), past_mask)
     want = torch_step.extend(tokens, mask, cache)
     got = ort_step.extend(tokens, mask, cache)
-    for w, o in zip(want, got, strict=True):
-        assert o.shape == w.shape
-    assert got[0].shape == (users, torch_step.hidden)  # the newest real token's state
+    assert got[0].shape == want[0].shape == (users, torch_step.hidden)  # the newest's state
     assert (got[0] - want[0]).abs().max() < TOL
-    kv = mask[:, None, None, :, None]
-    assert (got[1] - want[1]).abs().mul(kv).max() < TOL
-    assert (got[2] - want[2]).abs().mul(kv).max() < TOL
+    real = mask[:, None, :, None]  # (B, 1, K, 1): the real new tokens' keys and values
+    for got_kv, want_kv in ((got[1], want[1]), (got[2], want[2])):
+        assert len(got_kv) == len(want_kv) == layers
+        for o, w in zip(got_kv, want_kv, strict=True):
+            assert o.shape == w.shape == (users, torch_step.heads, new, torch_step.head_dim)
+            assert (o - w).abs().mul(real).max() < TOL
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from dynemb.sessions.state import SessionState, StateStore, window_after
+from dynemb.sessions.state import SessionState, StateStore, appended, window_after
 from dynemb_client import Event, ModelShape, ServerError, ServerInputError, SessionUpdateError
 from dynemb_client import contract as wire
 from dynemb_client.sessions import (
@@ -95,6 +95,54 @@ def test_unused_states_expire():
     clock.now = 12
     assert store.get("b", V1) is not None  # 7 s unused
     assert "a" not in store and store.stats().expirations == 1
+
+
+def tokens(first: int, count: int) -> np.ndarray:
+    """Keys of `count` tokens whose values name their position: (1, 2, count, 3)."""
+    return np.broadcast_to(
+        np.arange(first, first + count, dtype=np.float32)[None, None, :, None], (1, 2, count, 3)
+    ).copy()
+
+
+def grown(base: SessionState | None, first: int, count: int, limit: int = 51) -> SessionState:
+    kv = appended(base, tokens(first, count), -tokens(first, count), limit)
+    n = kv[0].shape[2] - 1
+    return SessionState(
+        V1, np.arange(n, dtype=np.float64), [[]] * n, np.full(n, np.nan), [()] * n,
+        np.zeros((n, 4), np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32),
+        kv[0], kv[1], np.zeros(4, np.float32), room=kv[2],
+    )  # fmt: skip
+
+
+def test_keys_and_values_grow_in_place_and_a_kept_state_never_changes():
+    first = grown(None, 0, 5)  # a start token and 4 events
+    room = first.room
+    second = grown(first, 5, 1)
+    assert second.room is room  # the newest state's append writes in place
+    assert np.shares_memory(second.keys, first.keys)
+    # A state that is not its room's newest (the session was advanced from it before)
+    # copies: the first branch keeps what it read.
+    branch = grown(first, 50, 2)
+    assert branch.room is not room
+    expected = ((first, range(5)), (second, range(6)), (branch, [*range(5), 50, 51]))
+    for s, positions in expected:
+        assert s.keys.shape == (1, 2, len(positions), 3)
+        np.testing.assert_array_equal(s.keys[0, 0, :, 0], positions)
+        np.testing.assert_array_equal(s.values, -s.keys)
+
+
+def test_a_room_doubles_up_to_the_window_and_the_store_counts_all_of_it():
+    state, capacities = None, []
+    for first in range(51):
+        state = grown(state, first, 1)
+        capacities.append(state.room.keys.shape[2])
+    assert capacities[:17] == [16] * 16 + [34]  # doubles when full
+    assert max(capacities) == 51  # never more than L + 1 tokens
+    assert state.keys.shape[2] == 51
+    np.testing.assert_array_equal(state.keys[0, 1, :, 2], np.arange(51))
+    # The bytes a store counts are the room's, not the views'.
+    assert state.nbytes >= state.room.keys.nbytes + state.room.values.nbytes
+    assert grown(None, 0, 60).keys.shape[2] == 60  # more than the limit: exactly as asked
 
 
 def test_forget_and_clear():

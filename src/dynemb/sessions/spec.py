@@ -14,8 +14,8 @@ from dynemb_client import contract as wire
 @dataclass(frozen=True)
 class SessionOptions:
     """The store's bounds and the version check, as config.pbtxt parameters. A session
-    within the window holds up to about 1 MB (MiniLM's keys and values), a full window
-    about 35 kB."""
+    within the window holds up to about 0.36 MB (mostly MiniLM's keys and values, with
+    two layers), a full window about 35 kB."""
 
     max_users: int = 100_000
     max_mb: float = 1024.0

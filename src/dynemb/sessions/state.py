@@ -47,6 +47,44 @@ def window_after(held: int, new: int, max_events: int, block: int) -> int:
     return max_events - block + 1 + (total - max_events - 1) % block
 
 
+@dataclass(eq=False)
+class KVRoom:
+    """MiniLM's keys and values with room to grow: (layers, heads, capacity, head_dim)
+    buffers whose first `tip` tokens are written. States hold views of their first n.
+    A state whose n is the tip appends in place: only positions at or past the tip are
+    ever written, so no view of n <= tip changes, and an older state of the session
+    still reads what it read. Another state's append copies into a new room."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    tip: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def appended(
+    base: SessionState | None, new_keys: np.ndarray, new_values: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray, KVRoom]:
+    """`base`'s keys and values (None: a session from nothing) followed by `new_keys` and
+    `new_values` (layers, heads, r, head_dim): views of a room that holds them all. That
+    is base's own room when base was its newest and there is space; else a new room,
+    with space to double up to `limit` tokens (L + 1: no window reads more)."""
+    held = base.keys.shape[2] if base is not None else 0
+    room = base.room if base is not None else None
+    total = held + new_keys.shape[2]
+    if room is None or room.tip != held or room.keys.shape[2] < total:
+        layers, heads, _, head_dim = new_keys.shape
+        shape = (layers, heads, max(total, min(limit, max(2 * total, 16))), head_dim)
+        room = KVRoom(np.empty(shape, np.float32), np.empty(shape, np.float32), held)
+        if base is not None:
+            room.keys[:, :, :held], room.values[:, :, :held] = base.keys, base.values
+    room.keys[:, :, held:total], room.values[:, :, held:total] = new_keys, new_values
+    room.tip = total
+    return room.keys[:, :, :total], room.values[:, :, :total], room
+
+
 @dataclass
 class SessionState:
     versions: Versions
@@ -64,6 +102,7 @@ class SessionState:
     # LSTM state, keys, values and newest state are not kept (empty).
     windowed: bool = False
     used_at: float = 0.0  # monotonic time of the last use (TTL)
+    room: KVRoom | None = None  # what `keys` and `values` are views of, if anything
 
     @property
     def n_events(self) -> int:
@@ -73,10 +112,10 @@ class SessionState:
     def nbytes(self) -> int:
         """Its size, once: a state is not changed after it is made, and the store reads the
         size on every put and drop (summed label by label, it was a third of an update)."""
-        arrays = (self.times, self.ratings, self.events, self.lstm_h, self.lstm_c)
-        arrays += (self.keys, self.values, self.newest)
+        arrays = (self.times, self.ratings, self.events, self.lstm_h, self.lstm_c, self.newest)
+        kv = self.room.nbytes if self.room is not None else self.keys.nbytes + self.values.nbytes
         labels = 64 * len(self.raw_labels) + sum(map(len, chain.from_iterable(self.raw_labels)))
-        return sum(a.nbytes for a in arrays) + 2 * labels + 512
+        return sum(a.nbytes for a in arrays) + kv + 2 * labels + 512
 
 
 @dataclass(frozen=True)
