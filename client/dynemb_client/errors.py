@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tritonclient.utils import InferenceServerException
+
 __all__ = ["ClientInputError", "ServerError", "ServerInputError", "ServerUnavailable"]
 
 
@@ -81,3 +83,38 @@ class SessionUpdateError(ServerInputError):
         )
         self.applied = applied
         self.failed = failed
+
+
+# What makes a failure worth sending again (`is_transient`).
+_RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+_STUB_DOWN = "is not healthy"
+_RELOADING = "has no available versions"
+
+
+def status_of(exc: BaseException) -> str | None:
+    """ "StatusCode.UNAVAILABLE" -> "UNAVAILABLE"; None when the error carries no status."""
+    if isinstance(exc, InferenceServerException) and exc.status():
+        return str(exc.status()).removeprefix("StatusCode.")
+    return None
+
+
+def error_message(exc: BaseException) -> str:
+    """The server's message of a tritonclient error, else the exception's text."""
+    return exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """No server could judge the request, so sending it again (here or elsewhere) is safe:
+    a connection-level failure, UNAVAILABLE, or one of the two answers tritonserver 2.51
+    gives while a stage is down and being reloaded (dynemb.supervisor): INTERNAL "Stub
+    process ... is not healthy" before the reload, NOT_FOUND "... has no available
+    versions" during it (a model that does not exist at all says "is not found")."""
+    if isinstance(exc, ConnectionError):
+        return True
+    status = status_of(exc)
+    message = error_message(exc) or ""
+    if status in _RETRYABLE_STATUSES:
+        return True
+    return (status == "INTERNAL" and _STUB_DOWN in message) or (
+        status == "NOT_FOUND" and _RELOADING in message
+    )

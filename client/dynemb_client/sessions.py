@@ -32,7 +32,13 @@ from dynemb_client.contract import (
     TOP_K,
     USER_EMBEDDING,
 )
-from dynemb_client.errors import ClientInputError, ServerError, ServerInputError, SessionUpdateError
+from dynemb_client.errors import (
+    ClientInputError,
+    ServerError,
+    ServerInputError,
+    SessionUpdateError,
+    is_transient,
+)
 from dynemb_client.events import Event, TimeLike, to_unix_seconds
 from dynemb_client.requests import (
     InferCall,
@@ -345,8 +351,6 @@ def _update(
 def _sent(call: InferCall) -> Generator[InferCall, list[SessionAnswer], list[SessionAnswer] | None]:
     """The answers to `call`, or None when it failed in transit (whether the server
     applied it is then unknown); anything else it raises is the caller's to handle."""
-    from dynemb_client.transport import is_transient  # transport imports this module
-
     try:
         return (yield call)
     except Exception as exc:

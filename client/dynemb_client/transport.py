@@ -27,7 +27,14 @@ from dynemb_client.contract import (
     USER_INTEREST,
     version_output,
 )
-from dynemb_client.errors import ServerError, ServerInputError, ServerUnavailable
+from dynemb_client.errors import (
+    ServerError,
+    ServerInputError,
+    ServerUnavailable,
+    error_message,
+    is_transient,
+    status_of,
+)
 from dynemb_client.requests import ModelShape
 from dynemb_client.sessions import SessionHistories, update_many_steps, update_steps
 
@@ -38,9 +45,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # gRPC statuses that mean "no server took the request": safe and useful to retry elsewhere.
-_RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
-_STUB_DOWN = "is not healthy"
-_RELOADING = "has no available versions"
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class EndpointPool(Generic[T]):
             if failure is None or not is_transient(failure):
                 return
             endpoint.failures += 1
-            endpoint.last_error = _message(failure) or type(failure).__name__
+            endpoint.last_error = error_message(failure) or type(failure).__name__
             if endpoint.healthy:
                 endpoint.healthy = False
                 endpoint.down_at = time.monotonic()
@@ -238,34 +242,6 @@ def _rendezvous(route: str, url: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def status_of(exc: BaseException) -> str | None:
-    """ "StatusCode.UNAVAILABLE" -> "UNAVAILABLE"; None when the error carries no status."""
-    if isinstance(exc, InferenceServerException) and exc.status():
-        return str(exc.status()).removeprefix("StatusCode.")
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """No server could judge the request, so sending it again (here or elsewhere) is safe:
-    a connection-level failure, UNAVAILABLE, or one of the two answers tritonserver 2.51
-    gives while a stage is down and being reloaded (dynemb.supervisor): INTERNAL "Stub
-    process ... is not healthy" before the reload, NOT_FOUND "... has no available
-    versions" during it (a model that does not exist at all says "is not found")."""
-    if isinstance(exc, ConnectionError):
-        return True
-    status = status_of(exc)
-    message = _message(exc) or ""
-    if status in _RETRYABLE_STATUSES:
-        return True
-    return (status == "INTERNAL" and _STUB_DOWN in message) or (
-        status == "NOT_FOUND" and _RELOADING in message
-    )
-
-
-def _message(exc: BaseException) -> str:
-    return exc.message() if isinstance(exc, InferenceServerException) else str(exc)
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """Transient failures (`is_transient`) are retried, after an exponentially growing
@@ -305,7 +281,7 @@ class RetryPolicy:
         """Seconds to wait before attempt `attempt + 1`, or raise what the caller should see.
         `elsewhere`: another endpoint is healthy, so the retry goes there without waiting."""
         status = status_of(exc)
-        message = _message(exc)
+        message = error_message(exc)
         if not is_transient(exc):
             if status == "INVALID_ARGUMENT":
                 raise ServerInputError(message, model=model, status=status, url=url) from exc

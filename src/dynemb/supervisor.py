@@ -13,7 +13,7 @@ A stage with a missing stub, or whose probe fails as unhealthy or times out twic
 recovered: unload, load, wait until it and the ensembles are ready. While that runs the
 server's readiness is false (strict readiness: a model is not ready), so a load balancer
 stops sending it traffic; the project's client retries the errors of that window
-(dynemb_client.transport.is_transient). Every recovery is logged and counted
+(dynemb_client.errors.is_transient). Every recovery is logged and counted
 (`dynemb_stage_recoveries_total{stage}`, `dynemb_stage_up{stage}`).
 """
 

@@ -335,7 +335,7 @@ def test_retries_stop_at_the_deadline_with_jittered_back_off(monkeypatch) -> Non
 
 
 def test_a_stage_being_reloaded_is_transient_other_errors_are_not() -> None:
-    from dynemb_client.transport import is_transient
+    from dynemb_client.errors import is_transient
 
     def error(message: str, status: str) -> InferenceServerException:
         return InferenceServerException(msg=message, status=f"StatusCode.{status}")
