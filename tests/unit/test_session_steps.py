@@ -4,6 +4,8 @@ ones, masks with holes; and the engine built either way answers the same."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,41 @@ def test_an_engine_on_either_runtime_answers_the_same(repo):
     np.testing.assert_allclose(answers["onnxruntime"], answers["torch"], atol=1e-5)
     with pytest.raises(ValueError, match="runtime"):
         SessionEngine.from_repository(repo, runtime="tensorrt")
+
+
+def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_them(
+    repo, monkeypatch
+):
+    """The past a step reads: each stored session's keys and values, then zeros (never
+    whatever the memory held: a masked position still multiplies its value by 0, and
+    0 * NaN is NaN), for sessions of different lengths and one from nothing."""
+    import dynemb.sessions.engine as engine_module
+    from dynemb.sessions.engine import _Plan
+
+    engine = SessionEngine.from_repository(repo)
+    layers, heads, head_dim = len(engine.encoder.layers), engine.encoder.heads, 8
+    g = np.random.default_rng(0)
+
+    def stored(n: int) -> SimpleNamespace:
+        shape = (layers, heads, n, head_dim)
+        return SimpleNamespace(keys=g.standard_normal(shape), values=g.standard_normal(shape))
+
+    bases = [stored(5), None, stored(2)]
+    plans = [_Plan.__new__(_Plan) for _ in bases]
+    for plan, base in zip(plans, bases, strict=True):
+        plan.base = base
+
+    def poisoned(shape, dtype):  # what np.empty might have handed out
+        return np.full(shape, np.nan, dtype)
+
+    monkeypatch.setattr(engine_module.np, "empty", poisoned)
+    monkeypatch.setattr(engine_module.np, "empty_like", lambda a: poisoned(a.shape, a.dtype))
+    past = engine._past(plans)
+    monkeypatch.undo()
+    assert past.mask.tolist() == [[True] * 5, [False] * 5, [True, True, False, False, False]]
+    for i in range(layers):
+        for got, kind in ((past.keys[i].numpy(), "keys"), (past.values[i].numpy(), "values")):
+            assert got.shape == (3, heads, 5, head_dim)
+            np.testing.assert_allclose(got[0], getattr(bases[0], kind)[i])
+            np.testing.assert_allclose(got[2, :, :2], getattr(bases[2], kind)[i])
+            assert not got[1].any() and not got[2, :, 2:].any()

@@ -376,17 +376,21 @@ class SessionEngine:
         if not longest:
             return self.encoder.empty(len(plans))
         layers, heads, _, head_dim = next(p.base.keys.shape for p in plans if p.base)
-        keys = np.zeros((layers, len(plans), heads, longest, head_dim), np.float32)
-        values = np.zeros_like(keys)
+        # Each position written once: the stored tokens, then zeros after them (masked
+        # out, but a weight of 0 times garbage could be NaN); zeroing all first is a
+        # second pass over every stored key and value.
+        keys = np.empty((layers, len(plans), heads, longest, head_dim), np.float32)
+        values = np.empty_like(keys)
         mask = np.zeros((len(plans), longest), bool)
         for b, p in enumerate(plans):
-            if p.base is not None:
-                n = p.base.keys.shape[2]
+            n = p.base.keys.shape[2] if p.base is not None else 0
+            if n:
                 keys[:, b, :, :n], values[:, b, :, :n], mask[b, :n] = (
                     p.base.keys,
                     p.base.values,
                     True,
                 )
+            keys[:, b, :, n:], values[:, b, :, n:] = 0.0, 0.0
         return KVCache(
             tuple(map(torch.from_numpy, keys)),
             tuple(map(torch.from_numpy, values)),

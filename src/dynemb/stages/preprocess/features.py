@@ -438,18 +438,23 @@ def time_feature_batch(histories: Sequence[TimeRows], dims: Dims) -> list[np.nda
     out = np.zeros((sum(counts), dims.time_dim), dtype=np.float32)
     if not len(out):
         return [out[:0] for _ in histories]
+    # Every history's events side by side, scattered into the padded (H, width) arrays
+    # in one assignment each (row-major order is the concatenation's).
+    held = np.arange(width)[None, :] < np.asarray(sizes)[:, None]
     times = np.zeros((len(histories), width))
+    times[held] = np.concatenate([h.times for h in histories])
+    all_ratings = np.concatenate(
+        [event_ratings(h.labels) if h.ratings is None else h.ratings for h in histories]
+    )
     rated = np.zeros((len(histories), width), dtype=bool)
+    rated[held] = np.isfinite(all_ratings)
     known = np.zeros((len(histories), width))
+    known[held] = np.where(np.isfinite(all_ratings), all_ratings, 0.0)
     same = np.zeros((len(out), width), dtype=bool)
     owner = np.repeat(np.arange(len(histories)), counts)
     index = np.concatenate([np.arange(h.first, n) for h, n in zip(histories, sizes, strict=True)])
     row = 0
-    for b, (h, n) in enumerate(zip(histories, sizes, strict=True)):
-        times[b, :n] = h.times
-        ratings = event_ratings(h.labels) if h.ratings is None else h.ratings
-        rated[b, :n] = np.isfinite(ratings)
-        known[b, :n] = np.where(rated[b, :n], ratings, 0.0)
+    for h, n in zip(histories, sizes, strict=True):
         same[row : row + n - h.first, :n] = _shares_first_label(h.labels, h.first)
         row += n - h.first
     mine = times[owner]  # (rows, width): each row's own history
@@ -491,10 +496,10 @@ def _shares_first_label(labels: list[list[str]], first: int = 0) -> np.ndarray:
     through codes that this history's labels get here."""
     n = len(labels)
     if (n - first) * 8 <= n:  # a few new rows (a session's update): direct lookups
-        return np.array(
-            [[bool(labels[i]) and labels[i][0] in row for row in labels] for i in range(first, n)],
-            dtype=bool,
-        ).reshape(n - first, n)
+        leads = [labels[i][0] if labels[i] else None for i in range(first, n)]
+        none = [False] * n
+        rows = [none if lead is None else [lead in row for row in labels] for lead in leads]
+        return np.array(rows, dtype=bool).reshape(n - first, n)
     codes: dict[str, int] = {}
     width = max((len(row) for row in labels), default=0) or 1
     matrix = np.full((len(labels), width), -1, dtype=np.int64)
