@@ -85,7 +85,8 @@ class SessionUpdateError(ServerInputError):
         self.failed = failed
 
 
-# What makes a failure worth sending again (`is_transient`).
+# What makes a failure worth sending again (`is_transient`): gRPC statuses that mean "no
+# server took the request", and tritonserver's messages while a stage is reloaded.
 _RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
 _STUB_DOWN = "is not healthy"
 _RELOADING = "has no available versions"

@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# gRPC statuses that mean "no server took the request": safe and useful to retry elsewhere.
-
 
 @dataclass(frozen=True)
 class EndpointState:

@@ -160,12 +160,12 @@ class EncoderStep:
             return tokens.new_zeros((users, self.hidden)), *self.empty(users)[:2]
         if self._onnx is not None:
             layers = len(self.layers)
-            kv = dict(zip(_kv_names(layers, "past_"), (*past.keys, *past.values), strict=True))
+            kv = zip(_kv_names(layers, "past_"), (*past.keys, *past.values), strict=True)
             arrays = self._onnx(
                 tokens=tokens.numpy(),
                 mask=mask.numpy(),
                 past_mask=past.mask.numpy(),
-                **{name: t.numpy() for name, t in kv.items()},
+                **{name: t.numpy() for name, t in kv},
             )
             out = [torch.from_numpy(a) for a in arrays]
             return out[0], tuple(out[1 : layers + 1]), tuple(out[layers + 1 :])

@@ -446,10 +446,11 @@ def time_feature_batch(histories: Sequence[TimeRows], dims: Dims) -> list[np.nda
     all_ratings = np.concatenate(
         [event_ratings(h.labels) if h.ratings is None else h.ratings for h in histories]
     )
+    finite = np.isfinite(all_ratings)
     rated = np.zeros((len(histories), width), dtype=bool)
-    rated[held] = np.isfinite(all_ratings)
+    rated[held] = finite
     known = np.zeros((len(histories), width))
-    known[held] = np.where(np.isfinite(all_ratings), all_ratings, 0.0)
+    known[held] = np.where(finite, all_ratings, 0.0)
     same = np.zeros((len(out), width), dtype=bool)
     owner = np.repeat(np.arange(len(histories)), counts)
     index = np.concatenate([np.arange(h.first, n) for h, n in zip(histories, sizes, strict=True)])
