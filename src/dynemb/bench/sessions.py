@@ -148,17 +148,17 @@ def inprocess(repository: Path, users: list[list[Event]], hold: int) -> dict[str
         x = build_inputs([events], [at], d.max_events, d.max_labels)
         return {k: v[0] for k, v in x.items()}
 
-    # Warm-up and priming: every item into the caches, every session started at `hold`.
+    # Warm-up and priming: the same items (each stream's newest L events, the past phase's)
+    # into both variants' per-item caches, each through its own path; the session's
+    # through sessions of their own, then dropped. Within the window both meet an item
+    # first when its event arrives; every session started at `hold`.
     states = {}
     for g, group in enumerate(groups):
+        newest = [recompute_window(h, len(h) - 1) for h in group]
         pipeline.embed(
-            build_inputs(
-                [recompute_window(h, len(h) - 1) for h in group],
-                [h[-1].time for h in group],
-                d.max_events,
-                d.max_labels,
-            )
+            build_inputs(newest, [w[-1].time for w in newest], d.max_events, d.max_labels)
         )
+        engine.advance([(None, one_user(w, w[-1].time)) for w in newest])
         starts = [(None, one_user(h[:hold], h[hold - 1].time)) for h in group]
         for u, done in enumerate(engine.advance(starts)):
             states[g, u] = done.state
