@@ -202,9 +202,7 @@ class Preprocessor:
         token_ids, token_count = self.event_tokens(x[wire.EVENT_TEXT][:count], count, count)
         rows = [x[wire.EVENT_LABELS][i] for i in range(count)]
         events = [self.event_labels(i, row) for i, row in enumerate(rows)]
-        label_ids = np.full((count, d.max_labels), PAD_LABEL, dtype=np.int64)
-        if events:
-            label_ids[:] = np.stack([e.ids for e in events])
+        label_ids = np.array([e.ids for e in events], np.int64).reshape(count, d.max_labels)
         pixels, image_mask = self.images(x[wire.EVENT_IMAGE][:count], count, keep=count)
         return SessionEvents(
             times=times,
@@ -497,10 +495,12 @@ def _shares_first_label(labels: list[list[str]], first: int = 0) -> np.ndarray:
     through codes that this history's labels get here."""
     n = len(labels)
     if (n - first) * 8 <= n:  # a few new rows (a session's update): direct lookups
-        leads = [labels[i][0] if labels[i] else None for i in range(first, n)]
-        none = [False] * n
-        rows = [none if lead is None else [lead in row for row in labels] for lead in leads]
-        return np.array(rows, dtype=bool).reshape(n - first, n)
+        out = np.zeros((n - first, n), dtype=bool)
+        for r, i in enumerate(range(first, n)):
+            if labels[i]:
+                lead = labels[i][0]
+                out[r] = np.fromiter([lead in row for row in labels], bool, n)
+        return out
     codes: dict[str, int] = {}
     width = max((len(row) for row in labels), default=0) or 1
     matrix = np.full((len(labels), width), -1, dtype=np.int64)
