@@ -34,7 +34,9 @@ def steps(repo):
     return out
 
 
-@pytest.mark.parametrize(("users", "new", "past"), [(1, 1, 30), (32, 1, 49), (5, 3, 0), (4, 2, 7)])
+@pytest.mark.parametrize(
+    ("users", "new", "past"), [(1, 1, 30), (32, 1, 49), (3, 1, 0), (5, 3, 0), (4, 2, 7)]
+)
 @torch.inference_mode()
 def test_the_minilm_step_under_onnxruntime_equals_torch(steps, users, new, past):
     torch_step, ort_step = steps["torch"][0], steps["onnxruntime"][0]
@@ -102,14 +104,29 @@ def test_the_lstm_step_under_onnxruntime_equals_torch(steps, users, new):
     torch.testing.assert_close(got[1][0][-1], state[0][-1])  # no events: state kept
 
 
-def test_an_engine_on_either_runtime_answers_the_same(repo):
+def test_an_engine_on_either_runtime_answers_the_same(repo, monkeypatch):
+    """Sessions of different lengths stepped together, one event each: under ONNX Runtime
+    that batch is the one-call step (dynemb.sessions.fused), under torch the general
+    one; both answer the same."""
+    from dynemb.sessions.fused import OneEventStep
     from dynemb_client import Event, build_inputs
 
     engines = {r: SessionEngine.from_repository(repo, runtime=r) for r in ("torch", "onnxruntime")}
+    assert engines["torch"].one_event is None
+    calls = []
+    one_call = OneEventStep.__call__
+    monkeypatch.setattr(
+        OneEventStep, "__call__", lambda self, *a, **k: calls.append(1) or one_call(self, *a, **k)
+    )
     d = engines["torch"].dims
-    events = [
-        Event(1.7e9 + 3_600 * i, f"item {i % 7}", None, [f"category:c{i % 3}"]) for i in range(12)
+    streams = [
+        [
+            Event(1.7e9 + 3_600 * i + 60 * u, f"item {(i + u) % 7}", None, [f"category:c{i % 3}"])
+            for i in range(14)
+        ]
+        for u in range(3)
     ]
+    starts = (8, 3, 10)  # sessions holding different numbers of tokens: padded past
 
     def wire(new, at):
         x = build_inputs([new], [at], d.max_events, d.max_labels)
@@ -117,13 +134,19 @@ def test_an_engine_on_either_runtime_answers_the_same(repo):
 
     answers = {}
     for runtime, engine in engines.items():
-        [done] = engine.advance([(None, wire(events[:8], events[7].time))])
-        state, out = done.state, []
-        for e in events[8:]:
-            [done] = engine.advance([(state, wire([e], e.time))])
-            state = done.state
-            out.append(done.embedding)
+        begun = [(None, wire(s[:n], s[n - 1].time)) for s, n in zip(streams, starts, strict=True)]
+        states = [done.state for done in engine.advance(begun)]
+        out = []
+        for k in range(4):
+            batch = [
+                (state, wire([s[n + k]], s[n + k].time))
+                for state, s, n in zip(states, streams, starts, strict=True)
+            ]
+            done = engine.advance(batch)
+            states = [a.state for a in done]
+            out.append(np.stack([a.embedding for a in done]))
         answers[runtime] = np.stack(out)
+    assert len(calls) == 4  # every step of the ONNX Runtime engine was the one call
     np.testing.assert_allclose(answers["onnxruntime"], answers["torch"], atol=1e-5)
     with pytest.raises(ValueError, match="runtime"):
         SessionEngine.from_repository(repo, runtime="tensorrt")

@@ -3,9 +3,11 @@
 For a session's new events the engine runs the per-item stages (text_rnn, image_cnn,
 label_mlp, through their serving runners and caches) on those events only, one LSTM step
 per event from the stored state, and MiniLM over the new tokens attending to the stored
-keys and values; then the query-time fusion. The model is causal (per-event time features
-read only earlier events, the LSTM runs forward, MiniLM attends causally), so within the
-window the result is the full recompute's, at the cost of the new events.
+keys and values; then the query-time fusion (under ONNX Runtime the usual batch, one
+event for each user holding a state, is one call: dynemb.sessions.fused). The model is
+causal (per-event time features read only earlier events, the LSTM runs forward, MiniLM
+attends causally), so within the window the result is the full recompute's, at the cost
+of the new events.
 
 Past the window (a session holding L events that gets another) E_t keeps its meaning, the
 embedding of exactly the events the session's window holds: it re-windows to its newest
@@ -30,6 +32,7 @@ from dynemb.dims import Dims
 from dynemb.errors import InputError
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
+from dynemb.sessions.fused import OneEventStep
 from dynemb.sessions.spec import SessionOptions
 from dynemb.sessions.state import SessionState, Versions, appended, check_block, window_after
 from dynemb.stages import Runner, load_runner
@@ -94,6 +97,7 @@ class SessionEngine:
         lstm: LSTMStep,
         encoder: EncoderStep,
         rewindow_block: int = 1,
+        one_event: OneEventStep | None = None,
     ) -> None:
         check_block(rewindow_block, dims.max_events)
         self.versions = versions
@@ -104,6 +108,7 @@ class SessionEngine:
         self.lstm = lstm
         self.encoder = encoder
         self.rewindow_block = rewindow_block
+        self.one_event = one_event  # the usual step's one call, if the runtime has one
 
     @classmethod
     def from_repository(
@@ -116,7 +121,7 @@ class SessionEngine:
         """The engine of the given stage versions (default: each stage's newest) and
         re-window block (default: the repository's `session` config's). `runtime` runs
         the LSTM and MiniLM steps ("onnxruntime": exported from the loaded weights here,
-        the faster; "torch")."""
+        the faster, with a batch of one event a user in one call; "torch")."""
         if rewindow_block is None:
             rewindow_block = session_options(repository).rewindow_block
         versions = dict(versions or {})
@@ -130,15 +135,18 @@ class SessionEngine:
         manifests = {name: Manifest.load(dirs[name]) for name in (SEQUENCE, ENCODER)}
         for name, manifest in manifests.items():
             manifest.verify(dirs[name])
+        lstm = LSTMStep.load(dirs[SEQUENCE], manifests[SEQUENCE], runtime)
+        encoder = EncoderStep.load(dirs[ENCODER], manifests[ENCODER], runtime)
         return cls(
             versions=tuple((name, dirs[name].name) for name in SESSION_STAGES),
             dims=runners[PREPROCESS].manifest.dims,
             preprocessor=runners[PREPROCESS].preprocessor,
             item_runners={name: runners[name] for name in PER_ITEM},
             sequence_runners={name: runners[name] for name in (SEQUENCE, ENCODER)},
-            lstm=LSTMStep.load(dirs[SEQUENCE], manifests[SEQUENCE], runtime),
-            encoder=EncoderStep.load(dirs[ENCODER], manifests[ENCODER], runtime),
+            lstm=lstm,
+            encoder=encoder,
             rewindow_block=rewindow_block,
+            one_event=OneEventStep(lstm, encoder) if runtime == "onnxruntime" else None,
         )
 
     def window_after(self, held: int, new: int) -> int:
@@ -293,6 +301,9 @@ class SessionEngine:
     @torch.inference_mode()
     def _steps(self, plans: list[_Plan]) -> list[Advanced]:
         """Sessions within the window: their new events from their stored state."""
+        one = self.one_event
+        if one is not None and all(p.base is not None and len(p.g_new) == 1 for p in plans):
+            return self._one_events(plans, one)
         d = self.dims
         users = len(plans)
         longest = max(len(p.g_new) for p in plans)
@@ -326,6 +337,31 @@ class SessionEngine:
         h, c, newest, read = h.numpy(), c.numpy(), newest.numpy(), read.tolist()
         # (layers, B, heads, K, head_dim): a user's new keys and values are [:, b]
         keys, values = (np.stack([t.numpy() for t in kv]) for kv in (keys, values))
+        return self._advanced(plans, (h, c, newest, keys, values), read, embeddings)
+
+    def _one_events(self, plans: list[_Plan], step: OneEventStep) -> list[Advanced]:
+        """`_steps` of a batch whose every user holds a state and gets one event: the LSTM
+        step, MiniLM's and E_t in one call (dynemb.sessions.fused)."""
+        out = step(
+            events=np.stack([p.g_new[0] for p in plans]),
+            time_features=np.stack([p.time_new[0] for p in plans]),
+            h0=np.stack([p.base.lstm_h for p in plans]),
+            c0=np.stack([p.base.lstm_c for p in plans]),
+            query=np.stack([p.query for p in plans]),
+            past=self._past(plans),
+        )
+        keys, values = np.stack(out.keys), np.stack(out.values)
+        kept = (out.h, out.c, out.newest, keys, values)
+        return self._advanced(plans, kept, [1] * len(plans), out.embedding)
+
+    def _advanced(
+        self, plans: list[_Plan], kept: tuple[np.ndarray, ...], read: list[int], embeddings
+    ) -> list[Advanced]:
+        """The batch's new states: `kept` = the LSTM's h and c (B, seq_dim), the newest
+        token's state (B, H) and the new tokens' keys and values (layers, B, heads, K,
+        head_dim), of which user b read `read[b]`."""
+        d = self.dims
+        h, c, newest, keys, values = kept
         out = []
         for b, p in enumerate(plans):
             r = read[b]

@@ -51,7 +51,7 @@ class LSTMStep:
         dynamic |= {"h0": {0: "users"}, "c0": {0: "users"}, "seq_features": per_event}
         dynamic |= {"h": {0: "users"}, "c": {0: "users"}}
         self._onnx = OnnxFunction(
-            _Steps(self.network), example, ("seq_features", "h", "c"), dynamic
+            LSTMSteps(self.network), example, ("seq_features", "h", "c"), dynamic
         )
 
     def extend(
@@ -78,7 +78,7 @@ class LSTMStep:
         return self.network.extend(text_vec, image_vec, label_vec, time_features, event_mask, state)
 
 
-class _Steps(torch.nn.Module):
+class LSTMSteps(torch.nn.Module):
     """`TemporalLSTM.extend` for batches whose every event is real, for the export."""
 
     def __init__(self, network: TemporalLSTM) -> None:

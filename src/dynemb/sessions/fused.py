@@ -1,0 +1,107 @@
+"""A session's usual step in one ONNX Runtime call: every user of a batch holds a state and
+gets one new event.
+
+The engine's general step (`SessionEngine._steps`) runs the LSTM step and MiniLM's step as
+two ONNX Runtime calls, with torch in between (the token's projection) and after them (the
+query-time fusion); at 32 users a call those fixed costs were about 4% of an event's
+compute. `OneEventStep` exports the same functions of the loaded stages, composed, as one:
+the LSTM step (`temporal_lstm.step`), the event's soft token and MiniLM over it and the
+stored keys and values (`llm_encoder.step`, whose one-new-token attention fixes the new
+part's shapes), then E_t. Nothing is computed here that the stages' own step functions do
+not compute; the engine-on-either-runtime parity test holds the two paths together.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dynemb.stages.llm_encoder.step import EncoderStep, KVCache, kv_names
+from dynemb.stages.temporal_lstm.step import LSTMStep, LSTMSteps
+
+
+class OneEvent(NamedTuple):
+    """A batch's results, (B, ...) each; keys and values per layer (B, heads, 1, head_dim)."""
+
+    embedding: np.ndarray
+    h: np.ndarray
+    c: np.ndarray
+    newest: np.ndarray
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+
+class OneEventStep:
+    """One new event for each user of a batch, from their LSTM states and stored keys and
+    values, through ONNX Runtime (exported from the loaded weights when it is built)."""
+
+    def __init__(self, lstm: LSTMStep, encoder: EncoderStep) -> None:
+        from dynemb.serving.runtime import OnnxFunction
+
+        dims = lstm.network.dims
+        users, past, layers = 2, 3, len(encoder.layers)
+        example = {
+            "events": torch.randn(users, dims.event_dim),
+            "time_features": torch.randn(users, dims.time_dim),
+            "h0": torch.randn(users, dims.seq_dim),
+            "c0": torch.randn(users, dims.seq_dim),
+            "query": torch.randn(users, dims.query_dim),
+            "past_mask": torch.ones(users, past, dtype=torch.bool),
+        }
+        dynamic = {name: {0: "users"} for name in example}
+        dynamic["past_mask"] = {0: "users", 1: "past"}
+        for name in kv_names(layers, "past_"):
+            example[name] = torch.randn(users, encoder.heads, past, encoder.head_dim)
+            dynamic[name] = {0: "users", 2: "past"}
+        outputs = ("embedding", "h", "c", "newest", *kv_names(layers))
+        dynamic |= {name: {0: "users"} for name in outputs}
+        self.layers = layers
+        self._onnx = OnnxFunction(_OneEvent(lstm, encoder), example, outputs, dynamic)
+
+    def __call__(
+        self,
+        events: np.ndarray,
+        time_features: np.ndarray,
+        h0: np.ndarray,
+        c0: np.ndarray,
+        query: np.ndarray,
+        past: KVCache,
+    ) -> OneEvent:
+        """Each user's new event's G (B, event_dim) and time features (B, time_dim), LSTM
+        state, query features (B, Q) and stored keys and values -> its E_t and new state."""
+        kv = zip(kv_names(self.layers, "past_"), (*past.keys, *past.values), strict=True)
+        out = self._onnx(
+            events=events,
+            time_features=time_features,
+            h0=h0,
+            c0=c0,
+            query=query,
+            past_mask=past.mask.numpy(),
+            **{name: t.numpy() for name, t in kv},
+        )
+        keys, values = out[4 : 4 + self.layers], out[4 + self.layers :]
+        return OneEvent(*out[:4], keys, values)
+
+
+class _OneEvent(torch.nn.Module):
+    """The composed function, for the export."""
+
+    def __init__(self, lstm: LSTMStep, encoder: EncoderStep) -> None:
+        super().__init__()
+        self.lstm = LSTMSteps(lstm.network)
+        self.encoder = encoder
+        d = lstm.network.dims
+        self.parts = [d.text_dim, d.image_dim, d.label_dim]
+
+    def forward(self, events, time_features, h0, c0, query, past_mask, *past):
+        text, image, label = events[:, None].split(self.parts, dim=-1)
+        seq, h, c = self.lstm(text, image, label, time_features[:, None], h0, c0)
+        e = self.encoder
+        tokens = e.tokens(seq, text, image, label)
+        layers = len(past) // 2
+        cache = KVCache(tuple(past[:layers]), tuple(past[layers:]), past_mask)
+        read = torch.ones_like(past_mask[:, :1])  # each user's one new token is real
+        newest, keys, values = e.extend_torch(tokens, read, cache)
+        return e.embed(newest, query), h, c, newest, *keys, *values
