@@ -188,3 +188,34 @@ def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_th
             np.testing.assert_allclose(got[0], getattr(bases[0], kind)[i])
             np.testing.assert_allclose(got[2, :, :2], getattr(bases[2], kind)[i])
             assert not got[1].any() and not got[2, :, 2:].any()
+
+
+def test_a_state_counts_its_labels_as_a_recount_would_through_steps_and_re_windows(repo):
+    """A step counts only its new label rows' bytes on top of its base's; after events
+    of different label sizes, re-windows (every 7 events past L) and a batch of several,
+    each state's count is a recount of the rows it holds, and so is its size."""
+    from dataclasses import replace
+
+    from dynemb.sessions.state import label_row_bytes
+    from dynemb_client import Event, build_inputs
+
+    engine = SessionEngine.from_repository(repo, rewindow_block=7)
+    d = engine.dims
+    labels = [["a"], ["genre:drama", "rating:4"], [], ["x" * 40, "y", "z"]]
+    events = [
+        Event(1.7e9 + 60 * i, f"t{i % 5}", None, labels[i % 4]) for i in range(d.max_events + 20)
+    ]
+
+    def wire(new):
+        x = build_inputs([new], [new[-1].time], d.max_events, d.max_labels)
+        return {k: v[0] for k, v in x.items()}
+
+    [done] = engine.advance([(None, wire(events[:5]))])
+    state, k = done.state, 5
+    while k < len(events):
+        n = 1 if k % 3 else 3  # some updates carry several events
+        [done] = engine.advance([(state, wire(events[k : k + n]))])
+        state, k = done.state, k + n
+        assert state.label_bytes == label_row_bytes(state.raw_labels)
+        assert state.nbytes == replace(state, label_bytes=None).nbytes
+    assert state.n_events < d.max_events  # it re-windowed

@@ -34,7 +34,14 @@ from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
 from dynemb.sessions.fused import OneEventStep
 from dynemb.sessions.spec import SessionOptions
-from dynemb.sessions.state import SessionState, Versions, appended, check_block, window_after
+from dynemb.sessions.state import (
+    SessionState,
+    Versions,
+    appended,
+    check_block,
+    label_row_bytes,
+    window_after,
+)
 from dynemb.stages import Runner, load_runner
 from dynemb.stages.llm_encoder.step import EncoderStep, KVCache
 from dynemb.stages.preprocess.features import (
@@ -74,6 +81,7 @@ class _Plan:
     labels: list[list[str]]
     ratings: np.ndarray
     raw_labels: list[tuple[bytes, ...]]
+    label_bytes: int  # label_row_bytes(raw_labels)
     g_all: np.ndarray  # (n, event_dim) of the new state
     g_new: np.ndarray  # (k, event_dim) rows the LSTM and MiniLM read now
     first: int  # the first of `times` read now (g_new's): k = len(times) - first
@@ -219,6 +227,11 @@ class SessionEngine:
             keep = slice(len(times) - size, None)
             times, labels, raw, g_all = times[keep], labels[keep], raw[keep], g_all[keep]
             ratings = ratings[keep]
+            label_bytes = label_row_bytes(raw)
+        else:
+            label_bytes = (state.raw_label_bytes if state else 0) + label_row_bytes(
+                events.raw_labels
+            )
         # A window of L events that is recomputed (a re-window to L, or a state kept
         # without keys and values) goes through the serving runtimes and keeps nothing
         # but G; a re-window below L restarts from its stored G by steps; else a step.
@@ -231,6 +244,7 @@ class SessionEngine:
             labels=labels,
             ratings=ratings,
             raw_labels=raw,
+            label_bytes=label_bytes,
             g_all=g_all,
             g_new=g_all[first:],
             first=first,
@@ -285,6 +299,7 @@ class SessionEngine:
                     labels=p.labels,
                     ratings=p.ratings,
                     raw_labels=p.raw_labels,
+                    label_bytes=p.label_bytes,
                     events=p.g_all,
                     lstm_h=nothing,
                     lstm_c=nothing,
@@ -372,6 +387,7 @@ class SessionEngine:
                 labels=p.labels,
                 ratings=p.ratings,
                 raw_labels=p.raw_labels,
+                label_bytes=p.label_bytes,
                 events=p.g_all,
                 lstm_h=h[b].copy(),
                 lstm_c=c[b].copy(),
