@@ -442,7 +442,8 @@ class SessionEngine:
                     p.base.values,
                     True,
                 )
-            keys[:, b, :, n:], values[:, b, :, n:] = 0.0, 0.0
+            if n < longest:
+                keys[:, b, :, n:], values[:, b, :, n:] = 0.0, 0.0
         return KVCache(
             tuple(map(torch.from_numpy, keys)),
             tuple(map(torch.from_numpy, values)),
