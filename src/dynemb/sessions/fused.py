@@ -3,12 +3,14 @@ gets one new event.
 
 The engine's general step (`SessionEngine._steps`) runs the LSTM step and MiniLM's step as
 two ONNX Runtime calls, with torch in between (the token's projection) and after them (the
-query-time fusion); at 32 users a call those fixed costs were about 4% of an event's
-compute. `OneEventStep` exports the same functions of the loaded stages, composed, as one:
-the LSTM step (`temporal_lstm.step`), the event's soft token and MiniLM over it and the
-stored keys and values (`llm_encoder.step`, whose one-new-token attention fixes the new
-part's shapes), then E_t. Nothing is computed here that the stages' own step functions do
-not compute; the engine-on-either-runtime parity test holds the two paths together.
+query-time fusion). Taking them into one call moved the in-process ratio of a full
+recompute to a session step past the window from 9.9x to 10.4-10.5x at 32 users a call
+(scratch runs of the sessions benchmark's in-process part). `OneEventStep` exports the
+same functions of the loaded stages, composed, as one: the LSTM step
+(`temporal_lstm.step`), the event's soft token and MiniLM over it and the stored keys and
+values (`llm_encoder.step`, whose one-new-token attention fixes the new part's shapes),
+then E_t. Nothing is computed here that the stages' own step functions do not compute;
+the engine-on-either-runtime parity test holds the two paths together.
 """
 
 from __future__ import annotations
@@ -41,20 +43,18 @@ class OneEventStep:
         from dynemb.serving.runtime import OnnxFunction
 
         dims = lstm.network.dims
-        users, past, layers = 2, 3, len(encoder.layers)
+        users, layers = 2, len(encoder.layers)
         example = {
             "events": torch.randn(users, dims.event_dim),
             "time_features": torch.randn(users, dims.time_dim),
             "h0": torch.randn(users, dims.seq_dim),
             "c0": torch.randn(users, dims.seq_dim),
             "query": torch.randn(users, dims.query_dim),
-            "past_mask": torch.ones(users, past, dtype=torch.bool),
         }
         dynamic = {name: {0: "users"} for name in example}
-        dynamic["past_mask"] = {0: "users", 1: "past"}
-        for name in kv_names(layers, "past_"):
-            example[name] = torch.randn(users, encoder.heads, past, encoder.head_dim)
-            dynamic[name] = {0: "users", 2: "past"}
+        past_example, past_dynamic = encoder.past_example(users)
+        example |= past_example
+        dynamic |= past_dynamic
         outputs = ("embedding", "h", "c", "newest", *kv_names(layers))
         dynamic |= {name: {0: "users"} for name in outputs}
         self.layers = layers
@@ -71,15 +71,8 @@ class OneEventStep:
     ) -> OneEvent:
         """Each user's new event's G (B, event_dim) and time features (B, time_dim), LSTM
         state, query features (B, Q) and stored keys and values -> its E_t and new state."""
-        kv = zip(kv_names(self.layers, "past_"), (*past.keys, *past.values), strict=True)
         out = self._onnx(
-            events=events,
-            time_features=time_features,
-            h0=h0,
-            c0=c0,
-            query=query,
-            past_mask=past.mask.numpy(),
-            **{name: t.numpy() for name, t in kv},
+            events=events, time_features=time_features, h0=h0, c0=c0, query=query, **past.feed()
         )
         keys, values = out[4 : 4 + self.layers], out[4 + self.layers :]
         return OneEvent(*out[:4], keys, values)
@@ -100,8 +93,6 @@ class _OneEvent(torch.nn.Module):
         seq, h, c = self.lstm(text, image, label, time_features[:, None], h0, c0)
         e = self.encoder
         tokens = e.tokens(seq, text, image, label)
-        layers = len(past) // 2
-        cache = KVCache(tuple(past[:layers]), tuple(past[layers:]), past_mask)
         read = torch.ones_like(past_mask[:, :1])  # each user's one new token is real
-        newest, keys, values = e.extend_torch(tokens, read, cache)
+        newest, keys, values = e.extend_torch(tokens, read, KVCache.of(past_mask, *past))
         return e.embed(newest, query), h, c, newest, *keys, *values

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -39,6 +40,18 @@ class KVCache(NamedTuple):
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     mask: torch.Tensor
+
+    def feed(self) -> dict[str, np.ndarray]:
+        """As an exported function's inputs (see `EncoderStep.past_example`)."""
+        names = kv_names(len(self.keys), "past_")
+        arrays = zip(names, (*self.keys, *self.values), strict=True)
+        return {"past_mask": self.mask.numpy()} | {name: t.numpy() for name, t in arrays}
+
+    @classmethod
+    def of(cls, past_mask: torch.Tensor, *past: torch.Tensor) -> KVCache:
+        """`feed`'s inputs as an exported function's forward receives them."""
+        layers = len(past) // 2
+        return cls(tuple(past[:layers]), tuple(past[layers:]), past_mask)
 
 
 @dataclass(frozen=True)
@@ -112,21 +125,30 @@ class EncoderStep:
         from dynemb.serving.runtime import OnnxFunction
 
         # Two new tokens in the example: a trace of one would fix `_block`'s K = 1 path.
-        users, new, past = 2, 2, 3
+        users, new = 2, 2
         per_token = {0: "users", 1: "new"}
         example = {
             "tokens": torch.randn(users, new, self.hidden),
             "mask": torch.ones(users, new, dtype=torch.bool),
-            "past_mask": torch.ones(users, past, dtype=torch.bool),
         }
-        dynamic = {"tokens": per_token, "mask": per_token, "past_mask": {0: "users", 1: "past"}}
-        for name in kv_names(len(self.layers), "past_"):
-            example[name] = torch.randn(users, self.heads, past, self.head_dim)
-            dynamic[name] = {0: "users", 2: "past"}
+        dynamic = {"tokens": per_token, "mask": per_token}
+        past_example, past_dynamic = self.past_example(users)
+        example |= past_example
+        dynamic |= past_dynamic
         outputs = ("newest", *kv_names(len(self.layers)))
         dynamic |= {name: {0: "users", 2: "new"} for name in outputs[1:]}
         dynamic["newest"] = {0: "users"}
         self._onnx = OnnxFunction(_Extend(self), example, outputs, dynamic)
+
+    def past_example(self, users: int, past: int = 3) -> tuple[dict, dict]:
+        """Example inputs of a past (`KVCache.feed`'s names: its mask, then every layer's
+        keys, then values) for an ONNX export, and their dynamic axes."""
+        example = {"past_mask": torch.ones(users, past, dtype=torch.bool)}
+        dynamic = {"past_mask": {0: "users", 1: "past"}}
+        for name in kv_names(len(self.layers), "past_"):
+            example[name] = torch.randn(users, self.heads, past, self.head_dim)
+            dynamic[name] = {0: "users", 2: "past"}
+        return example, dynamic
 
     def empty(self, users: int) -> KVCache:
         """The past of users who have read nothing."""
@@ -161,13 +183,7 @@ class EncoderStep:
             return tokens.new_zeros((users, self.hidden)), *self.empty(users)[:2]
         if self._onnx is not None:
             layers = len(self.layers)
-            kv = zip(kv_names(layers, "past_"), (*past.keys, *past.values), strict=True)
-            arrays = self._onnx(
-                tokens=tokens.numpy(),
-                mask=mask.numpy(),
-                past_mask=past.mask.numpy(),
-                **{name: t.numpy() for name, t in kv},
-            )
+            arrays = self._onnx(tokens=tokens.numpy(), mask=mask.numpy(), **past.feed())
             out = [torch.from_numpy(a) for a in arrays]
             return out[0], tuple(out[1 : layers + 1]), tuple(out[layers + 1 :])
         return self.extend_torch(tokens, mask, past)
@@ -274,9 +290,7 @@ class _Extend(torch.nn.Module):
         self.step = step
 
     def forward(self, tokens, mask, past_mask, *past):
-        layers = len(past) // 2
-        cache = KVCache(tuple(past[:layers]), tuple(past[layers:]), past_mask)
-        newest, keys, values = self.step.extend_torch(tokens, mask, cache)
+        newest, keys, values = self.step.extend_torch(tokens, mask, KVCache.of(past_mask, *past))
         return newest, *keys, *values
 
 
