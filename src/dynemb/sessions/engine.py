@@ -352,7 +352,7 @@ class SessionEngine:
         h, c, newest, read = h.numpy(), c.numpy(), newest.numpy(), read.tolist()
         # (layers, B, heads, K, head_dim): a user's new keys and values are [:, b]
         keys, values = (np.stack([t.numpy() for t in kv]) for kv in (keys, values))
-        return self._advanced(plans, (h, c, newest, keys, values), read, embeddings)
+        return self._advanced(plans, h, c, newest, keys, values, read, embeddings)
 
     def _one_events(self, plans: list[_Plan], step: OneEventStep) -> list[Advanced]:
         """`_steps` of a batch whose every user holds a state and gets one event: the LSTM
@@ -366,17 +366,24 @@ class SessionEngine:
             past=self._past(plans),
         )
         keys, values = np.stack(out.keys), np.stack(out.values)
-        kept = (out.h, out.c, out.newest, keys, values)
-        return self._advanced(plans, kept, [1] * len(plans), out.embedding)
+        ones = [1] * len(plans)
+        return self._advanced(plans, out.h, out.c, out.newest, keys, values, ones, out.embedding)
 
     def _advanced(
-        self, plans: list[_Plan], kept: tuple[np.ndarray, ...], read: list[int], embeddings
+        self,
+        plans: list[_Plan],
+        h: np.ndarray,
+        c: np.ndarray,
+        newest: np.ndarray,
+        keys: np.ndarray,
+        values: np.ndarray,
+        read: list[int],
+        embeddings: np.ndarray,
     ) -> list[Advanced]:
-        """The batch's new states: `kept` = the LSTM's h and c (B, seq_dim), the newest
-        token's state (B, H) and the new tokens' keys and values (layers, B, heads, K,
-        head_dim), of which user b read `read[b]`."""
+        """The batch's new states and E_t (B, D): the LSTM's h and c (B, seq_dim), the
+        newest token's state (B, H) and the new tokens' keys and values (layers, B, heads,
+        K, head_dim), of which user b read `read[b]`."""
         d = self.dims
-        h, c, newest, keys, values = kept
         out = []
         for b, p in enumerate(plans):
             r = read[b]
