@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 
+from dynemb.serving.byte_tensors import deserialize_bytes_tensor
 from dynemb.sessions.serving import SessionAdapter
 from dynemb_client import Event, build_inputs
 from dynemb_client import contract as wire
@@ -65,6 +66,11 @@ def test_a_stopping_server_makes_requests_unavailable_not_internal(adapter):
     state["stopping"] = False
     [later] = model.execute([request("u", wire.OP_UPDATE, [Event(1.7e9 + 600, "x")], 1.7e9 + 600)])
     assert not later.has_error() and later.output_tensors[wire.SESSION_EVENTS].item() == 4
+
+
+def test_it_reads_bytes_inputs_with_the_fast_reader(adapter):
+    model, _ = adapter
+    assert model.pb_utils.deserialize_bytes_tensor is deserialize_bytes_tensor
 
 
 def test_only_the_asked_outputs_are_made(adapter):

@@ -22,6 +22,7 @@ import numpy as np
 
 from dynemb.errors import InputError
 from dynemb.serving.arrays import all_finite, concat, dtype_name, is_tensor, split
+from dynemb.serving.byte_tensors import use_fast_bytes
 from dynemb.serving.metrics import CacheMetrics
 from dynemb.specs import StageSpec
 from dynemb.stages import Runner, load_runner
@@ -33,6 +34,7 @@ class StageAdapter:
     pb_utils: ModuleType
 
     def initialize(self, args: dict[str, str]) -> None:
+        use_fast_bytes(self.pb_utils)
         directory = Path(args["model_repository"]) / args["model_version"]
         config = json.loads(args.get("model_config") or "{}")
         parameters = {

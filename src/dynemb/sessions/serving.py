@@ -30,6 +30,7 @@ import numpy as np
 from dynemb.errors import InputError
 from dynemb.pipeline import versions_of
 from dynemb.serving.adapter import read_inputs
+from dynemb.serving.byte_tensors import use_fast_bytes
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
 from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
 from dynemb.sessions.state import SessionState, StateStore, StoreStats
@@ -56,6 +57,7 @@ class SessionAdapter:
     pb_utils: ModuleType
 
     def initialize(self, args: dict[str, str]) -> None:
+        use_fast_bytes(self.pb_utils)
         self.repository = Path(args["model_repository"]).parent
         config = json.loads(args.get("model_config") or "{}")
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
