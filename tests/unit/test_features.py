@@ -9,7 +9,12 @@ import pytest
 
 from dynemb.dims import DIMS
 from dynemb.errors import InputError
-from dynemb.stages.preprocess.features import UNK_LABEL, Preprocessor
+from dynemb.stages.preprocess.features import (
+    UNK_LABEL,
+    Preprocessor,
+    query_features,
+    time_features,
+)
 from dynemb_client import Event, build_inputs
 
 T0 = 1_700_000_000.0
@@ -66,6 +71,41 @@ def test_event_features_do_not_depend_on_t_or_later_events(pre):
     whole = pre.user(one_user(events, at=T0 + 10 * 3600.0))["TIME_FEATURES"]
     prefix = pre.user(one_user(events[:4], at=T0 + 4 * 600.0))["TIME_FEATURES"]
     np.testing.assert_array_equal(whole[:4], prefix[:4])
+
+
+def test_a_batch_is_each_user_on_their_own(pre, png):
+    """Users of different lengths (one cut by its query time, one empty, one with an image)
+    preprocessed together: every row is that user's alone, and the batched time and
+    query features are the single-history functions' (padding never leaks across)."""
+    hour = 3600.0
+    users = [
+        [
+            Event(T0 + i * hour, f"e{i}", labels=[f"g{i % 3}", f"rating:{1 + i % 5}"])
+            for i in range(7)
+        ],
+        [],
+        [Event(T0 + 5.0, "one", png, ["genre:Comedy"])],
+        [Event(T0 + 100 * i, f"f{i}", labels=["g1"]) for i in range(DIMS.max_events + 3)],
+    ]
+    at = [T0 + 3.5 * hour, T0, None, None]
+    x = build_inputs(users, at, DIMS.max_events, DIMS.max_labels)
+    batch = pre(x)
+    for b in range(len(users)):
+        alone = pre.user({k: v[b] for k, v in x.items()})
+        for name, value in alone.items():
+            np.testing.assert_array_equal(batch[name][b], value, err_msg=f"user {b} {name}")
+        n = int(alone["EVENT_MASK"].sum())
+        times = x["EVENT_TIME"][b, :n]
+        labels = [[v.decode() for v in row if v] for row in x["EVENT_LABELS"][b, :n]]
+        query = float(x["QUERY_TIME"][b, 0])
+        np.testing.assert_allclose(
+            batch["TIME_FEATURES"][b, :n], time_features(times, labels, DIMS)[:n], atol=1e-6
+        )
+        assert not batch["TIME_FEATURES"][b, n:].any()
+        np.testing.assert_allclose(
+            batch["QUERY_FEATURES"][b], query_features(times, query, DIMS), atol=1e-6
+        )
+    assert batch["EVENT_MASK"].sum(1).tolist() == [4, 0, 1, DIMS.max_events]
 
 
 def test_events_after_query_time_are_ignored(pre):

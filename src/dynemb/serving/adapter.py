@@ -109,10 +109,11 @@ def respond(
     """One response per request, in order, each with the outputs and `version` (the
     stage's version, per user, in the spec's version output; None: no version output).
     A request with bad input gets its own INVALID_ARG error before it joins the batch;
-    the valid ones run together in one call (or one call each for per-request runners).
-    Should that call still fail, each of its requests is run alone, so one request can
-    never fail its neighbours: only the one that fails alone gets an error (INTERNAL,
-    logged with its traceback)."""
+    the valid ones run together in one call. Should that call still fail, each of its
+    requests is run alone, so one request can never fail its neighbours: only the one
+    that fails alone gets an error (INVALID_ARG for bad input that only the call finds,
+    such as preprocess's text that is not UTF-8; else INTERNAL, logged with its
+    traceback)."""
     responses: list[Any] = [None] * len(requests)
     valid: list[tuple[int, dict[str, np.ndarray]]] = []
     for i, request in enumerate(requests):
@@ -123,24 +124,24 @@ def respond(
             responses[i] = _error(pb_utils, runner, exc)
             continue
         valid.append((i, inputs))
-    groups = [[item] for item in valid] if runner.per_request else [valid] if valid else []
-    for group in groups:
-        try:
-            outputs = _run(runner, group)
-        except Exception:
-            if len(group) == 1:
-                responses[group[0][0]] = _failure(pb_utils, runner)
-                continue
-            for item in group:  # find the culprit: everyone else still gets an answer
-                try:
-                    [out] = _run(runner, [item])
-                except Exception:
-                    responses[item[0]] = _failure(pb_utils, runner)
-                else:
-                    responses[item[0]] = _response(pb_utils, runner, version, item[1], out)
-            continue
-        for (i, inputs), out in zip(group, outputs, strict=True):
-            responses[i] = _response(pb_utils, runner, version, inputs, out)
+    if not valid:
+        return responses
+    try:
+        outputs = _run(runner, valid)
+    except Exception:
+        if len(valid) == 1:
+            responses[valid[0][0]] = _failure(pb_utils, runner)
+            return responses
+        for i, inputs in valid:  # find the culprit: everyone else still gets an answer
+            try:
+                [out] = _run(runner, [(i, inputs)])
+            except Exception:
+                responses[i] = _failure(pb_utils, runner)
+            else:
+                responses[i] = _response(pb_utils, runner, version, inputs, out)
+        return responses
+    for (i, inputs), out in zip(valid, outputs, strict=True):
+        responses[i] = _response(pb_utils, runner, version, inputs, out)
     return responses
 
 

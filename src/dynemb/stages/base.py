@@ -109,10 +109,8 @@ class RunnerOptions:
 
 class Runner:
     """A loaded version behind one call, numpy in and numpy out. `__call__` maps a batch
-    of users (leading axis) to outputs; `per_request` runners are called once per request
-    (their work is per user anyway); `check` and `trim` see one request's tensors."""
+    of users (leading axis) to outputs; `check` and `trim` see one request's tensors."""
 
-    per_request = False
     # Whether `__call__` and `check` take torch tensors that live on a device (handed over
     # by DLPack) besides numpy arrays; callers convert for runners that do not.
     device_inputs = False

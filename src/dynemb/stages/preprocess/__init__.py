@@ -31,8 +31,6 @@ class PreprocessParams:
 
 
 class PreprocessRunner(Runner):
-    per_request = True  # tokenising and decoding are per user anyway
-
     def __init__(
         self, spec: StageSpec, manifest: Manifest, directory: Path, options: RunnerOptions
     ) -> None:
