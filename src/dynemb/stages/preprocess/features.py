@@ -154,11 +154,12 @@ class Preprocessor:
         histories = [
             self._read_user(b, {k: v[b] for k, v in inputs.items()}, out) for b in range(users)
         ]
-        rows = time_feature_batch([rows for rows, _ in histories], d)
-        for b, features in enumerate(rows):
+        time_rows = time_feature_batch([events for events, _ in histories], d)
+        for b, features in enumerate(time_rows):
             out["TIME_FEATURES"][b, : len(features)] = features
-        times = [history.times for history, _ in histories]
-        out["QUERY_FEATURES"] = query_feature_batch(times, np.array([t for _, t in histories]), d)
+        times = [events.times for events, _ in histories]
+        at = np.array([query_time for _, query_time in histories])
+        out["QUERY_FEATURES"] = query_feature_batch(times, at, d)
         return out
 
     def checked_times(self, x: dict[str, np.ndarray]) -> tuple[int, float, np.ndarray]:
