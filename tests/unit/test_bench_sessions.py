@@ -15,6 +15,7 @@ from dynemb.bench.sessions import (
     WITHIN,
     Rate,
     phase_of,
+    ratio_target,
     ratios,
     recompute_window,
 )
@@ -80,3 +81,12 @@ def test_within_the_window_a_session_is_also_set_against_a_full_window_recompute
     got = against_full_window(within, past)
     assert got["inprocess_compute_vs_full_l"] == pytest.approx(12.5)  # 5 ms vs 0.4 ms
     assert got["served_server_compute_vs_full_l_c1x32"] == pytest.approx(12.0)
+
+
+def test_a_ratio_is_judged_on_its_exact_value_not_as_printed():
+    assert ratio_target(PAST, "inprocess_compute", 9.9976).endswith("**missed**")
+    assert f"{9.9976:.2f}" == "10.00"
+    assert ratio_target(PAST, "inprocess_compute", 10.0).endswith(": met")
+    assert ratio_target(WITHIN, "inprocess_compute_vs_full_l", 12.4).endswith(": met")
+    assert "no target" in ratio_target(PAST, "served_events_per_s_c1", 2.0)
+    assert "shorter than L" in ratio_target(WITHIN, "inprocess_compute", 7.3)
