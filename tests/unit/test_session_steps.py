@@ -219,3 +219,34 @@ def test_a_state_counts_its_labels_as_a_recount_would_through_steps_and_re_windo
         assert state.label_bytes == label_row_bytes(state.raw_labels)
         assert state.nbytes == replace(state, label_bytes=None).nbytes
     assert state.n_events < d.max_events  # it re-windowed
+
+
+def test_a_state_owns_its_arrays_and_holds_nothing_uncounted(repo):
+    """States started, stepped and re-windowed in one batch hold arrays of their own: never
+    views of the request's tensors or of the batch's per-item vectors, which would stay
+    alive uncounted by the store's byte bound as long as any one state of the batch."""
+    from dynemb_client import Event, build_inputs
+
+    engine = SessionEngine.from_repository(repo, rewindow_block=7)
+    d = engine.dims
+    streams = [
+        [Event(1.7e9 + 60 * i + u, f"t{(i + u) % 5}", None, ["genre:a"]) for i in range(60)]
+        for u in range(3)
+    ]
+
+    def wire(new):
+        x = build_inputs([new], [new[-1].time], d.max_events, d.max_labels)
+        return {k: v[0] for k, v in x.items()}
+
+    requests = [wire(s[: d.max_events]) for s in streams]
+    done = engine.advance([(None, x) for x in requests])
+    states = [a.state for a in done]
+    stepped = engine.advance(
+        [(s, wire([stream[d.max_events]])) for s, stream in zip(states, streams, strict=True)]
+    )
+    for state in [*states, *(a.state for a in stepped)]:
+        for array in (state.times, state.ratings, state.events):
+            assert array.base is None or array.base.nbytes == array.nbytes, array.shape
+            for x in requests:
+                assert not np.shares_memory(array, x["EVENT_TIME"])
+    assert stepped[0].state.n_events < d.max_events  # the step re-windowed

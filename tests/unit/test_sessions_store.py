@@ -97,6 +97,16 @@ def test_unused_states_expire():
     assert "a" not in store and store.stats().expirations == 1
 
 
+def test_states_expire_on_put_too():
+    """A store that only ever starts sessions still drops the ones unused for ttl_s."""
+    clock = Clock()
+    store = StateStore(ttl_s=10, clock=clock)
+    for i in range(5):
+        clock.now = 100.0 * i
+        store.put(str(i), state())
+    assert list(store._states) == ["4"] and store.stats().expirations == 4
+
+
 def tokens(first: int, count: int) -> np.ndarray:
     """Keys of `count` tokens whose values name their position: (1, 2, count, 3)."""
     return np.broadcast_to(
@@ -534,3 +544,51 @@ def test_a_session_request_s_event_tensors_share_one_width_up_to_l():
         check_event_width(request(51, 1), 50)
     with pytest.raises(InputError, match="EVENT_COUNT"):
         check_event_width(request(2, 3), 50)
+
+
+def test_a_refused_request_never_puts_back_an_expired_state():
+    """Undoing a refused request restores what a lookup would have found: an expired
+    state stays gone (it was not put back with a fresh time of use)."""
+    from dynemb.sessions.serving import serve_rows
+
+    clock = Clock()
+    store, engine = StateStore(ttl_s=10, clock=clock), CountingEngine()
+    serve_rows(store, engine, [row("a", wire.OP_START, 1)])
+    clock.now = 100.0
+    answers = serve_rows(store, engine, [row("a", wire.OP_UPDATE, 1), row("x", wire.OP_START, -1)])
+    assert answers[0][1] == wire.STATUS_UNKNOWN and isinstance(answers[1], Exception)
+    assert "a" not in store and store.stats().expirations == 1
+
+
+class NonFiniteEngine(CountingEngine):
+    """A stage version that computes NaN for sessions sent 7 events."""
+
+    def advance(self, batch):
+        out = super().advance(batch)
+        for (_, x), done in zip(batch, out, strict=True):
+            if int(x[wire.EVENT_COUNT][0]) == 7:
+                done.embedding[:] = np.nan
+        return out
+
+
+def test_a_non_finite_answer_is_our_error_and_never_stored():
+    from dynemb.serving.adapter import NonFiniteOutputError
+    from dynemb.sessions.serving import serve_rows
+
+    store, engine = StateStore(), NonFiniteEngine()
+    serve_rows(store, engine, [row("a", wire.OP_START, 1)])
+    answers = serve_rows(
+        store, engine, [row("a", wire.OP_UPDATE, 7), row("b", wire.OP_START, 2, request=1)]
+    )
+    assert isinstance(answers[0], NonFiniteOutputError)  # INTERNAL, not the caller's
+    assert store.get("a", V1).n_events == 1  # as it was
+    assert answers[1][1] == wire.STATUS_OK and store.get("b", V1).n_events == 2
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_session_options_must_be_finite(value):
+    from dynemb.sessions.spec import SessionOptions
+
+    for name in ("ttl_s", "max_mb", "max_users"):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            SessionOptions.from_parameters({name: value})

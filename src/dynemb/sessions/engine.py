@@ -224,14 +224,18 @@ class SessionEngine:
         size = self.window_after(held, len(events.times))
         rewindow = size < len(times)  # past L: the window drops its oldest events
         if rewindow:
+            # Copies: a view would keep the dropped events alive, uncounted by the store.
             keep = slice(len(times) - size, None)
-            times, labels, raw, g_all = times[keep], labels[keep], raw[keep], g_all[keep]
-            ratings = ratings[keep]
+            times, ratings, g_all = times[keep].copy(), ratings[keep].copy(), g_all[keep].copy()
+            labels, raw = labels[keep], raw[keep]
             label_bytes = label_row_bytes(raw)
+        elif state is None:
+            # Owned, not views of the request's tensor and the batch's G: a state must
+            # hold only what the store counts.
+            times, g_all = times.copy(), g_all.copy()
+            label_bytes = label_row_bytes(events.raw_labels)
         else:
-            label_bytes = (state.raw_label_bytes if state else 0) + label_row_bytes(
-                events.raw_labels
-            )
+            label_bytes = state.raw_label_bytes + label_row_bytes(events.raw_labels)
         # A window of L events that is recomputed (a re-window to L, or a state kept
         # without keys and values) goes through the serving runtimes and keeps nothing
         # but G; a re-window below L restarts from its stored G by steps; else a step.

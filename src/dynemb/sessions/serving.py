@@ -29,7 +29,7 @@ import numpy as np
 
 from dynemb.errors import InputError
 from dynemb.pipeline import versions_of
-from dynemb.serving.adapter import read_inputs
+from dynemb.serving.adapter import NonFiniteOutputError, read_inputs
 from dynemb.serving.byte_tensors import use_fast_bytes
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
 from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
@@ -205,6 +205,7 @@ def serve_rows(
         if n == len(rounds):
             rounds.append([])
         rounds[n].append(k)
+    store.expire()  # an expired state is not one to put back on failure
     before = {row.session: store.peek(row.session) for row in rows}
     answers: list = [None] * len(rows)
     for ks in rounds:
@@ -275,12 +276,26 @@ def _serve_round(
                     traceback.print_exc(file=sys.stderr)
                     results.append(exc)
         for (k, _), result in zip(todo, results, strict=True):
-            if isinstance(result, Advanced):
+            if isinstance(result, Advanced) and not finite(result):
+                # A stage version's fault: never stored (every later step would read it).
+                answers[k] = NonFiniteOutputError(
+                    f"session {rows[k].session!r}: E_t or its state is not finite"
+                )
+            elif isinstance(result, Advanced):
                 store.put(rows[k].session, result.state)
                 answers[k] = (result.embedding, wire.STATUS_OK, result.state.n_events)
             else:
                 answers[k] = result
     return answers  # type: ignore[return-value]
+
+
+def finite(advanced: Advanced) -> bool:
+    """Whether E_t and the state a next step reads (LSTM state, newest token) are finite."""
+    state = advanced.state
+    return all(
+        bool(np.isfinite(a).all())
+        for a in (advanced.embedding, state.lstm_h, state.lstm_c, state.newest)
+    )
 
 
 def requested(request: Any) -> set[str] | None:

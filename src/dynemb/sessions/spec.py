@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from dynemb.dims import Dims
@@ -36,6 +37,8 @@ class SessionOptions:
         values = {}
         for name, raw in parameters.items():
             value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(f"session: parameter {name} must be finite, got {raw!r}")
             if value < 0 or (value == 0 and name != "version_check_s"):
                 raise ValueError(f"session: parameter {name} must be > 0, got {raw!r}")
             if known[name] in (int, "int"):

@@ -165,7 +165,7 @@ class StateStore:
     def get(self, session: str, versions: Versions) -> SessionState | None:
         """The session's state if it was computed by exactly `versions`, else None (a state
         from other versions is dropped: it must never be advanced by these)."""
-        self._expire()
+        self.expire()
         state = self._states.get(session)
         if state is None:
             self._counts["misses"] += 1
@@ -184,9 +184,11 @@ class StateStore:
         return self._states.get(session)
 
     def put(self, session: str, state: SessionState) -> None:
-        """Keep `state` (replacing the session's old one); evict the least recently used
-        sessions while over a bound. A state larger than max_bytes alone is not kept."""
+        """Keep `state` (replacing the session's old one); drop the expired ones and evict
+        the least recently used sessions while over a bound. A state larger than max_bytes
+        alone is not kept."""
         self._drop(session)
+        self.expire()
         if state.nbytes > self.max_bytes:
             self._counts["evictions"] += 1
             return
@@ -224,7 +226,8 @@ class StateStore:
         self._bytes -= state.nbytes
         return True
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Drop every state unused for ttl_s (`get` and `put` do it first)."""
         deadline = self.clock() - self.ttl_s
         while self._states:
             oldest_id, oldest = next(iter(self._states.items()))
