@@ -12,6 +12,7 @@ from dynemb_client.errors import (
     ServerError,
     ServerInputError,
     ServerUnavailable,
+    SessionLostError,
     SessionUpdateError,
 )
 from dynemb_client.events import Event
@@ -30,6 +31,7 @@ __all__ = [
     "ServerError",
     "ServerInputError",
     "ServerUnavailable",
+    "SessionLostError",
     "SessionUpdateError",
     "Versioned",
     "build_inputs",

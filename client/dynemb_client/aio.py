@@ -225,8 +225,8 @@ class AsyncInterestClient(ClientBase):
     async def _session(self, steps) -> SessionAnswer:
         call = next(steps)
         written: dict[str, str] = {}  # session -> the endpoint that holds its state
-        while True:
-            try:
+        try:
+            while True:
                 try:
                     url = self._pool.route(call.route) if call.route is not None else None
                     result = await self._infer(call, retry=call.retry_safe)
@@ -236,10 +236,11 @@ class AsyncInterestClient(ClientBase):
                 if url is not None:
                     written.update(dict.fromkeys(call.sessions, url))
                 call = steps.send(parse_sessions(result, call.model, call.batch))
-            except StopIteration as done:
-                for session, held_by in written.items():
-                    self.sessions.served_by(session, held_by)
-                return done.value
+        except StopIteration as done:
+            return done.value
+        finally:  # also when some sessions failed: the others' states live there now
+            for session, held_by in written.items():
+                self.sessions.served_by(session, held_by)
 
     async def is_ready(self) -> bool:
         """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""

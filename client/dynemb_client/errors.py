@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from tritonclient.utils import InferenceServerException
 
-__all__ = ["ClientInputError", "ServerError", "ServerInputError", "ServerUnavailable"]
+__all__ = [
+    "ClientInputError",
+    "ServerError",
+    "ServerInputError",
+    "ServerUnavailable",
+    "SessionLostError",
+    "SessionUpdateError",
+]
 
 
 class ClientInputError(ValueError):
@@ -67,12 +74,20 @@ class ServerInputError(ServerError, ValueError):
     found by the server's own checks; the message names the tensor. Not retried."""
 
 
-class SessionUpdateError(ServerInputError):
-    """Some sessions of an `update_many` were refused as bad input: `failed` maps each to
-    its error; every other session was updated, with its E_t in `applied`. None of a
-    refused session's new events were applied."""
+class SessionLostError(ServerError):
+    """The server no longer holds a session's state, and this client keeps only part of
+    the session's window (the session was started by another client or process, or its
+    history was dropped here): starting it again from that part would answer for fewer
+    events than the session read. Send the session's events with `history=`."""
 
-    def __init__(self, applied: dict, failed: dict[str, ServerInputError]) -> None:
+
+class SessionUpdateError(ServerInputError):
+    """Some sessions of an `update_many` were refused as bad input, or lost with only part
+    of their window kept here (SessionLostError): `failed` maps each to its error; every
+    other session was updated, with its E_t in `applied`. None of a failed session's new
+    events were applied."""
+
+    def __init__(self, applied: dict, failed: dict[str, ServerError]) -> None:
         names = ", ".join(repr(s) for s in list(failed)[:5])
         first = next(iter(failed.values()))
         super().__init__(

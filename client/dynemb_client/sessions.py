@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from tritonclient.grpc import InferRequestedOutput
@@ -36,6 +37,7 @@ from dynemb_client.errors import (
     ClientInputError,
     ServerError,
     ServerInputError,
+    SessionLostError,
     SessionUpdateError,
     is_transient,
 )
@@ -79,17 +81,32 @@ class SessionHistories:
         self.max_sessions = max_sessions
         self._events: OrderedDict[str, list[Event]] = OrderedDict()
         self._servers: dict[str, str] = {}  # the endpoint that holds each session's state
+        # Sessions whose window on the server holds more events than are kept here (started
+        # by another client or process, or kept here only since): their window's length.
+        self._partial: dict[str, int] = {}
 
     def get(self, session: str) -> list[Event]:
         return list(self._events.get(session, ()))
 
     def keep(self, session: str, events: Sequence[Event], held: int) -> None:
-        """The session's window is now the newest `held` of `events` (oldest first)."""
+        """The session's window is now the newest `held` of `events` (oldest first); with
+        fewer than `held` events here, it is partial (`missing`)."""
         self._events.pop(session, None)
         self._events[session] = list(events[max(0, len(events) - held) :]) if held else []
+        if held > len(events):
+            self._partial[session] = held
+        else:
+            self._partial.pop(session, None)
         while len(self._events) > self.max_sessions:
             evicted, _ = self._events.popitem(last=False)
             self._servers.pop(evicted, None)
+            self._partial.pop(evicted, None)
+
+    def missing(self, session: str) -> int:
+        """How many of the events of the session's window on the server are not kept here
+        (0: the kept window is whole, or nothing is known of the session)."""
+        held = self._partial.get(session)
+        return 0 if held is None else held - len(self._events.get(session, ()))
 
     def served_by(self, session: str, url: str) -> None:
         """`url` now holds the session's state (the newest call went there)."""
@@ -106,6 +123,7 @@ class SessionHistories:
     def forget(self, session: str) -> None:
         self._events.pop(session, None)
         self._servers.pop(session, None)
+        self._partial.pop(session, None)
 
     def __contains__(self, session: str) -> bool:
         return session in self._events
@@ -233,10 +251,19 @@ def update_steps(
     again and then updated by the new events, which is the answer the lost state would
     have given (one start with both when they fit one window, since the window's length
     depends only on how many events it has read: dynemb.sessions.state.window_after).
+    More than L new events go as successive updates of at most L (the wire carries L).
     `moved` (the session's endpoint changed, SessionHistories.moved): from scratch at once."""
-    session, events, kept, t = _prepared(session, events, at, shape, histories, history)
-    answer = None if moved else (yield from _update(model, session, events, t, shape))
-    return (yield from _settled(histories, model, session, events, kept, t, shape, answer))
+    update = _prepared(session, events, at, shape, histories, history)
+    answer = None
+    for i, chunk in enumerate(_chunks(update.events, shape.max_events)):
+        if i:  # the window is now the one the previous chunk's answer reported
+            session = update.session
+            update = update._replace(
+                kept=histories.get(session), missing=histories.missing(session)
+            )
+        sent = None if moved and not i else (yield from _update(model, update, chunk, shape))
+        answer = yield from _settled(histories, model, update, chunk, shape, sent)
+    return answer
 
 
 def update_many_steps(
@@ -252,22 +279,25 @@ def update_many_steps(
     session the server holds no state for (or whose request was lost in transit), the
     single-session fallback of `update_steps`. A request refused as bad input applied
     none of its rows: its sessions are sent again one by one, so that only the culprits
-    fail, and a SessionUpdateError names them after every other session is updated."""
+    fail, and a SessionUpdateError names them after every other session is updated.
+    A session with more than L new events goes alone, as `update_steps` sends it."""
     prepared = {}
     for session, events in updates.items():
-        session, events, kept, t = _prepared(session, events, at, shape, histories)
-        prepared[session] = (events, kept, t)
+        update = _prepared(session, events, at, shape, histories)
+        prepared[update.session] = update
     answers: dict[str, SessionAnswer | None] = dict.fromkeys(prepared)
     alone: set[str] = set()  # in a refused request: each is sent again by itself
     by_endpoint: dict[str, list[str]] = {}
-    for session in prepared:
+    for session, update in prepared.items():
         url = route(session)
-        if not histories.moved(session, url):
+        if len(update.events) > shape.max_events:
+            alone.add(session)
+        elif not histories.moved(session, url):
             by_endpoint.setdefault(url, []).append(session)
     for sessions in by_endpoint.values():
         for start in range(0, len(sessions), MAX_SESSION_ROWS):
             chunk = sessions[start : start + MAX_SESSION_ROWS]
-            rows = [(s, OP_UPDATE, prepared[s][0], prepared[s][2]) for s in chunk]
+            rows = [(s, OP_UPDATE, prepared[s].events, prepared[s].t) for s in chunk]
             try:
                 got = yield from _sent(rows_call(model, rows, shape))
             except ServerInputError:
@@ -276,20 +306,34 @@ def update_many_steps(
             if got is not None:  # else whether it was applied is unknown: each starts again
                 answers.update(zip(chunk, got, strict=True))
     done: dict[str, SessionAnswer] = {}
-    failed: dict[str, ServerInputError] = {}
+    failed: dict[str, ServerError] = {}
     for session, answer in answers.items():
-        events, kept, t = prepared[session]
+        update = prepared[session]
         try:
             if session in alone:
-                answer = yield from _update(model, session, events, t, shape)
-            done[session] = yield from _settled(
-                histories, model, session, events, kept, t, shape, answer
-            )
-        except ServerInputError as exc:
+                moved = histories.moved(session, route(session))
+                done[session] = yield from update_steps(
+                    histories, model, session, update.events, update.t, shape, moved=moved
+                )
+            else:
+                done[session] = yield from _settled(
+                    histories, model, update, update.events, shape, answer
+                )
+        except (ServerInputError, SessionLostError) as exc:
             failed[session] = exc
     if failed:
         raise SessionUpdateError({s: a.embedding for s, a in done.items()}, failed)
     return done
+
+
+class _Update(NamedTuple):
+    """One session's update, checked (see `_prepared`)."""
+
+    session: str
+    events: list[Event]  # the new events, oldest first
+    kept: list[Event]  # the window it restarts from, if the server lost the state
+    t: float
+    missing: int  # events of the server's window that `kept` lacks (0: it is whole)
 
 
 def _prepared(
@@ -299,35 +343,68 @@ def _prepared(
     shape: ModelShape,
     histories: SessionHistories,
     history: Sequence[Event] | None = None,
-) -> tuple[str, list[Event], list[Event], float]:
+) -> _Update:
     """One session's update, checked: its id, its new events oldest first, the window it
-    restarts from if need be (the caller's `history`, else the one kept here) and t."""
+    restarts from if need be (the caller's `history`, else the one kept here) and t.
+    Refused here as the server would refuse them: new events before the window's newest
+    or after t, and t before the window's newest. (A restart would not refuse them: it
+    sends a whole history, which is sorted and cut at t.)"""
     session = check_session_id(session)
     events = sorted_events(events)
     kept = sorted_events(history) if history is not None else histories.get(session)
+    missing = 0 if history is not None else histories.missing(session)
     t = query_time(at, events, kept)
     if events and to_unix_seconds(events[-1].time, field="EVENT_TIME") > t:
         raise ClientInputError(
             f"{t} precedes the newest new event: a session's events cannot be in t's future",
             field="QUERY_TIME",
         )
-    return session, events, kept[-shape.max_events :], t
+    if kept:
+        newest = to_unix_seconds(kept[-1].time, field="EVENT_TIME")
+        if events and to_unix_seconds(events[0].time, field="EVENT_TIME") < newest:
+            raise ClientInputError(
+                f"{events[0].time} precedes the session's newest event {newest}: a session "
+                "cannot take back what E_t has read",
+                field="EVENT_TIME",
+                index=0,
+            )
+        if t < newest:
+            raise ClientInputError(
+                f"{t} precedes the session's newest event {newest}: its events cannot be in "
+                "t's future",
+                field="QUERY_TIME",
+            )
+    return _Update(session, events, kept[-shape.max_events :], t, missing)
+
+
+def _chunks(events: list[Event], size: int) -> list[list[Event]]:
+    """`events` in runs of at most `size`, oldest first (one empty run for none)."""
+    return [events[i : i + size] for i in range(0, len(events), size)] or [[]]
 
 
 def _settled(
     histories: SessionHistories,
     model: str,
-    session: str,
+    update: _Update,
     events: list[Event],
-    kept: list[Event],
-    t: float,
     shape: ModelShape,
     answer: SessionAnswer | None,
 ) -> Generator[InferCall, list[SessionAnswer], SessionAnswer]:
     """The update's answer once the server holds the session: as `answer` was, or, with
     no state there (or `answer` None: whether the update was applied is unknown), after
-    starting again from the kept window; then the kept window follows the server's."""
+    starting again from the kept window; then the kept window follows the server's. A
+    kept window that lacks some of the server's events is not restarted from: the answer
+    would be another window's (SessionLostError)."""
+    session, kept, t = update.session, update.kept, update.t
     if answer is None or answer.status == STATUS_UNKNOWN:
+        if update.missing:
+            raise SessionLostError(
+                f"session {session!r}: the server no longer holds its state, and this client "
+                f"keeps {len(kept)} of the {len(kept) + update.missing} events of its window "
+                "(it was started by another client or process, or its history was dropped "
+                "here): send the session's events with history= to start it again",
+                model=model,
+            )
         for _ in range(MAX_RESTARTS):
             answer = yield from _restart(model, session, kept, events, t, shape)
             if answer is not None:
@@ -340,11 +417,12 @@ def _settled(
 
 
 def _update(
-    model: str, session: str, events: Sequence[Event], t: float, shape: ModelShape
+    model: str, update: _Update, events: Sequence[Event], shape: ModelShape
 ) -> Generator[InferCall, list[SessionAnswer], SessionAnswer | None]:
-    """An update (never re-sent: had a lost answer been applied, its events would count
-    twice); None when it failed in transit."""
-    answers = yield from _sent(session_call(model, session, OP_UPDATE, events, t, shape))
+    """An update by `events` (never re-sent: had a lost answer been applied, its events
+    would count twice); None when it failed in transit."""
+    call = session_call(model, update.session, OP_UPDATE, events, update.t, shape)
+    answers = yield from _sent(call)
     return None if answers is None else answers[0]
 
 
@@ -377,7 +455,8 @@ def _restart(
     [started] = yield session_call(model, session, OP_START, kept, t, shape)
     if started.status != STATUS_OK:
         return started
-    return (yield from _update(model, session, events, t, shape))
+    answers = yield from _sent(session_call(model, session, OP_UPDATE, events, t, shape))
+    return None if answers is None else answers[0]
 
 
 def forget_steps(

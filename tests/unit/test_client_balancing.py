@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dynemb_client.transport as transport_mod
-from dynemb_client import Event, InterestClient
+from dynemb_client import Event, InterestClient, ServerInputError
 from dynemb_client.contract import OP_START, OP_UPDATE, SESSION_OP
 from dynemb_client.requests import ModelShape
 from dynemb_client.sessions import SessionHistories, update_steps
@@ -159,3 +159,45 @@ def test_a_moved_session_starts_from_its_kept_history() -> None:
 def test_urls_are_a_list_of_distinct_endpoints(urls) -> None:
     with pytest.raises(ValueError):
         EndpointPool(urls, lambda url: url)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_update_many_that_fails_in_part_still_records_where_states_live(
+    monkeypatch, asynchronous
+) -> None:
+    """A request whose rows went to b:1 and then a session failed: the others' states now
+    live on b:1, so their next update must not go to a:1's older state as an update."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import dynemb_client.aio as aio_mod
+    import dynemb_client.client as client_mod
+    from dynemb_client import AsyncInterestClient, SessionUpdateError
+
+    histories = SessionHistories()
+    event = Event(1_700_000_000, "Toy Story")
+    for session in ("u", "v"):
+        histories.keep(session, [event], 1)
+        histories.served_by(session, "a:1")
+    call = SimpleNamespace(route="u", sessions=("u", "v"), retry_safe=False, model="s", batch=2)
+
+    def steps():
+        yield call
+        raise SessionUpdateError({"u": None}, {"v": ServerInputError("refused")})
+
+    async def answer(*_a, **_k):
+        return "result"
+
+    for module in (client_mod, aio_mod):
+        monkeypatch.setattr(module, "parse_sessions", lambda result, model, batch: result)
+    fake = SimpleNamespace(
+        _pool=SimpleNamespace(route=lambda route: "b:1"),
+        _infer=answer if asynchronous else (lambda *_a, **_k: "result"),
+        sessions=histories,
+    )
+    with pytest.raises(SessionUpdateError):
+        if asynchronous:
+            asyncio.run(AsyncInterestClient._session(fake, steps()))
+        else:
+            InterestClient._session(fake, steps())
+    assert not histories.moved("u", "b:1") and histories.moved("u", "a:1")

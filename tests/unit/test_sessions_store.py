@@ -592,3 +592,81 @@ def test_session_options_must_be_finite(value):
     for name in ("ttl_s", "max_mb", "max_users"):
         with pytest.raises(ValueError, match=f"{name} must be finite"):
             SessionOptions.from_parameters({name: value})
+
+
+# --- what the client refuses, and windows it does not hold whole ------------------------
+
+
+def test_an_update_before_the_window_s_newest_is_refused_as_the_server_would():
+    """Refused before sending, whether or not the server still holds the state: a restart
+    (a whole history, sorted and cut at t) would otherwise take what an update may not."""
+    from dynemb_client import ClientInputError
+
+    histories = SessionHistories()
+    histories.keep("u", events(10, 20, 30), 3)
+    for new, at, field in ((events(15), 40, "EVENT_TIME"), ([], 25, "QUERY_TIME")):
+        with pytest.raises(ClientInputError, match=field):
+            next(update_steps(histories, "session", "u", new, at, SHAPE))
+    # at the newest event's own time is fine, as on the server
+    calls, _ = drive(update_steps(histories, "session", "u", events(30), 30, SHAPE), [ok(3)])
+    assert sent_times(calls[0]) == [30]
+
+
+def test_a_window_kept_only_in_part_is_never_restarted_from():
+    """A session started elsewhere (another process): the server holds 41 events, this
+    client 1. When the server loses the state, a restart from that one event would answer
+    for another window: it is an error naming the fix, and the caller's history works."""
+    from dynemb_client import SessionLostError
+
+    histories = SessionHistories()
+    drive(update_steps(histories, "session", "u", events(100), None, SHAPE), [ok(4)])
+    assert histories.missing("u") == 3
+    steps = update_steps(histories, "session", "u", events(101), None, SHAPE)
+    with pytest.raises(SessionLostError, match="history="):
+        drive(steps, [UNKNOWN])
+    steps = update_steps(
+        histories, "session", "u", events(101), None, SHAPE, history=events(97, 98, 99, 100)
+    )
+    calls, _ = drive(steps, [UNKNOWN, ok(3), ok(4)])
+    assert sent_times(calls[1]) == [97, 98, 99, 100] and histories.missing("u") == 0
+    # in an update_many the lost session fails alone; the others are updated
+    histories.keep("v", events(1), 3)
+    histories.keep("w", events(1), 1)
+    steps = update_many_steps(
+        histories, "session", {"v": events(2), "w": events(2)}, None, SHAPE, lambda s: "x:1"
+    )
+    with pytest.raises(SessionUpdateError) as raised:
+        drive(steps, [[UNKNOWN, ok(2)]])
+    assert set(raised.value.failed) == {"v"} and set(raised.value.applied) == {"w"}
+
+
+def test_more_than_l_new_events_go_as_updates_of_at_most_l():
+    """The wire carries L events: 9 new ones on a window of 3 (L = 4) are three updates,
+    so the window is the one the events read one at a time, not the newest L alone."""
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2, 3), 3)
+    new = events(*range(4, 13))
+    calls, _ = drive(
+        update_steps(histories, "session", "u", new, None, SHAPE), [ok(4), ok(4), ok(4)]
+    )
+    assert [op(c) for c in calls] == [wire.OP_UPDATE] * 3
+    assert [sent_times(c) for c in calls] == [[4, 5, 6, 7], [8, 9, 10, 11], [12]]
+    assert kept_times(histories) == [9, 10, 11, 12]
+    # a session the server never saw: a start, then the updates
+    calls, _ = drive(
+        update_steps(SessionHistories(), "session", "n", new, None, SHAPE),
+        [UNKNOWN, ok(4), ok(4), ok(4)],
+    )
+    assert [op(c) for c in calls] == [wire.OP_UPDATE, wire.OP_START, wire.OP_UPDATE, wire.OP_UPDATE]
+    # in an update_many such a session goes by itself, the others in one request
+    histories.keep("v", events(1), 1)
+    steps = update_many_steps(
+        histories, "session", {"u": events(*range(13, 19)), "v": events(2)}, None, SHAPE,
+        lambda s: "x:1",
+    )  # fmt: skip
+    calls, answers = drive(steps, [[ok(2)], ok(4), ok(4)])
+    assert session_ids(calls[0]) == ["v"] and [sent_times(c) for c in calls[1:]] == [
+        [13, 14, 15, 16],
+        [17, 18],
+    ]
+    assert set(answers) == {"u", "v"}
