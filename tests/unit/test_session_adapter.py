@@ -86,3 +86,35 @@ def test_only_the_asked_outputs_are_made(adapter):
     assert set(answer.output_tensors) == {wire.USER_EMBEDDING, wire.SESSION_STATUS}
     [everything] = model.execute([request("w", wire.OP_START, [Event(1.7e9, "a")], 1.7e9)])
     assert wire.version_output(wire.INTEREST_STAGES[0]) in everything.output_tensors
+
+
+def test_a_version_installed_again_under_its_number_is_reloaded_and_drops_states(repo, tmp_path):
+    """A swap that failed removes its version N+1 and the next swap installs other weights
+    as N+1 again: the same numbers, another install. The session model loads it and
+    drops every state (computed by the weights that are gone), as after any swap."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+
+    class Adapter(SessionAdapter):
+        pb_utils = types.SimpleNamespace(**vars(fake_pb_utils), is_model_ready=lambda *a: True)
+
+    model = Adapter()
+    model.initialize({"model_repository": str(copy / wire.SESSION), "model_config": "{}"})
+    model.options = type(model.options)(version_check_s=0.0)
+    loaded = model.engine
+    events = [Event(1.7e9 + 60 * i, f"item {i}") for i in range(3)]
+    model.execute([request("u", wire.OP_START, events, events[-1].time)])
+    later = [Event(1.7e9 + 600, "x")]
+    [same] = model.execute([request("u", wire.OP_UPDATE, later, 1.7e9 + 600)])
+    assert (
+        model.engine is loaded and same.output_tensors[wire.SESSION_STATUS].item() == wire.STATUS_OK
+    )
+    version = next(p for p in (copy / "text_rnn").iterdir() if p.name.isdigit())
+    shutil.copytree(version, tmp_path / "again")  # the next install: a new directory
+    shutil.rmtree(version)
+    (tmp_path / "again").rename(version)
+    [lost] = model.execute([request("u", wire.OP_UPDATE, later, 1.7e9 + 700)])
+    assert model.engine is not loaded
+    assert lost.output_tensors[wire.SESSION_STATUS].item() == wire.STATUS_UNKNOWN

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 
 from dynemb.errors import InputError
+from dynemb.manifest import MANIFEST
 from dynemb.pipeline import versions_of
 from dynemb.serving.adapter import NonFiniteOutputError, read_inputs
 from dynemb.serving.byte_tensors import use_fast_bytes
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
 from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
-from dynemb.sessions.state import SessionState, StateStore, StoreStats
+from dynemb.sessions.state import SessionState, StateStore, StoreStats, Versions
 from dynemb.specs import StageSpec
 from dynemb_client import contract as wire
 
@@ -71,6 +72,7 @@ class SessionAdapter:
         self.engine: SessionEngine | None = SessionEngine.from_repository(
             self.repository, rewindow_block=self.options.rewindow_block
         )
+        self._installed = self._installs(self.engine.versions)
         self.spec: StageSpec = session_spec(self.engine.dims, self.options)
         self._next_check = 0.0
         self.metrics = SessionMetrics(self.pb_utils)
@@ -131,16 +133,31 @@ class SessionAdapter:
                 raise NoServingVersionError(f"{name}: no version is loaded and ready")
             serving[name] = ready
         key = tuple((name, str(v)) for name, v in serving.items())
-        if self.engine is None or self.engine.versions != key:
+        installed = self._installs(key)
+        if self.engine is None or self.engine.versions != key or installed != self._installed:
             self.engine = None
             self.store.clear()
             self.engine = SessionEngine.from_repository(
                 self.repository, serving, self.options.rewindow_block
             )
+            self._installed = installed
             self.spec = session_spec(self.engine.dims, self.options)
             self.pb_utils.Logger.log_info(f"session: serving with {dict(key)}")
         self._next_check = time.monotonic() + self.options.version_check_s
         return self.engine
+
+    def _installs(self, versions: Versions) -> tuple[tuple[int, int], ...]:
+        """Which install of each version directory these are (its manifest's inode and
+        time): a swap that failed removes its version, and the next one installs other
+        weights under the same number, which the numbers alone would not show."""
+        out = []
+        for name, version in versions:
+            try:
+                found = (self.repository / name / version / MANIFEST).stat()
+            except OSError as exc:  # removed since it was ready: a swap is under way
+                raise NoServingVersionError(f"{name} v{version}: {exc}") from exc
+            out.append((found.st_ino, found.st_mtime_ns))
+        return tuple(out)
 
     def _ready(self, name: str, version: int) -> bool:
         """Whether the server serves `version` of stage `name`. A server that cannot say
