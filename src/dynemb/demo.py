@@ -11,7 +11,7 @@ import numpy as np
 
 from dynemb import stages
 from dynemb.data import load_dataset
-from dynemb.paths import cache_dir
+from dynemb.paths import cache_dir, unfinished_build
 from dynemb.pipeline import serving_manifest_paths, serving_manifests
 from dynemb.queries import event_converter
 from dynemb_client import Event, InterestClient
@@ -55,7 +55,10 @@ def demo_checkpoint(
 
 
 def needs_build(repository: Path, checkpoint: Path | None) -> bool:
-    """No built repository yet, or one built before the checkpoint it should serve."""
+    """No built repository yet, one whose last build did not finish, or one built before
+    the checkpoint it should serve."""
+    if unfinished_build(repository):
+        return True
     built = serving_manifest_paths(repository)
     if len(built) < len(stages.NAMES):
         return True

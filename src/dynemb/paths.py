@@ -23,3 +23,20 @@ def cache_dir() -> Path:
     path = Path(os.environ.get(CACHE_ENV) or Path.cwd() / ".cache" / "dynemb")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Written into a repository when `dynemb build` starts and removed when it has written
+# every stage: a build cut short (Ctrl-C, a full disk) leaves stages of two builds side by
+# side, which nothing may serve or read as one model.
+UNFINISHED_BUILD = ".build-unfinished"
+
+
+def unfinished_build(repository: Path) -> str | None:
+    """Why `repository` must not be served or read (a build of it did not finish), or None."""
+    marker = repository / UNFINISHED_BUILD
+    if not marker.exists():
+        return None
+    return (
+        f"{repository}: its last `dynemb build` did not finish ({marker} is there), so its "
+        "stages may come from two builds; run the build again"
+    )

@@ -12,6 +12,7 @@ from dynemb import stages
 from dynemb.ensembles import ENSEMBLE_SPECS
 from dynemb.errors import DynembError
 from dynemb.manifest import MANIFEST, Manifest
+from dynemb.paths import unfinished_build
 from dynemb.serving.arrays import to_numpy
 from dynemb.stages import Runner, RunnerOptions, load_runner
 from dynemb_client import contract as wire
@@ -29,6 +30,10 @@ def versions_of(model_dir: Path) -> list[int]:
 
 
 def latest_version(model_dir: Path) -> Path:
+    """The newest version directory of a model of a repository whose build finished."""
+    unfinished = unfinished_build(model_dir.parent)
+    if unfinished:
+        raise RepositoryError(unfinished)
     versions = versions_of(model_dir)
     if not versions:
         raise RepositoryError(f"{model_dir}: no version directory; run `dynemb build`")

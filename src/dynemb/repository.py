@@ -19,7 +19,7 @@ from dynemb.configs import adapter_source, write_configs
 from dynemb.data import load_dataset
 from dynemb.dims import DIMS, Dims
 from dynemb.manifest import ADAPTER, Manifest, Provenance
-from dynemb.paths import MODEL_REPOSITORY, cache_dir
+from dynemb.paths import MODEL_REPOSITORY, UNFINISHED_BUILD, cache_dir
 from dynemb.stages.base import ExportContext
 from dynemb.targets import CPU, Target
 
@@ -93,6 +93,9 @@ def build_repository(
             dataset, options.dims, options.seed, options.llm_layers, options.pretrained
         )
     )
+    options.repository.mkdir(parents=True, exist_ok=True)
+    marker = options.repository / UNFINISHED_BUILD  # until every stage is written
+    marker.write_text(f"dynemb build into {options.repository} started\n", encoding="utf-8")
     write_configs(options.repository, checkpoint.dims, options.target)
     context = ExportContext(checkpoint, dataset)
     manifests = {}
@@ -104,4 +107,5 @@ def build_repository(
         provenance = dataclasses.replace(checkpoint.provenance, catalogue=dataset.name)
         manifests[name] = write_version(target, name, hparams, checkpoint.dims, trained, provenance)
         log.info("wrote %s", target)
+    marker.unlink()
     return manifests

@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 from dynemb import control
 from dynemb.ensembles import MODELS
 from dynemb.errors import DynembError
-from dynemb.paths import MODEL_REPOSITORY, cache_dir
+from dynemb.paths import MODEL_REPOSITORY, cache_dir, unfinished_build
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
@@ -163,6 +163,9 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             raise ServerError("already started")
+        unfinished = unfinished_build(self.config.repository)
+        if unfinished:
+            raise ServerError(unfinished)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver on %s (log: %s)", self.config.grpc_url, self.log_file)
         with self.log_file.open("ab") as out:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from dynemb import demo, stages
+from dynemb.paths import UNFINISHED_BUILD
 
 
 def test_needs_build_follows_the_checkpoint(tmp_path):
@@ -25,6 +26,8 @@ def test_needs_build_follows_the_checkpoint(tmp_path):
     assert not demo.needs_build(repository, None)
     os.utime(checkpoint, (4_000_000_000, 4_000_000_000))  # retrained after the build
     assert demo.needs_build(repository, checkpoint)
+    (repository / UNFINISHED_BUILD).write_text("")  # a build cut short
+    assert demo.needs_build(repository, None)
 
 
 def test_stale_checkpoints_are_skipped(tmp_path, monkeypatch):
