@@ -72,6 +72,9 @@ class InferenceRequest:
             name: Tensor(name, value, device=name in on_device) for name, value in tensors.items()
         }
 
+    def inputs(self) -> list[Tensor]:
+        return list(self.tensors.values())
+
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
     return request.tensors.get(name)

@@ -77,8 +77,11 @@ def read_inputs(
     inputs; this guards a stage called directly). With `device_inputs`, a tensor Triton
     left on the GPU is read through DLPack as a torch tensor, where it is."""
     inputs = {}
+    # One pass over the request's tensors: pb_utils.get_input_tensor_by_name lists them
+    # all again (a Python object each) for every name asked.
+    sent = {t.name(): t for t in request.inputs()}
     for tensor in spec.inputs:
-        found = pb_utils.get_input_tensor_by_name(request, tensor.name)
+        found = sent.get(tensor.name)
         if found is None:
             raise InputError(tensor.name, "missing")
         value = _read(found) if device_inputs else found.as_numpy()
