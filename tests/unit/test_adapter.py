@@ -65,6 +65,40 @@ def test_preprocess_bad_request_fails_alone(repo, png):
     assert out[0].output_tensors["IMAGE_MASK"][0, 0]
 
 
+def test_a_preprocess_batch_with_bad_rows_runs_again_without_them(repo, png, monkeypatch):
+    """Bad input found in the batch call names its row: that row's request gets the
+    error and the rest run again together (not each alone), whatever the requests' sizes;
+    each answer is the one it gets alone."""
+    model = load_model(repo, "preprocess")
+    runner = model.runner
+    calls = []
+    call = type(runner).__call__
+    monkeypatch.setattr(type(runner), "__call__", lambda self, x: calls.append(1) or call(self, x))
+    users = [
+        [Event(T0 + u, f"title {u}", png if u % 2 else None, [f"category:c{u}"])] for u in range(6)
+    ]
+    sizes = (2, 1, 2, 1)  # requests of several users
+    bad_rows = {2, 5}  # request 1's only user and request 3's
+    requests = []
+    first = 0
+    for size in sizes:
+        x = raw(users[first : first + size])
+        for b in range(size):
+            if first + b in bad_rows:
+                x["EVENT_TEXT"][b, 0] = b"\xff"
+        requests.append(x)
+        first += size
+    out = model.execute([fake_pb_utils.InferenceRequest(x) for x in requests])
+    assert [r.has_error() for r in out] == [False, True, False, True]
+    assert "EVENT_TEXT[0]" in out[1].error.message()
+    assert len(calls) == 3  # the batch, without request 1, without request 3 too
+    for x, answer in zip(requests, out, strict=True):
+        if not answer.has_error():
+            [alone] = model.execute([fake_pb_utils.InferenceRequest(x)])
+            for name, value in alone.output_tensors.items():
+                np.testing.assert_array_equal(answer.output_tensors[name], value)
+
+
 def test_torch_stage_runs_once_for_all_requests(repo, monkeypatch):
     model = load_model(repo, "label_mlp")
     calls = []

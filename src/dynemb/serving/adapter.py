@@ -112,11 +112,12 @@ def respond(
     """One response per request, in order, each with the outputs and `version` (the
     stage's version, per user, in the spec's version output; None: no version output).
     A request with bad input gets its own INVALID_ARG error before it joins the batch;
-    the valid ones run together in one call. Should that call still fail, each of its
-    requests is run alone, so one request can never fail its neighbours: only the one
-    that fails alone gets an error (INVALID_ARG for bad input that only the call finds,
-    such as preprocess's text that is not UTF-8; else INTERNAL, logged with its
-    traceback)."""
+    the valid ones run together in one call. Bad input that only the call finds and
+    that names its batch row (preprocess's text that is not UTF-8) fails that row's
+    request with INVALID_ARG, and the others run again together. Should the call fail
+    otherwise, each of its requests is run alone, so one request can never fail its
+    neighbours: only the one that fails alone gets an error (INTERNAL, logged with its
+    traceback, unless it is bad input)."""
     responses: list[Any] = [None] * len(requests)
     valid: list[tuple[int, dict[str, np.ndarray]]] = []
     for i, request in enumerate(requests):
@@ -127,24 +128,54 @@ def respond(
             responses[i] = _error(pb_utils, runner, exc)
             continue
         valid.append((i, inputs))
-    if not valid:
-        return responses
-    try:
-        outputs = _run(runner, valid)
-    except Exception:
-        if len(valid) == 1:
-            responses[valid[0][0]] = _failure(pb_utils, runner)
+    while True:
+        if not valid:
             return responses
-        for i, inputs in valid:  # find the culprit: everyone else still gets an answer
-            try:
-                [out] = _run(runner, [(i, inputs)])
-            except Exception:
-                responses[i] = _failure(pb_utils, runner)
-            else:
-                responses[i] = _response(pb_utils, runner, version, inputs, out)
-        return responses
+        try:
+            outputs = _run(runner, valid)
+            break
+        except InputError as exc:  # bad input only the call finds (preprocess's)
+            culprit = _request_of_row(valid, exc.row)
+            if culprit is None:
+                return _one_by_one(pb_utils, runner, version, valid, responses)
+            # It alone gets the error; the others run again together, without it.
+            responses[valid[culprit][0]] = _error(pb_utils, runner, exc)
+            del valid[culprit]
+        except Exception:
+            return _one_by_one(pb_utils, runner, version, valid, responses)
     for (i, inputs), out in zip(valid, outputs, strict=True):
         responses[i] = _response(pb_utils, runner, version, inputs, out)
+    return responses
+
+
+def _request_of_row(group: list[tuple[int, dict[str, np.ndarray]]], row: int | None) -> int | None:
+    """Which of the group's requests holds batch row `row` of their concatenation."""
+    if row is None:
+        return None
+    sizes = np.cumsum([len(next(iter(inputs.values()))) for _, inputs in group])
+    found = int(np.searchsorted(sizes, row, side="right"))
+    return found if found < len(group) else None
+
+
+def _one_by_one(
+    pb_utils: ModuleType,
+    runner: Runner,
+    version: int | None,
+    valid: list[tuple[int, dict[str, np.ndarray]]],
+    responses: list[Any],
+) -> list[Any]:
+    """The group's requests each run alone, called while its call's exception is handled
+    (it named no request), so that only a request that fails alone gets an error."""
+    if len(valid) == 1:
+        responses[valid[0][0]] = _failure(pb_utils, runner)
+        return responses
+    for i, inputs in valid:  # find the culprit: everyone else still gets an answer
+        try:
+            [out] = _run(runner, [(i, inputs)])
+        except Exception:
+            responses[i] = _failure(pb_utils, runner)
+        else:
+            responses[i] = _response(pb_utils, runner, version, inputs, out)
     return responses
 
 

@@ -151,9 +151,13 @@ class Preprocessor:
             "TIME_FEATURES": np.zeros((users, length, d.time_dim), np.float32),
             "EVENT_MASK": np.zeros((users, length), bool),
         }
-        histories = [
-            self._read_user(b, {k: v[b] for k, v in inputs.items()}, out) for b in range(users)
-        ]
+        histories = []
+        for b in range(users):
+            try:
+                histories.append(self._read_user(b, {k: v[b] for k, v in inputs.items()}, out))
+            except InputError as exc:
+                exc.row = b
+                raise
         time_rows = time_feature_batch([events for events, _ in histories], d)
         for b, features in enumerate(time_rows):
             out["TIME_FEATURES"][b, : len(features)] = features
