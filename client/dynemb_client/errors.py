@@ -82,19 +82,20 @@ class SessionLostError(ServerError):
 
 
 class SessionUpdateError(ServerInputError):
-    """Some sessions of an `update_many` were refused as bad input, or lost with only part
-    of their window kept here (SessionLostError): `failed` maps each to its error; every
+    """Some sessions of an `update_many` were refused as bad input (by the server,
+    ServerInputError, or before sending, ClientInputError), or lost with only part of
+    their window kept here (SessionLostError): `failed` maps each to its error; every
     other session was updated, with its E_t in `applied`. None of a failed session's new
     events were applied."""
 
-    def __init__(self, applied: dict, failed: dict[str, ServerError]) -> None:
+    def __init__(self, applied: dict, failed: dict[str, Exception]) -> None:
         names = ", ".join(repr(s) for s in list(failed)[:5])
         first = next(iter(failed.values()))
         super().__init__(
             f"{len(failed)} session(s) refused ({names}): {first}",
-            model=first.model,
-            status=first.status,
-            url=first.url,
+            model=getattr(first, "model", None),
+            status=getattr(first, "status", None),
+            url=getattr(first, "url", None),
         )
         self.applied = applied
         self.failed = failed

@@ -279,11 +279,18 @@ def update_many_steps(
     session the server holds no state for (or whose request was lost in transit), the
     single-session fallback of `update_steps`. A request refused as bad input applied
     none of its rows: its sessions are sent again one by one, so that only the culprits
-    fail, and a SessionUpdateError names them after every other session is updated.
-    A session with more than L new events goes alone, as `update_steps` sends it."""
+    fail, and a SessionUpdateError names them after every other session is updated (as
+    it names a session whose update is refused here, before sending, as the server would
+    refuse it). A session with more than L new events goes alone, as `update_steps`
+    sends it."""
     prepared = {}
+    failed: dict[str, Exception] = {}
     for session, events in updates.items():
-        update = _prepared(session, events, at, shape, histories)
+        try:
+            update = _prepared(session, events, at, shape, histories)
+        except ClientInputError as exc:  # refused here as the server would: it fails alone
+            failed[session] = exc
+            continue
         prepared[update.session] = update
     answers: dict[str, SessionAnswer | None] = dict.fromkeys(prepared)
     alone: set[str] = set()  # in a refused request: each is sent again by itself
@@ -306,7 +313,6 @@ def update_many_steps(
             if got is not None:  # else whether it was applied is unknown: each starts again
                 answers.update(zip(chunk, got, strict=True))
     done: dict[str, SessionAnswer] = {}
-    failed: dict[str, ServerError] = {}
     for session, answer in answers.items():
         update = prepared[session]
         try:

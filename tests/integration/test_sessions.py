@@ -230,15 +230,22 @@ def test_a_forgotten_or_unknown_session_is_rebuilt_from_the_kept_history(live):
 
 
 def test_bad_session_input_is_invalid_argument(live):
-    with InterestClient(live.url) as client:
+    """Refused by the server, and by a client that keeps the session's window before
+    sending (a restart would otherwise take what an update may not)."""
+    with InterestClient(live.url) as client, InterestClient(live.url) as other:
         client.update("bad-0", [Event(T0 + 100, "first")])
-        with pytest.raises(ServerInputError, match="EVENT_TIME"):
+        with pytest.raises(ClientInputError, match="EVENT_TIME"):
             client.update("bad-0", [Event(T0, "before the newest")])
         with pytest.raises(ClientInputError, match="QUERY_TIME"):
             client.update("bad-0", [Event(T0 + 200, "x")], at=T0 + 150)
-        with pytest.raises(ServerInputError, match="QUERY_TIME"):
+        with pytest.raises(ClientInputError, match="QUERY_TIME"):
             client.embed_user("bad-0", at=T0 + 50)
-        # The session is intact after both refusals.
+        # `other` keeps nothing of bad-0: the server itself refuses.
+        with pytest.raises(ServerInputError, match="EVENT_TIME"):
+            other.update("bad-0", [Event(T0, "before the newest")])
+        with pytest.raises(ServerInputError, match="QUERY_TIME"):
+            other.embed_user("bad-0", at=T0 + 50)
+        # The session is intact after every refusal.
         got = client.update("bad-0", [Event(T0 + 300, "fine")])
         want = client.embed([Event(T0 + 100, "first"), Event(T0 + 300, "fine")])
         np.testing.assert_allclose(got, want, atol=TOL)

@@ -670,3 +670,18 @@ def test_more_than_l_new_events_go_as_updates_of_at_most_l():
         [17, 18],
     ]
     assert set(answers) == {"u", "v"}
+
+
+def test_update_many_refuses_a_session_before_sending_and_updates_the_others():
+    from dynemb_client import ClientInputError
+
+    histories = SessionHistories()
+    histories.keep("a", events(10), 1)
+    histories.keep("b", events(10), 1)
+    steps = update_many_steps(
+        histories, "session", {"a": events(20), "b": events(5)}, None, SHAPE, lambda s: "x:1"
+    )
+    with pytest.raises(SessionUpdateError) as raised:
+        drive(steps, [[ok(2)]])
+    assert isinstance(raised.value.failed["b"], ClientInputError)
+    assert set(raised.value.applied) == {"a"} and kept_times(histories, "b") == [10]
