@@ -35,16 +35,44 @@ def make_candidate(
             f"{stage} cannot make a {kind!r} candidate (it can: {', '.join(found.candidate_kinds)})"
         )
     source = latest_version(repository / stage)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns(ADAPTER, "__pycache__"))
-    manifest = Manifest.load(out)
-    change = CandidateChange(kind, scale, seed)  # type: ignore[arg-type]
-    if kind == "signature":
-        manifest.signature = manifest.signature.widened()
-    else:
-        found.change(out, manifest, change)
-    manifest.provenance.candidate = kind
-    manifest.provenance.scale = scale
-    manifest.provenance.candidate_seed = seed
-    manifest.save(out)
+    check_out(out, repository)
+    # Made beside `out` and renamed into place: a failure leaves `out` as it was.
+    staging = out.with_name(f".{out.name}.making")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER, "__pycache__"))
+        manifest = Manifest.load(staging)
+        change = CandidateChange(kind, scale, seed)  # type: ignore[arg-type]
+        if kind == "signature":
+            manifest.signature = manifest.signature.widened()
+        else:
+            found.change(staging, manifest, change)
+        manifest.provenance.candidate = kind
+        manifest.provenance.scale = scale
+        manifest.provenance.candidate_seed = seed
+        manifest.save(staging)
+        shutil.rmtree(out, ignore_errors=True)  # an earlier candidate (check_out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def check_out(out: Path, repository: Path) -> None:
+    """A candidate goes outside the model repository, and over nothing but a folder that
+    holds an earlier candidate (or nothing): `out` is replaced whole."""
+    target, repo = out.resolve(), repository.resolve()
+    if target == repo or repo in target.parents or target in repo.parents:
+        raise UsageError(f"{out}: a candidate goes outside the model repository {repository}")
+    if out.exists() and not (out.is_dir() and _is_candidate(out)):
+        raise UsageError(
+            f"{out} exists and is not an earlier candidate: pick a new folder (it is replaced "
+            "whole)"
+        )
+
+
+def _is_candidate(folder: Path) -> bool:
+    try:
+        return Manifest.load(folder).provenance.candidate is not None
+    except Exception:  # unreadable: not one of ours
+        return False
