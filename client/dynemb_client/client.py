@@ -68,6 +68,9 @@ class InterestClient(ClientBase):
                 result = fn(inner)
             except Exception as exc:
                 delay = self._failed(exc, url, attempt, model, started, retry)
+            except BaseException:  # cancelled, Ctrl-C: not in flight, and not the server's fault
+                self._pool.release(url)
+                raise
             else:
                 self._pool.release(url)
                 return result

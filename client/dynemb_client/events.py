@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,9 +45,10 @@ class Event:
     labels: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        # A list would make the frozen event unhashable; a bare str is left for the
-        # request builder to reject with a clear message.
-        if not isinstance(self.labels, (str, bytes, tuple)):
+        # A list would make the frozen event unhashable; a bare str, and a set (its order,
+        # which the first label's features read, changes between processes), are left for
+        # the request builder to reject with a clear message.
+        if not isinstance(self.labels, (str, bytes, tuple, AbstractSet)):
             with contextlib.suppress(TypeError):
                 object.__setattr__(self, "labels", tuple(self.labels))
 
@@ -92,7 +94,7 @@ def _is_real(value: object) -> bool:
 def text_bytes(text: object, index: int) -> bytes:
     """The event's text as UTF-8 bytes; bytes must already be valid UTF-8."""
     if isinstance(text, str):
-        return text.encode("utf-8")
+        return _utf8(text, EVENT_TEXT, index)
     if isinstance(text, (bytes, bytearray, memoryview)):
         raw = bytes(text)
         try:
@@ -115,6 +117,13 @@ def check_labels(labels: object, max_labels: int, index: int) -> list[bytes]:
         raise ClientInputError(
             f"labels must be a sequence of strings, not a single {type(labels).__name__} "
             f"({labels!r}); wrap it in a tuple",
+            field=EVENT_LABELS,
+            index=index,
+        )
+    if isinstance(labels, AbstractSet):
+        raise ClientInputError(
+            "labels are ordered (the first is the event's main label, which its features "
+            f"read), not a {type(labels).__name__}: pass a tuple or list",
             field=EVENT_LABELS,
             index=index,
         )
@@ -143,7 +152,18 @@ def check_labels(labels: object, max_labels: int, index: int) -> list[bytes]:
             raise ClientInputError(
                 "empty label (b'' means padding)", field=EVENT_LABELS, index=index
             )
-    return [label.encode("utf-8") for label in items]
+    return [_utf8(label, EVENT_LABELS, index) for label in items]
+
+
+def _utf8(text: str, field: str, index: int) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from JSON "\ud800"
+        raise ClientInputError(
+            f"not encodable as UTF-8 ({exc.reason} at character {exc.start})",
+            field=field,
+            index=index,
+        ) from None
 
 
 def check_image(image: object, index: int) -> Path | bytes:

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -216,10 +215,11 @@ def _check_top_k(top_k: int | None) -> None:
 
 
 def broadcast_at(at: TimeLike | Sequence[TimeLike | None] | None, n: int) -> list[TimeLike | None]:
-    """One query time per history from None, a single time, or one per history."""
-    if at is None or isinstance(at, (int, float, str, datetime, np.number)):
-        return [at] * n
-    return list(at)
+    """One query time per history from None, a single time, or one per history (a list,
+    tuple or array of them; anything else is one time, checked where it is used)."""
+    if isinstance(at, (list, tuple)) or (isinstance(at, np.ndarray) and at.ndim >= 1):
+        return list(at)
+    return [at] * n
 
 
 def _to_infer_inputs(arrays: dict[str, np.ndarray]) -> list[InferInput]:

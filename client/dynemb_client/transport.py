@@ -147,7 +147,11 @@ class EndpointPool(Generic[T]):
                 chosen = min(turn, key=lambda e: e.outstanding)
             chosen.outstanding += 1
             chosen.calls += 1
-        return chosen.url, self.client(chosen.url)
+        try:
+            return chosen.url, self.client(chosen.url)
+        except BaseException:  # no channel, no call
+            self.release(chosen.url)
+            raise
 
     def release(self, url: str, failure: BaseException | None = None) -> None:
         """The call on `url` ended; a transient `failure` marks the endpoint down."""

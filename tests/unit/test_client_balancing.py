@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,3 +202,49 @@ def test_an_update_many_that_fails_in_part_still_records_where_states_live(
         else:
             InterestClient._session(fake, steps())
     assert not histories.moved("u", "b:1") and histories.moved("u", "a:1")
+
+
+def test_a_cancelled_or_interrupted_call_is_no_longer_in_flight() -> None:
+    """asyncio cancellation and Ctrl-C are not Exceptions: a call ended by either is
+    released (least-outstanding balancing would avoid its endpoint for good) and does not
+    mark its endpoint down."""
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient
+    from dynemb_client.requests import InferCall
+
+    class Hanging:
+        async def infer(self, *_a, **_k):
+            await asyncio.sleep(60)
+
+        def close(self) -> None:
+            pass
+
+    class Interrupted:
+        def infer(self, *_a, **_k):
+            raise KeyboardInterrupt
+
+        def close(self) -> None:
+            pass
+
+    call = InferCall(model="m", inputs=[], outputs=[], batch=1)
+
+    async def cancel_two() -> list:
+        client = AsyncInterestClient(urls=URLS)
+        client.grpc_module = SimpleNamespace(InferenceServerClient=lambda url: Hanging())
+        task = asyncio.create_task(client._infer(call))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client._infer(call), 0.01)
+        return client.endpoints()
+
+    for endpoint in asyncio.run(cancel_two()):
+        assert endpoint.outstanding == 0 and endpoint.healthy
+    client = InterestClient(urls=URLS)
+    client.grpc_module = SimpleNamespace(InferenceServerClient=lambda url: Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        client._infer(call)
+    assert all(e.outstanding == 0 and e.healthy for e in client.endpoints())

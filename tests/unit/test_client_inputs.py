@@ -176,6 +176,10 @@ def test_event_with_list_labels_is_hashable() -> None:
         (Event(T0, "a", labels=(b"genre:Comedy",)), EVENT_LABELS),
         (Event(T0, "a", labels=(3,)), EVENT_LABELS),
         (Event(T0, "a", labels="genre:Comedy"), EVENT_LABELS),
+        (Event(T0, "a", labels={"genre:Comedy", "genre:Drama"}), EVENT_LABELS),  # unordered
+        (Event(T0, "a", labels=frozenset({"genre:Comedy"})), EVENT_LABELS),
+        (Event(T0, "text \ud800 with a lone surrogate"), EVENT_TEXT),
+        (Event(T0, "a", labels=("genre:\udfff",)), EVENT_LABELS),
         (Event(T0, "a", image="/nonexistent/poster.png"), EVENT_IMAGE),
         (Event(T0, "a", image=b"not an image at all"), EVENT_IMAGE),
         (Event(T0, "a", image=b"RIFF\x00\x00\x00\x00AVI "), EVENT_IMAGE),
@@ -305,3 +309,18 @@ def test_versions_are_read_per_stage_and_a_mixed_answer_is_an_error() -> None:
         "RETRIEVE_VERSION",
     ]
     assert asked.stages == ("text_rnn", "retrieve") and call.stages == ()
+
+
+def test_a_single_query_time_of_any_accepted_type_is_one_time() -> None:
+    """Not only int, float and datetime: a Decimal or a 0-d array is one time for every
+    history (a list, tuple or 1-d array is one per history)."""
+    from decimal import Decimal
+
+    histories = [[ev(0)], [ev(1)]]
+    for at in (Decimal(int(T0) + 5), np.array(T0 + 5), np.float64(T0 + 5)):
+        call = embedding_call("user_interest", histories, at, ModelShape(50, 8))
+        found = next(i for i in call.inputs if i.name() == QUERY_TIME)
+        assert np.frombuffer(found._raw_content, np.float64).tolist() == [T0 + 5] * 2
+    call = embedding_call("user_interest", histories, np.array([T0 + 5, T0 + 6]), ModelShape(50, 8))
+    found = next(i for i in call.inputs if i.name() == QUERY_TIME)
+    assert np.frombuffer(found._raw_content, np.float64).tolist() == [T0 + 5, T0 + 6]
