@@ -42,3 +42,24 @@ def test_top_k_is_checked():
     for bad in (np.array([0]), np.array([11]), np.array([2, 3])):
         with pytest.raises(InputError):
             check_top_k(bad, max_k=10)
+
+
+def test_a_catalogue_smaller_than_k_answers_all_its_items(repo):
+    """k is checked against the contract's limit (what a client can know), not the
+    catalogue's size: 3 items and k = 10 (or k + the items a client excludes) is every
+    item, not bad input."""
+    from dynemb.manifest import Manifest
+    from dynemb.stages import get
+    from dynemb.stages.retrieve import RetrieveRunner
+
+    manifest = Manifest.load(repo / "retrieve" / "1")
+    runner = RetrieveRunner(get("retrieve").spec(manifest.dims), manifest, table())
+    users = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    for k in (2, 10, manifest.dims.max_top_k):
+        inputs = {wire.USER_EMBEDDING: users, wire.TOP_K: np.full((2, 1), k, np.int32)}
+        runner.check(inputs)
+        out = runner.trim(inputs, runner(inputs))
+        assert out[wire.ITEM_IDS].shape == (2, min(k, 3))
+    with pytest.raises(InputError, match="TOP_K"):
+        over = np.full((2, 1), manifest.dims.max_top_k + 1, np.int32)
+        runner.check({wire.USER_EMBEDDING: users, wire.TOP_K: over})

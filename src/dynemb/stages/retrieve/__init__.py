@@ -39,11 +39,13 @@ class RetrieveRunner(Runner):
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
         checks.finite(wire.USER_EMBEDDING, inputs[wire.USER_EMBEDDING])
-        check_top_k(inputs[wire.TOP_K], self.retriever.max_k)
+        check_top_k(inputs[wire.TOP_K], self.manifest.dims.max_top_k)
 
     def trim(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
-        k = check_top_k(inputs[wire.TOP_K], self.retriever.max_k)
-        return {name: value[:, :k] for name, value in outputs.items()}
+        """Up to k items: all of them where the catalogue holds fewer (TOP_K is checked
+        against the contract's limit, which a client can know, not the catalogue's size)."""
+        k = check_top_k(inputs[wire.TOP_K], self.manifest.dims.max_top_k)
+        return {name: value[:, : min(k, self.retriever.max_k)] for name, value in outputs.items()}
 
 
 class RetrieveStage(Stage):
