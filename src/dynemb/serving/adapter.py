@@ -12,6 +12,7 @@ tensors stay on the device between GPU stages. Every other stage reads numpy.
 from __future__ import annotations
 
 import json
+import struct
 import sys
 import traceback
 from pathlib import Path
@@ -126,6 +127,12 @@ def respond(
             runner.check(inputs)
         except InputError as exc:
             responses[i] = _error(pb_utils, runner, exc)
+            continue
+        except struct.error as exc:  # a BYTES tensor whose buffer does not parse
+            responses[i] = _error(pb_utils, runner, InputError("BYTES input", f"malformed: {exc}"))
+            continue
+        except Exception:  # ours, and this request's alone
+            responses[i] = _failure(pb_utils, runner)
             continue
         valid.append((i, inputs))
     while True:

@@ -16,6 +16,7 @@ Like dynemb.serving.adapter, nothing here imports Triton: `model.py` hands in pb
 from __future__ import annotations
 
 import json
+import struct
 import sys
 import time
 import traceback
@@ -91,8 +92,11 @@ class SessionAdapter:
         for i, request in enumerate(requests):
             try:
                 rows.extend(self._rows(i, request, engine.dims.max_events))
-            except InputError as exc:
+            except (InputError, struct.error) as exc:  # struct: a BYTES buffer that won't parse
                 responses[i] = _error(pb, f"session: bad input: {exc}", pb.TritonError.INVALID_ARG)
+            except Exception as exc:  # ours, and this request's alone
+                pb.Logger.log_error(f"session: {traceback.format_exc()}")
+                responses[i] = _error(pb, exc, pb.TritonError.INTERNAL)
         answers = serve_rows(self.store, engine, rows)
         by_request: dict[int, list[tuple[np.ndarray, int, int]]] = {}
         for row, answer in zip(rows, answers, strict=True):
