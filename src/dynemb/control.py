@@ -45,13 +45,27 @@ def load_token(create: bool = True) -> str | None:
     if path.exists():
         if path.stat().st_mode & 0o077:
             raise ControlError(f"{path} is readable by others; chmod 600 it")
-        return path.read_text(encoding="utf-8").strip()
+        token = path.read_text(encoding="utf-8").strip()
+        if not token:  # an empty key would restrict nothing
+            raise ControlError(f"{path} holds no control token; delete it to have one made")
+        return token
     if not create:
         return None
+    # Written whole under a temporary name, then linked into place: no process ever reads
+    # a created but not yet written (or, on a full disk, empty) token file.
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(partial, path)  # fails if another process made one first
+    except FileExistsError:
+        return load_token(create=False)
+    finally:
+        partial.unlink(missing_ok=True)
     return token
 
 
@@ -75,6 +89,8 @@ def server_args(token: str | None, host: str) -> list[str]:
         return []
     if not token.isascii() or any(c.isspace() or c in ",=" for c in token):
         raise ControlError("the control token must be ASCII without spaces, ',' or '='")
+    if not token:
+        raise ControlError("the control token is empty: it would protect nothing")
     protected = ",".join(PROTECTED)
     return [
         f"--grpc-restricted-protocol={protected}:{HEADER_KEY}={token}",
@@ -86,13 +102,19 @@ def headers(token: str | None) -> dict[str, str] | None:
     return {GRPC_HEADER: token} if token else None
 
 
-def load_model(client: grpcclient.InferenceServerClient, model: str, token: str | None) -> None:
-    """Load (or reload) a model through the protected repository API. A refusal for the
-    token is a ControlError (Triton answers it as UNAVAILABLE, which looks transient)."""
+def load_model(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    token: str | None,
+    timeout_s: float | None = None,
+) -> None:
+    """Load (or reload) a model through the protected repository API, giving up after
+    `timeout_s` (a stage whose start hangs). A refusal for the token is a ControlError
+    (Triton answers it as UNAVAILABLE, which looks transient)."""
     from tritonclient.utils import InferenceServerException
 
     try:
-        client.load_model(model, headers=headers(token))
+        client.load_model(model, headers=headers(token), client_timeout=timeout_s)
     except InferenceServerException as exc:
         message = (exc.message() or "").lower()
         if "not allowed" in message or "restricted" in message:

@@ -60,3 +60,14 @@ def test_loopback_may_run_open(host):
 def test_token_with_separator_is_rejected():
     with pytest.raises(control.ControlError):
         control.server_args("a=b", "127.0.0.1")
+
+
+def test_an_empty_token_protects_nothing_and_is_refused(cache):
+    """A token file created but never written (a full disk, a crash) holds nothing."""
+    (cache / "control-token").write_text("\n")
+    (cache / "control-token").chmod(0o600)
+    with pytest.raises(control.ControlError, match="no control token"):
+        control.load_token()
+    with pytest.raises(control.ControlError, match="empty"):
+        control.server_args("", "127.0.0.1")
+    assert not list(cache.glob("*.partial"))
