@@ -299,9 +299,18 @@ def serve(
     except KeyboardInterrupt:
         console.print("stopping")
     finally:
-        for supervisor in supervisors.values():
-            supervisor.stop()
-        cluster.stop()
+        # Servers first (each is bounded: SIGTERM, then SIGKILL after its exit timeout),
+        # with Ctrl-C ignored meanwhile: a second one must not leave a tritonserver running
+        # in its own session. The supervisors, told to stop first, then end promptly.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for supervisor in supervisors.values():
+                supervisor.stop_soon()
+            cluster.stop()
+            for supervisor in supervisors.values():
+                supervisor.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 @app.command()

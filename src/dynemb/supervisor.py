@@ -130,6 +130,10 @@ class StageSupervisor:
         self._thread.start()
         return self
 
+    def stop_soon(self) -> None:
+        """Tell the loop to stop after what it is doing (`stop` waits for it)."""
+        self._stop.set()
+
     def stop(self) -> None:
         """Stop the loop and free the metrics port (a restarted replica's supervisor binds
         it again)."""
@@ -207,12 +211,14 @@ class StageSupervisor:
         headers = control.headers(self.token)
         error = None
         try:
-            self._client.unload_model(stage, headers=headers)
-            self._client.load_model(stage, headers=headers)
+            # Each call bounded: a stage whose start hangs must not stop the supervisor.
+            bound = self.ready_timeout_s
+            self._client.unload_model(stage, headers=headers, client_timeout=bound)
+            self._client.load_model(stage, headers=headers, client_timeout=bound)
             self._wait_ready([stage])
             for ensemble in ENSEMBLE_NAMES:
-                if not self._client.is_model_ready(ensemble):
-                    self._client.load_model(ensemble, headers=headers)
+                if not self._client.is_model_ready(ensemble, client_timeout=self.probe_timeout_s):
+                    self._client.load_model(ensemble, headers=headers, client_timeout=bound)
             self._wait_ready(list(ENSEMBLE_NAMES))
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -230,7 +236,8 @@ class StageSupervisor:
     def _wait_ready(self, models: list[str]) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if all(self._client.is_model_ready(m) for m in models):
+            ask = self._client.is_model_ready
+            if all(ask(m, client_timeout=self.probe_timeout_s) for m in models):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{models} not ready after {self.ready_timeout_s:.0f} s")

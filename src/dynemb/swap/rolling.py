@@ -91,7 +91,10 @@ class RollingSwapper:
                 progress(f"{current.url}: {stage} v{new} serving")
         except BaseException as exc:  # Ctrl-C too: no replica is left on N+1
             done = [s for s in self.swappers if s.url in dict(switched)]
-            self._roll_back(stage, old, new, done if current in done else [*done, current])
+            # Every replica goes back, not only those switched: one restarted (or reloaded
+            # by its supervisor) during the roll loaded N+1, the newest on disk, before
+            # its turn. Reloading N where it serves N changes nothing.
+            self._roll_back(stage, old, new, self.swappers)
             if not isinstance(exc, Exception):
                 raise  # Ctrl-C stays Ctrl-C, after the roll back
             where = ", ".join(s.url for s in done)

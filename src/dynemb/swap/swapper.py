@@ -32,6 +32,7 @@ from dynemb_client.contract import RECOMMEND
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
+ASK_S = 10.0  # a readiness question: a server that takes longer is not answering
 
 
 class SwapRefusedError(DynembError, RuntimeError):
@@ -144,11 +145,18 @@ class Swapper:
         model_dir = self.repository / stage
         old = versions_of(model_dir)[-1]
         new = self._install(model_dir, artifact, manifest, old, drift, note)
-        progress(f"{stage}: installed as version {new}; loading")
-        try:
+        try:  # from the moment N+1 is on disk: nothing between it and the restore
+            progress(f"{stage}: installed as version {new}; loading")
             self.activate(stage, new, expected)
         except BaseException as exc:  # Ctrl-C too: never left half swapped
-            self._restore(model_dir / str(new), stage, old)
+            try:
+                self._restore(model_dir / str(new), stage, old)
+            except Exception as failed:
+                raise SwapFailedError(
+                    f"{stage} v{new} failed on the server ({exc!r}), and loading v{old} again "
+                    f"failed too ({failed!r}): v{new} is removed from disk, but the server may "
+                    f"still serve it; check with `dynemb versions --url {self.url}`"
+                ) from exc
             if not isinstance(exc, Exception):
                 raise
             raise SwapFailedError(
@@ -171,7 +179,7 @@ class Swapper:
         ensemble ready."""
         self._require_ready([*ENSEMBLE_NAMES])
         try:
-            serving = self.client.is_model_ready(stage, str(version))
+            serving = self.client.is_model_ready(stage, str(version), client_timeout=ASK_S)
         except InferenceServerException as exc:
             raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
         if not serving:
@@ -180,7 +188,7 @@ class Swapper:
     def reload(self, stage: str, version: int) -> None:
         """Load `stage` again and wait until `version` (the newest on disk: a new one, or
         the old one after the newer directory was removed) and the ensembles are ready."""
-        control.load_model(self.client, stage, self.token)
+        control.load_model(self.client, stage, self.token, timeout_s=self.ready_timeout_s)
         self._wait_ready(stage, version)
 
     def current_pipeline(self) -> Pipeline:
@@ -260,7 +268,7 @@ class Swapper:
     def _require_ready(self, models: list[str]) -> None:
         for model in models:
             try:
-                ready = self.client.is_model_ready(model)
+                ready = self.client.is_model_ready(model, client_timeout=ASK_S)
             except InferenceServerException as exc:
                 raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
             if not ready:
@@ -269,8 +277,9 @@ class Swapper:
     def _wait_ready(self, stage: str, version: int) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if self.client.is_model_ready(stage, str(version)) and all(
-                self.client.is_model_ready(e) for e in ENSEMBLE_NAMES
+            ask = self.client.is_model_ready
+            if ask(stage, str(version), client_timeout=ASK_S) and all(
+                ask(e, client_timeout=ASK_S) for e in ENSEMBLE_NAMES
             ):
                 return
             time.sleep(0.2)
@@ -317,7 +326,7 @@ class Swapper:
             )
             infer_input.set_data_from_numpy(value)
             inputs.append(infer_input)
-        return self.client.infer(ensemble, inputs)
+        return self.client.infer(ensemble, inputs, client_timeout=self.ready_timeout_s)
 
 
 @dataclass
