@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -310,14 +311,23 @@ class Preprocessor:
         }
 
     def tokens(self, texts: list[str], rows: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.zeros((rows, self.dims.max_tokens), dtype=np.int64)
+        """The first T word pieces of each text and their count. A long text is tokenised
+        from a prefix that ends at whitespace, which splits words and never joins them, so
+        the prefix's word pieces begin the whole text's; only where the prefix gives fewer
+        than T is the whole text read (a 64 kB text took 85 ms, for T pieces)."""
+        t = self.dims.max_tokens
+        ids = np.zeros((rows, t), dtype=np.int64)
         counts = np.zeros(rows, dtype=np.int64)
-        if texts:
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-            for i, enc in enumerate(encodings):
-                row = enc.ids[: self.dims.max_tokens]
-                ids[i, : len(row)] = row
-                counts[i] = len(row)
+        if not texts:
+            return ids, counts
+        prefixes = [text_prefix(text, TOKENISED_CHARS_PER_PIECE * t) for text in texts]
+        encodings = self.tokenizer.encode_batch(prefixes, add_special_tokens=False)
+        for i, (enc, prefix, text) in enumerate(zip(encodings, prefixes, texts, strict=True)):
+            if len(enc.ids) < t and len(prefix) < len(text):
+                enc = self.tokenizer.encode(text, add_special_tokens=False)
+            row = enc.ids[:t]
+            ids[i, : len(row)] = row
+            counts[i] = len(row)
         return ids, counts
 
     def images(self, encoded, rows: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,6 +365,20 @@ class Preprocessor:
             for j, label in enumerate(row[: self.dims.max_labels]):
                 ids[i, j] = self.labels.get(label, UNK_LABEL)
         return ids
+
+
+# A text is tokenised from its first (this x T) characters, cut at whitespace after them.
+TOKENISED_CHARS_PER_PIECE = 32
+_BREAK = re.compile(r"[ \t\n\r]")  # whitespace to every BERT-style pre-tokeniser
+
+
+def text_prefix(text: str, chars: int) -> str:
+    """`text` up to the first whitespace at or after `chars` characters (all of it if it
+    is no longer, or has no whitespace there)."""
+    if len(text) <= chars:
+        return text
+    found = _BREAK.search(text, chars)
+    return text if found is None else text[: found.start()]
 
 
 def decode_image(field: str, data: bytes, size: int) -> np.ndarray:
