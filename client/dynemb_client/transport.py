@@ -158,6 +158,9 @@ class EndpointPool(Generic[T]):
         with self._lock:
             endpoint = self._endpoints[url]
             endpoint.outstanding -= 1
+            if failure is None and not endpoint.healthy:  # it answered: up, on this channel
+                endpoint.healthy, endpoint.down_at, endpoint.stale = True, None, False
+                logger.warning("endpoint %s back", url)
             if failure is None or not is_transient(failure):
                 return
             endpoint.failures += 1

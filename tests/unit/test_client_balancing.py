@@ -88,11 +88,15 @@ def test_all_down_still_tries_each_in_turn() -> None:
         pool.release(pool.acquire()[0], unavailable())
     assert not any(e.healthy for e in pool.endpoints())
     tried = []
-    for _ in range(3):
+    for _ in range(3):  # each still failing
         url, _ = pool.acquire()
         tried.append(url)
-        pool.release(url)
+        pool.release(url, unavailable())
     assert sorted(tried) == URLS
+    url, _ = pool.acquire()
+    pool.release(url)  # this one answered: the next calls go there
+    assert [e.url for e in pool.endpoints() if e.healthy] == [url]
+    assert pool.acquire()[0] == url
     pool.opened()
 
 
@@ -248,3 +252,17 @@ def test_a_cancelled_or_interrupted_call_is_no_longer_in_flight() -> None:
     with pytest.raises(KeyboardInterrupt):
         client._infer(call)
     assert all(e.outstanding == 0 and e.healthy for e in client.endpoints())
+
+
+def test_an_endpoint_that_answers_is_up_again_without_a_prober() -> None:
+    """One URL has no prober (there is nowhere else to go): a call that succeeds after a
+    transient failure shows it up again, on the channel that answered."""
+    made: list[str] = []
+    pool = EndpointPool(["a:1"], lambda url: made.append(url) or url)
+    url, _ = pool.acquire()
+    pool.release(url, unavailable())
+    assert not pool.endpoints()[0].healthy
+    url, _ = pool.acquire()
+    pool.release(url)
+    state = pool.endpoints()[0]
+    assert state.healthy and state.outstanding == 0 and made == ["a:1"]
