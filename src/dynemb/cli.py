@@ -300,9 +300,10 @@ def serve(
         console.print("stopping")
     finally:
         # Servers first (each is bounded: SIGTERM, then SIGKILL after its exit timeout),
-        # with Ctrl-C ignored meanwhile: a second one must not leave a tritonserver running
-        # in its own session. The supervisors, told to stop first, then end promptly.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # with Ctrl-C and SIGTERM ignored meanwhile: a second one must not leave a
+        # tritonserver running in its own session. The supervisors, told to stop first,
+        # then end promptly.
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for supervisor in supervisors.values():
                 supervisor.stop_soon()
@@ -310,7 +311,8 @@ def serve(
             for supervisor in supervisors.values():
                 supervisor.stop()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 @app.command()

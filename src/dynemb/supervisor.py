@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from dynemb import control, stages
 from dynemb.ensembles import ENSEMBLE_NAMES
+from dynemb.errors import DynembError
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
 from dynemb.processes import process_tree
@@ -264,7 +265,13 @@ class _Metrics:
         )
         for name in stages.NAMES:
             self.stage_up.labels(name).set(1)
-        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # the port is taken: a one-line error, not a traceback
+            raise DynembError(
+                f"the supervisor's metrics port {host}:{port} cannot be used ({exc}); "
+                "pass another --supervisor-port"
+            ) from exc
 
     def close(self) -> None:
         self.server.shutdown()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
+
 from dynemb.server import free_port
 from dynemb.supervisor import _Metrics
 
@@ -18,3 +20,17 @@ def test_metrics_port_is_free_again_after_close() -> None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         assert b'dynemb_stage_recoveries_total{outcome="ok",stage="text_rnn"} 1.0' in text
         metrics.close()
+
+
+def test_a_taken_metrics_port_is_a_one_line_error():
+    import socket
+
+    from dynemb.errors import DynembError
+    from dynemb.supervisor import _Metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DynembError, match="--supervisor-port"):
+            _Metrics(port, "127.0.0.1")
