@@ -200,3 +200,32 @@ def test_a_batch_of_histories_gets_each_one_s_own_time_and_query_features():
         np.testing.assert_array_equal(rows, time_feature_rows(h.times, h.labels, DIMS, h.first))
         np.testing.assert_array_equal(q, query_features(h.times, t, DIMS))
     assert sum(len(r) for r in batched) == sum(len(h.times) - h.first for h in histories)
+
+
+def test_a_user_s_images_are_bounded_in_declared_pixels(assets, monkeypatch):
+    """Checked from each header before decoding, and counted for cached images too (the
+    answer does not depend on what the cache holds); a catalogue's images are not one
+    user's and are not held to it."""
+    import io
+
+    from PIL import Image
+
+    from dynemb.stages.preprocess import features
+
+    def image(shade: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (64, 64), (shade, 0, 0)).save(out, format="PNG")
+        return out.getvalue()
+
+    monkeypatch.setattr(features, "MAX_USER_IMAGE_PIXELS", 3 * 64 * 64)
+    pre = Preprocessor(assets, features.PreprocessCaches.bounded(100, 1.0))
+    three = [Event(T0 + i, f"t{i}", image(i)) for i in range(3)]
+    assert pre.user(one_user(three))["IMAGE_MASK"][:3].all()
+    four = [*three, Event(T0 + 3, "t3", image(3))]
+    with pytest.raises(InputError, match=r"EVENT_IMAGE\[3\].*limit on a user's images"):
+        pre.user(one_user(four))
+    cached = [*three, Event(T0 + 3, "t3", image(0))]  # the fourth is a cached one
+    with pytest.raises(InputError, match=r"EVENT_IMAGE\[3\].*declare 16384 pixels"):
+        pre.user(one_user(cached))
+    _, mask = pre.images([image(i) for i in range(5)], 5, keep=5, one_user=False)
+    assert mask.all()

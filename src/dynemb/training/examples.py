@@ -143,7 +143,9 @@ class ExampleBuilder:
                     images[key] = len(images)
                     encoded.append(image)
         token_ids, token_count = self.preprocessor.tokens(list(texts), len(texts))
-        pixels, _ = self.preprocessor.images(encoded, len(encoded), keep=len(encoded))
+        pixels, _ = self.preprocessor.images(
+            encoded, len(encoded), keep=len(encoded), one_user=False
+        )
         return Tables(token_ids, token_count, pixels, texts, images)
 
     def _item_inputs(self, dataset: Dataset) -> ItemInputs:

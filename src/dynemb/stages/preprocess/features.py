@@ -36,6 +36,9 @@ MAX_LABEL_BYTES = 1024  # one label
 MAX_IMAGE_BYTES = 8 * 2**20  # one encoded image
 MAX_IMAGE_PIXELS = 4096 * 4096  # one image's declared width x height, checked before decoding
 MAX_USER_IMAGE_BYTES = 32 * 2**20  # all of a user's encoded images together
+# ... and the pixels they declare: decoding them takes about 17 ms a million here (a
+# 4096x4096 PNG 291 ms), so a user's images cost at most about 1 s.
+MAX_USER_IMAGE_PIXELS = 64 * 2**20
 _DAY_S, _WEEK_S, _HOUR_S = 86_400.0, 7 * 86_400.0, 3_600.0
 # 1970-01-01 was a Thursday: shift so that weekday 0 is Monday.
 _EPOCH_WEEKDAY_OFFSET_S = 3 * _DAY_S
@@ -301,7 +304,7 @@ class Preprocessor:
         """Content tensors of catalogue items (one row per item), for the item table."""
         n = len(texts)
         ids, counts = self.tokens(texts, n)
-        pixels, mask = self.images([image or b"" for image in images], n, keep=n)
+        pixels, mask = self.images([image or b"" for image in images], n, keep=n, one_user=False)
         return {
             "TOKEN_IDS": ids,
             "TOKEN_COUNT": counts,
@@ -330,13 +333,17 @@ class Preprocessor:
             counts[i] = len(row)
         return ids, counts
 
-    def images(self, encoded, rows: int, keep: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decode every given image (a bad one is an error even past t); keep the first `keep`."""
+    def images(
+        self, encoded, rows: int, keep: int, one_user: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode every given image (a bad one is an error even past t); keep the first
+        `keep`. `one_user`: they are one user's, held to the per-user limits on bytes and
+        declared pixels (a whole catalogue's, at build or training time, is not)."""
         s = self.dims.image_size
         pixels = np.zeros((rows, 3, s, s), dtype=np.uint8)
         mask = np.zeros(rows, dtype=bool)
         cache = self.caches.images
-        total = 0
+        total = declared = 0
         for i, data in enumerate(encoded):
             data = bytes(data)
             if not data:
@@ -345,16 +352,24 @@ class Preprocessor:
             total += len(data)
             if len(data) > MAX_IMAGE_BYTES:
                 raise InputError(field, f"{len(data)} bytes, the limit is {MAX_IMAGE_BYTES}")
-            if total > MAX_USER_IMAGE_BYTES:
+            if one_user and total > MAX_USER_IMAGE_BYTES:
                 raise InputError(
                     field, f"the images reach {total} bytes, the limit is {MAX_USER_IMAGE_BYTES}"
                 )
             key = hashlib.blake2b(data, digest_size=16).digest() if cache is not None else b""
-            decoded = cache.get(key) if cache is not None else None
-            if decoded is None:
-                decoded = decode_image(field, data, s)
+            found = cache.get(key) if cache is not None else None
+            if found is None:  # the declared size is checked before any decoding
+                budget = MAX_USER_IMAGE_PIXELS - declared if one_user else None
+                found = decode_image_sized(field, data, s, budget)
                 if cache is not None:
-                    cache.put(key, decoded)
+                    cache.put(key, found, found[0].nbytes + 64)
+            decoded, size = found
+            declared += size
+            if one_user and declared > MAX_USER_IMAGE_PIXELS:  # counted for cached ones too
+                raise InputError(
+                    field,
+                    f"the images declare {declared} pixels, the limit is {MAX_USER_IMAGE_PIXELS}",
+                )
             if i < keep:
                 pixels[i], mask[i] = decoded, True
         return pixels, mask
@@ -382,8 +397,16 @@ def text_prefix(text: str, chars: int) -> str:
 
 
 def decode_image(field: str, data: bytes, size: int) -> np.ndarray:
-    """Encoded bytes -> (3, size, size) uint8 RGB. The declared size is checked from the
-    header before anything is decoded (a decompression bomb is bad input, not a stall)."""
+    """Encoded bytes -> (3, size, size) uint8 RGB (see `decode_image_sized`)."""
+    return decode_image_sized(field, data, size)[0]
+
+
+def decode_image_sized(
+    field: str, data: bytes, size: int, budget: int | None = None
+) -> tuple[np.ndarray, int]:
+    """Encoded bytes -> (3, size, size) uint8 RGB and the pixels it declares. The declared
+    size is checked from the header before anything is decoded, against the limit for
+    one image and the `budget` left (a decompression bomb is bad input, not a stall)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -394,6 +417,12 @@ def decode_image(field: str, data: bytes, size: int) -> np.ndarray:
                         field,
                         f"declares {width}x{height} pixels, the limit is {MAX_IMAGE_PIXELS}",
                     )
+                if budget is not None and width * height > budget:
+                    raise InputError(
+                        field,
+                        f"declares {width}x{height} pixels, past what is left of the limit "
+                        f"on a user's images together ({MAX_USER_IMAGE_PIXELS})",
+                    )
                 rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     except InputError:
         raise
@@ -401,7 +430,9 @@ def decode_image(field: str, data: bytes, size: int) -> np.ndarray:
         raise InputError(field, f"is too large to decode ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(field, f"could not be decoded as an image ({exc})") from exc
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+    decoded = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+    decoded.setflags(write=False)  # cached and shared
+    return decoded, width * height
 
 
 def _utf8(field: str, value: object) -> str:
