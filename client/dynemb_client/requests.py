@@ -1,7 +1,10 @@
 """Turn users' histories into the ensembles' input tensors (pure; shared by sync and async).
 
-Everything the server would reject is checked here first, so a bad event fails fast with
-its field and position instead of as an opaque server error after a network round trip.
+What the server would reject is checked here first where the client can tell (times,
+order, types, counts, UTF-8, image signatures), so a bad event fails fast with its field
+and position instead of as a server error after a network round trip. The server's size
+limits (dynemb.stages.preprocess.features: text, label and image bytes, declared pixels)
+and images that do not decode are found by the server alone: INVALID_ARG naming the field.
 """
 
 from __future__ import annotations
