@@ -261,7 +261,8 @@ class AsyncInterestClient(ClientBase):
         return True
 
     async def close(self) -> None:
-        for inner in self._pool.opened():
+        # Off the event loop: stopping the pool joins its prober thread (up to a probe).
+        for inner in await asyncio.to_thread(self._pool.opened):
             await inner.close()
 
     async def __aenter__(self) -> AsyncInterestClient:
