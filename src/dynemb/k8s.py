@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 
 from dynemb.control import TOKEN_ENV
+from dynemb.ensembles import ENSEMBLE_NAMES
 from dynemb.server import STAGE_ENV, ServerConfig, serving_flags
+from dynemb_client import contract as wire
 
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, as served here
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 8001, 8000, 8002
@@ -36,12 +38,16 @@ class K8sOptions:
     replicas: int = 3
     min_replicas: int = 2
     max_replicas: int = 12
-    # Scale out when a user_interest request waits this long in the stages' queues, on
-    # average (serving.md: ~20 ms p50 per request at concurrency 16 on 2 cores).
+    # Scale out when a request (user_interest, recommend or session) waits this long in the
+    # models' queues, on average (serving.md: ~20 ms p50 per request at concurrency 16 on
+    # 2 cores).
     queue_target_us: int = 10_000
     cpu: str = "2"
-    memory: str = "3Gi"  # the 5-minute soak held 1,065 MB (benchmarks/results/serving.md)
-    memory_limit: str = "4Gi"
+    # The 5-minute soak held 1,531 MB (tritonserver and its stage processes,
+    # benchmarks/results/serving.md); the session store may hold its max_mb (1,024) more,
+    # and what the stages put in the memory-backed /dev/shm counts against the pod too.
+    memory: str = "4Gi"
+    memory_limit: str = "6Gi"
     shm: str = "1Gi"  # the Python backend passes tensors through /dev/shm
     control_secret: str = "dynemb-control"  # kubectl create secret generic ... --from-literal
     exit_timeout_s: int = 15
@@ -206,13 +212,19 @@ def autoscaler(o: K8sOptions) -> Manifest:
 
 
 def adapter_rules(o: K8sOptions) -> Manifest:
-    """prometheus-adapter's rule for HPA_METRIC: the stages' queue time per user_interest
-    request, per pod (Triton's nv_inference_queue_duration_us and _request_success)."""
+    """prometheus-adapter's rule for HPA_METRIC: the queue time of the models that queue
+    (every stage and the session model, not the ensembles) per request that entered the
+    pod (user_interest, recommend and session: what clients call), per pod (Triton's
+    nv_inference_queue_duration_us and _request_success). Both sides count the same
+    traffic: with user_interest alone below, recommend and session traffic divided by
+    the 0.001 floor pinned the autoscaler at its maximum on an idle pod."""
     per_pod = "sum by (<<.GroupBy>>)"
+    queued = f'model!~"{"|".join(ENSEMBLE_NAMES)}"'
+    entered = f'model=~"{"|".join((*ENSEMBLE_NAMES, wire.SESSION))}"'
     query = (
-        f"{per_pod} (rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>}}[1m])) / "
-        f"clamp_min({per_pod} (rate(nv_inference_request_success"
-        f'{{<<.LabelMatchers>>,model="user_interest"}}[1m])), 0.001)'
+        f"{per_pod} (rate(nv_inference_queue_duration_us{{<<.LabelMatchers>>,{queued}}}[1m]))"
+        f" / clamp_min({per_pod} (rate(nv_inference_request_success"
+        f"{{<<.LabelMatchers>>,{entered}}}[1m])), 0.001)"
     )
     rules = {
         "rules": [

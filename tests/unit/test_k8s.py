@@ -102,3 +102,15 @@ def test_the_pieces_fit_together() -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError):
         K8sOptions(replicas=1, min_replicas=2)
+
+
+def test_the_autoscaling_metric_counts_every_request_that_enters_a_pod() -> None:
+    """Queue time of the models that queue over the requests clients send (user_interest,
+    recommend, session): with user_interest alone below, recommend or session traffic
+    divided by the 0.001 floor read as a thousandfold queue and pinned the HPA at its
+    maximum on an idle pod."""
+    rule = yaml.safe_load(manifests()["prometheus-adapter.yaml"]["data"]["config.yaml"])
+    query = rule["rules"][0]["metricsQuery"]
+    queued, entered = query.split(" / ")
+    assert 'model!~"user_interest|recommend"' in queued
+    assert 'model=~"user_interest|recommend|session"' in entered
