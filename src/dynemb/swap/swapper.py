@@ -141,9 +141,11 @@ class Swapper:
                     f"{stage}: drift out of bounds ({'; '.join(problems)}); "
                     "pass --accept-drift to swap anyway"
                 )
-        self._require_ready([stage, *ENSEMBLE_NAMES])
         model_dir = self.repository / stage
         old = versions_of(model_dir)[-1]
+        # The server serves this repository's newest version of the stage (a server of
+        # another repository would only show after the ready timeout, with N+1 loaded).
+        self.require_serving(stage, old)
         new = self._install(model_dir, artifact, manifest, old, drift, note)
         try:  # from the moment N+1 is on disk: nothing between it and the restore
             progress(f"{stage}: installed as version {new}; loading")
