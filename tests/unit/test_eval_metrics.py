@@ -82,3 +82,9 @@ def test_summarize_mean_and_sample_std() -> None:
     runs = summarize_runs([{"ndcg@10": 0.1}, {"ndcg@10": 0.3}])
     assert runs["ndcg@10"][0] == pytest.approx(0.2)
     assert runs["ndcg@10"][1] == pytest.approx(math.sqrt(0.02))
+
+
+def test_another_item_s_nan_score_ranks_above_the_target() -> None:
+    """Pessimistic, as ties are: a model that scores items NaN gains nothing by it."""
+    scores = np.array([[NEG, 0.1, np.nan, np.nan, np.nan]])
+    assert target_ranks(scores, np.array([1]))[0] == 4

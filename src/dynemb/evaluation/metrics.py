@@ -43,7 +43,7 @@ def target_ranks(
     """1-based rank of each target among items 1..n_items (pessimistic ties, see module doc).
 
     With `histories`, already-seen items are excluded first (`exclude_seen`). A NaN target
-    score ranks last.
+    score ranks last; another item's NaN score ranks above the target.
     """
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
@@ -56,7 +56,8 @@ def target_ranks(
     items = scores[:, 1:]  # drop the padding column
     target_scores = scores[np.arange(len(targets)), targets][:, None]
     n_items = items.shape[1]
-    higher = (items > target_scores).sum(axis=1)
+    # An item the model scored NaN ranks above the target (pessimistic, as ties are).
+    higher = ((items > target_scores) | np.isnan(items)).sum(axis=1)
     tied_others = (items == target_scores).sum(axis=1) - 1
     ranks = 1 + higher + tied_others
     return np.where(np.isnan(target_scores[:, 0]), n_items, ranks).astype(np.int64)
