@@ -85,6 +85,25 @@ def test_closed_loop_is_bounded_and_counts_failures():
     assert capped.calls == 7 and time.perf_counter() - started < 5  # stopped by the count
 
 
+def test_closed_loop_counts_every_call_that_finishes_in_the_window(monkeypatch):
+    """Throughput is completions inside the window over the window, whenever a call
+    started: on a clock where each call takes 1 s, a 10 s window after 2.5 s of warm-up
+    holds the 10 completions at 3 .. 12 s (counting only calls that also started inside
+    it read 9, low by a call per edge)."""
+    import dynemb.bench.closedloop as module
+
+    clock = [0.0]
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock[0])
+
+    async def call(i: int) -> int:
+        clock[0] += 1.0
+        await asyncio.sleep(0)
+        return 1
+
+    result = asyncio.run(closed_loop(call, concurrency=1, seconds=10.0, warmup_s=2.5))
+    assert result.calls == 10 and result.users_per_s == 1.0
+
+
 def _point(concurrency: int, users_per_s: float, p50: float, p99: float) -> LoadPoint:
     return LoadPoint(concurrency, 100, 0, users_per_s, p50, p50, p99)
 
