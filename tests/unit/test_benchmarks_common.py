@@ -66,6 +66,33 @@ def test_busy_machine_is_warned_and_recorded(common):
     assert "WARNING" in common.context_markdown(ctx)
 
 
+def test_cpu_used_by_other_processes_during_the_run_is_measured_and_warned(common):
+    """A process the benchmark did not start, busy during the run, shows as other cores
+    (the load average at the start cannot see it); the benchmark's own waited-for
+    children do not."""
+    import subprocess
+    import sys
+    import time
+
+    ctx = common.collect_context(["x.py"])
+    own = subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
+    assert own.returncode == 0
+    ctx.finish()
+    assert ctx.others_cores is not None and ctx.others_cores < 0.5
+    ctx = common.collect_context(["x.py"])
+    other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.5)
+        ctx.finish()  # `other` runs on, not waited for: not the benchmark's
+    finally:
+        other.kill()
+        other.wait()
+    assert ctx.others_cores > common.BUSY_OTHERS_CORES
+    assert "other processes used" in ctx.usage_warning()
+    assert ctx.as_dict()["usage_warning"] == ctx.usage_warning()
+    assert "during the run" in common.context_markdown(ctx)
+
+
 def test_served_settings_read_from_model_configs(common):
     configs = {
         "text_rnn": {

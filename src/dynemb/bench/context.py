@@ -16,6 +16,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -26,6 +27,12 @@ from dynemb.ensembles import ENSEMBLE_SPECS, STAGE_SPECS
 
 RESULTS_PREFIX = "benchmarks/results/"
 BUSY_LOAD = 1.0  # 1-minute load average above which another process may hold the CPUs
+# During the run: CPU that processes outside the benchmark's own (it and the servers,
+# load generators and workers it started and waited for) used, in cores on average, and
+# the share of the machine's time the hypervisor gave to other guests (steal), above
+# which the run is marked busy.
+BUSY_OTHERS_CORES = 0.15
+BUSY_STEAL_SHARE = 0.05
 SYNTHETIC_LABEL = "synthetic histories (dynemb.data.synthetic, seeded): not real users' behaviour"
 MAX_LISTED = 8  # uncommitted paths named in markdown (the JSON has them all)
 PACKAGES = (
@@ -64,6 +71,10 @@ class RunContext:
     load_average_end: tuple[float, float, float] | None = None  # set by finish()
     data: str = SYNTHETIC_LABEL
     notes: list[str] = field(default_factory=list)
+    # What the rest of the machine did during the run (set by finish()): see CpuUsage.
+    others_cores: float | None = None
+    steal_share: float | None = None
+    _usage_at_start: CpuUsage | None = field(default=None, repr=False)
 
     @property
     def busy(self) -> bool:
@@ -80,9 +91,25 @@ class RunContext:
             "using the CPUs; rerun on a quiet machine before quoting these numbers"
         )
 
+    def usage_warning(self) -> str | None:
+        """A warning when other processes, or other guests of the host, took CPU during
+        the run (the load average at the start cannot see them)."""
+        found = []
+        if self.others_cores is not None and self.others_cores > BUSY_OTHERS_CORES:
+            found.append(f"other processes used {self.others_cores:.2f} cores on average")
+        if self.steal_share is not None and self.steal_share > BUSY_STEAL_SHARE:
+            found.append(f"the hypervisor took {100 * self.steal_share:.0f}% of the CPU time")
+        if not found:
+            return None
+        return f"during the run {' and '.join(found)}: these numbers are not a quiet machine's"
+
     def finish(self) -> None:
-        """Record the load average at the end (it includes the benchmark's own load)."""
+        """Record the load average at the end (it includes the benchmark's own load) and
+        what the rest of the machine used during the run."""
         self.load_average_end = load_average()
+        now = CpuUsage.now()
+        if self._usage_at_start is not None and now is not None:
+            self.others_cores, self.steal_share = now.since(self._usage_at_start)
 
     def settings_mismatch(self) -> list[str]:
         """Models whose served batching settings differ from the specs (a stale build)."""
@@ -94,7 +121,9 @@ class RunContext:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("_usage_at_start", None)
         out["load_warning"] = self.load_warning()
+        out["usage_warning"] = self.usage_warning()
         out["settings_mismatch"] = self.settings_mismatch()
         return out
 
@@ -240,6 +269,46 @@ def served_settings(configs: dict[str, dict[str, Any]]) -> dict[str, StageSettin
     return out
 
 
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU seconds so far: the whole machine's busy and stolen time (/proc/stat), and this
+    process's with every child it has waited for (os.times), which holds the servers,
+    load generators and workers a benchmark starts and stops."""
+
+    wall: float
+    machine_busy: float
+    machine_total: float  # busy + idle + iowait + steal
+    steal: float
+    own: float
+
+    @classmethod
+    def now(cls) -> CpuUsage | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None  # not Linux: nothing measured, nothing claimed
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        tick = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return cls(
+            wall=time.monotonic(),
+            machine_busy=(user + nice + system + irq + softirq) / tick,
+            machine_total=(user + nice + system + idle + iowait + irq + softirq + steal) / tick,
+            steal=steal / tick,
+            own=t.user + t.system + t.children_user + t.children_system,
+        )
+
+    def since(self, start: CpuUsage) -> tuple[float, float]:
+        """(cores other processes used on average, share of the time stolen) since `start`.
+        Children still running are not yet counted as the benchmark's: call it after the
+        benchmark stopped what it started."""
+        wall = max(self.wall - start.wall, 1e-9)
+        others = (self.machine_busy - start.machine_busy) - (self.own - start.own)
+        total = max(self.machine_total - start.machine_total, 1e-9)
+        return round(max(others, 0.0) / wall, 3), round((self.steal - start.steal) / total, 3)
+
+
 def collect_context(
     argv: list[str] | None = None, tritonserver: str | None = None, data: str = SYNTHETIC_LABEL
 ) -> RunContext:
@@ -254,6 +323,7 @@ def collect_context(
         versions=versions(tritonserver),
         stages=spec_settings(),
         data=data,
+        _usage_at_start=CpuUsage.now(),
     )
 
 
@@ -347,9 +417,14 @@ def context_markdown(ctx: RunContext) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ctx.versions.items()),
         f"- data: {ctx.data}",
     ]
-    warning = ctx.load_warning()
-    if warning:
-        lines.append(f"- **WARNING: {warning}**")
+    if ctx.others_cores is not None:
+        lines.append(
+            f"- during the run: other processes used {ctx.others_cores:.2f} cores on average; "
+            f"the hypervisor took {100 * (ctx.steal_share or 0):.1f}% of the CPU time"
+        )
+    for warning in (ctx.load_warning(), ctx.usage_warning()):
+        if warning:
+            lines.append(f"- **WARNING: {warning}**")
     lines.extend(f"- note: {note}" for note in ctx.notes)
     mismatch = ctx.settings_mismatch()
     if mismatch:
