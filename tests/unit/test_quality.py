@@ -139,3 +139,25 @@ def test_quality_benchmark_end_to_end_in_two_worker_processes(data, tmp_path):
     assert [r.test for r in again.models["dynemb"].runs] == [
         r.test for r in result.models["dynemb"].runs
     ]
+
+
+def test_the_short_history_slice_excludes_only_the_events_it_sends(data, monkeypatch):
+    """A user with only the newest k events has seen only those k items: the slice that
+    sends k leaves the rest of the history rankable."""
+    from dynemb.evaluation import quality
+
+    split = leave_one_out(data)
+    trained = fit(data, split, TINY)
+    excluded: list[int] = []
+    real = SeenMetrics.from_scores
+
+    def recording(scores, targets, histories):
+        excluded.extend(len(h) for h in histories)
+        return real(scores, targets, histories)
+
+    monkeypatch.setattr(quality.SeenMetrics, "from_scores", staticmethod(recording))
+    quality.evaluate(trained, limit=3)
+    assert excluded and max(excluded) == 3
+    excluded.clear()
+    quality.evaluate(trained)
+    assert max(excluded) > 3

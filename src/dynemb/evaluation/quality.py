@@ -69,7 +69,10 @@ def evaluate(
     users = split.eval_users if users is None else np.asarray(users)
     scores = scores_for(trained.model, trained.builder, which, users, **kw)
     targets = (split.valid if which == "valid" else split.test)[users]
-    return SeenMetrics.from_scores(scores, targets, [split.history(int(u), which) for u in users])
+    histories = [split.history(int(u), which) for u in users]
+    if kw.get("limit") is not None:  # a user with only those events has seen only them
+        histories = [h[-kw["limit"] :] for h in histories]
+    return SeenMetrics.from_scores(scores, targets, histories)
 
 
 def cold_start(trained: Trained) -> dict[str, SliceResult]:
@@ -365,7 +368,8 @@ def _cold_item_lines(cold: ColdItemResult) -> list[str]:
         f"{cold.items} items, drawn once with their own seed, have every training event "
         "removed and no id row; the model trained without them ranks every item for the "
         f"{cold.users} users whose test target is one of them (the cold items by content "
-        "and title alone). MostPop counts the same withheld training data. SASRec-CE "
+        "and title alone). MostPop counts the training events left (none of the withheld "
+        "items') and the validation events, as it does for the main table. SASRec-CE "
         f"{cold.sasrec}.",
         "",
         *_table(rows),
