@@ -43,7 +43,7 @@ class K8sOptions:
     # 2 cores).
     queue_target_us: int = 10_000
     cpu: str = "2"
-    # The 5-minute soak held 1,531 MB (tritonserver and its stage processes,
+    # The 5-minute soak held 1,567 MB (tritonserver and its stage processes,
     # benchmarks/results/serving.md); the session store may hold its max_mb (1,024) more,
     # and what the stages put in the memory-backed /dev/shm counts against the pod too.
     memory: str = "4Gi"
