@@ -261,7 +261,11 @@ def update_steps(
             update = update._replace(
                 kept=histories.get(session), missing=histories.missing(session)
             )
-        sent = None if moved and not i else (yield from _update(model, update, chunk, shape))
+        sent = (
+            None
+            if moved and not i
+            else (yield from _update(model, update.session, chunk, update.t, shape))
+        )
         answer = yield from _settled(histories, model, update, chunk, shape, sent)
     return answer
 
@@ -423,12 +427,11 @@ def _settled(
 
 
 def _update(
-    model: str, update: _Update, events: Sequence[Event], shape: ModelShape
+    model: str, session: str, events: Sequence[Event], t: float, shape: ModelShape
 ) -> Generator[InferCall, list[SessionAnswer], SessionAnswer | None]:
-    """An update by `events` (never re-sent: had a lost answer been applied, its events
-    would count twice); None when it failed in transit."""
-    call = session_call(model, update.session, OP_UPDATE, events, update.t, shape)
-    answers = yield from _sent(call)
+    """An update (never re-sent: had a lost answer been applied, its events would count
+    twice); None when it failed in transit."""
+    answers = yield from _sent(session_call(model, session, OP_UPDATE, events, t, shape))
     return None if answers is None else answers[0]
 
 
@@ -461,8 +464,7 @@ def _restart(
     [started] = yield session_call(model, session, OP_START, kept, t, shape)
     if started.status != STATUS_OK:
         return started
-    answers = yield from _sent(session_call(model, session, OP_UPDATE, events, t, shape))
-    return None if answers is None else answers[0]
+    return (yield from _update(model, session, events, t, shape))
 
 
 def forget_steps(

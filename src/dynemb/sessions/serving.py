@@ -32,6 +32,7 @@ from dynemb.errors import InputError
 from dynemb.manifest import MANIFEST
 from dynemb.pipeline import versions_of
 from dynemb.serving.adapter import NonFiniteOutputError, read_inputs
+from dynemb.serving.arrays import all_finite
 from dynemb.serving.byte_tensors import use_fast_bytes
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
 from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
@@ -313,10 +314,7 @@ def _serve_round(
 def finite(advanced: Advanced) -> bool:
     """Whether E_t and the state a next step reads (LSTM state, newest token) are finite."""
     state = advanced.state
-    return all(
-        bool(np.isfinite(a).all())
-        for a in (advanced.embedding, state.lstm_h, state.lstm_c, state.newest)
-    )
+    return all(map(all_finite, (advanced.embedding, state.lstm_h, state.lstm_c, state.newest)))
 
 
 def requested(request: Any) -> set[str] | None:
