@@ -15,6 +15,7 @@ from dynemb.bench.sessions import (
     WITHIN,
     Rate,
     phase_of,
+    phase_plans,
     ratio_target,
     ratios,
     recompute_window,
@@ -32,6 +33,37 @@ def test_the_recompute_sends_the_history_so_far_then_the_newest_l():
     assert recompute_window(events, L + 5) == events[6 : L + 6]
     assert len(recompute_window(events, L + 19)) == L
     assert [phase_of(k) for k in (0, L - 1, L, L + 19)] == [WITHIN, WITHIN, PAST, PAST]
+
+
+def test_past_the_window_the_users_are_spread_over_the_rewindow_cycle():
+    """Each past-phase session starts at another point of its cycle, every one of the B
+    points is taken as often, and every user streams as many events, a full cycle at
+    least; so a run cut short meets re-windows as often as a long one."""
+    from dynemb.sessions.state import window_after
+
+    block, users = 25, 100
+    plans = phase_plans(users, L + 50, hold=10, block=block)
+    within, past = plans[WITHIN], plans[PAST]
+    assert within.starts == (10,) * users and within.steps == L - 10
+    assert past.steps == 50 - block + 1
+    assert all(past.event(u, past.steps - 1) < L + 50 for u in range(users))
+    held = [window_after(0, start, L, block) for start in past.starts]
+    assert sorted(set(held)) == list(range(L - block + 1, L + 1))
+    assert {held.count(n) for n in set(held)} == {users // block}
+
+    def rewindows(u: int, steps: int) -> int:
+        n, count = held[u], 0
+        for _ in range(steps):
+            after = window_after(n, 1, L, block)
+            count += after <= n
+            n = after
+        return count
+
+    for steps in (1, 5, 12):  # the share of events that re-window: 1 in B, however many
+        share = sum(rewindows(u, steps) for u in range(users)) / (users * steps)
+        assert share == pytest.approx(1 / block)
+    with pytest.raises(ValueError, match="at least B"):
+        phase_plans(users, L + 10, hold=10, block=block)
 
 
 def test_ratios_compare_compute_per_event_and_throughput():

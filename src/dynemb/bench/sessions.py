@@ -6,10 +6,15 @@ Each user is one stream of L + S events (the users with that many). The first `h
 start the session (untimed); the rest arrive one at a time, in two phases reported apart:
 
 - within the window (events hold+1 .. L): the recompute sends the whole history so far;
-- past the window (events L+1 .. L+S): the recompute sends the newest L events (a full
-  L-event recompute); the session holds its window (dynemb.sessions.state.window_after):
-  it re-windows once every B events and steps in between, and the cost of those
-  re-windows is in its numbers.
+- past the window: the recompute sends the newest L events (a full L-event recompute);
+  the session holds its window (dynemb.sessions.state.window_after): it re-windows once
+  every B events and steps in between, and the cost of those re-windows is in its
+  numbers. Users of a live stream are at every point of that cycle, so the users here
+  are too: user u's session starts from its first L + (u mod B) events (untimed) and
+  streams the next S - B + 1 (`phase_plans`). Started alike, every session would
+  re-window at the same event: a batch of 32 re-windows together (1.7 ms a user here)
+  where in a stream one re-window shares a batch with steps (4.3 ms alone), and a served
+  point that reaches its first 12 events would meet one re-window in 12, not in B.
 
 "Compute per event" is CPU time: in-process, this process's (time.process_time: one
 thread does the work, and what another process takes of the core is not counted), and
@@ -35,7 +40,8 @@ from dynemb.dims import DIMS
 from dynemb.paths import cache_dir
 from dynemb.pipeline import Pipeline
 from dynemb.processes import tree_cpu_seconds
-from dynemb.sessions.engine import SessionEngine, session_options
+from dynemb.sessions.engine import Advanced, SessionEngine, session_options
+from dynemb.sessions.state import SessionState
 from dynemb_client import AsyncInterestClient, Event, build_inputs
 
 BATCH = 32
@@ -78,7 +84,7 @@ class Rate:
     users_per_call: int = 1
     server_cpu_s: float | None = None  # tritonserver and its stage processes
     client_cpu_s: float | None = None  # the load generator
-    end_event: int | None = None  # served: the events sent were span[0] .. end_event - 1
+    steps: int | None = None  # served: each user's first `steps` events of the phase sent
 
     @property
     def events_per_s(self) -> float:
@@ -133,61 +139,107 @@ def phase_of(k: int) -> str:
     return WITHIN if k < DIMS.max_events else PAST
 
 
+@dataclass(frozen=True)
+class PhasePlan:
+    """Which of each user's events a phase streams: user u's session starts from its
+    first `starts[u]` events (untimed), then gets events starts[u] .. starts[u] + steps - 1
+    one at a time."""
+
+    phase: str
+    starts: tuple[int, ...]
+    steps: int
+
+    def event(self, u: int, j: int) -> int:
+        return self.starts[u] + j
+
+
+def phase_plans(users: int, length: int, hold: int, block: int) -> dict[str, PhasePlan]:
+    """Within the window every session starts from `hold` events and streams to L. Past
+    it, user u's starts from L + (u mod B) events, so that the users are spread evenly over
+    the re-window cycle (see the module's note), and each streams the same number of
+    events, S - B + 1 (S = length - L), at least one full cycle."""
+    L = DIMS.max_events  # noqa: N806
+    past = length - L
+    if not 0 < hold < L:
+        raise ValueError(f"hold must be 1..{L - 1}, got {hold}")
+    if past < block:
+        raise ValueError(f"{past} events past the window: at least B = {block} are needed")
+    return {
+        WITHIN: PhasePlan(WITHIN, (hold,) * users, L - hold),
+        PAST: PhasePlan(PAST, tuple(L + u % block for u in range(users)), past - block + 1),
+    }
+
+
 # --- in-process: one process, one thread, batches of 32 --------------------------------
 
 
-def inprocess(repository: Path, users: list[list[Event]], hold: int) -> dict[str, dict[str, Rate]]:
-    """Phase -> variant -> Rate, every user's stream one event per step in batches."""
+def inprocess(
+    repository: Path, users: list[list[Event]], plans: dict[str, PhasePlan]
+) -> dict[str, dict[str, Rate]]:
+    """Phase -> variant -> Rate: every user's events of the phase, one a step, in batches
+    of users."""
     import torch
 
     torch.set_num_threads(1)
     engine = SessionEngine.from_repository(repository)
     pipeline = Pipeline.from_repository(repository)
     d = engine.dims
-    groups = [users[i : i + BATCH] for i in range(0, len(users), BATCH)]
+    groups = [range(i, min(i + BATCH, len(users))) for i in range(0, len(users), BATCH)]
 
-    def one_user(events: list[Event], at: float) -> dict[str, np.ndarray]:
-        x = build_inputs([events], [at], d.max_events, d.max_labels)
+    def one_user(events: list[Event]) -> dict[str, np.ndarray]:
+        x = build_inputs([events], [events[-1].time], d.max_events, d.max_labels)
         return {k: v[0] for k, v in x.items()}
 
     # Warm-up and priming: the same items (each stream's newest L events, the past phase's)
     # into both variants' per-item caches, each through its own path; the session's
     # through sessions of their own, then dropped. Within the window both meet an item
-    # first when its event arrives; every session started at `hold`.
-    states = {}
-    for g, group in enumerate(groups):
-        newest = [recompute_window(h, len(h) - 1) for h in group]
+    # first when its event arrives.
+    for group in groups:
+        newest = [recompute_window(users[u], len(users[u]) - 1) for u in group]
         pipeline.embed(
             build_inputs(newest, [w[-1].time for w in newest], d.max_events, d.max_labels)
         )
-        engine.advance([(None, one_user(w, w[-1].time)) for w in newest])
-        starts = [(None, one_user(h[:hold], h[hold - 1].time)) for h in group]
-        for u, done in enumerate(engine.advance(starts)):
-            states[g, u] = done.state
-    spent = {(p, v): [0, 0.0] for p in (WITHIN, PAST) for v in (RECOMPUTE, SESSION)}
-    for k in range(hold, max(len(h) for h in users)):
-        phase = phase_of(k)
-        for g, group in enumerate(groups):
-            live = [u for u, h in enumerate(group) if k < len(h)]
-            if not live:
-                continue
-            windows = [recompute_window(group[u], k) for u in live]
-            x = build_inputs(windows, [w[-1].time for w in windows], d.max_events, d.max_labels)
-            t0 = time.process_time()  # CPU time: another process's use is not counted
-            pipeline.embed(x)
-            spent[phase, RECOMPUTE][1] += time.process_time() - t0
-            spent[phase, RECOMPUTE][0] += len(live)
-            batch = [(states[g, u], one_user([group[u][k]], group[u][k].time)) for u in live]
-            t0 = time.process_time()
-            done = engine.advance(batch)
-            spent[phase, SESSION][1] += time.process_time() - t0
-            spent[phase, SESSION][0] += len(live)
-            for u, result in zip(live, done, strict=True):
-                states[g, u] = result.state
-    return {
-        phase: {v: Rate(v, *spent[phase, v]) for v in (RECOMPUTE, SESSION)}
-        for phase in (WITHIN, PAST)
-    }
+        engine.advance([(None, one_user(w)) for w in newest])
+    out = {}
+    for phase, plan in plans.items():
+        states = {u: started(engine, users[u][: plan.starts[u]]) for u in range(len(users))}
+        spent = {v: [0, 0.0] for v in (RECOMPUTE, SESSION)}
+        for j in range(plan.steps):
+            for group in groups:
+                ks = {u: plan.event(u, j) for u in group}
+                windows = [recompute_window(users[u], ks[u]) for u in group]
+                x = build_inputs(windows, [w[-1].time for w in windows], d.max_events, d.max_labels)
+                t0 = time.process_time()  # CPU time: another process's use is not counted
+                pipeline.embed(x)
+                spent[RECOMPUTE][1] += time.process_time() - t0
+                batch = [(states[u], one_user([users[u][ks[u]]])) for u in group]
+                t0 = time.process_time()
+                done = engine.advance(batch)
+                spent[SESSION][1] += time.process_time() - t0
+                for u, result in zip(group, done, strict=True):
+                    states[u] = state_of(result)
+                spent[RECOMPUTE][0] += len(group)
+                spent[SESSION][0] += len(group)
+        out[phase] = {v: Rate(v, *spent[v]) for v in (RECOMPUTE, SESSION)}
+    return out
+
+
+def started(engine: SessionEngine, events: list[Event]) -> SessionState:
+    """A session started from `events`, sent as updates of at most L (as the client
+    sends a longer history)."""
+    state, L = None, engine.dims.max_events  # noqa: N806
+    for i in range(0, len(events), L):
+        chunk = events[i : i + L]
+        x = build_inputs([chunk], [chunk[-1].time], L, engine.dims.max_labels)
+        (done,) = engine.advance([(state, {k: v[0] for k, v in x.items()})])
+        state = state_of(done)
+    return state
+
+
+def state_of(result: Advanced | Exception) -> SessionState:
+    if isinstance(result, Exception):  # the benchmark's own histories: a bug, not load
+        raise result
+    return result.state
 
 
 # --- served: closed-loop clients over gRPC ---------------------------------------------
@@ -197,56 +249,59 @@ async def served_point(
     url: str,
     server_pid: int,
     users: list[list[Event]],
-    span: tuple[int, int],
+    plan: PhasePlan,
+    steps: int,
     concurrency: int,
     mode: str,
     options: SessionBenchOptions,
     per_call: int = 1,
 ) -> Rate:
-    """Events span[0]..span[1]-1 of every user by `concurrency` workers that each own a
-    share of the users (a user's events go in order, one at a time): one user's event a
-    call (`update` / `embed`), or `per_call` users' a call (`update_many` / `embed_many`).
-    Sessions are started at span[0] (untimed). Stops when the streams end or at
-    max_seconds; the Rate says how far they got (`end_event`)."""
-    first, last = span
-    tag = f"{mode}-{first}-c{concurrency}x{per_call}-{time.monotonic_ns()}-"
-    groups = [list(range(i, min(i + per_call, len(users)))) for i in range(0, len(users), per_call)]
+    """The first `steps` events of the phase `plan` of every user, by `concurrency`
+    workers that each own a share of the users (a user's events go in order, one at a
+    time): one user's event a call (`update` / `embed`), or `per_call` users' a call
+    (`update_many` / `embed_many`). Sessions are started from plan.starts (untimed).
+    Stops when the streams end or at max_seconds; the Rate says how far they got
+    (`steps`)."""
+    tag = f"{mode}-{plan.phase[:6]}-c{concurrency}x{per_call}-{time.monotonic_ns()}-"
+    groups = [range(i, min(i + per_call, len(users))) for i in range(0, len(users), per_call)]
     async with AsyncInterestClient(url) as client:
 
-        async def send(group: list[int], k: int) -> None:
+        async def send(group: range, j: int) -> None:
+            ks = {u: plan.event(u, j) for u in group}
             if per_call == 1 and mode == SESSION:
-                await client.update(f"{tag}{group[0]}", [users[group[0]][k]])
+                await client.update(f"{tag}{group[0]}", [users[group[0]][ks[group[0]]]])
             elif per_call == 1:
-                await client.embed(recompute_window(users[group[0]], k))
+                await client.embed(recompute_window(users[group[0]], ks[group[0]]))
             elif mode == SESSION:
-                await client.update_many({f"{tag}{u}": [users[u][k]] for u in group})
+                await client.update_many({f"{tag}{u}": [users[u][k]] for u, k in ks.items()})
             else:
-                await client.embed_many([recompute_window(users[u], k) for u in group])
+                await client.embed_many([recompute_window(users[u], k) for u, k in ks.items()])
 
         if mode == SESSION:
             await asyncio.gather(
-                *(client.update(f"{tag}{u}", users[u][:first]) for u in range(len(users)))
+                *(client.update(f"{tag}{u}", users[u][: plan.starts[u]]) for u in range(len(users)))
             )
         for i in range(options.warmup_calls):  # warm-up on sessions of their own
+            u = i % len(users)
             if mode == SESSION:
-                await client.update(f"warm-{tag}{i}", users[i % len(users)][: first + 1])
+                await client.update(f"warm-{tag}{i}", users[u][: plan.event(u, 0) + 1])
             else:
-                await client.embed(recompute_window(users[i % len(users)], first))
+                await client.embed(recompute_window(users[u], plan.event(u, 0)))
         latencies: list[float] = []
-        failed, end = 0, first
+        failed, reached = 0, 0
         deadline = time.perf_counter() + options.max_seconds
 
         async def worker(w: int) -> int:
-            nonlocal failed, end
+            nonlocal failed, reached
             done = 0
-            for k in range(first, last):
+            for j in range(steps):
                 for group in groups[w::concurrency]:
                     if time.perf_counter() >= deadline:
                         return done
-                    end = max(end, k + 1)
+                    reached = max(reached, j + 1)
                     t0 = time.perf_counter()
                     try:
-                        await send(group, k)
+                        await send(group, j)
                     except Exception:
                         failed += 1
                         continue
@@ -270,30 +325,33 @@ async def served_point(
         per_call,
         cpu1 - cpu0,
         mine1 - mine0,
-        end,
+        reached,
     )
 
 
 def served(
-    repository: Path, users: list[list[Event]], options: SessionBenchOptions, say
+    repository: Path,
+    users: list[list[Event]],
+    plans: dict[str, PhasePlan],
+    options: SessionBenchOptions,
+    say,
 ) -> dict[str, list[Rate]]:
-    out: dict[str, list[Rate]] = {WITHIN: [], PAST: []}
-    spans = {WITHIN: (options.hold, DIMS.max_events), PAST: (DIMS.max_events, len(users[0]))}
+    out: dict[str, list[Rate]] = {phase: [] for phase in plans}
     points = [(c, 1) for c in options.concurrencies]
     points += [(c, options.batch_users) for c in options.batch_concurrencies]
     with triton(repository, options.cache / "logs") as server:
         url, pid = server.config.grpc_url, server.process.pid
-        for phase, span in spans.items():
+        for phase, plan in plans.items():
             for c, per_call in points:
-                sent = span
+                steps = plan.steps
                 for mode in (RECOMPUTE, SESSION):
                     rate = asyncio.run(
-                        served_point(url, pid, users, sent, c, mode, options, per_call)
+                        served_point(url, pid, users, plan, steps, c, mode, options, per_call)
                     )
                     # The session gets the events the recompute reached before its time
                     # was up: within the window a later event costs the recompute more.
-                    if rate.end_event and rate.end_event > span[0]:
-                        sent = (span[0], rate.end_event)
+                    if rate.steps:
+                        steps = rate.steps
                     say(
                         f"  served {phase} c={c} x{per_call} {mode}: "
                         f"{rate.events_per_s:.0f} events/s, "
@@ -368,13 +426,15 @@ def bench_sessions(
     for name in options.data:
         histories = load(name, options)
         say(f"{name}: {histories.description}")
-        inproc = inprocess(
-            options.repository, histories.users[: options.inprocess_users], options.hold
-        )
+        users = histories.users[: options.inprocess_users]
+        plans = phase_plans(len(users), len(users[0]), options.hold, block)
+        inproc = inprocess(options.repository, users, plans)
         for phase, rates in inproc.items():
             for rate in rates.values():
                 say(f"  in-process {phase} {rate.variant}: {rate.events_per_s:.0f} events/s")
-        serv = served(options.repository, histories.users[: options.served_users], options, say)
+        users = histories.users[: options.served_users]
+        plans = phase_plans(len(users), len(users[0]), options.hold, block)
+        serv = served(options.repository, users, plans, options, say)
         phases = [
             PhaseResult(
                 phase,
@@ -428,12 +488,16 @@ def render_markdown(result: SessionBenchResult, options: SessionBenchOptions) ->
     lines = [
         "# Sessions: one new event vs a recompute",
         "",
-        f"Mode: {mode}. Each user streams L + {options.past} events: the first "
-        f"{options.hold} start the session (untimed), the rest arrive one at a time. Within "
-        "the window the recompute sends the whole history so far; past it, the newest "
-        f"L = {L} events (a full L-event recompute), while the session re-windows once every "
-        f"B = {result.rewindow_block} events (the `session` config's `rewindow_block`) and "
-        f"steps in between. In-process: one process, one thread, batches of {BATCH}; compute "
+        f"Mode: {mode}. Each user has L + {options.past} events. Within the window its "
+        f"session starts from the first {options.hold} (untimed) and the rest arrive one at a "
+        "time; the recompute sends the whole history so far. Past the window the recompute "
+        f"sends the newest L = {L} events (a full L-event recompute), while the session "
+        f"re-windows once every B = {result.rewindow_block} events (the `session` config's "
+        "`rewindow_block`) and steps in between; user u's session starts from its first "
+        f"L + (u mod B) events (untimed) and gets the next {options.past} - B + 1 one at a "
+        "time, so that the users are spread over the re-window cycle as a live stream's "
+        "are, and re-windows share batches with steps. In-process: one process, one thread, "
+        f"batches of {BATCH}; compute "
         "per event = this process's CPU time. Served: closed-loop asyncio clients over gRPC, each "
         "owning a share of the users, one user's event a call (`update` / `embed`) or "
         f"{options.batch_users} users' a call (`update_many` / `embed_many`, as a stream "
