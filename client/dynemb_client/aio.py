@@ -67,13 +67,15 @@ class AsyncInterestClient(ClientBase):
             try:
                 result = await fn(inner)
             except Exception as exc:
-                delay = self._failed(exc, url, attempt, model, started, retry)
+                delay = self._failed(exc, url, attempt, model, started, retry, inner)
             except BaseException:  # cancelled, Ctrl-C: not in flight, and not the server's fault
-                self._pool.release(url)
+                self._pool.release(url, client=inner)
                 raise
             else:
-                self._pool.release(url)
+                self._pool.release(url, client=inner)
+                await self._close_replaced()
                 return result
+            await self._close_replaced()
             if delay:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
@@ -263,6 +265,11 @@ class AsyncInterestClient(ClientBase):
     async def close(self) -> None:
         # Off the event loop: stopping the pool joins its prober thread (up to a probe).
         for inner in await asyncio.to_thread(self._pool.opened):
+            await inner.close()
+
+    async def _close_replaced(self) -> None:
+        """Close the channels replaced after their server came back, once idle."""
+        for inner in self._pool.closable():
             await inner.close()
 
     async def __aenter__(self) -> AsyncInterestClient:

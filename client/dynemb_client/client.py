@@ -67,13 +67,15 @@ class InterestClient(ClientBase):
             try:
                 result = fn(inner)
             except Exception as exc:
-                delay = self._failed(exc, url, attempt, model, started, retry)
+                delay = self._failed(exc, url, attempt, model, started, retry, inner)
             except BaseException:  # cancelled, Ctrl-C: not in flight, and not the server's fault
-                self._pool.release(url)
+                self._pool.release(url, client=inner)
                 raise
             else:
-                self._pool.release(url)
+                self._pool.release(url, client=inner)
+                self._close_replaced()
                 return result
+            self._close_replaced()
             if delay:
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -267,6 +269,11 @@ class InterestClient(ClientBase):
 
     def close(self) -> None:
         for inner in self._pool.opened():
+            inner.close()
+
+    def _close_replaced(self) -> None:
+        """Close the channels replaced after their server came back, once idle."""
+        for inner in self._pool.closable():
             inner.close()
 
     def __enter__(self) -> InterestClient:

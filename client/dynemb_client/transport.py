@@ -129,7 +129,11 @@ class EndpointPool(Generic[T]):
         self._probe = probe
         self._probe_interval_s = probe_interval_s
         self._clients: dict[str, T] = {}
-        self._retired: list[T] = []  # replaced channels, closed with the pool
+        # Replaced channels: each is handed back by `closable` once no call is in flight
+        # on it (a server that restarts over and over must not leave one open each time).
+        self._retired: list[T] = []
+        self._closable: list[T] = []
+        self._in_flight: dict[int, int] = {}  # id(client) -> calls on it now
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -148,16 +152,27 @@ class EndpointPool(Generic[T]):
             chosen.outstanding += 1
             chosen.calls += 1
         try:
-            return chosen.url, self.client(chosen.url)
+            inner = self.client(chosen.url)
         except BaseException:  # no channel, no call
             self.release(chosen.url)
             raise
+        with self._lock:
+            self._in_flight[id(inner)] = self._in_flight.get(id(inner), 0) + 1
+        return chosen.url, inner
 
-    def release(self, url: str, failure: BaseException | None = None) -> None:
-        """The call on `url` ended; a transient `failure` marks the endpoint down."""
+    def release(
+        self, url: str, failure: BaseException | None = None, client: T | None = None
+    ) -> None:
+        """The call on `url` (over `client`, as `acquire` gave it) ended; a transient
+        `failure` marks the endpoint down."""
         with self._lock:
             endpoint = self._endpoints[url]
             endpoint.outstanding -= 1
+            if client is not None:
+                left = self._in_flight.get(id(client), 1) - 1
+                self._in_flight[id(client)] = left
+                if left <= 0 and any(client is old for old in self._retired):
+                    self._retire_now(client)
             if failure is None and not endpoint.healthy:  # it answered: up, on this channel
                 endpoint.healthy, endpoint.down_at, endpoint.stale = True, None, False
                 logger.warning("endpoint %s back", url)
@@ -197,11 +212,26 @@ class EndpointPool(Generic[T]):
         with self._lock:
             endpoint = self._endpoints[url]
             if endpoint.stale and endpoint.healthy and url in self._clients:
-                self._retired.append(self._clients.pop(url))
+                old = self._clients.pop(url)
+                self._retired.append(old)
+                if self._in_flight.get(id(old), 0) <= 0:
+                    self._retire_now(old)
                 endpoint.stale = False
             if url not in self._clients:
                 self._clients[url] = self._factory(url)
             return self._clients[url]
+
+    def _retire_now(self, client: T) -> None:  # with self._lock held
+        self._retired = [old for old in self._retired if old is not client]
+        self._in_flight.pop(id(client), None)
+        self._closable.append(client)
+
+    def closable(self) -> list[T]:
+        """Replaced clients with no call in flight, for the caller to close (once: they
+        leave the pool)."""
+        with self._lock:
+            out, self._closable = self._closable, []
+        return out
 
     def opened(self) -> list[T]:
         """The clients made so far (the ones to close), emptying the pool; stops probing."""
@@ -209,9 +239,11 @@ class EndpointPool(Generic[T]):
         if self._prober is not None and self._prober is not threading.current_thread():
             self._prober.join(timeout=5)
         with self._lock:
-            clients = [*self._clients.values(), *self._retired]
+            clients = [*self._clients.values(), *self._retired, *self._closable]
             self._clients.clear()
             self._retired.clear()
+            self._closable.clear()
+            self._in_flight.clear()
         return clients
 
     def _start_prober(self) -> None:  # with self._lock held
@@ -396,14 +428,21 @@ class ClientBase:
         return self._pool.endpoints()
 
     def _failed(
-        self, exc: Exception, url: str, attempt: int, model: str, started: float, retry: bool
+        self,
+        exc: Exception,
+        url: str,
+        attempt: int,
+        model: str,
+        started: float,
+        retry: bool,
+        inner: Any = None,
     ) -> float:
         """After attempt `attempt` at `url` raised `exc` (call it in the except block): the
         endpoint released (marked down if the failure was transient), and the delay before
         the next attempt, 0 when another endpoint is healthy. Re-raises what is not
         retried: bad input, an exhausted deadline, and with `retry=False` a transient
         failure (the caller decides what is safe to send instead)."""
-        self._pool.release(url, exc)
+        self._pool.release(url, exc, inner)
         if not retry and is_transient(exc):
             raise exc
         return self._retry.after_failure(

@@ -266,3 +266,66 @@ def test_an_endpoint_that_answers_is_up_again_without_a_prober() -> None:
     pool.release(url)
     state = pool.endpoints()[0]
     assert state.healthy and state.outstanding == 0 and made == ["a:1"]
+
+
+def test_a_replaced_channel_is_handed_back_to_close_once_no_call_is_on_it() -> None:
+    """A server that comes back gets a new channel; the old one is closed as soon as the
+    calls still on it end, not kept until the client closes (one per restart)."""
+    made: list[str] = []
+    probe = Probe()
+    pool = EndpointPool(
+        ["a:1", "b:1"], lambda url: made.append(url) or f"{url}#{len(made)}", probe=probe
+    )
+    pool._probe_interval_s = 0.01
+    url, first = pool.acquire("user-1")
+    _, still_on_first = pool.acquire("user-1")  # a second call on the same channel
+    assert still_on_first == first
+    pool.release(url, unavailable(), first)
+    probe.ready.add(url)
+    wait_for(lambda: {e.url: e for e in pool.endpoints()}[url].healthy)
+    _, second = pool.acquire("user-1")
+    assert second != first
+    assert pool.closable() == []  # a call is still in flight on the old channel
+    pool.release(url, client=still_on_first)
+    assert pool.closable() == [first]
+    assert pool.closable() == []  # handed back once
+    pool.release(url, client=second)
+    assert first not in pool.opened()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_client_closes_a_replaced_channel_after_its_next_call(
+    monkeypatch, sleeps, asynchronous
+) -> None:
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient
+
+    probe = Probe()
+    monkeypatch.setattr(transport_mod, "server_ready", probe)
+    server = fake_server(monkeypatch)
+    urls = ["a:1", "b:1"]
+
+    async def run() -> None:
+        client = (AsyncInterestClient if asynchronous else InterestClient)(
+            urls=urls, probe_interval_s=0.01
+        )
+
+        async def call(fn, *args):
+            result = fn(*args)
+            return await result if asynchronous else result
+
+        await call(client.model_shape)
+        server.failures = [unavailable()]
+        await call(client.embed, HISTORY)  # fails on one endpoint, answered by the other
+        failed = server.calls[1][0]
+        probe.ready.add(failed)
+        wait_for(lambda: {e.url: e for e in client.endpoints()}[failed].healthy)
+        for _ in range(2):  # one of them goes to `failed`, on a new channel
+            await call(client.embed, HISTORY)
+        assert failed in {url for url, _ in server.calls[3:]}
+        assert server.closed == [failed]  # the old channel, at the end of that call
+        await call(client.close)
+        assert sorted(server.closed) == sorted([failed, *urls])
+
+    asyncio.run(run())
