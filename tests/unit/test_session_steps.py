@@ -152,6 +152,73 @@ def test_an_engine_on_either_runtime_answers_the_same(repo, monkeypatch):
         SessionEngine.from_repository(repo, runtime="tensorrt")
 
 
+def test_starts_and_re_windows_are_one_call_under_onnxruntime_and_answer_as_torch(
+    repo, monkeypatch
+):
+    """Sessions read from nothing (new ones of different lengths, and re-windows past L,
+    one beside steps of others) take the one-call path under ONNX Runtime
+    (`FromNothingStep`), and answer and hold what the torch engine's general step does."""
+    from dynemb.sessions.fused import FromNothingStep
+    from dynemb_client import Event, build_inputs
+
+    block = 7
+    engines = {
+        r: SessionEngine.from_repository(repo, rewindow_block=block, runtime=r)
+        for r in ("torch", "onnxruntime")
+    }
+    assert engines["torch"].from_nothing is None
+    calls: list[int] = []
+    call = FromNothingStep.__call__
+    monkeypatch.setattr(
+        FromNothingStep,
+        "__call__",
+        lambda self, events, **k: calls.append(len(events)) or call(self, events, **k),
+    )
+    d = engines["torch"].dims
+    L = d.max_events  # noqa: N806
+    streams = [
+        [
+            Event(1.7e9 + 3_600 * i + 60 * u, f"item {(i + u) % 9}", None, [f"category:c{i % 4}"])
+            for i in range(L + 12)
+        ]
+        for u in range(3)
+    ]
+    starts = (L, L - 2, 5)  # re-windows at different events, the third within L throughout
+
+    def wire(new):
+        x = build_inputs([new], [new[-1].time], L, d.max_labels)
+        return {k: v[0] for k, v in x.items()}
+
+    answers, held = {}, {}
+    for runtime, engine in engines.items():
+        states = [
+            done.state
+            for done in engine.advance(
+                [(None, wire(s[:n])) for s, n in zip(streams, starts, strict=True)]
+            )
+        ]
+        out = []
+        for k in range(10):
+            done = engine.advance(
+                [
+                    (state, wire([s[n + k]]))
+                    for state, s, n in zip(states, streams, starts, strict=True)
+                ]
+            )
+            states = [a.state for a in done]
+            out.append(np.stack([a.embedding for a in done]))
+        answers[runtime] = np.stack(out)
+        held[runtime] = states
+    # The three starts (their lengths differ: a call each), then user 0 re-windows at steps
+    # 0 and 7 and user 1 at steps 2 and 9 (every B = 7 events), each alone beside steps.
+    assert calls == [1] * 7
+    np.testing.assert_allclose(answers["onnxruntime"], answers["torch"], atol=1e-5)
+    for got, want in zip(held["onnxruntime"], held["torch"], strict=True):
+        assert got.n_events == want.n_events
+        for name in ("lstm_h", "lstm_c", "newest", "keys", "values"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5)
+
+
 def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_them(
     repo, monkeypatch
 ):

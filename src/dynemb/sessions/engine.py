@@ -32,7 +32,7 @@ from dynemb.dims import Dims
 from dynemb.errors import InputError
 from dynemb.manifest import Manifest
 from dynemb.pipeline import latest_version
-from dynemb.sessions.fused import OneEventStep
+from dynemb.sessions.fused import FromNothingStep, OneEventStep
 from dynemb.sessions.spec import SessionOptions
 from dynemb.sessions.state import (
     SessionState,
@@ -106,6 +106,7 @@ class SessionEngine:
         encoder: EncoderStep,
         rewindow_block: int = 1,
         one_event: OneEventStep | None = None,
+        from_nothing: FromNothingStep | None = None,
     ) -> None:
         check_block(rewindow_block, dims.max_events)
         self.versions = versions
@@ -117,6 +118,7 @@ class SessionEngine:
         self.encoder = encoder
         self.rewindow_block = rewindow_block
         self.one_event = one_event  # the usual step's one call, if the runtime has one
+        self.from_nothing = from_nothing  # starts' and re-windows' one call, likewise
 
     @classmethod
     def from_repository(
@@ -155,6 +157,7 @@ class SessionEngine:
             encoder=encoder,
             rewindow_block=rewindow_block,
             one_event=OneEventStep(lstm, encoder) if runtime == "onnxruntime" else None,
+            from_nothing=FromNothingStep(lstm, encoder) if runtime == "onnxruntime" else None,
         )
 
     def window_after(self, held: int, new: int) -> int:
@@ -260,12 +263,12 @@ class SessionEngine:
         batch; the others by steps, one batch per number of tokens MiniLM reads. A batch
         pads every user to its widest, so one re-window (26 tokens with B = 25) among 31
         one-event updates would make all 32 read 26: grouped, each reads its own."""
-        groups: dict[tuple[bool, int], list[int]] = {}
+        groups: dict[tuple[bool, int, bool], list[int]] = {}
         for i, p in enumerate(plans):
             width = 0 if p.windowed else len(p.g_new) + (p.base is None)
-            groups.setdefault((p.windowed, width), []).append(i)
+            groups.setdefault((p.windowed, width, p.base is None), []).append(i)
         out: list[Advanced | None] = [None] * len(plans)
-        for (windowed, _), which in groups.items():
+        for (windowed, _, _), which in groups.items():
             run = self._windows if windowed else self._steps
             for i, done in zip(which, run([plans[i] for i in which]), strict=True):
                 out[i] = done
@@ -323,6 +326,10 @@ class SessionEngine:
         one = self.one_event
         if one is not None and all(p.base is not None and len(p.g_new) == 1 for p in plans):
             return self._one_events(plans, one)
+        start, sizes = self.from_nothing, {len(p.g_new) for p in plans}
+        fresh = all(p.base is None for p in plans) and len(sizes) == 1 and 0 not in sizes
+        if start is not None and fresh:  # `_run` groups them so
+            return self._from_nothing(plans, start)
         d = self.dims
         users = len(plans)
         longest = max(len(p.g_new) for p in plans)
@@ -372,6 +379,18 @@ class SessionEngine:
         keys, values = np.stack(out.keys), np.stack(out.values)
         ones = [1] * len(plans)
         return self._advanced(plans, out.h, out.c, out.newest, keys, values, ones, out.embedding)
+
+    def _from_nothing(self, plans: list[_Plan], step: FromNothingStep) -> list[Advanced]:
+        """`_steps` of a batch whose every user starts from nothing (a new session, or a
+        re-window's kept events) with the same number of events, in one call."""
+        out = step(
+            events=np.stack([p.g_new for p in plans]),
+            time_features=np.stack([p.time_new for p in plans]),
+            query=np.stack([p.query for p in plans]),
+        )
+        keys, values = np.stack(out.keys), np.stack(out.values)
+        read = [keys.shape[3]] * len(plans)  # the start token and every event
+        return self._advanced(plans, out.h, out.c, out.newest, keys, values, read, out.embedding)
 
     def _advanced(
         self,
