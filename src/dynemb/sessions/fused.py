@@ -81,12 +81,16 @@ class OneEventStep:
         out = self._onnx(
             events=events, time_features=time_features, h0=h0, c0=c0, query=query, **past.feed()
         )
-        keys, values = out[4 : 4 + self.layers], out[4 + self.layers :]
-        return OneEvent(*out[:4], keys, values)
+        return results(out, self.layers)
 
 
-class _OneEvent(torch.nn.Module):
-    """The composed function, for the export."""
+def results(out: list[np.ndarray], layers: int) -> OneEvent:
+    """An exported step's outputs (E_t, h, c, newest, every layer's keys, then values)."""
+    return OneEvent(*out[:4], out[4 : 4 + layers], out[4 + layers :])
+
+
+class _Composed(torch.nn.Module):
+    """The LSTM's and MiniLM's step functions, composed for an export."""
 
     def __init__(self, lstm: LSTMStep, encoder: EncoderStep) -> None:
         super().__init__()
@@ -94,6 +98,11 @@ class _OneEvent(torch.nn.Module):
         self.encoder = encoder
         d = lstm.network.dims
         self.parts = [d.text_dim, d.image_dim, d.label_dim]
+        self.seq_dim = d.seq_dim
+
+
+class _OneEvent(_Composed):
+    """One new event a user from its state, for the export."""
 
     def forward(self, events, time_features, h0, c0, query, past_mask, *past):
         text, image, label = events[:, None].split(self.parts, dim=-1)
@@ -134,20 +143,12 @@ class FromNothingStep:
         """Each user's events' G (B, k, event_dim), their time features (B, k, time_dim)
         and query features (B, Q) -> E_t and the state after them (k + 1 tokens read)."""
         out = self._onnx(events=events, time_features=time_features, query=query)
-        keys, values = out[4 : 4 + self.layers], out[4 + self.layers :]
-        return OneEvent(*out[:4], keys, values)
+        return results(out, self.layers)
 
 
-class _FromNothing(torch.nn.Module):
-    """The composed function, for the export: no past, so MiniLM's graph has no past part."""
-
-    def __init__(self, lstm: LSTMStep, encoder: EncoderStep) -> None:
-        super().__init__()
-        self.lstm = LSTMSteps(lstm.network)
-        self.encoder = encoder
-        d = lstm.network.dims
-        self.parts = [d.text_dim, d.image_dim, d.label_dim]
-        self.seq_dim = d.seq_dim
+class _FromNothing(_Composed):
+    """k events a user from nothing, for the export: no past, so MiniLM's graph has no
+    past part."""
 
     def forward(self, events, time_features, query):
         users = events.shape[0]
