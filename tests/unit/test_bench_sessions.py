@@ -14,7 +14,6 @@ from dynemb.bench.sessions import (
     SESSION,
     WITHIN,
     Rate,
-    phase_of,
     phase_plans,
     ratio_target,
     ratios,
@@ -32,7 +31,10 @@ def test_the_recompute_sends_the_history_so_far_then_the_newest_l():
     assert recompute_window(events, 9) == events[:10]
     assert recompute_window(events, L + 5) == events[6 : L + 6]
     assert len(recompute_window(events, L + 19)) == L
-    assert [phase_of(k) for k in (0, L - 1, L, L + 19)] == [WITHIN, WITHIN, PAST, PAST]
+    plans = phase_plans(25, L + 30, hold=10, block=25)  # every event of a stream is sent
+    within = {plans[WITHIN].event(u, j) for u in range(25) for j in range(plans[WITHIN].steps)}
+    past = {plans[PAST].event(u, j) for u in range(25) for j in range(plans[PAST].steps)}
+    assert (min(within), max(within), min(past), max(past)) == (10, L - 1, L, L + 29)
 
 
 def test_past_the_window_the_users_are_spread_over_the_rewindow_cycle():

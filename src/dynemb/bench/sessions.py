@@ -39,7 +39,7 @@ import numpy as np
 from dynemb.bench.context import RunContext, collect_context, context_markdown, write_results
 from dynemb.bench.histories import HistorySet, movielens, synthetic_with_images
 from dynemb.bench.served import triton
-from dynemb.dims import DIMS
+from dynemb.dims import DIMS, Dims
 from dynemb.paths import cache_dir
 from dynemb.pipeline import Pipeline
 from dynemb.processes import tree_cpu_seconds
@@ -138,10 +138,6 @@ def recompute_window(events: list[Event], k: int) -> list[Event]:
     return events[max(0, k + 1 - DIMS.max_events) : k + 1]
 
 
-def phase_of(k: int) -> str:
-    return WITHIN if k < DIMS.max_events else PAST
-
-
 @dataclass(frozen=True)
 class PhasePlan:
     """Which of each user's events a phase streams: user u's session starts from its
@@ -189,10 +185,6 @@ def inprocess(
     d = engine.dims
     groups = [range(i, min(i + BATCH, len(users))) for i in range(0, len(users), BATCH)]
 
-    def one_user(events: list[Event]) -> dict[str, np.ndarray]:
-        x = build_inputs([events], [events[-1].time], d.max_events, d.max_labels)
-        return {k: v[0] for k, v in x.items()}
-
     # Warm-up and priming: the same items (each stream's newest L events, the past phase's)
     # into both variants' per-item caches, each through its own path; the session's
     # through sessions of their own, then dropped. Within the window both meet an item
@@ -202,7 +194,7 @@ def inprocess(
         pipeline.embed(
             build_inputs(newest, [w[-1].time for w in newest], d.max_events, d.max_labels)
         )
-        engine.advance([(None, one_user(w)) for w in newest])
+        engine.advance([(None, one_user(w, d)) for w in newest])
     out = {}
     for phase, plan in plans.items():
         states = {u: started(engine, users[u][: plan.starts[u]]) for u in range(len(users))}
@@ -215,7 +207,7 @@ def inprocess(
                 t0 = time.process_time()  # CPU time: another process's use is not counted
                 pipeline.embed(x)
                 spent[RECOMPUTE][1] += time.process_time() - t0
-                batch = [(states[u], one_user([users[u][ks[u]]])) for u in group]
+                batch = [(states[u], one_user([users[u][ks[u]]], d)) for u in group]
                 t0 = time.process_time()
                 done = engine.advance(batch)
                 spent[SESSION][1] += time.process_time() - t0
@@ -232,11 +224,15 @@ def started(engine: SessionEngine, events: list[Event]) -> SessionState:
     sends a longer history)."""
     state, L = None, engine.dims.max_events  # noqa: N806
     for i in range(0, len(events), L):
-        chunk = events[i : i + L]
-        x = build_inputs([chunk], [chunk[-1].time], L, engine.dims.max_labels)
-        (done,) = engine.advance([(state, {k: v[0] for k, v in x.items()})])
+        (done,) = engine.advance([(state, one_user(events[i : i + L], engine.dims))])
         state = state_of(done)
     return state
+
+
+def one_user(events: list[Event], dims: Dims) -> dict[str, np.ndarray]:
+    """One user's wire tensors (no batch axis) for `events`, queried at the newest."""
+    x = build_inputs([events], [events[-1].time], dims.max_events, dims.max_labels)
+    return {k: v[0] for k, v in x.items()}
 
 
 def state_of(result: Advanced | Exception) -> SessionState:
