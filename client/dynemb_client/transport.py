@@ -149,14 +149,12 @@ class EndpointPool(Generic[T]):
                 first = next(self._turn)
                 turn = [up[(first + i) % len(up)] for i in range(len(up))]
                 chosen = min(turn, key=lambda e: e.outstanding)
-            chosen.outstanding += 1
+            # Counted on its channel in this same hold of the lock: between handing a
+            # channel out and counting the call, another call could replace it and have it
+            # closed while unused.
             chosen.calls += 1
-        try:
-            inner = self.client(chosen.url)
-        except BaseException:  # no channel, no call
-            self.release(chosen.url)
-            raise
-        with self._lock:
+            inner = self._channel(chosen.url)  # no channel (it raised): nothing in flight
+            chosen.outstanding += 1
             self._in_flight[id(inner)] = self._in_flight.get(id(inner), 0) + 1
         return chosen.url, inner
 
@@ -210,16 +208,20 @@ class EndpointPool(Generic[T]):
 
     def client(self, url: str) -> T:
         with self._lock:
-            endpoint = self._endpoints[url]
-            if endpoint.stale and endpoint.healthy and url in self._clients:
-                old = self._clients.pop(url)
-                self._retired.append(old)
-                if self._in_flight.get(id(old), 0) <= 0:
-                    self._retire_now(old)
-                endpoint.stale = False
-            if url not in self._clients:
-                self._clients[url] = self._factory(url)
-            return self._clients[url]
+            return self._channel(url)
+
+    def _channel(self, url: str) -> T:  # with self._lock held
+        """`url`'s client, a new one in place of a channel that saw its server die."""
+        endpoint = self._endpoints[url]
+        if endpoint.stale and endpoint.healthy and url in self._clients:
+            old = self._clients.pop(url)
+            self._retired.append(old)
+            if self._in_flight.get(id(old), 0) <= 0:
+                self._retire_now(old)
+            endpoint.stale = False
+        if url not in self._clients:
+            self._clients[url] = self._factory(url)
+        return self._clients[url]
 
     def _retire_now(self, client: T) -> None:  # with self._lock held
         self._retired = [old for old in self._retired if old is not client]
