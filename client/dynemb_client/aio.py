@@ -250,14 +250,17 @@ class AsyncInterestClient(ClientBase):
     async def is_ready(self) -> bool:
         """True when every endpoint is up and serves `model_interest` (no retries: a probe)."""
         for url in self._pool.urls:
-            inner = self._pool.client(url)
-            try:
-                ready = await inner.is_server_ready(client_timeout=self._timeout_s) and (
-                    await inner.is_model_ready(self.model_interest, client_timeout=self._timeout_s)
-                )
-            except (InferenceServerException, ConnectionError) as exc:
-                logger.debug("%s not ready: %s", url, exc)
-                return False
+            with self._pool.probing(url) as inner:
+                try:
+                    ready = await inner.is_server_ready(client_timeout=self._timeout_s) and (
+                        await inner.is_model_ready(
+                            self.model_interest, client_timeout=self._timeout_s
+                        )
+                    )
+                except (InferenceServerException, ConnectionError) as exc:
+                    logger.debug("%s not ready: %s", url, exc)
+                    ready = False
+            await self._close_replaced()
             if not ready:
                 return False
         return True

@@ -6,13 +6,14 @@ which endpoint to use, what counts as transient and what the caller sees live he
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -167,10 +168,7 @@ class EndpointPool(Generic[T]):
             endpoint = self._endpoints[url]
             endpoint.outstanding -= 1
             if client is not None:
-                left = self._in_flight.get(id(client), 1) - 1
-                self._in_flight[id(client)] = left
-                if left <= 0 and any(client is old for old in self._retired):
-                    self._retire_now(client)
+                self._off(client)
             if failure is None and not endpoint.healthy:  # it answered: up, on this channel
                 endpoint.healthy, endpoint.down_at, endpoint.stale = True, None, False
                 logger.warning("endpoint %s back", url)
@@ -206,9 +204,26 @@ class EndpointPool(Generic[T]):
         with self._lock:
             return [e.state(now) for e in self._endpoints.values()]
 
-    def client(self, url: str) -> T:
+    @contextlib.contextmanager
+    def probing(self, url: str) -> Iterator[T]:
+        """`url`'s client for a probe, counted in flight on its channel while the block
+        runs (so that no call replacing the channel closes it under the probe); what the
+        probe finds changes no health."""
         with self._lock:
-            return self._channel(url)
+            inner = self._channel(url)
+            self._in_flight[id(inner)] = self._in_flight.get(id(inner), 0) + 1
+        try:
+            yield inner
+        finally:
+            with self._lock:
+                self._off(inner)
+
+    def _off(self, client: T) -> None:  # with self._lock held
+        """One call on `client` ended: a replaced channel with none left is closable."""
+        left = self._in_flight.get(id(client), 1) - 1
+        self._in_flight[id(client)] = left
+        if left <= 0 and any(client is old for old in self._retired):
+            self._retire_now(client)
 
     def _channel(self, url: str) -> T:  # with self._lock held
         """`url`'s client, a new one in place of a channel that saw its server die."""

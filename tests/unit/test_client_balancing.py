@@ -71,7 +71,8 @@ def test_a_transient_failure_marks_down_and_a_probe_brings_back_on_a_new_channel
     assert not {e.url: e for e in pool.endpoints()}[url].healthy  # not ready: stays down
     probe.ready.add(url)
     wait_for(lambda: {e.url: e for e in pool.endpoints()}[url].healthy)
-    assert pool.client(url) != first  # a channel that saw the server die is not reused
+    with pool.probing(url) as channel:
+        assert channel != first  # a channel that saw the server die is not reused
     assert first in pool.opened()  # ... but it is closed with the pool
 
 
@@ -290,6 +291,32 @@ def test_a_replaced_channel_is_handed_back_to_close_once_no_call_is_on_it() -> N
     assert pool.closable() == [first]
     assert pool.closable() == []  # handed back once
     pool.release(url, client=second)
+    assert first not in pool.opened()
+
+
+def test_a_channel_under_a_probe_is_not_closed_until_the_probe_ends() -> None:
+    """`is_ready` probes over the pool's channel: a call that replaces that channel
+    meanwhile (its server died and came back) must not hand it back to close under the
+    probe."""
+    made: list[str] = []
+    probe = Probe()
+    pool = EndpointPool(
+        ["a:1", "b:1"], lambda url: made.append(url) or f"{url}#{len(made)}", probe=probe
+    )
+    pool._probe_interval_s = 0.01
+    url, first = pool.acquire("user-1")
+    pool.release(url, client=first)
+    with pool.probing(url) as probed:
+        assert probed == first
+        _, again = pool.acquire("user-1")
+        pool.release(url, unavailable(), again)  # the server dies under the probe ...
+        probe.ready.add(url)
+        wait_for(lambda: {e.url: e for e in pool.endpoints()}[url].healthy)  # ... is back
+        _, second = pool.acquire("user-1")  # and this call replaces the probe's channel
+        assert second != first
+        pool.release(url, client=second)
+        assert pool.closable() == []  # the probe is still on it
+    assert pool.closable() == [first]
     assert first not in pool.opened()
 
 
