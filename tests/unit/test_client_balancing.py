@@ -269,15 +269,22 @@ def test_an_endpoint_that_answers_is_up_again_without_a_prober() -> None:
     assert state.healthy and state.outstanding == 0 and made == ["a:1"]
 
 
-def test_a_replaced_channel_is_handed_back_to_close_once_no_call_is_on_it() -> None:
-    """A server that comes back gets a new channel; the old one is closed as soon as the
-    calls still on it end, not kept until the client closes (one per restart)."""
+def numbered_channels() -> tuple[EndpointPool, Probe]:
+    """A pool over two endpoints whose channels are named by endpoint and making order
+    ("b:1#2"), probed every 10 ms by a Probe the test controls."""
     made: list[str] = []
     probe = Probe()
     pool = EndpointPool(
         ["a:1", "b:1"], lambda url: made.append(url) or f"{url}#{len(made)}", probe=probe
     )
     pool._probe_interval_s = 0.01
+    return pool, probe
+
+
+def test_a_replaced_channel_is_handed_back_to_close_once_no_call_is_on_it() -> None:
+    """A server that comes back gets a new channel; the old one is closed as soon as the
+    calls still on it end, not kept until the client closes (one per restart)."""
+    pool, probe = numbered_channels()
     url, first = pool.acquire("user-1")
     _, still_on_first = pool.acquire("user-1")  # a second call on the same channel
     assert still_on_first == first
@@ -298,12 +305,7 @@ def test_a_channel_under_a_probe_is_not_closed_until_the_probe_ends() -> None:
     """`is_ready` probes over the pool's channel: a call that replaces that channel
     meanwhile (its server died and came back) must not hand it back to close under the
     probe."""
-    made: list[str] = []
-    probe = Probe()
-    pool = EndpointPool(
-        ["a:1", "b:1"], lambda url: made.append(url) or f"{url}#{len(made)}", probe=probe
-    )
-    pool._probe_interval_s = 0.01
+    pool, probe = numbered_channels()
     url, first = pool.acquire("user-1")
     pool.release(url, client=first)
     with pool.probing(url) as probed:
