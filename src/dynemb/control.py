@@ -7,13 +7,26 @@ shared-memory:dynemb-control=TOKEN` (and the HTTP twin); gRPC clients send
 The token comes from DYNEMB_CONTROL_TOKEN, else from a file created on first use with
 mode 0600. Note: Triton takes it as a command-line flag, so local users who can list
 processes can read it; bind to loopback (the default) unless the host is trusted.
+
+What changes the versions a server loads from a repository (a swap, a rollback, a rolling
+swap, the supervisor's recovery of a stage) holds the repository's control lock
+(`repository_lock`), so that two of them never interleave: two swaps would both write
+version N+1, and a recovery's unload and load in the middle of a swap would reload the
+stage under the swap's checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import ipaddress
+import logging
 import os
 import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
@@ -21,7 +34,10 @@ import tritonclient.grpc as grpcclient
 from dynemb.errors import DynembError
 from dynemb.paths import cache_dir
 
+log = logging.getLogger(__name__)
+
 TOKEN_ENV = "DYNEMB_CONTROL_TOKEN"
+LOCK_WAIT_S = 600.0  # a swap or a recovery is bounded by a few ready timeouts
 # What needs the token: model control, and what changes the server's behaviour (log and
 # trace settings, shared-memory regions). Inference, health, metadata, statistics stay open.
 PROTECTED = ("model-repository", "logging", "trace", "shared-memory")
@@ -123,3 +139,75 @@ def load_model(
                 f"{exc.message()}"
             ) from exc
         raise
+
+
+_held = threading.local()  # realpath -> depth, of the locks this thread holds
+
+
+@contextlib.contextmanager
+def repository_lock(
+    repository: Path,
+    what: str,
+    timeout_s: float = LOCK_WAIT_S,
+    waiting: Callable[[str], None] | None = None,
+    poll_s: float = 0.1,
+) -> Iterator[None]:
+    """Hold `repository`'s control lock while `what` runs (one swap, rollback or stage
+    recovery at a time, across processes and threads). A thread that holds it already
+    holds it again (a rolling swap's first replica swaps under the roll's hold). Waits up
+    to `timeout_s` for another holder, telling `waiting` once, then raises ControlError.
+
+    The lock is an flock on the repository directory itself: nothing is written there,
+    and a read-only repository can be locked too. Where the file system cannot lock, the
+    holder goes on without one, with a warning (there is then nothing to wait for)."""
+    key = os.path.realpath(repository)
+    depth: dict[str, int] = _held.__dict__.setdefault("depth", {})
+    if depth.get(key):
+        depth[key] += 1
+        try:
+            yield
+        finally:
+            depth[key] -= 1
+        return
+    fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _acquire(fd, key, what, timeout_s, waiting, poll_s)
+        depth[key] = 1
+        try:
+            yield
+        finally:
+            del depth[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _acquire(
+    fd: int,
+    key: str,
+    what: str,
+    timeout_s: float,
+    waiting: Callable[[str], None] | None,
+    poll_s: float,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("%s: the file system cannot lock (%s); %s goes on unlocked", key, exc, what)
+            return
+        if time.monotonic() >= deadline:
+            raise ControlError(
+                f"{key}: another swap, rollback or stage recovery still holds the control "
+                f"lock after {timeout_s:.0f} s; {what} did not start"
+            )
+        if not told and waiting is not None:
+            waiting(f"{what}: waiting for another swap, rollback or stage recovery on {key}")
+            told = True
+        time.sleep(poll_s)

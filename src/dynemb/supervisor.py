@@ -84,8 +84,10 @@ class StageSupervisor:
         probe_timeout_s: float = 20.0,
         ready_timeout_s: float = 120.0,
         metrics_port: int | None = None,
+        lock_timeout_s: float = control.LOCK_WAIT_S,
     ) -> None:
         self.server = server
+        self.lock_timeout_s = lock_timeout_s  # waiting for a swap under way
         self.token = token
         self.interval_s = interval_s
         self.probe_every_s = probe_every_s
@@ -203,9 +205,36 @@ class StageSupervisor:
 
     # --- recovery -------------------------------------------------------------------------
 
-    def recover(self, stage: str, reason: str) -> Recovery:
+    def recover(self, stage: str, reason: str) -> Recovery | None:
+        """Unload and load `stage` again, under the repository's control lock (a swap or a
+        rollback under way finishes first). None when, by the time the lock is held, the
+        stage has its processes and answers its probe: a swap's reload, or its handover
+        between versions, was what the check saw."""
         detected = time.time()
         started = time.monotonic()
+        try:
+            with control.repository_lock(
+                self.server.config.repository,
+                f"recovery of {stage}",
+                self.lock_timeout_s,
+                lambda message: log.warning("%s", message),
+            ):
+                if time.monotonic() - started > self.interval_s and self._healthy(stage):
+                    log.warning(
+                        "%s is healthy again after waiting for the lock (%s)", stage, reason
+                    )
+                    return None
+                return self._recover(stage, reason, detected, started)
+        except control.ControlError as exc:  # a swap that holds on: try again next round
+            log.error("not recovering %s yet: %s", stage, exc)
+            return None
+
+    def _healthy(self, stage: str) -> bool:
+        """Whether `stage` has all its processes and answers its probe now."""
+        counts = stub_counts(self.server.process.pid)
+        return counts.get(stage, 0) >= self._expected[stage] and self.probe(stage) is None
+
+    def _recover(self, stage: str, reason: str, detected: float, started: float) -> Recovery:
         log.error("recovering %s: %s", stage, reason)
         if self._metrics:
             self._metrics.up(stage, False)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynemb import control
 from dynemb.errors import UsageError
 from dynemb.manifest import DriftReport
 from dynemb.pipeline import versions_of
@@ -70,6 +71,19 @@ class RollingSwapper:
         note: str = "",
     ) -> RollResult:
         """Swap `stage` on every replica in turn; all or none end on the new version."""
+        with control.repository_lock(
+            self.repository, f"rolling swap of {stage}", self.swappers[0].lock_timeout_s, progress
+        ):
+            return self._swap(stage, artifact, accept_drift, progress, note)
+
+    def _swap(
+        self,
+        stage: str,
+        artifact: Path,
+        accept_drift: bool,
+        progress: Callable[[str], None],
+        note: str,
+    ) -> RollResult:
         started = time.monotonic()
         old = versions_of(self.repository / stage)[-1]
         for swapper in self.swappers:  # refuse before touching anything
@@ -109,10 +123,17 @@ class RollingSwapper:
     ) -> RollResult:
         """Serve an earlier version (default: the serving one's parent) again on every
         replica, rolled like a swap (a copy of it installed as the newest version)."""
-        source = self.swappers[0].rollback_source(stage, to)
-        return self.swap(
-            stage, source, accept_drift=True, progress=progress, note=f"rollback to v{source.name}"
-        )
+        with control.repository_lock(
+            self.repository, f"rollback of {stage}", self.swappers[0].lock_timeout_s, progress
+        ):
+            source = self.swappers[0].rollback_source(stage, to)
+            return self.swap(
+                stage,
+                source,
+                accept_drift=True,
+                progress=progress,
+                note=f"rollback to v{source.name}",
+            )
 
     def _roll_back(self, stage: str, old: int, new: int, swappers: list[Swapper]) -> None:
         shutil.rmtree(self.repository / stage / str(new), ignore_errors=True)

@@ -90,12 +90,14 @@ class Swapper:
         token: str | None = None,
         thresholds: DriftThresholds | None = None,
         ready_timeout_s: float = 120.0,
+        lock_timeout_s: float = control.LOCK_WAIT_S,
     ) -> None:
         self.repository = repository
         self.url = url
         self.token = token
         self.thresholds = thresholds or DriftThresholds()
         self.ready_timeout_s = ready_timeout_s
+        self.lock_timeout_s = lock_timeout_s  # waiting for another swap or a recovery
         self.client = grpcclient.InferenceServerClient(url)
         self._probes: dict | None = None
         self._runners: dict[tuple[Path, bytes], Runner] = {}
@@ -119,6 +121,26 @@ class Swapper:
         started = time.monotonic()
         manifest = check_candidate(stage, artifact)
         progress(f"{stage}: signature and sha256 ok")
+        # Held from the drift baseline (the versions serving now) to the end: another swap
+        # would write the same N+1, a stage recovery would reload the stage under the checks.
+        with control.repository_lock(
+            self.repository, f"swap of {stage}", self.lock_timeout_s, progress
+        ):
+            return self._swap(
+                stage, artifact, manifest, accept_drift, precheck, note, progress, started
+            )
+
+    def _swap(
+        self,
+        stage: str,
+        artifact: Path,
+        manifest: Manifest,
+        accept_drift: bool,
+        precheck: bool,
+        note: str,
+        progress: Callable[[str], None],
+        started: float,
+    ) -> SwapResult:
         current = self.current_pipeline()
         try:
             candidate = load_runner(artifact)
@@ -207,10 +229,14 @@ class Swapper:
 
     def rollback(self, stage: str, to: int | None = None, **kwargs) -> SwapResult:
         """Serve an earlier version again, by installing a copy of it as the newest."""
-        source = self.rollback_source(stage, to)
-        return self.swap(
-            stage, source, accept_drift=True, note=f"rollback to v{source.name}", **kwargs
-        )
+        waiting = kwargs.get("progress", log.info)
+        with control.repository_lock(
+            self.repository, f"rollback of {stage}", self.lock_timeout_s, waiting
+        ):
+            source = self.rollback_source(stage, to)
+            return self.swap(
+                stage, source, accept_drift=True, note=f"rollback to v{source.name}", **kwargs
+            )
 
     def rollback_source(self, stage: str, to: int | None = None) -> Path:
         """The version directory a rollback serves again: `to`, or the serving version's
