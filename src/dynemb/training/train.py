@@ -56,7 +56,7 @@ class TrainOptions:
     patience: int = 10  # epochs without a better validation NDCG@10
     windows: str = "all"  # "all": every training event is a target; "last": newest L+1 only
     cosine: bool = True  # learning rate decays along a half cosine over max_epochs
-    batch_size: int = 64  # windows per step
+    batch_size: int = 32  # windows per step (32 over 64: training-choices, seventh round)
     lr: float = 2e-3
     weight_decay: float = 0.0
     dropout: float = 0.0  # on each event's text/image/label vectors, training only
