@@ -156,7 +156,7 @@ class EndpointPool(Generic[T]):
             chosen.calls += 1
             inner = self._channel(chosen.url)  # no channel (it raised): nothing in flight
             chosen.outstanding += 1
-            self._in_flight[id(inner)] = self._in_flight.get(id(inner), 0) + 1
+            self._on(inner)
         return chosen.url, inner
 
     def release(
@@ -211,12 +211,16 @@ class EndpointPool(Generic[T]):
         probe finds changes no health."""
         with self._lock:
             inner = self._channel(url)
-            self._in_flight[id(inner)] = self._in_flight.get(id(inner), 0) + 1
+            self._on(inner)
         try:
             yield inner
         finally:
             with self._lock:
                 self._off(inner)
+
+    def _on(self, client: T) -> None:  # with self._lock held
+        """One more call on `client` (`_off` ends it)."""
+        self._in_flight[id(client)] = self._in_flight.get(id(client), 0) + 1
 
     def _off(self, client: T) -> None:  # with self._lock held
         """One call on `client` ended: a replaced channel with none left is closable."""

@@ -79,9 +79,9 @@ def test_an_empty_token_protects_nothing_and_is_refused(cache):
 # --- the repository's control lock ----------------------------------------------------
 
 
-def hold_in_thread(path) -> tuple[threading.Event, threading.Event, threading.Thread]:
-    """Another thread takes `path`'s control lock; set the first event to let it go. The
-    second is set once it holds the lock."""
+def hold_in_thread(path) -> tuple[threading.Event, threading.Thread]:
+    """Another thread takes `path`'s control lock (held when this returns); set the event
+    to let it go."""
     release, holding = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -92,11 +92,11 @@ def hold_in_thread(path) -> tuple[threading.Event, threading.Event, threading.Th
     thread = threading.Thread(target=hold, daemon=True)
     thread.start()
     assert holding.wait(10)
-    return release, holding, thread
+    return release, thread
 
 
 def test_the_control_lock_has_one_holder_and_the_next_waits_for_it(tmp_path):
-    release, _, thread = hold_in_thread(tmp_path)
+    release, thread = hold_in_thread(tmp_path)
     told: list[str] = []
     with (
         pytest.raises(control.ControlError, match="swap of text_rnn did not start"),
@@ -166,7 +166,7 @@ def test_a_swap_waits_for_the_control_lock_and_installs_nothing_without_it(repo,
 
     candidate = make_candidate(repo, "label_mlp", tmp_path / "c")
     before = sorted(p.name for p in (repo / "label_mlp").iterdir())
-    release, _, thread = hold_in_thread(repo)
+    release, thread = hold_in_thread(repo)
     try:
         swapper = Swapper(repo, "127.0.0.1:9", lock_timeout_s=0.3)  # never reached
         told: list[str] = []
@@ -193,19 +193,19 @@ def test_a_recovery_after_waiting_for_a_swap_skips_a_stage_the_swap_brought_back
     reloaded: list[str] = []
     supervisor._recover = lambda stage, *_: reloaded.append(stage) or "recovered"
     supervisor._healthy = lambda stage: stage == "text_rnn"
-    release, _, thread = hold_in_thread(tmp_path)
+    release, thread = hold_in_thread(tmp_path)
     threading.Timer(0.3, release.set).start()
     assert supervisor.recover("text_rnn", "a stage process died") is None
     thread.join(10)
     assert reloaded == []
-    release, _, thread = hold_in_thread(tmp_path)
+    release, thread = hold_in_thread(tmp_path)
     threading.Timer(0.3, release.set).start()
     assert supervisor.recover("llm_encoder", "a stage process died") == "recovered"
     thread.join(10)
     assert reloaded == ["llm_encoder"]
     assert supervisor.recover("text_rnn", "probe: is not healthy") == "recovered"  # no wait
     supervisor.lock_timeout_s = 0.2
-    release, _, thread = hold_in_thread(tmp_path)
+    release, thread = hold_in_thread(tmp_path)
     assert supervisor.recover("llm_encoder", "a stage process died") is None  # next round
     release.set()
     thread.join(10)
