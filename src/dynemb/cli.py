@@ -497,11 +497,17 @@ def evaluate(
         "quality-ml100k"
     ),
     checkpoint: Annotated[Path | None, typer.Option(help="save the first seed's model")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="take the runs an interrupted invocation finished (same code, data)"),
+    ] = True,
 ) -> None:
     """The quality benchmark: dynemb vs MostPop vs SASRec-CE on the leave-one-out protocol
     (full ranking), the ratio's bootstrap interval, ablations, cold-start slices and the
     cold-item slice; writes STEM.md and STEM.json. With --workers 2 and --threads 1, two
-    runs train at once on a 2-core machine."""
+    runs train at once on a 2-core machine. Each finished run is kept under
+    .cache/dynemb/runs until the report is written, so that the same command after Ctrl-C
+    trains only what had not finished."""
     from dynemb.data import load_dataset
     from dynemb.evaluation.quality import QualityOptions, quality_benchmark
 
@@ -520,8 +526,11 @@ def evaluate(
         stem=stem,
         checkpoint=checkpoint,
         command=_command(),
+        resume=resume,
     )
     result = quality_benchmark(load_dataset(data, cache_dir()), options)
+    if result.run.resumed_runs:
+        console.print(f"{result.run.resumed_runs} runs resumed from an interrupted invocation")
     for name, model in result.models.items():
         mean, std = model.summary()["ndcg@10"]
         console.print(f"{name}: NDCG@10 {mean:.4f} ± {std:.4f} (seen excluded)")

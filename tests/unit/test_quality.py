@@ -122,6 +122,7 @@ def test_quality_benchmark_end_to_end_in_two_worker_processes(data, tmp_path):
         workers=2,
         out_dir=tmp_path,
         stem="q",
+        runs_dir=tmp_path / "runs",
     )
     result = quality_benchmark(data, options)
     assert [r.seed for r in result.models["dynemb"].runs] == [0, 1]

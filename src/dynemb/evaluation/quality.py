@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +32,9 @@ from dynemb.evaluation.results import (
     as_record,
     save_report,
 )
+from dynemb.evaluation.resume import RunStore, code_fingerprint, data_fingerprint, run_all
 from dynemb.evaluation.split import Split, Which, leave_one_out
-from dynemb.paths import RESULTS_DIR
+from dynemb.paths import RESULTS_DIR, cache_dir
 from dynemb.training.model import Variant
 from dynemb.training.train import Trained, TrainOptions, fit, scores_for
 
@@ -119,6 +122,10 @@ class QualityOptions:
     stem: str = "quality-ml100k"
     checkpoint: Path | None = None  # save seed 0's checkpoint here
     command: str = ""
+    # Take runs that an interrupted invocation of the same benchmark finished (same code,
+    # data and options: dynemb.evaluation.resume) from `runs_dir` (None: the cache's).
+    resume: bool = True
+    runs_dir: Path | None = None
 
 
 def run_result(trained: Trained, test: SeenMetrics | None = None) -> RunResult:
@@ -154,6 +161,9 @@ class DynembRun:
     train: TrainOptions
     first: bool = False
     checkpoint: Path | None = None
+
+    def writes(self) -> tuple[Path, ...]:
+        return (self.checkpoint,) if self.first and self.checkpoint is not None else ()
 
     def __call__(self, dataset: Dataset) -> RunResult:
         trained = fit(dataset, leave_one_out(dataset), self.train)
@@ -197,18 +207,27 @@ def cold_item_users(split: Split) -> np.ndarray:
     return users[np.isin(split.test[users], split.withheld)]
 
 
-def _run_tasks(dataset: Dataset, tasks: list, workers: int) -> list:
-    """Each task's result, in order: in this process, or `workers` spawned processes."""
-    if workers <= 1:
-        return [task(dataset) for task in tasks]
+def _run_tasks(dataset: Dataset, tasks: list, workers: int, store: RunStore | None) -> list:
+    """Each task's result, in order: kept from an interrupted invocation (`store`), or run
+    in this process or in `workers` spawned processes, each kept as it finishes."""
+    return run_all(tasks, lambda todo: _finished(dataset, todo, workers), store)
+
+
+def _finished(dataset: Dataset, tasks: Sequence, workers: int) -> Iterator[tuple[int, Any]]:
+    """(index, result) of each task as it finishes."""
+    if workers <= 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            yield i, task(dataset)
+        return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")  # not fork: torch's threads
     with ProcessPoolExecutor(workers, context, initializer=_hold, initargs=(dataset,)) as pool:
-        futures = [pool.submit(_call, task) for task in tasks]
+        futures = {pool.submit(_call, task): i for i, task in enumerate(tasks)}
         try:
-            return [future.result() for future in futures]
+            for future in as_completed(futures):
+                yield futures[future], future.result()
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -245,7 +264,13 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResul
     tasks += [DynembRun(opts) for opts in ablations.values()]
     if options.baselines:
         tasks += [SasrecRun(seed) for seed in seeds]
-    results = iter(_run_tasks(dataset, tasks, options.workers))
+    store = RunStore(
+        options.runs_dir or cache_dir() / "runs",
+        code_fingerprint() + data_fingerprint(dataset),
+        resume=options.resume,
+    )
+    results = iter(_run_tasks(dataset, tasks, options.workers, store))
+    run.resumed_runs = store.reused
     models: dict[str, ModelResult] = {"dynemb": ModelResult([next(results) for _ in seeds])}
     cold = [next(results) for _ in cold_seeds] if options.cold_items else []
     for name, opts in ablations.items():
@@ -278,6 +303,7 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResul
             *(per_user(models[name]) for name in ("dynemb", "SASRec-CE"))
         )
     save_report(result, options.out_dir, options.stem, render_markdown(result))
+    store.clear()  # written: nothing left to resume
     return result
 
 

@@ -101,7 +101,8 @@ class RunRecord:
     command: str
     git_commit: str
     machine: dict[str, Any]
-    total_seconds: float = 0.0
+    total_seconds: float = 0.0  # this process's; runs it resumed took their time before
+    resumed_runs: int = 0  # runs an interrupted earlier process of the same code finished
 
     @classmethod
     def now(cls, command: str) -> RunRecord:
@@ -206,4 +207,9 @@ def save_report(result: Any, out_dir: Path, stem: str, md: list[str]) -> None:
     if isinstance(result, QualityResult):
         context.append(f"- training options: `{result.train_options}`")
     context.append(f"- total wall-clock: {run.total_seconds} s")
+    if run.resumed_runs:
+        context.append(
+            f"- resumed: {run.resumed_runs} runs were finished by an earlier, interrupted "
+            "process of the same command, code and data (their own seconds are in their rows)"
+        )
     (out_dir / f"{stem}.md").write_text("\n".join([*md, *context]) + "\n", encoding="utf-8")
