@@ -554,10 +554,15 @@ def evaluate_sessions(
     stem: Annotated[str, typer.Option(help="results file name, without extension")] = (
         "sessions-quality-ml100k"
     ),
+    resume: Annotated[
+        bool,
+        typer.Option(help="take the seeds an interrupted invocation finished (same code, data)"),
+    ] = True,
 ) -> None:
     """Sessions past the window: NDCG@10 of E_t over the window a session holds (each
     re-window block B) next to the full model's newest L events, on the same trained
-    models and the leave-one-out protocol; writes STEM.md and STEM.json."""
+    models and the leave-one-out protocol; writes STEM.md and STEM.json. Finished seeds
+    are kept until then (.cache/dynemb/runs): after Ctrl-C the same command resumes."""
     from dynemb.data import load_dataset
     from dynemb.dims import DIMS
     from dynemb.evaluation.streaming import StreamingOptions, streaming_benchmark
@@ -572,8 +577,11 @@ def evaluate_sessions(
         out_dir=out_dir,
         stem=stem,
         command=_command(),
+        resume=resume,
     )
     result = streaming_benchmark(load_dataset(data, cache_dir()), options)
+    if result.run.resumed_runs:
+        console.print(f"{result.run.resumed_runs} seeds resumed from an interrupted invocation")
     full_mean, full_std = result.summary(None)
     console.print(f"full model: NDCG@10 {full_mean:.4f} ± {full_std:.4f}")
     for block in result.blocks:

@@ -142,9 +142,11 @@ def test_quality_benchmark_end_to_end_in_two_worker_processes(data, tmp_path):
     ]
 
 
-def test_the_short_history_slice_excludes_only_the_events_it_sends(data, monkeypatch):
-    """A user with only the newest k events has seen only those k items: the slice that
-    sends k leaves the rest of the history rankable."""
+def test_seen_items_are_the_events_sent_or_the_whole_history_as_asked(data, monkeypatch):
+    """A user with only the newest k events has seen only those k items: the short-history
+    slice (seen="sent") leaves the rest of the history rankable. A session past the
+    window (one limit per user, the sessions-quality benchmark) has still had its whole
+    history, and its ranking leaves it all out."""
     from dynemb.evaluation import quality
 
     split = leave_one_out(data)
@@ -157,8 +159,18 @@ def test_the_short_history_slice_excludes_only_the_events_it_sends(data, monkeyp
         return real(scores, targets, histories)
 
     monkeypatch.setattr(quality.SeenMetrics, "from_scores", staticmethod(recording))
-    quality.evaluate(trained, limit=3)
+    quality.evaluate(trained, limit=3, seen="sent")
     assert excluded and max(excluded) == 3
     excluded.clear()
     quality.evaluate(trained)
-    assert max(excluded) > 3
+    whole = list(excluded)
+    assert max(whole) > 3
+    per_user = [i % 4 for i in range(len(whole))]  # 0 sends nothing: nothing seen
+    excluded.clear()
+    quality.evaluate(trained, limit=per_user, seen="sent")
+    assert excluded == [min(k, n) for k, n in zip(per_user, whole, strict=True)]
+    excluded.clear()
+    quality.evaluate(trained, limit=per_user)
+    assert excluded == whole
+    with pytest.raises(ValueError, match="seen"):
+        quality.evaluate(trained, seen="window")

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,7 +30,7 @@ from dynemb.evaluation.results import (
     as_record,
     save_report,
 )
-from dynemb.evaluation.resume import RunStore, code_fingerprint, data_fingerprint, run_all
+from dynemb.evaluation.runs import run_tasks, store_for
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.paths import RESULTS_DIR, cache_dir
 from dynemb.training.model import Variant
@@ -61,20 +59,31 @@ CONTENT_ONLY = "all item id rows withheld (content-only item table)"
 
 
 def evaluate(
-    trained: Trained, which: Which = "test", users: np.ndarray | None = None, **kw
+    trained: Trained,
+    which: Which = "test",
+    users: np.ndarray | None = None,
+    seen: str = "history",
+    **kw,
 ) -> SeenMetrics:
     """Full-ranking metrics of `which`, with seen items kept and excluded.
 
     Keywords go to `scores_for` (`with_ids=False` scores against content-only item vectors,
-    `limit=k` sends only the newest k events).
+    `limit=k` or one k per user sends only the newest k events). `seen` says which items
+    the user has had: "history", every event before the target (a session that streamed
+    the whole history but reads only its window has still had them all), or "sent", only
+    the events sent (a user whose history is just those).
     """
+    if seen not in ("history", "sent"):
+        raise ValueError(f"seen must be 'history' or 'sent', got {seen!r}")
     split = trained.split
     users = split.eval_users if users is None else np.asarray(users)
     scores = scores_for(trained.model, trained.builder, which, users, **kw)
     targets = (split.valid if which == "valid" else split.test)[users]
     histories = [split.history(int(u), which) for u in users]
-    if kw.get("limit") is not None:  # a user with only those events has seen only them
-        histories = [h[-kw["limit"] :] for h in histories]
+    limit = kw.get("limit")
+    if seen == "sent" and limit is not None:
+        limits = [limit] * len(users) if isinstance(limit, int) else list(limit)
+        histories = [h[max(len(h) - k, 0) :] for h, k in zip(histories, limits, strict=True)]
     return SeenMetrics.from_scores(scores, targets, histories)
 
 
@@ -88,7 +97,7 @@ def cold_start(trained: Trained) -> dict[str, SliceResult]:
     rare = users[counts[split.test[users]] <= RARE_ITEM]
     out = {
         f"history <= {COLD_HISTORY} events (all test users, newest {COLD_HISTORY} sent)": (
-            SliceResult(len(users), evaluate(trained, users=users, limit=COLD_HISTORY))
+            SliceResult(len(users), evaluate(trained, users=users, limit=COLD_HISTORY, seen="sent"))
         ),
         f"users with <= {COLD_HISTORY} training events": SliceResult(
             int(sum(len(split.train[u]) <= COLD_HISTORY for u in users))
@@ -123,7 +132,7 @@ class QualityOptions:
     checkpoint: Path | None = None  # save seed 0's checkpoint here
     command: str = ""
     # Take runs that an interrupted invocation of the same benchmark finished (same code,
-    # data and options: dynemb.evaluation.resume) from `runs_dir` (None: the cache's).
+    # data and options: dynemb.evaluation.runs) from `runs_dir` (None: the cache's).
     resume: bool = True
     runs_dir: Path | None = None
 
@@ -207,45 +216,6 @@ def cold_item_users(split: Split) -> np.ndarray:
     return users[np.isin(split.test[users], split.withheld)]
 
 
-def _run_tasks(dataset: Dataset, tasks: list, workers: int, store: RunStore | None) -> list:
-    """Each task's result, in order: kept from an interrupted invocation (`store`), or run
-    in this process or in `workers` spawned processes, each kept as it finishes."""
-    return run_all(tasks, lambda todo: _finished(dataset, todo, workers), store)
-
-
-def _finished(dataset: Dataset, tasks: Sequence, workers: int) -> Iterator[tuple[int, Any]]:
-    """(index, result) of each task as it finishes."""
-    if workers <= 1 or len(tasks) <= 1:
-        for i, task in enumerate(tasks):
-            yield i, task(dataset)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    context = multiprocessing.get_context("spawn")  # not fork: torch's threads
-    with ProcessPoolExecutor(workers, context, initializer=_hold, initargs=(dataset,)) as pool:
-        futures = {pool.submit(_call, task): i for i, task in enumerate(tasks)}
-        try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-
-
-_DATASET: Dataset | None = None
-
-
-def _hold(dataset: Dataset) -> None:
-    global _DATASET
-    _DATASET = dataset
-
-
-def _call(task):
-    return task(_DATASET)
-
-
 def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResult:
     """Train dynemb per seed (plus ablations, the cold-item slice and the baselines),
     evaluate on test, write results."""
@@ -264,12 +234,8 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResul
     tasks += [DynembRun(opts) for opts in ablations.values()]
     if options.baselines:
         tasks += [SasrecRun(seed) for seed in seeds]
-    store = RunStore(
-        options.runs_dir or cache_dir() / "runs",
-        code_fingerprint() + data_fingerprint(dataset),
-        resume=options.resume,
-    )
-    results = iter(_run_tasks(dataset, tasks, options.workers, store))
+    store = store_for(options.runs_dir or cache_dir() / "runs", dataset, options.resume)
+    results = iter(run_tasks(dataset, tasks, options.workers, store))
     run.resumed_runs = store.reused
     models: dict[str, ModelResult] = {"dynemb": ModelResult([next(results) for _ in seeds])}
     cold = [next(results) for _ in cold_seeds] if options.cold_items else []

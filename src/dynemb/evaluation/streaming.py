@@ -25,8 +25,9 @@ from dynemb.dims import DIMS
 from dynemb.evaluation.metrics import format_mean_std, summarize
 from dynemb.evaluation.quality import evaluate
 from dynemb.evaluation.results import RunRecord, SeenMetrics, as_record, save_report
+from dynemb.evaluation.runs import run_tasks, store_for
 from dynemb.evaluation.split import leave_one_out
-from dynemb.paths import RESULTS_DIR
+from dynemb.paths import RESULTS_DIR, cache_dir
 from dynemb.sessions.state import window_after
 from dynemb.training.train import Trained, TrainOptions, fit
 
@@ -43,6 +44,10 @@ class StreamingOptions:
     out_dir: Path = RESULTS_DIR
     stem: str = "sessions-quality-ml100k"
     command: str = ""
+    # Take the seeds an interrupted invocation finished (dynemb.evaluation.runs) from
+    # `runs_dir` (None: the cache's).
+    resume: bool = True
+    runs_dir: Path | None = None
 
 
 @dataclass
@@ -111,8 +116,9 @@ def window_limits(trained: Trained, users: np.ndarray, block: int) -> list[int]:
     return [window_after(0, n, L, block) for n in cuts]
 
 
-def streaming_run(trained: Trained, blocks: Sequence[int], past: np.ndarray) -> StreamingRun:
+def streaming_run(trained: Trained, blocks: Sequence[int]) -> StreamingRun:
     users = trained.split.eval_users
+    past = past_window_users(trained)
     by_block, by_block_past = {}, {}
     for block in blocks:
         by_block[str(block)] = evaluate(trained, limit=window_limits(trained, users, block))
@@ -130,21 +136,36 @@ def streaming_run(trained: Trained, blocks: Sequence[int], past: np.ndarray) -> 
     )
 
 
+def past_window_users(trained: Trained) -> np.ndarray:
+    """Evaluated users with more than L events before their test target."""
+    builder, users = trained.builder, trained.split.eval_users
+    cuts = np.array([builder.eval_cut(int(u), "test") for u in users])
+    return users[cuts > builder.dims.max_events]
+
+
+@dataclass(frozen=True)
+class StreamingSeed:
+    """One seed's run, as a task (dynemb.evaluation.runs): train, then score the full
+    model and each block."""
+
+    train: TrainOptions
+    blocks: tuple[int, ...]
+
+    def __call__(self, dataset: Dataset) -> StreamingRun:
+        run = streaming_run(fit(dataset, leave_one_out(dataset), self.train), self.blocks)
+        logger.info("seed %d: full %s", run.seed, run.full.excluded[METRIC])
+        return run
+
+
 def streaming_benchmark(dataset: Dataset, options: StreamingOptions) -> StreamingResult:
     """Train each seed once; score the full model and each block on test; write results."""
     started = time.perf_counter()
     record = RunRecord.now(options.command)
     split = leave_one_out(dataset)
-    runs, builder, past = [], None, None
-    for seed in options.seeds:
-        trained = fit(dataset, split, replace(options.train, seed=seed), builder=builder)
-        builder = trained.builder
-        if past is None:
-            users = split.eval_users
-            cuts = np.array([builder.eval_cut(int(u), "test") for u in users])
-            past = users[cuts > builder.dims.max_events]
-        runs.append(streaming_run(trained, options.blocks, past))
-        logger.info("seed %d: full %s", seed, runs[-1].full.excluded[METRIC])
+    tasks = [StreamingSeed(replace(options.train, seed=s), options.blocks) for s in options.seeds]
+    store = store_for(options.runs_dir or cache_dir() / "runs", dataset, options.resume)
+    runs = run_tasks(dataset, tasks, store=store)
+    record.resumed_runs = store.reused
     record.total_seconds = round(time.perf_counter() - started, 1)
     result = StreamingResult(
         data=dataset.name,
@@ -152,7 +173,7 @@ def streaming_benchmark(dataset: Dataset, options: StreamingOptions) -> Streamin
         protocol=__doc__.split("\n\n", 1)[1].strip(),
         max_events=DIMS.max_events,
         evaluated_users=len(split.eval_users),
-        users_past_window=len(past),
+        users_past_window=len(runs[0].full_past.ndcg10_per_user),
         blocks=list(options.blocks),
         seeds=list(options.seeds),
         train_options=as_record(options.train),
@@ -160,6 +181,7 @@ def streaming_benchmark(dataset: Dataset, options: StreamingOptions) -> Streamin
         run=record,
     )
     save_report(result, options.out_dir, options.stem, render_markdown(result))
+    store.clear()  # written: nothing left to resume
     return result
 
 

@@ -12,7 +12,8 @@ import pytest
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.evaluation import quality
 from dynemb.evaluation.quality import QualityOptions, quality_benchmark
-from dynemb.evaluation.resume import RunStore, data_fingerprint, run_all
+from dynemb.evaluation.runs import RunStore, data_fingerprint, run_all
+from dynemb.evaluation.streaming import StreamingOptions, StreamingSeed, streaming_benchmark
 from dynemb.training.train import TrainOptions
 
 
@@ -91,7 +92,7 @@ def test_a_full_disk_costs_the_resume_not_the_benchmark(tmp_path, monkeypatch, c
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    with caplog.at_level(logging.WARNING, logger="dynemb.evaluation.resume"):
+    with caplog.at_level(logging.WARNING, logger="dynemb.evaluation.runs"):
         assert run_all([Square(2)], in_order([]), RunStore(tmp_path, "s")) == [4]
     assert "No space left on device" in caplog.text
     monkeypatch.undo()
@@ -151,4 +152,44 @@ def test_the_quality_benchmark_resumes_after_an_interruption(tmp_path, monkeypat
         assert [r.test for r in result.models[name].runs] == [
             r.test for r in whole.models[name].runs
         ]
+    assert not list((tmp_path / "runs").iterdir())
+
+
+def test_the_sessions_quality_benchmark_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """Seed 0 finished before the interruption: run again, only seed 1 trains, and the
+    result is an uninterrupted run's."""
+    config = SyntheticConfig(n_users=10, items_per_category=6, events_per_user=(54, 60))
+    data = generate(replace(config, n_categories=3)).dataset
+    options = StreamingOptions(
+        seeds=(0, 1),
+        blocks=(10, 50),
+        train=TINY,
+        out_dir=tmp_path / "results",
+        stem="s",
+        runs_dir=tmp_path / "runs",
+    )
+    whole = streaming_benchmark(data, replace(options, runs_dir=tmp_path / "other"))
+    assert whole.users_past_window > 0 and whole.run.resumed_runs == 0
+
+    seeds: list[int] = []
+    call = StreamingSeed.__call__
+
+    def cut_at_seed_1(self, dataset):
+        if self.train.seed == 1:
+            raise KeyboardInterrupt
+        return call(self, dataset)
+
+    with monkeypatch.context() as m:
+        m.setattr(StreamingSeed, "__call__", cut_at_seed_1)
+        with pytest.raises(KeyboardInterrupt):
+            streaming_benchmark(data, options)
+    monkeypatch.setattr(
+        StreamingSeed, "__call__", lambda self, d: seeds.append(self.train.seed) or call(self, d)
+    )
+    result = streaming_benchmark(data, options)
+    assert seeds == [1] and result.run.resumed_runs == 1
+    assert [replace(r, train_seconds=0) for r in result.runs] == [
+        replace(r, train_seconds=0) for r in whole.runs
+    ]
+    assert result.users_past_window == whole.users_past_window
     assert not list((tmp_path / "runs").iterdir())

@@ -1,13 +1,16 @@
-"""Finished training runs kept on disk until their benchmark is written, so that a benchmark
-cut short (Ctrl-C, a killed job, a full disk, a crash in run 9 of 12) loses only the runs
-that had not finished: the quality record trains 12-14 models over about 95 minutes here.
+"""The training runs of a benchmark, as tasks: run in this process or in worker processes,
+and each finished run kept on disk until the benchmark's report is written, so that a
+benchmark cut short (Ctrl-C, a killed job, a full disk, a crash in run 9 of 12) loses only
+the runs that had not finished: the quality record trains 14 models over about 95 minutes
+here, the sessions-quality one 3 over 50.
 
-A run is found again only by the same task (its frozen dataclass's repr: seed, every
-training option, variant), the same data (a hash of the data set) and the same code (a hash
-of every source file of `dynemb` and `dynemb_client`, and the versions of the libraries
-that compute): training is deterministic given those, so a run from the cache is the run
-that would be trained now. The benchmark deletes its entries once its report is written;
-what stays behind is only ever the finished part of an unfinished benchmark.
+A task is a frozen dataclass called with the data set. A run is found again only by the
+same task (its repr: seed, every training option, variant), the same data (a hash of the
+data set) and the same code (a hash of every source file of `dynemb` and `dynemb_client`,
+and the versions of the libraries that compute): training is deterministic given those,
+so a run from the store is the run that would be trained now. The benchmark deletes its
+entries once its report is written; what stays behind is only ever the finished part of
+an unfinished benchmark.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 import logging
 import pickle
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,3 +144,49 @@ def run_all(
         if store is not None:
             store.put(tasks[todo[j]], result)
     return results
+
+
+def run_tasks(
+    data: Any, tasks: Sequence[Any], workers: int = 1, store: RunStore | None = None
+) -> list[Any]:
+    """Each task's result on `data`, in order: from `store` where an interrupted earlier
+    invocation finished it, else run here or in `workers` spawned processes."""
+    return run_all(tasks, lambda todo: _finished(data, todo, workers), store)
+
+
+def store_for(root: Path, data: Any, resume: bool = True) -> RunStore:
+    """The store of a benchmark over `data` with this code."""
+    return RunStore(root, code_fingerprint() + data_fingerprint(data), resume=resume)
+
+
+def _finished(data: Any, tasks: Sequence[Any], workers: int) -> Iterator[tuple[int, Any]]:
+    """(index, result) of each task as it finishes."""
+    if workers <= 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            yield i, task(data)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # not fork: torch's threads
+    with ProcessPoolExecutor(workers, context, initializer=_hold, initargs=(data,)) as pool:
+        futures = {pool.submit(_call, task): i for i, task in enumerate(tasks)}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+_DATA: Any = None
+
+
+def _hold(data: Any) -> None:
+    global _DATA
+    _DATA = data
+
+
+def _call(task: Any) -> Any:
+    return task(_DATA)
