@@ -136,7 +136,7 @@ def test_quality_benchmark_end_to_end_in_two_worker_processes(data, tmp_path):
     text = (tmp_path / "q.md").read_text(encoding="utf-8")
     assert "## Cold items" in text and "95% interval" in text and "Content-only" in text
     # The same two runs in this process give the same numbers (workers change nothing).
-    again = quality_benchmark(data, replace(options, workers=1, cold_items=False))
+    again = quality_benchmark(data, replace(options, workers=1, cold_items=False, resume=False))
     assert [r.test for r in again.models["dynemb"].runs] == [
         r.test for r in result.models["dynemb"].runs
     ]
@@ -165,7 +165,7 @@ def test_seen_items_are_the_events_sent_or_the_whole_history_as_asked(data, monk
     quality.evaluate(trained)
     whole = list(excluded)
     assert max(whole) > 3
-    per_user = [i % 4 for i in range(len(whole))]  # 0 sends nothing: nothing seen
+    per_user = [i % 4 for i in range(len(whole))]  # 0 sends no event: none seen
     excluded.clear()
     quality.evaluate(trained, limit=per_user, seen="sent")
     assert excluded == [min(k, n) for k, n in zip(per_user, whole, strict=True)]

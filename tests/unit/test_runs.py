@@ -4,6 +4,7 @@ task, code and data; a full disk or a torn entry costs the resume, never the ben
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.evaluation import quality
-from dynemb.evaluation.quality import QualityOptions, quality_benchmark
-from dynemb.evaluation.runs import RunStore, data_fingerprint, run_all
+from dynemb.evaluation.quality import DynembRun, QualityOptions, quality_benchmark
+from dynemb.evaluation.runs import RunStore, data_fingerprint, run_all, run_tasks
 from dynemb.evaluation.streaming import StreamingOptions, StreamingSeed, streaming_benchmark
 from dynemb.training.train import TrainOptions
+
+TINY = TrainOptions(max_minutes=1.0, max_epochs=1, batch_size=8, llm_layers=1, progress=False)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,20 @@ class Square:
         if self.out is not None:
             self.out.write_text(f"square of {self.n}", encoding="utf-8")
         return self.n * self.n
+
+
+@dataclass(frozen=True)
+class SlowOrFailing:
+    """A task for worker processes: sleeps, then fails or multiplies the data by 3."""
+
+    seconds: float
+    fail: bool = False
+
+    def __call__(self, data: int) -> int:
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("run failed")
+        return 3 * data
 
 
 def in_order(calls: list[int], stop_after: int | None = None):
@@ -87,6 +104,31 @@ def test_the_files_a_run_wrote_come_back_with_it(tmp_path):
     assert calls == [] and out.read_text(encoding="utf-8") == "square of 5"
 
 
+def test_a_run_is_the_same_whatever_the_terminal_or_where_its_checkpoint_goes(tmp_path):
+    """A progress bar (on when stderr is a terminal and one worker trains) changes no
+    result, nor does the checkpoint's path: a run resumed under nohup, with --workers 2 or
+    another --checkpoint is found, and its checkpoint lands where it is asked for now."""
+    store = RunStore(tmp_path / "runs", "s")
+    first = DynembRun(replace(TINY, progress=True), first=True, checkpoint=tmp_path / "a.pt")
+    (tmp_path / "a.pt").write_bytes(b"weights")
+    store.put(first, "row")
+    moved = DynembRun(TINY, first=True, checkpoint=tmp_path / "elsewhere" / "b.pt")
+    assert RunStore(tmp_path / "runs", "s").get(moved) == (True, "row")
+    assert (tmp_path / "elsewhere" / "b.pt").read_bytes() == b"weights"
+    for other in (DynembRun(TINY, first=True), DynembRun(replace(TINY, seed=1), first=True)):
+        assert RunStore(tmp_path / "runs", "s").get(other)[0] is False
+
+
+def test_a_failed_run_in_a_worker_keeps_the_others_finished_beside_it(tmp_path):
+    """Two workers: the run that fails is raised only after the run beside it (still
+    training when the failure came back) has finished and been kept."""
+    store = RunStore(tmp_path, "s")
+    tasks = [SlowOrFailing(0.0, fail=True), SlowOrFailing(3.0)]
+    with pytest.raises(RuntimeError, match="run failed"):
+        run_tasks(7, tasks, workers=2, store=store)
+    assert RunStore(tmp_path, "s").get(tasks[1]) == (True, 21)
+
+
 def test_a_full_disk_costs_the_resume_not_the_benchmark(tmp_path, monkeypatch, caplog):
     def full(self, data):
         raise OSError(28, "No space left on device")
@@ -106,9 +148,6 @@ def test_an_unreadable_entry_is_trained_again(tmp_path):
     calls: list[int] = []
     assert run_all([Square(2)], in_order(calls), RunStore(tmp_path, "s")) == [4]
     assert calls == [2]
-
-
-TINY = TrainOptions(max_minutes=1.0, max_epochs=1, batch_size=8, llm_layers=1, progress=False)
 
 
 def test_the_quality_benchmark_resumes_after_an_interruption(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from dynemb.evaluation.results import (
     as_record,
     save_report,
 )
-from dynemb.evaluation.runs import run_tasks, store_for
+from dynemb.evaluation.runs import quiet, run_tasks, store_for
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.paths import RESULTS_DIR, cache_dir
 from dynemb.training.model import Variant
@@ -83,7 +83,10 @@ def evaluate(
     limit = kw.get("limit")
     if seen == "sent" and limit is not None:
         limits = [limit] * len(users) if isinstance(limit, int) else list(limit)
-        histories = [h[max(len(h) - k, 0) :] for h, k in zip(histories, limits, strict=True)]
+        cap = trained.builder.dims.max_events  # what is sent: the newest min(k, L)
+        histories = [
+            h[len(h) - min(k, cap, len(h)) :] for h, k in zip(histories, limits, strict=True)
+        ]
     return SeenMetrics.from_scores(scores, targets, histories)
 
 
@@ -171,6 +174,11 @@ class DynembRun:
     first: bool = False
     checkpoint: Path | None = None
 
+    def identity(self) -> str:
+        """What its result depends on (where the checkpoint goes does not: it is kept
+        with the result and put back wherever it is asked for)."""
+        return repr((quiet(self.train), self.first, bool(self.writes())))
+
     def writes(self) -> tuple[Path, ...]:
         return (self.checkpoint,) if self.first and self.checkpoint is not None else ()
 
@@ -201,6 +209,9 @@ class ColdItemRun:
     target is one of them (every item ranked; the cold ones by content and title only)."""
 
     train: TrainOptions
+
+    def identity(self) -> str:
+        return repr(("cold items", quiet(self.train)))
 
     def __call__(self, dataset: Dataset) -> tuple[RunResult, SeenMetrics]:
         split = leave_one_out(dataset)

@@ -5,12 +5,15 @@ the runs that had not finished: the quality record trains 14 models over about 9
 here, the sessions-quality one 3 over 50.
 
 A task is a frozen dataclass called with the data set. A run is found again only by the
-same task (its repr: seed, every training option, variant), the same data (a hash of the
-data set) and the same code (a hash of every source file of `dynemb` and `dynemb_client`,
-and the versions of the libraries that compute): training is deterministic given those,
-so a run from the store is the run that would be trained now. The benchmark deletes its
-entries once its report is written; what stays behind is only ever the finished part of
-an unfinished benchmark.
+same task (`identity()`, else its repr: seed, every training option that changes the
+result, variant), the same data (a hash of the data set) and the same code (a hash of
+every source file of `dynemb` and `dynemb_client`, of the pretrained MiniLM's files, and
+the versions of the libraries that compute), taken when the benchmark starts. Training
+is deterministic given those as long as it ends by its epoch count: a run stopped by its
+wall-clock budget depends on the machine's speed, resumed or not. The benchmark deletes
+its entries once its report is written; what stays behind is only ever the finished part
+of an unfinished benchmark (or of one whose options changed: `rm -rf .cache/dynemb/runs`
+drops them).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import pickle
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,17 @@ logger = logging.getLogger(__name__)
 
 
 def code_fingerprint() -> str:
-    """A hash of the code that trains and scores: every .py file of the two packages, and
-    the versions of torch, numpy and transformers."""
+    """A hash of what trains and scores: every .py file of the two packages, the pretrained
+    MiniLM's files (weights, config, tokenizer), and the versions of torch, numpy,
+    transformers and tokenizers."""
     import numpy
+    import tokenizers
     import torch
     import transformers
 
     import dynemb
     import dynemb_client
+    from dynemb.stages.llm_encoder import minilm_path
 
     h = hashlib.sha256()
     for package in (dynemb, dynemb_client):
@@ -43,7 +49,11 @@ def code_fingerprint() -> str:
         for path in sorted(root.rglob("*.py")):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
-    for module in (torch, numpy, transformers):
+    minilm = minilm_path()
+    for path in sorted(p for p in minilm.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(minilm)).encode())
+        h.update(path.read_bytes())
+    for module in (torch, numpy, transformers, tokenizers):
         h.update(f"{module.__name__}=={module.__version__}".encode())
     return h.hexdigest()
 
@@ -67,7 +77,8 @@ class RunStore:
     reused: int = 0  # runs taken from the store
 
     def key(self, task: Any) -> str:
-        return hashlib.sha256(f"{self.scope}\n{task!r}".encode()).hexdigest()[:32]
+        identity = task.identity() if hasattr(task, "identity") else repr(task)
+        return hashlib.sha256(f"{self.scope}\n{identity}".encode()).hexdigest()[:32]
 
     def get(self, task: Any) -> tuple[bool, Any]:
         """(True, the result) of `task` if an earlier process finished it; its files are
@@ -79,10 +90,12 @@ class RunStore:
             return False, None
         try:
             result = pickle.loads(path.read_bytes())
-            for target in writes(task):
-                _copy(self.root / f"{key}.files" / target.name, target)
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            logger.warning("finished run %s unreadable (%s): training it again", key, exc)
+            for i, target in enumerate(writes(task)):
+                _copy(self.root / f"{key}.files" / str(i), target)
+        # What a torn or foreign file can raise on unpickling (writes are atomic and the key
+        # holds the code, so neither is expected), or a kept file that cannot go back.
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as exc:
+            logger.warning("finished run %s unusable (%s): training it again", key, exc)
             return False, None
         self.reused += 1
         logger.info("run %s taken from %s (finished by an earlier process)", key, self.root)
@@ -95,13 +108,19 @@ class RunStore:
         self.used.append(key)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            for source in writes(task):
-                _copy(source, self.root / f"{key}.files" / source.name)
+            for i, source in enumerate(writes(task)):
+                _copy(source, self.root / f"{key}.files" / str(i))
             partial = self.root / f"{key}.pkl.partial"
             partial.write_bytes(pickle.dumps(result, protocol=4))
             partial.replace(self.root / f"{key}.pkl")
         except OSError as exc:
             logger.warning("could not keep finished run %s in %s: %s", key, self.root, exc)
+
+    def others(self) -> int:
+        """Kept runs that none of this benchmark's tasks so far is (another benchmark, or
+        other options, code or data): not used here, and left alone."""
+        mine = set(self.used)
+        return sum(p.stem not in mine for p in self.root.glob("*.pkl"))
 
     def clear(self) -> None:
         """Drop this benchmark's entries (its report is written: nothing left to resume)."""
@@ -139,11 +158,30 @@ def run_all(
             results[i] = result
         else:
             todo.append(i)
-    for j, result in run([tasks[i] for i in todo]):
-        results[todo[j]] = result
-        if store is not None:
-            store.put(tasks[todo[j]], result)
+    if store is not None and store.others():
+        logger.warning(
+            "%d kept runs in %s are of other benchmarks, options, code or data and are not used "
+            "(delete the folder to drop them)",
+            store.others(),
+            store.root,
+        )
+    finished = run([tasks[i] for i in todo])
+    try:
+        for j, result in finished:
+            results[todo[j]] = result
+            if store is not None:
+                store.put(tasks[todo[j]], result)
+    finally:  # cut short here (Ctrl-C while a run is kept): stop what is still queued now
+        close = getattr(finished, "close", None)
+        if close is not None:
+            close()
     return results
+
+
+def quiet(options: Any) -> Any:
+    """Training options as a task's identity holds them: `progress` only draws a bar (and
+    follows whether stderr is a terminal), so it is left out."""
+    return replace(options, progress=False)
 
 
 def run_tasks(
@@ -171,13 +209,26 @@ def _finished(data: Any, tasks: Sequence[Any], workers: int) -> Iterator[tuple[i
     context = multiprocessing.get_context("spawn")  # not fork: torch's threads
     with ProcessPoolExecutor(workers, context, initializer=_hold, initargs=(data,)) as pool:
         futures = {pool.submit(_call, task): i for i, task in enumerate(tasks)}
+        failed: BaseException | None = None
         try:
             for future in as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
+                if future.cancelled():
+                    continue
+                try:
+                    result = future.result()
+                except Exception as exc:  # a task's own error: raised once the others end
+                    if failed is None:
+                        failed = exc
+                        for other in futures:  # those not yet handed to a worker
+                            other.cancel()
+                    continue
+                yield futures[future], result  # kept before the next one is waited for
+        except BaseException:  # Ctrl-C here, or the consumer's own error
             for future in futures:
                 future.cancel()
             raise
+        if failed is not None:
+            raise failed
 
 
 _DATA: Any = None

@@ -25,7 +25,7 @@ from dynemb.dims import DIMS
 from dynemb.evaluation.metrics import format_mean_std, summarize
 from dynemb.evaluation.quality import evaluate
 from dynemb.evaluation.results import RunRecord, SeenMetrics, as_record, save_report
-from dynemb.evaluation.runs import run_tasks, store_for
+from dynemb.evaluation.runs import quiet, run_tasks, store_for
 from dynemb.evaluation.split import leave_one_out
 from dynemb.paths import RESULTS_DIR, cache_dir
 from dynemb.sessions.state import window_after
@@ -150,6 +150,9 @@ class StreamingSeed:
 
     train: TrainOptions
     blocks: tuple[int, ...]
+
+    def identity(self) -> str:
+        return repr(("streaming", quiet(self.train), self.blocks))
 
     def __call__(self, dataset: Dataset) -> StreamingRun:
         run = streaming_run(fit(dataset, leave_one_out(dataset), self.train), self.blocks)

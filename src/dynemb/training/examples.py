@@ -186,7 +186,8 @@ class ExampleBuilder:
             return cached
         # What build_inputs would keep anyway: events at or before t, the newest L of them.
         keep = self.dims.max_events if limit is None else min(limit, self.dims.max_events)
-        history = [e for e in events[:cut] if e.time <= t][-keep:]
+        history = [e for e in events[:cut] if e.time <= t]
+        history = history[len(history) - min(keep, len(history)) :]  # limit 0: none
         x = self.preprocessor.user(self.raw_inputs(history, t))
         example = self._compact(x, history, self.split.item_index[target.item_id])
         self._cache[key] = example
