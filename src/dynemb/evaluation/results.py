@@ -208,8 +208,9 @@ def save_report(result: Any, out_dir: Path, stem: str, md: list[str]) -> None:
         context.append(f"- training options: `{result.train_options}`")
     context.append(f"- total wall-clock: {run.total_seconds} s")
     if run.resumed_runs:
+        runs = "1 run was" if run.resumed_runs == 1 else f"{run.resumed_runs} runs were"
         context.append(
-            f"- resumed: {run.resumed_runs} runs were finished by an earlier, interrupted "
-            "process of the same command, code and data (their own seconds are in their rows)"
+            f"- resumed: {runs} finished by an earlier, interrupted process of the same "
+            "command, code and data (their own seconds are in their rows)"
         )
     (out_dir / f"{stem}.md").write_text("\n".join([*md, *context]) + "\n", encoding="utf-8")
