@@ -645,6 +645,10 @@ def dynamics(
     ] = None,
     threads: Threads = 2,
     out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
+    resume: Annotated[
+        bool,
+        typer.Option(help="take the seeds an interrupted invocation finished (same code)"),
+    ] = True,
 ) -> None:
     """Does E_t follow a change of interest? Fresh vs stale query time vs a static profile,
     on SYNTHETIC users whose interest changes at known points; writes
@@ -664,9 +668,15 @@ def dynamics(
         progress=sys.stderr.isatty(),
     )
     options = DynamicsOptions(
-        seeds=_seeds(seeds), train=train_options, out_dir=out_dir, command=_command()
+        seeds=_seeds(seeds),
+        train=train_options,
+        out_dir=out_dir,
+        command=_command(),
+        resume=resume,
     )
     result = dynamics_benchmark(options)
+    if result.run.resumed_runs:
+        console.print(f"{result.run.resumed_runs} seeds resumed from an interrupted invocation")
     verdict = "met" if criterion_met(result) else "NOT met"
     console.print(f"fresh E_t beats the static profile by > 3 std: {verdict} (SYNTHETIC data)")
 

@@ -1,15 +1,19 @@
 """The synthetic dynamics benchmark end to end on a tiny data set: every method scored on the
-same held-out probes, the record, report and trajectory plot written, and the criterion
-read from the record."""
+same held-out probes, the record, report and trajectory plot written, the criterion read
+from the record, and a run cut short resumed."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+
+import pytest
 
 from dynemb.data.synthetic import SyntheticConfig
 from dynemb.evaluation.dynamics import (
     METHODS,
     DynamicsOptions,
+    DynamicsSeed,
     criterion_met,
     dynamics_benchmark,
     margin_over,
@@ -17,7 +21,7 @@ from dynemb.evaluation.dynamics import (
 from dynemb.training.train import TrainOptions
 
 
-def test_the_dynamics_benchmark_scores_every_method_on_the_same_probes(tmp_path):
+def test_the_dynamics_benchmark_scores_every_method_on_the_same_probes(tmp_path, monkeypatch):
     options = DynamicsOptions(
         data=SyntheticConfig(
             n_categories=3, items_per_category=4, n_users=15, events_per_user=(12, 16)
@@ -28,6 +32,7 @@ def test_the_dynamics_benchmark_scores_every_method_on_the_same_probes(tmp_path)
         ),
         out_dir=tmp_path,
         stem="d",
+        runs_dir=tmp_path / "runs",
     )
     result = dynamics_benchmark(options)
     assert [r.seed for r in result.runs] == [0, 1] and result.held_out_users == 3
@@ -46,3 +51,24 @@ def test_the_dynamics_benchmark_scores_every_method_on_the_same_probes(tmp_path)
     assert [r["seed"] for r in record["runs"]] == [0, 1]
     assert "SYNTHETIC" in (tmp_path / "d.md").read_text(encoding="utf-8")
     assert (tmp_path / "d.png").stat().st_size > 0
+
+    # Cut short at seed 1, then run again: seed 0 (and its plot) come from the first try.
+    again = replace(options, out_dir=tmp_path / "again")
+    call = DynamicsSeed.__call__
+
+    def cut_at_seed_1(self, data):
+        if self.train.seed == 1:
+            raise KeyboardInterrupt
+        return call(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(DynamicsSeed, "__call__", cut_at_seed_1)
+        with pytest.raises(KeyboardInterrupt):
+            dynamics_benchmark(again)
+    (tmp_path / "again" / "d.png").unlink()
+    resumed = dynamics_benchmark(again)
+    assert resumed.run.resumed_runs == 1 and (tmp_path / "again" / "d.png").stat().st_size > 0
+    assert [replace(r, train_seconds=0) for r in resumed.runs] == [
+        replace(r, train_seconds=0) for r in result.runs
+    ]
+    assert not list((tmp_path / "runs").iterdir())

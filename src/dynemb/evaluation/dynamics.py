@@ -34,8 +34,9 @@ from dynemb.evaluation.results import (
     RunRecord,
     save_report,
 )
-from dynemb.evaluation.split import leave_one_out
-from dynemb.paths import RESULTS_DIR
+from dynemb.evaluation.runs import quiet, run_tasks, store_for
+from dynemb.evaluation.split import Split, leave_one_out
+from dynemb.paths import RESULTS_DIR, cache_dir
 from dynemb.training.train import (
     Trained,
     TrainOptions,
@@ -63,6 +64,10 @@ class DynamicsOptions:
     out_dir: Path = RESULTS_DIR
     stem: str = "dynamics-synthetic"
     command: str = ""
+    # Take the seeds an interrupted invocation finished (dynemb.evaluation.runs) from
+    # `runs_dir` (None: the cache's).
+    resume: bool = True
+    runs_dir: Path | None = None
 
 
 def probes(data: SyntheticData, users: Sequence[int], after: Sequence[int]) -> list[tuple]:
@@ -84,15 +89,19 @@ def _top10_share(scores: np.ndarray, categories: np.ndarray, wanted: np.ndarray)
 
 
 def measure(
-    trained: Trained, data: SyntheticData, users: Sequence[int], opts: DynamicsOptions
+    trained: Trained,
+    data: SyntheticData,
+    users: Sequence[int],
+    after: Sequence[int],
+    stale_hours: float,
 ) -> tuple[int, dict[str, DynamicsMethod]]:
     """(number of probes, each method's scores) on the held-out `users`."""
     split, builder, model = trained.split, trained.builder, trained.model
-    rows = probes(data, users, opts.after)
+    rows = probes(data, users, after)
     events = split.events
     items, bias = item_table(model)
     fresh = user_vectors(model, builder, [(u, j) for u, _, j in rows])
-    stale_t = [events[u][c].time - 3600.0 * opts.stale_hours for u, c, _ in rows]
+    stale_t = [events[u][c].time - 3600.0 * stale_hours for u, c, _ in rows]
     stale = user_vectors(
         model, builder, [(u, j, t) for (u, _, j), t in zip(rows, stale_t, strict=True)]
     )
@@ -151,32 +160,66 @@ def trajectory_png(trained: Trained, data: SyntheticData, user: int, path: Path)
     plt.close(fig)
 
 
+def held_out(split: Split, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out users, training users): a fixed draw, the same for every seed."""
+    rng = np.random.default_rng(12345)
+    order = rng.permutation(split.n_users)
+    n_hold = max(1, round(share * split.n_users))
+    return np.sort(order[:n_hold]), np.sort(order[n_hold:])
+
+
+@dataclass(frozen=True)
+class DynamicsSeed:
+    """One seed, as a task (dynemb.evaluation.runs): train on the training users, score
+    the held-out ones; the first seed also draws the trajectory plot (`png`)."""
+
+    train: TrainOptions
+    holdout: float
+    after: tuple[int, ...]
+    stale_hours: float
+    png: Path | None = None
+
+    def identity(self) -> str:
+        plot = self.png is not None
+        return repr(
+            ("dynamics", quiet(self.train), self.holdout, self.after, self.stale_hours, plot)
+        )
+
+    def writes(self) -> tuple[Path, ...]:
+        return (self.png,) if self.png is not None else ()
+
+    def __call__(self, data: SyntheticData) -> DynamicsRun:
+        split = leave_one_out(data.dataset)
+        held, train_users = held_out(split, self.holdout)
+        trained = fit(data.dataset, split, self.train, users=train_users)
+        n_probes, methods = measure(trained, data, held, self.after, self.stale_hours)
+        run = DynamicsRun(self.train.seed, round(trained.seconds, 1), n_probes, methods)
+        logger.info("dynamics seed %d: %s", self.train.seed, run)
+        if self.png is not None:
+            self.png.parent.mkdir(parents=True, exist_ok=True)
+            trajectory_png(trained, data, int(held[0]), self.png)
+        return run
+
+
 def dynamics_benchmark(options: DynamicsOptions) -> DynamicsResult:
     started = time.perf_counter()
     record = RunRecord.now(options.command)
     data = generate(options.data)
-    split = leave_one_out(data.dataset)
-    rng = np.random.default_rng(12345)  # fixed: the same held-out users for every seed
-    order = rng.permutation(split.n_users)
-    n_hold = max(1, round(options.holdout * split.n_users))
-    held, train_users = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-    runs, builder = [], None
-    for seed in options.seeds:
-        trained = fit(
-            data.dataset,
-            split,
+    held, _ = held_out(leave_one_out(data.dataset), options.holdout)
+    png = options.out_dir / f"{options.stem}.png"
+    tasks = [
+        DynamicsSeed(
             replace(options.train, seed=seed),
-            builder=builder,
-            users=train_users,
+            options.holdout,
+            options.after,
+            options.stale_hours,
+            png if seed == options.seeds[0] else None,
         )
-        builder = trained.builder
-        n_probes, methods = measure(trained, data, held, options)
-        run = DynamicsRun(seed, round(trained.seconds, 1), n_probes, methods)
-        runs.append(run)
-        logger.info("dynamics seed %d: %s", seed, run)
-        if seed == options.seeds[0]:
-            options.out_dir.mkdir(parents=True, exist_ok=True)
-            trajectory_png(trained, data, int(held[0]), options.out_dir / f"{options.stem}.png")
+        for seed in options.seeds
+    ]
+    store = store_for(options.runs_dir or cache_dir() / "runs", data, options.resume)
+    runs = run_tasks(data, tasks, store=store)
+    record.resumed_runs = store.reused
     record.total_seconds = round(time.perf_counter() - started, 1)
     result = DynamicsResult(
         data="SYNTHETIC (dynemb.data.synthetic)",
@@ -190,6 +233,7 @@ def dynamics_benchmark(options: DynamicsOptions) -> DynamicsResult:
         run=record,
     )
     save_report(result, options.out_dir, options.stem, render_markdown(result, options.stem))
+    store.clear()  # written: nothing left to resume
     return result
 
 

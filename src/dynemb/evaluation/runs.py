@@ -158,11 +158,12 @@ def run_all(
             results[i] = result
         else:
             todo.append(i)
-    if store is not None and store.others():
+    others = store.others() if store is not None else 0
+    if others:
         logger.warning(
             "%d kept runs in %s are of other benchmarks, options, code or data and are not used "
             "(delete the folder to drop them)",
-            store.others(),
+            others,
             store.root,
         )
     finished = run([tasks[i] for i in todo])
