@@ -69,16 +69,22 @@ def test_busy_machine_is_warned_and_recorded(common):
 def test_cpu_used_by_other_processes_during_the_run_is_measured_and_warned(common):
     """A process the benchmark did not start, busy during the run, shows as other cores
     (the load average at the start cannot see it); the benchmark's own waited-for
-    children do not."""
+    children do not. What the machine's other processes use anyway is measured first over
+    as long a window, so that the test holds on a machine that is not quiet."""
     import subprocess
     import sys
     import time
 
     ctx = common.collect_context(["x.py"])
+    started = time.perf_counter()
     own = subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
     assert own.returncode == 0
     ctx.finish()
-    assert ctx.others_cores is not None and ctx.others_cores < 0.5
+    background = common.collect_context(["x.py"])
+    time.sleep(time.perf_counter() - started)
+    background.finish()
+    assert ctx.others_cores is not None and background.others_cores is not None
+    assert ctx.others_cores < background.others_cores + 0.5  # the child (a whole core) is not
     ctx = common.collect_context(["x.py"])
     other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
-
 from dynemb.data.synthetic import SyntheticConfig
 from dynemb.evaluation.dynamics import (
     METHODS,
@@ -19,6 +17,7 @@ from dynemb.evaluation.dynamics import (
     margin_over,
 )
 from dynemb.training.train import TrainOptions
+from tests.unit.test_runs import interrupted_at_seed
 
 
 def test_the_dynamics_benchmark_scores_every_method_on_the_same_probes(tmp_path, monkeypatch):
@@ -54,17 +53,7 @@ def test_the_dynamics_benchmark_scores_every_method_on_the_same_probes(tmp_path,
 
     # Cut short at seed 1, then run again: seed 0 (and its plot) come from the first try.
     again = replace(options, out_dir=tmp_path / "again")
-    call = DynamicsSeed.__call__
-
-    def cut_at_seed_1(self, data):
-        if self.train.seed == 1:
-            raise KeyboardInterrupt
-        return call(self, data)
-
-    with monkeypatch.context() as m:
-        m.setattr(DynamicsSeed, "__call__", cut_at_seed_1)
-        with pytest.raises(KeyboardInterrupt):
-            dynamics_benchmark(again)
+    interrupted_at_seed(monkeypatch, DynamicsSeed, 1, dynamics_benchmark, again)
     (tmp_path / "again" / "d.png").unlink()
     resumed = dynamics_benchmark(again)
     assert resumed.run.resumed_runs == 1 and (tmp_path / "again" / "d.png").stat().st_size > 0

@@ -48,6 +48,21 @@ class SlowOrFailing:
         return 3 * data
 
 
+def interrupted_at_seed(monkeypatch, task_type, seed: int, benchmark, *args) -> None:
+    """`benchmark(*args)` cut short by Ctrl-C when its `task_type` run of `seed` starts."""
+    call = task_type.__call__
+
+    def cut(self, data):
+        if self.train.seed == seed:
+            raise KeyboardInterrupt
+        return call(self, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(task_type, "__call__", cut)
+        with pytest.raises(KeyboardInterrupt):
+            benchmark(*args)
+
+
 def in_order(calls: list[int], stop_after: int | None = None):
     """A `run` for run_all that runs tasks in this process, noting each, and is cut short
     (as by Ctrl-C) after `stop_after` of them."""
@@ -210,18 +225,9 @@ def test_the_sessions_quality_benchmark_resumes_after_an_interruption(tmp_path, 
     whole = streaming_benchmark(data, replace(options, runs_dir=tmp_path / "other"))
     assert whole.users_past_window > 0 and whole.run.resumed_runs == 0
 
+    interrupted_at_seed(monkeypatch, StreamingSeed, 1, streaming_benchmark, data, options)
     seeds: list[int] = []
     call = StreamingSeed.__call__
-
-    def cut_at_seed_1(self, dataset):
-        if self.train.seed == 1:
-            raise KeyboardInterrupt
-        return call(self, dataset)
-
-    with monkeypatch.context() as m:
-        m.setattr(StreamingSeed, "__call__", cut_at_seed_1)
-        with pytest.raises(KeyboardInterrupt):
-            streaming_benchmark(data, options)
     monkeypatch.setattr(
         StreamingSeed, "__call__", lambda self, d: seeds.append(self.train.seed) or call(self, d)
     )
