@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dynemb.errors import DynembError
 from dynemb.paths import MODEL_REPOSITORY, RESULTS_DIR, cache_dir
+
+if TYPE_CHECKING:  # typing only: commands import the evaluation code they use
+    from dynemb.evaluation.results import RunRecord
 
 app = typer.Typer(
     help="Dynamic user-interest embeddings served by Triton.",
@@ -39,6 +42,9 @@ Data = Annotated[
 ]
 Seeds = Annotated[str, typer.Option(help="comma-separated seeds, fixed before running")]
 Threads = Annotated[int, typer.Option(help="torch intra-op threads")]
+Resume = Annotated[
+    bool, typer.Option(help="take the runs an interrupted invocation finished (same code, data)")
+]
 
 
 def main() -> None:
@@ -62,6 +68,11 @@ def stop_like_ctrl_c() -> None:
     leaves it ignored: kill -INT must still stop it."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _say_resumed(run: RunRecord) -> None:
+    if run.resumed_runs:
+        console.print(f"{run.resumed_runs} runs resumed from an interrupted invocation")
 
 
 def _progress() -> Progress:
@@ -497,10 +508,7 @@ def evaluate(
         "quality-ml100k"
     ),
     checkpoint: Annotated[Path | None, typer.Option(help="save the first seed's model")] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(help="take the runs an interrupted invocation finished (same code, data)"),
-    ] = True,
+    resume: Resume = True,
 ) -> None:
     """The quality benchmark: dynemb vs MostPop vs SASRec-CE on the leave-one-out protocol
     (full ranking), the ratio's bootstrap interval, ablations, cold-start slices and the
@@ -529,8 +537,7 @@ def evaluate(
         resume=resume,
     )
     result = quality_benchmark(load_dataset(data, cache_dir()), options)
-    if result.run.resumed_runs:
-        console.print(f"{result.run.resumed_runs} runs resumed from an interrupted invocation")
+    _say_resumed(result.run)
     for name, model in result.models.items():
         mean, std = model.summary()["ndcg@10"]
         console.print(f"{name}: NDCG@10 {mean:.4f} ± {std:.4f} (seen excluded)")
@@ -554,10 +561,7 @@ def evaluate_sessions(
     stem: Annotated[str, typer.Option(help="results file name, without extension")] = (
         "sessions-quality-ml100k"
     ),
-    resume: Annotated[
-        bool,
-        typer.Option(help="take the seeds an interrupted invocation finished (same code, data)"),
-    ] = True,
+    resume: Resume = True,
 ) -> None:
     """Sessions past the window: NDCG@10 of E_t over the window a session holds (each
     re-window block B) next to the full model's newest L events, on the same trained
@@ -580,8 +584,7 @@ def evaluate_sessions(
         resume=resume,
     )
     result = streaming_benchmark(load_dataset(data, cache_dir()), options)
-    if result.run.resumed_runs:
-        console.print(f"{result.run.resumed_runs} seeds resumed from an interrupted invocation")
+    _say_resumed(result.run)
     full_mean, full_std = result.summary(None)
     console.print(f"full model: NDCG@10 {full_mean:.4f} ± {full_std:.4f}")
     for block in result.blocks:
@@ -645,10 +648,7 @@ def dynamics(
     ] = None,
     threads: Threads = 2,
     out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
-    resume: Annotated[
-        bool,
-        typer.Option(help="take the seeds an interrupted invocation finished (same code)"),
-    ] = True,
+    resume: Resume = True,
 ) -> None:
     """Does E_t follow a change of interest? Fresh vs stale query time vs a static profile,
     on SYNTHETIC users whose interest changes at known points; writes
@@ -675,8 +675,7 @@ def dynamics(
         resume=resume,
     )
     result = dynamics_benchmark(options)
-    if result.run.resumed_runs:
-        console.print(f"{result.run.resumed_runs} seeds resumed from an interrupted invocation")
+    _say_resumed(result.run)
     verdict = "met" if criterion_met(result) else "NOT met"
     console.print(f"fresh E_t beats the static profile by > 3 std: {verdict} (SYNTHETIC data)")
 

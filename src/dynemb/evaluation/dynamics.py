@@ -36,7 +36,7 @@ from dynemb.evaluation.results import (
 )
 from dynemb.evaluation.runs import quiet, run_tasks, store_for
 from dynemb.evaluation.split import Split, leave_one_out
-from dynemb.paths import RESULTS_DIR, cache_dir
+from dynemb.paths import RESULTS_DIR
 from dynemb.training.train import (
     Trained,
     TrainOptions,
@@ -217,7 +217,7 @@ def dynamics_benchmark(options: DynamicsOptions) -> DynamicsResult:
         )
         for seed in options.seeds
     ]
-    store = store_for(options.runs_dir or cache_dir() / "runs", data, options.resume)
+    store = store_for(data, options.resume, options.runs_dir)
     runs = run_tasks(data, tasks, store=store)
     record.resumed_runs = store.reused
     record.total_seconds = round(time.perf_counter() - started, 1)

@@ -32,7 +32,7 @@ from dynemb.evaluation.results import (
 )
 from dynemb.evaluation.runs import quiet, run_tasks, store_for
 from dynemb.evaluation.split import Split, Which, leave_one_out
-from dynemb.paths import RESULTS_DIR, cache_dir
+from dynemb.paths import RESULTS_DIR
 from dynemb.training.model import Variant
 from dynemb.training.train import Trained, TrainOptions, fit, scores_for
 
@@ -83,9 +83,9 @@ def evaluate(
     limit = kw.get("limit")
     if seen == "sent" and limit is not None:
         limits = [limit] * len(users) if isinstance(limit, int) else list(limit)
-        cap = trained.builder.dims.max_events  # what is sent: the newest min(k, L)
+        kept = trained.builder.kept  # what is sent: the newest min(k, L)
         histories = [
-            h[len(h) - min(k, cap, len(h)) :] for h, k in zip(histories, limits, strict=True)
+            h[len(h) - min(kept(k), len(h)) :] for h, k in zip(histories, limits, strict=True)
         ]
     return SeenMetrics.from_scores(scores, targets, histories)
 
@@ -245,7 +245,7 @@ def quality_benchmark(dataset: Dataset, options: QualityOptions) -> QualityResul
     tasks += [DynembRun(opts) for opts in ablations.values()]
     if options.baselines:
         tasks += [SasrecRun(seed) for seed in seeds]
-    store = store_for(options.runs_dir or cache_dir() / "runs", dataset, options.resume)
+    store = store_for(dataset, options.resume, options.runs_dir)
     results = iter(run_tasks(dataset, tasks, options.workers, store))
     run.resumed_runs = store.reused
     models: dict[str, ModelResult] = {"dynemb": ModelResult([next(results) for _ in seeds])}

@@ -193,8 +193,12 @@ def run_tasks(
     return run_all(tasks, lambda todo: _finished(data, todo, workers), store)
 
 
-def store_for(root: Path, data: Any, resume: bool = True) -> RunStore:
-    """The store of a benchmark over `data` with this code."""
+def store_for(data: Any, resume: bool = True, root: Path | None = None) -> RunStore:
+    """The store of a benchmark over `data` with this code, under `root` (None: the
+    cache's `runs` folder)."""
+    from dynemb.paths import cache_dir
+
+    root = cache_dir() / "runs" if root is None else root
     return RunStore(root, code_fingerprint() + data_fingerprint(data), resume=resume)
 
 

@@ -27,7 +27,7 @@ from dynemb.evaluation.quality import evaluate
 from dynemb.evaluation.results import RunRecord, SeenMetrics, as_record, save_report
 from dynemb.evaluation.runs import quiet, run_tasks, store_for
 from dynemb.evaluation.split import leave_one_out
-from dynemb.paths import RESULTS_DIR, cache_dir
+from dynemb.paths import RESULTS_DIR
 from dynemb.sessions.state import window_after
 from dynemb.training.train import Trained, TrainOptions, fit
 
@@ -166,7 +166,7 @@ def streaming_benchmark(dataset: Dataset, options: StreamingOptions) -> Streamin
     record = RunRecord.now(options.command)
     split = leave_one_out(dataset)
     tasks = [StreamingSeed(replace(options.train, seed=s), options.blocks) for s in options.seeds]
-    store = store_for(options.runs_dir or cache_dir() / "runs", dataset, options.resume)
+    store = store_for(dataset, options.resume, options.runs_dir)
     runs = run_tasks(dataset, tasks, store=store)
     record.resumed_runs = store.reused
     record.total_seconds = round(time.perf_counter() - started, 1)

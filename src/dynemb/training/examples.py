@@ -185,9 +185,8 @@ class ExampleBuilder:
         if cached is not None:
             return cached
         # What build_inputs would keep anyway: events at or before t, the newest L of them.
-        keep = self.dims.max_events if limit is None else min(limit, self.dims.max_events)
         history = [e for e in events[:cut] if e.time <= t]
-        history = history[len(history) - min(keep, len(history)) :]  # limit 0: none
+        history = history[len(history) - min(self.kept(limit), len(history)) :]  # 0: none
         x = self.preprocessor.user(self.raw_inputs(history, t))
         example = self._compact(x, history, self.split.item_index[target.item_id])
         self._cache[key] = example
@@ -277,6 +276,11 @@ class ExampleBuilder:
     def train_cuts(self, user: int) -> range:
         """Cut points whose target is a training event (never validation or test)."""
         return range(1, len(self.split.train[user]))
+
+    def kept(self, limit: int | None) -> int:
+        """How many of the newest events before a cut an example reads at most: what
+        build_inputs keeps anyway (L), or `limit` if fewer."""
+        return self.dims.max_events if limit is None else min(limit, self.dims.max_events)
 
     def eval_cut(self, user: int, which: Which) -> int:
         """The index of the held-out event in the user's events."""
