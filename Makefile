@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/dynemb demo
 
 test: install lint
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=30
 
 test-unit: install
 	$(PY) -m pytest tests/unit -q
