@@ -219,11 +219,13 @@ def test_starts_and_re_windows_are_one_call_under_onnxruntime_and_answer_as_torc
             np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5)
 
 
-def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_them(repo):
+def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_them(
+    repo, monkeypatch
+):
     """The past a step reads: each stored session's keys and values, then zeros (never
-    whatever the memory held, a previous batch's past: a masked position still multiplies
-    its value by 0, and 0 * NaN is NaN), for sessions of different lengths and one from
-    nothing."""
+    whatever the memory held: a masked position still multiplies its value by 0, and
+    0 * NaN is NaN), for sessions of different lengths and one from nothing."""
+    import dynemb.sessions.engine as engine_module
     from dynemb.sessions.engine import _Plan
 
     engine = SessionEngine.from_repository(repo)
@@ -239,9 +241,13 @@ def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_th
     for plan, base in zip(plans, bases, strict=True):
         plan.base = base
 
-    for part in engine._scratch.past((layers, 3, heads, 5, head_dim)):  # a batch before
-        part.fill(np.nan)
+    def poisoned(shape, dtype):  # what np.empty might have handed out
+        return np.full(shape, np.nan, dtype)
+
+    monkeypatch.setattr(engine_module.np, "empty", poisoned)
+    monkeypatch.setattr(engine_module.np, "empty_like", lambda a: poisoned(a.shape, a.dtype))
     past = engine._past(plans)
+    monkeypatch.undo()
     assert past.mask.tolist() == [[True] * 5, [False] * 5, [True, True, False, False, False]]
     for i in range(layers):
         for got, kind in ((past.keys[i].numpy(), "keys"), (past.values[i].numpy(), "values")):
@@ -311,16 +317,3 @@ def test_a_state_owns_its_arrays_and_holds_nothing_uncounted(repo):
             for x in requests:
                 assert not np.shares_memory(array, x["EVENT_TIME"])
     assert stepped[0].state.n_events < d.max_events  # the step re-windowed
-
-
-def test_the_past_scratch_is_kept_up_to_its_bound_and_never_shared_by_keys_and_values():
-    from dynemb.sessions.engine import _PastScratch
-
-    scratch = _PastScratch(keep_bytes=2 * 4 * 1000)
-    keys, values = scratch.past((2, 10, 50))
-    assert keys.shape == values.shape == (2, 10, 50) and not np.shares_memory(keys, values)
-    assert scratch.held_bytes == 2 * 4 * 1000
-    smaller, _ = scratch.past((3, 7))
-    assert np.shares_memory(smaller, keys)  # the memory of the batch before, reused
-    larger, _ = scratch.past((2, 1001))  # over the bound: memory of its own, not kept
-    assert not np.shares_memory(larger, keys) and scratch.held_bytes == 2 * 4 * 1000

@@ -21,8 +21,6 @@ event changes its oldest one): about 35 kB a session instead of 0.36 MB.
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +119,6 @@ class SessionEngine:
         self.rewindow_block = rewindow_block
         self.one_event = one_event  # the usual step's one call, if the runtime has one
         self.from_nothing = from_nothing  # starts' and re-windows' one call, likewise
-        self._scratch = _PastScratch()
-        self._busy = threading.Lock()  # one advance at a time: they share the scratch
 
     @classmethod
     def from_repository(
@@ -174,12 +170,6 @@ class SessionEngine:
         """Each (state or None, one user's wire tensors holding only the new events) -> the
         advanced session, or the InputError of a request with bad input (the others still
         run, together)."""
-        with self._busy:
-            return self._advance(requests)
-
-    def _advance(
-        self, requests: Sequence[tuple[SessionState | None, dict[str, np.ndarray]]]
-    ) -> list[Advanced | InputError]:
         results: list[Advanced | InputError | None] = [None] * len(requests)
         prepared: list[tuple[int, SessionState | None, SessionEvents]] = []
         for i, (state, inputs) in enumerate(requests):
@@ -471,7 +461,8 @@ class SessionEngine:
         # Each position written once: the stored tokens, then zeros after them (masked
         # out, but a weight of 0 times garbage could be NaN); zeroing all first is a
         # second pass over every stored key and value.
-        keys, values = self._scratch.past((layers, len(plans), heads, longest, head_dim))
+        keys = np.empty((layers, len(plans), heads, longest, head_dim), np.float32)
+        values = np.empty_like(keys)
         mask = np.zeros((len(plans), longest), bool)
         for b, p in enumerate(plans):
             n = p.base.keys.shape[2] if p.base is not None else 0
@@ -488,35 +479,6 @@ class SessionEngine:
             tuple(map(torch.from_numpy, values)),
             torch.from_numpy(mask),
         )
-
-
-class _PastScratch:
-    """The memory a batch's stored keys and values are gathered into, kept from one batch
-    to the next. 32 users' past of 50 tokens is 10 MB a batch, and an array that large
-    was new memory every time: about 880 page faults a batch, and the gather took 0.11
-    ms an event instead of 0.03 (128 sessions' pasts in batches of 32, alone). In the
-    whole past-window step it was 0.458 -> 0.436 ms an event (medians of three
-    alternating runs, scratch driver). Nothing reads it after the step that filled it.
-    A batch larger than `keep_bytes` gets memory of its own, so that one large batch is
-    not held for good."""
-
-    def __init__(self, keep_bytes: int = 64 << 20) -> None:
-        self.keep_bytes = keep_bytes
-        self._memory = np.empty(0, np.float32)
-
-    @property
-    def held_bytes(self) -> int:
-        return self._memory.nbytes
-
-    def past(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """Uninitialised keys and values arrays of `shape`, valid until the next call."""
-        size = math.prod(shape)
-        memory = self._memory
-        if memory.size < 2 * size:
-            memory = np.empty(2 * size, np.float32)
-            if memory.nbytes <= self.keep_bytes:
-                self._memory = memory
-        return memory[:size].reshape(shape), memory[size : 2 * size].reshape(shape)
 
 
 def session_options(repository: Path) -> SessionOptions:
