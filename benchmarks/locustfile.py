@@ -146,29 +146,38 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
     log.info("wrote %s", path)
 
 
+SCENARIOS = {
+    "InterestUser": "closed-loop users (no wait between calls), `recommend` (top-{k}) and "
+    "`user_interest` in equal shares, histories of {lengths} events (0 = cold start)",
+    "SessionUser": "closed-loop users streaming one event per `session` update (8 returning"
+    " : 1 new : 1 evicted, see SessionUser), every tenth answer checked against "
+    "`user_interest` over the same history (a gap over 1e-4 is a failure)",
+}
+
+
+def scenario(classes: Sequence[str], users: int | None) -> str:
+    """What the run's users did, from the user classes it ran: with no class named on the
+    command line Locust runs them all, shared among the users, and the summary says so."""
+    kinds = [SCENARIOS[name].format(k=K, lengths=", ".join(map(str, LENGTHS))) for name in classes]
+    if len(kinds) == 1:
+        return f"{users} {kinds[0]}; "
+    return (
+        f"{users} users shared among {len(kinds)} kinds ({', '.join(classes)}; name one on "
+        "the command line to run it alone): " + "; ".join(kinds) + "; "
+    )
+
+
 def summary_markdown(environment: Environment, stage_stats: dict[str, common.ModelStats]) -> str:
     ctx = STATE.context
     assert ctx is not None
     stats = environment.stats
     options = environment.parsed_options
     users = getattr(options, "num_users", None)
-    classes = {cls.__name__ for cls in environment.user_classes}
-    if classes == {"SessionUser"}:
-        what = (
-            f"{users} closed-loop users streaming one event per `session` update (8 returning"
-            " : 1 new : 1 evicted, see SessionUser), every tenth answer checked against "
-            "`user_interest` over the same history (a gap over 1e-4 is a failure); "
-        )
-    else:
-        what = (
-            f"{users} closed-loop users (no wait between calls), `recommend` (top-{K}) and "
-            f"`user_interest` in equal shares, histories of {', '.join(map(str, LENGTHS))} "
-            "events (0 = cold start); "
-        )
+    classes = [cls.__name__ for cls in environment.user_classes]
     lines = [
         "# dynemb Locust run over gRPC (synthetic histories)",
         "",
-        what + "the client does not retry. "
+        scenario(classes, users) + "the client does not retry. "
         f"{WARMUP_ROUNDS} warm-up calls per kind and length ran before the users started "
         "and are not counted. Times in ms; Locust rounds response times above 100 ms "
         "to 2 significant digits in its percentiles.",
