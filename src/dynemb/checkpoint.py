@@ -14,7 +14,7 @@ from dynemb.dims import Dims
 from dynemb.errors import DynembError
 from dynemb.joint import JointModel, JointParams
 from dynemb.manifest import Provenance
-from dynemb.stages.llm_encoder import minilm_config
+from dynemb.stages.llm_encoder import MINILM_LAYERS, minilm_config
 from dynemb.stages.preprocess.features import build_label_vocab
 
 
@@ -121,13 +121,14 @@ def initial_checkpoint(
     dataset: Dataset,
     dims: Dims,
     seed: int,
-    llm_layers: int | None = None,
+    llm_layers: int = MINILM_LAYERS,
     pretrained: bool = True,
 ) -> Checkpoint:
     """Seeded, untrained weights for a repository without training: MiniLM's first
-    `llm_layers` layers (all by default), pretrained unless `pretrained` is False (seeded
-    weights of the same shapes, where MiniLM's weights are not installed: the GPU
-    benchmark's machine; what a request costs does not depend on the weights)."""
+    `llm_layers` layers (by default as many as training keeps: an untrained repository
+    costs what a trained one does), pretrained unless `pretrained` is False (seeded weights
+    of the same shapes, where MiniLM's weights are not installed: the GPU benchmark's
+    machine; what a request costs does not depend on the weights)."""
     labels = label_vocab(dataset)
     params = JointParams.default(len(labels), bert_config=minilm_config(layers=llm_layers))
     model = JointModel.initial(dims, params, n_items=0, seed=seed, pretrained=pretrained)

@@ -21,6 +21,7 @@ from dynemb.dims import DIMS, Dims
 from dynemb.manifest import ADAPTER, Manifest, Provenance
 from dynemb.paths import MODEL_REPOSITORY, UNFINISHED_BUILD, cache_dir
 from dynemb.stages.base import ExportContext
+from dynemb.stages.llm_encoder import MINILM_LAYERS
 from dynemb.targets import CPU, Target
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,10 @@ class BuildOptions:
     dims: Dims = DIMS  # of seeded weights; a checkpoint brings its own
     cache: Path = field(default_factory=cache_dir)
     target: Target = CPU  # whose configs the repository gets
-    # Seeded weights only: MiniLM layers kept (None: all), and whether they are MiniLM's
-    # pretrained ones (False: seeded, where its weights are not installed).
-    llm_layers: int | None = None
+    # Seeded weights only: MiniLM layers kept (as many as training keeps: the same cost),
+    # and whether they are MiniLM's pretrained ones (False: seeded, where its weights are
+    # not installed).
+    llm_layers: int = MINILM_LAYERS
     pretrained: bool = True
 
 

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from dynemb import stages
-from dynemb.bench.gpu import COSINE_TARGET, LLM_LAYERS, _pretrained_available
+from dynemb.bench.gpu import COSINE_TARGET, _pretrained_available
 from dynemb.bench.histories import synthetic_with_images
 from dynemb.dims import DIMS
 from dynemb.pipeline import Pipeline, eager_uncached, latest_version
 from dynemb.repository import BuildOptions, build_repository
 from dynemb.serving.runtime import OnnxRuntime
 from dynemb.stages import RunnerOptions, load_runner
+from dynemb.stages.llm_encoder import MINILM_LAYERS
 from dynemb.stages.torch_stage import STAGE_ONNX, DeviceRunner
 from dynemb.targets import GPU
 from dynemb_client import build_inputs
@@ -48,7 +49,7 @@ def repo(tmp_path_factory):
             repository=path,
             catalogue="synthetic",
             target=GPU,
-            llm_layers=LLM_LAYERS,
+            llm_layers=MINILM_LAYERS,
             pretrained=_pretrained_available(),
         )
     )

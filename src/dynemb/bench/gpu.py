@@ -53,6 +53,7 @@ from dynemb.ensembles import ENSEMBLE_NAMES, stage_specs
 from dynemb.pipeline import Pipeline, eager_uncached, serving_manifests
 from dynemb.repository import BuildOptions, build_repository
 from dynemb.stages import RunnerOptions
+from dynemb.stages.llm_encoder import MINILM_LAYERS
 from dynemb.targets import GPU, Target
 from dynemb_client import Event, build_inputs
 
@@ -62,7 +63,6 @@ COSINE_TARGET = 0.999  # issue 13: E_t on the GPU within cosine 0.999 of CPU fp3
 SERVED_TARGET_USERS_S = 30_000  # issue 13 (moonshot): served users/s at p99 <= 20 ms
 P99_TARGET_MS = 20.0
 SERVED_OVER_INPROCESS_TARGET = 0.8
-LLM_LAYERS = 2  # MiniLM layers the trained model keeps (dynemb.training.train)
 # Seconds each phase needs at least; a phase that cannot get them is skipped.
 NEED_S = {"build": 20, "parity": 10, "inprocess": 10, "served": 60, "served-no-dlpack": 45}
 RESERVE_S = 10  # for writing the results
@@ -311,7 +311,7 @@ def _pretrained_available() -> bool:
 def build(options: GpuBenchOptions, repository: Path, result: GpuBenchResult) -> None:
     pretrained = _pretrained_available()
     result.weights = (
-        f"seeded, untrained; MiniLM's first {LLM_LAYERS} layers "
+        f"seeded, untrained; MiniLM's first {MINILM_LAYERS} layers "
         + ("pretrained" if pretrained else "seeded too (its weights are not on this machine)")
         + "; the trained model's shapes: a request's cost does not depend on the weights"
     )
@@ -321,7 +321,6 @@ def build(options: GpuBenchOptions, repository: Path, result: GpuBenchResult) ->
             catalogue="synthetic",
             seed=options.seed,
             target=options.target("fp32", True),
-            llm_layers=LLM_LAYERS,
             pretrained=pretrained,
         )
     )

@@ -32,6 +32,7 @@ from dynemb.evaluation.seen import exclude_seen
 from dynemb.evaluation.split import Split, Which, leave_one_out
 from dynemb.joint import JointModel
 from dynemb.manifest import Provenance
+from dynemb.stages.llm_encoder import MINILM_LAYERS
 from dynemb.training.examples import (
     ExampleBuilder,
     Window,
@@ -68,7 +69,7 @@ class TrainOptions:
     # Leave the user's earlier items out of the training softmax, as the protocol's ranking
     # does (dynemb.evaluation.seen); valid NDCG@10 0.1388 vs 0.1193 (seed 0).
     exclude_seen: bool = True
-    llm_layers: int = 2  # MiniLM layers kept (pretrained, frozen weights; grads flow through)
+    llm_layers: int = MINILM_LAYERS  # kept (pretrained, frozen weights; grads flow through)
     llm_trainable: bool = False
     llm_lr: float | None = None  # learning rate of MiniLM's own weights when trainable
     variant: Variant = field(default_factory=Variant)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 
 MINILM_ENV = "DYNEMB_MINILM_DIR"
+# MiniLM layers the model keeps, trained or seeded: its first 2 of 6 (4 did not help on
+# validation, benchmarks/results/training-choices-ml100k.md, and cost twice as much).
+MINILM_LAYERS = 2
 
 
 def minilm_path() -> Path:
