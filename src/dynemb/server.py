@@ -163,9 +163,16 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None:
             raise ServerError("already started")
-        unfinished = unfinished_build(self.config.repository)
+        repository = self.config.repository
+        unfinished = unfinished_build(repository)
         if unfinished:
             raise ServerError(unfinished)
+        missing = [m for m in self.config.models if not (repository / m).is_dir()]
+        if missing:  # said here, before tritonserver starts and dies with a stat error
+            raise ServerError(
+                f"{repository}: not a dynemb model repository (no {', '.join(missing)}); "
+                f"build one with `dynemb build --repository {repository}`"
+            )
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver on %s (log: %s)", self.config.grpc_url, self.log_file)
         with self.log_file.open("ab") as out:

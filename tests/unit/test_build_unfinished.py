@@ -1,5 +1,6 @@
 """A `dynemb build` cut short (Ctrl-C, a full disk) leaves stages of two builds side by
-side: nothing serves or reads that repository until a build of it finishes."""
+side: nothing serves or reads that repository until a build of it finishes. Nor is a
+folder that holds no repository served."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def test_a_build_cut_short_is_refused_until_one_finishes(repo, tmp_path):
     # A build that finished (the unit tier's own repository) leaves no marker.
     assert not (repo / UNFINISHED_BUILD).exists()
     Pipeline.from_repository(repo)
+
+
+def test_a_folder_that_is_not_a_repository_is_refused_before_tritonserver_starts(tmp_path):
+    """tritonserver itself would start and die with 'failed to stat file'."""
+    for folder in (tmp_path / "missing", tmp_path):
+        server = TritonServer(ServerConfig(repository=folder, log_file=tmp_path / "log"))
+        with pytest.raises(ServerError, match=r"not a dynemb model repository \(no preprocess"):
+            server.start()
+        assert server.process is None

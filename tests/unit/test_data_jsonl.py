@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,29 @@ def test_data_error_is_a_value_error_and_empty_file_fails(tmp_path: Path) -> Non
     assert issubclass(DataError, ValueError)
     with pytest.raises(DataError, match="no events"):
         load_jsonl(write_lines(tmp_path / "empty.jsonl", ["", ""]))
+
+
+def test_an_events_file_that_cannot_be_read_is_a_data_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read the events file: No such"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match=r": cannot read the events file: Is a directory"):
+        load_jsonl(tmp_path)
+
+
+def test_the_cli_says_so_in_one_line(tmp_path: Path) -> None:
+    """`dynemb embed --events` with a path that is not there: one line and status 1, no
+    traceback (it printed a FileNotFoundError's)."""
+    missing = tmp_path / "missing.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "dynemb", "embed", "--events", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"dynemb: error: {missing}: cannot read the events file: No such file or directory"
+    ]
 
 
 def test_iter_user_events(tmp_path: Path) -> None:

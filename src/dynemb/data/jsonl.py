@@ -56,7 +56,11 @@ def load_jsonl(path: Path) -> Dataset:
     path = Path(path)
     images: dict[Path, bytes] = {}
     interactions: list[Interaction] = []
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    try:
+        content = path.read_bytes()
+    except OSError as exc:  # missing, a folder, unreadable: the user's path, said plainly
+        raise DataError(f"{path}: cannot read the events file: {exc.strerror}") from None
+    for lineno, raw in enumerate(content.splitlines(), start=1):
         where = _Line(path, lineno)
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
