@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from dynemb.checkpoint import Checkpoint, StaleCheckpointError
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.dims import DIMS
+from dynemb.errors import UsageError
 from dynemb.evaluation.quality import evaluate
 from dynemb.evaluation.split import leave_one_out
 from dynemb.manifest import Provenance
@@ -242,3 +243,15 @@ def test_ablation_variant_without_ids_trains(data, builder):
     trained = fit(data, builder.split, options, builder=builder)
     assert trained.model.joint.item_tower.ids is None
     assert not trained.builder.item_labels
+
+
+@pytest.mark.parametrize(
+    ("keep", "said"), [(3, "nothing to train on"), (2, "nothing to validate on")]
+)
+def test_too_few_events_a_user_is_said_before_training(data, keep, said):
+    """Every user's first `keep` events only: 3 leaves each one training event (no cut to
+    learn from), 2 leaves no user to validate on. Training divided by zero on the first."""
+    kept = [e for events in data.by_user().values() for e in events[:keep]]
+    few = replace(data, interactions=kept)
+    with pytest.raises(UsageError, match=said):
+        fit(few, leave_one_out(few), TINY)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dynemb.checkpoint import Checkpoint
 from dynemb.data.types import Dataset
 from dynemb.dims import DIMS, Dims
+from dynemb.errors import UsageError
 from dynemb.evaluation.metrics import evaluate_scores
 from dynemb.evaluation.seen import exclude_seen
 from dynemb.evaluation.split import Split, Which, leave_one_out
@@ -291,6 +292,17 @@ def training_data(
         valid_users = np.intersect1d(valid_users, np.asarray(users))
     trained = [u for u in pool if len(builder.train_cuts(u)) > 0]
     windows = [w for u in trained for w in builder.windows(u, options.windows)]
+    # Said before anything runs: with neither, an epoch divided by zero or scored nothing.
+    if not windows:
+        raise UsageError(
+            "nothing to train on: no user has a training event after another (a user with "
+            "3 or more events keeps its newest two for validation and test, so it needs 4)"
+        )
+    if not len(valid_users):
+        raise UsageError(
+            "nothing to validate on: no user has the 3 events that training, validation "
+            "and test need (the best epoch is chosen on validation)"
+        )
     if options.valid_users is not None and options.valid_users < len(valid_users):
         valid_users = np.sort(rng.choice(valid_users, options.valid_users, replace=False))
     return windows, valid_users
