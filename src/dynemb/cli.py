@@ -41,7 +41,7 @@ Data = Annotated[
     str, typer.Option("--data", "--dataset", help="ml-100k, synthetic, or a JSONL path")
 ]
 Seeds = Annotated[str, typer.Option(help="comma-separated seeds, fixed before running")]
-Threads = Annotated[int, typer.Option(help="torch intra-op threads")]
+Threads = Annotated[int, typer.Option(min=1, help="torch intra-op threads")]
 Resume = Annotated[
     bool, typer.Option(help="take the runs an interrupted invocation finished (same code, data)")
 ]
@@ -99,13 +99,21 @@ def _evaluation_training(max_minutes: float, max_epochs: int, threads: int, work
 
 
 def _seeds(text: str) -> tuple[int, ...]:
+    return _integers(text, "seeds", least=0)
+
+
+def _integers(text: str, what: str, least: int) -> tuple[int, ...]:
+    """A comma-separated list of integers, each at least `least` ("0,1,2")."""
     try:
-        seeds = tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
+        values = tuple(int(part) for part in text.replace(" ", ",").split(",") if part)
     except ValueError:
-        raise typer.BadParameter(f"seeds must be integers like 0,1,2, got {text!r}") from None
-    if not seeds:
-        raise typer.BadParameter("at least one seed")
-    return seeds
+        example = ",".join(str(least + i) for i in range(3))
+        raise typer.BadParameter(f"{what} must be integers like {example}, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{what}: at least one")
+    if min(values) < least:
+        raise typer.BadParameter(f"{what} must be at least {least}, got {min(values)}")
+    return values
 
 
 def _command() -> str:
@@ -447,7 +455,9 @@ def train(
     ] = None,
     seed: int = 0,
     max_minutes: Annotated[float, typer.Option(help="training budget (wall clock)")] = 25.0,
-    max_epochs: Annotated[int | None, typer.Option(help="epochs (the cosine schedule)")] = None,
+    max_epochs: Annotated[
+        int | None, typer.Option(min=1, help="epochs (the cosine schedule)")
+    ] = None,
     threads: Threads = 2,
     only: Annotated[str | None, typer.Option(help="fine-tune only this stage")] = None,
     checkpoint: Annotated[
@@ -488,7 +498,7 @@ def evaluate(
     data: Data = "ml-100k",
     seeds: Seeds = "0,1,2,3,4",
     max_minutes: Annotated[float, typer.Option(help="training budget per seed")] = 25.0,
-    max_epochs: Annotated[int, typer.Option(help="epochs per seed (cosine schedule)")] = 16,
+    max_epochs: Annotated[int, typer.Option(min=1, help="epochs per seed (cosine schedule)")] = 16,
     threads: Threads = 2,
     workers: Annotated[
         int, typer.Option(min=1, help="training runs side by side, one process each")
@@ -555,7 +565,7 @@ def evaluate_sessions(
         "10,25,50"
     ),
     max_minutes: Annotated[float, typer.Option(help="training budget per seed")] = 25.0,
-    max_epochs: Annotated[int, typer.Option(help="epochs per seed (cosine schedule)")] = 16,
+    max_epochs: Annotated[int, typer.Option(min=1, help="epochs per seed (cosine schedule)")] = 16,
     threads: Threads = 2,
     out_dir: Annotated[Path, typer.Option(help="where the results go")] = RESULTS_DIR,
     stem: Annotated[str, typer.Option(help="results file name, without extension")] = (
@@ -571,7 +581,7 @@ def evaluate_sessions(
     from dynemb.dims import DIMS
     from dynemb.evaluation.streaming import StreamingOptions, streaming_benchmark
 
-    chosen = _seeds(blocks)
+    chosen = _integers(blocks, "blocks", least=1)
     if any(not 1 < b <= DIMS.max_events for b in chosen):
         raise typer.BadParameter(f"blocks must be in [2, {DIMS.max_events}], got {blocks!r}")
     options = StreamingOptions(
@@ -642,7 +652,7 @@ def baselines(
 def dynamics(
     seeds: Seeds = "0,1,2",
     max_minutes: Annotated[float, typer.Option(help="training budget per seed")] = 3.0,
-    max_epochs: Annotated[int, typer.Option(help="epochs per seed (cosine schedule)")] = 16,
+    max_epochs: Annotated[int, typer.Option(min=1, help="epochs per seed (cosine schedule)")] = 16,
     patience: Annotated[
         int | None, typer.Option(help="early stopping (default: run every epoch)")
     ] = None,
@@ -708,7 +718,7 @@ def bench(
     if seconds is not None:
         changes["seconds"] = seconds
     if concurrency is not None:
-        changes["concurrencies"] = _seeds(concurrency)
+        changes["concurrencies"] = _integers(concurrency, "concurrency", least=1)
     if data is not None:
         changes["data"] = tuple(part for part in data.split(",") if part)
     if soak_minutes is not None:

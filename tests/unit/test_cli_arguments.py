@@ -1,0 +1,35 @@
+"""Arguments that cannot be carried out are refused as usage errors (status 2) before any
+work starts: a zero thread count raised from torch, a zero concurrency divided by zero
+in the serving benchmark."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from dynemb.cli import app
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["train", "--threads", "0"], "--threads"),
+        (["train", "--max-epochs", "0"], "--max-epochs"),
+        (["bench", "--quick", "--concurrency", "0,2"], "concurrency must be at least 1, got 0"),
+        (["bench-sessions", "--quick", "--past", "0"], "--past"),
+        (["evaluate", "--seeds", "-1"], "seeds must be at least 0, got -1"),
+        (["evaluate", "--seeds", "a,b"], "seeds must be integers like 0,1,2"),
+        (["evaluate-sessions", "--blocks", "0"], "blocks must be at least 1, got 0"),
+    ],
+)
+def test_arguments_that_cannot_be_carried_out_are_usage_errors(args, said, tmp_path):
+    # Were an argument let through, the command would fail fast on a missing data file
+    # instead of training, and a benchmark's results would go to tmp_path.
+    if args[0].startswith("bench"):
+        rest = ["--out-dir", str(tmp_path)]
+    else:
+        rest = ["--data", str(tmp_path / "missing.jsonl")]
+    result = CliRunner().invoke(app, [*args, *rest], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert said in result.output
+    assert "Traceback" not in result.output
