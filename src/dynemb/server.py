@@ -67,6 +67,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ports_in_use(config: ServerConfig) -> list[str]:
+    """Which of the server's ports something already listens on ("gRPC port 8001"). Bound as
+    tritonserver binds them (address reuse on: a port whose last server just stopped is
+    free); said before the server starts, which otherwise loads every model and then dies
+    with the reason in its log."""
+    taken = []
+    ports = {"gRPC": config.grpc_port, "HTTP": config.http_port}
+    ports["metrics"] = config.metrics_port
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((config.host, port))
+            except OSError:
+                taken.append(f"{name} port {port}")
+    return taken
+
+
 def pytriton_dir() -> Path:
     """Where nvidia-pytriton's package lies, found without importing it (its `__init__`
     imports its own client's dependencies; only its server tree is used here)."""
@@ -172,6 +190,13 @@ class TritonServer:
             raise ServerError(
                 f"{repository}: not a dynemb model repository (no {', '.join(missing)}); "
                 f"build one with `dynemb build --repository {repository}`"
+            )
+        taken = ports_in_use(self.config)
+        if taken:
+            raise ServerError(
+                f"{self.config.host}: {', '.join(taken)} already in use (another server "
+                "still running?): stop it or choose other ports (--grpc-port, --http-port, "
+                "--metrics-port)"
             )
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver on %s (log: %s)", self.config.grpc_url, self.log_file)
