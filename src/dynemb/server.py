@@ -73,9 +73,8 @@ def ports_in_use(config: ServerConfig) -> list[str]:
     free); said before the server starts, which otherwise loads every model and then dies
     with the reason in its log."""
     taken = []
-    ports = {"gRPC": config.grpc_port, "HTTP": config.http_port}
-    ports["metrics"] = config.metrics_port
-    for name, port in ports.items():
+    ports = (("gRPC", config.grpc_port), ("HTTP", config.http_port))
+    for name, port in (*ports, ("metrics", config.metrics_port)):
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
