@@ -83,10 +83,8 @@ def evaluate(
     limit = kw.get("limit")
     if seen == "sent" and limit is not None:
         limits = [limit] * len(users) if isinstance(limit, int) else list(limit)
-        kept = trained.builder.kept  # what is sent: the newest min(k, L)
-        histories = [
-            h[len(h) - min(kept(k), len(h)) :] for h, k in zip(histories, limits, strict=True)
-        ]
+        newest = trained.builder.newest  # what is sent
+        histories = [newest(h, k) for h, k in zip(histories, limits, strict=True)]
     return SeenMetrics.from_scores(scores, targets, histories)
 
 

@@ -19,6 +19,7 @@ text_rnn / image_cnn once per unique row and gather, and still compute what is s
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,8 +186,7 @@ class ExampleBuilder:
         if cached is not None:
             return cached
         # What build_inputs would keep anyway: events at or before t, the newest L of them.
-        history = [e for e in events[:cut] if e.time <= t]
-        history = history[len(history) - min(self.kept(limit), len(history)) :]  # 0: none
+        history = self.newest([e for e in events[:cut] if e.time <= t], limit)
         x = self.preprocessor.user(self.raw_inputs(history, t))
         example = self._compact(x, history, self.split.item_index[target.item_id])
         self._cache[key] = example
@@ -277,10 +277,12 @@ class ExampleBuilder:
         """Cut points whose target is a training event (never validation or test)."""
         return range(1, len(self.split.train[user]))
 
-    def kept(self, limit: int | None) -> int:
-        """How many of the newest events before a cut an example reads at most: what
-        build_inputs keeps anyway (L), or `limit` if fewer."""
-        return self.dims.max_events if limit is None else min(limit, self.dims.max_events)
+    def newest(self, history: Sequence, limit: int | None) -> Sequence:
+        """The events of `history` (a list or an array, oldest first) that an example
+        reads: the newest L, which build_inputs keeps anyway, or the newest `limit` if
+        fewer (0: none)."""
+        k = self.dims.max_events if limit is None else min(limit, self.dims.max_events)
+        return history[-k:] if k else history[:0]
 
     def eval_cut(self, user: int, which: Which) -> int:
         """The index of the held-out event in the user's events."""
