@@ -263,7 +263,7 @@ def test_a_state_counts_its_labels_as_a_recount_would_through_steps_and_re_windo
     each state's count is a recount of the rows it holds, and so is its size."""
     from dataclasses import replace
 
-    from dynemb.sessions.state import label_row_bytes
+    from dynemb.stages.preprocess.features import label_row_bytes
     from dynemb_client import Event, build_inputs
 
     engine = SessionEngine.from_repository(repo, rewindow_block=7)
@@ -283,7 +283,7 @@ def test_a_state_counts_its_labels_as_a_recount_would_through_steps_and_re_windo
         n = 1 if k % 3 else 3  # some updates carry several events
         [done] = engine.advance([(state, wire(events[k : k + n]))])
         state, k = done.state, k + n
-        assert state.label_bytes == label_row_bytes(state.raw_labels)
+        assert state.label_bytes == label_row_bytes(state.labels)
         assert state.nbytes == replace(state, label_bytes=None).nbytes
     assert state.n_events < d.max_events  # it re-windowed
 

@@ -28,7 +28,6 @@ def state(n: int = 3, versions=V1) -> SessionState:
         times=np.arange(n, dtype=np.float64),
         labels=[[]] * n,
         ratings=np.full(n, np.nan),
-        raw_labels=[()] * n,
         events=np.zeros((n, 4), np.float32),
         lstm_h=np.zeros(2, np.float32),
         lstm_c=np.zeros(2, np.float32),
@@ -118,7 +117,7 @@ def grown(base: SessionState | None, first: int, count: int, limit: int = 51) ->
     kv = appended(base, tokens(first, count), -tokens(first, count), limit)
     n = kv[0].shape[2] - 1
     return SessionState(
-        V1, np.arange(n, dtype=np.float64), [[]] * n, np.full(n, np.nan), [()] * n,
+        V1, np.arange(n, dtype=np.float64), [[]] * n, np.full(n, np.nan),
         np.zeros((n, 4), np.float32), np.zeros(2, np.float32), np.zeros(2, np.float32),
         kv[0], kv[1], np.zeros(4, np.float32), room=kv[2],
     )  # fmt: skip

@@ -39,7 +39,6 @@ from dynemb.sessions.state import (
     Versions,
     appended,
     check_block,
-    label_row_bytes,
     window_after,
 )
 from dynemb.stages import Runner, load_runner
@@ -48,7 +47,7 @@ from dynemb.stages.preprocess.features import (
     Preprocessor,
     SessionEvents,
     TimeRows,
-    event_ratings,
+    label_row_bytes,
     query_feature_batch,
     time_feature_batch,
 )
@@ -80,8 +79,7 @@ class _Plan:
     times: np.ndarray  # every event the new state holds
     labels: list[list[str]]
     ratings: np.ndarray
-    raw_labels: list[tuple[bytes, ...]]
-    label_bytes: int  # label_row_bytes(raw_labels)
+    label_bytes: int  # label_row_bytes(labels)
     g_all: np.ndarray  # (n, event_dim) of the new state
     g_new: np.ndarray  # (k, event_dim) rows the LSTM and MiniLM read now
     first: int  # the first of `times` read now (g_new's): k = len(times) - first
@@ -220,9 +218,7 @@ class SessionEngine:
         held = state.n_events if state is not None else 0
         times = np.concatenate([state.times, events.times]) if state else events.times
         labels = [*(state.labels if state else []), *events.labels]
-        ratings = event_ratings(events.labels)
-        ratings = np.concatenate([state.ratings, ratings]) if state else ratings
-        raw = [*(state.raw_labels if state else []), *events.raw_labels]
+        ratings = np.concatenate([state.ratings, events.ratings]) if state else events.ratings
         g_all = np.concatenate([state.events, g]) if state else g
         size = self.window_after(held, len(events.times))
         rewindow = size < len(times)  # past L: the window drops its oldest events
@@ -230,15 +226,15 @@ class SessionEngine:
             # Copies: a view would keep the dropped events alive, uncounted by the store.
             keep = slice(len(times) - size, None)
             times, ratings, g_all = times[keep].copy(), ratings[keep].copy(), g_all[keep].copy()
-            labels, raw = labels[keep], raw[keep]
-            label_bytes = label_row_bytes(raw)
+            labels = labels[keep]
+            label_bytes = label_row_bytes(labels)
         elif state is None:
             # Owned, not views of the request's tensor and the batch's G: a state must
             # hold only what the store counts.
             times, g_all = times.copy(), g_all.copy()
-            label_bytes = label_row_bytes(events.raw_labels)
+            label_bytes = events.label_bytes
         else:
-            label_bytes = state.raw_label_bytes + label_row_bytes(events.raw_labels)
+            label_bytes = state.labels_nbytes + events.label_bytes
         # A window of L events that is recomputed (a re-window to L, or a state kept
         # without keys and values) goes through the serving runtimes and keeps nothing
         # but G; a re-window below L restarts from its stored G by steps; else a step.
@@ -250,7 +246,6 @@ class SessionEngine:
             times=times,
             labels=labels,
             ratings=ratings,
-            raw_labels=raw,
             label_bytes=label_bytes,
             g_all=g_all,
             g_new=g_all[first:],
@@ -305,7 +300,6 @@ class SessionEngine:
                     times=p.times,
                     labels=p.labels,
                     ratings=p.ratings,
-                    raw_labels=p.raw_labels,
                     label_bytes=p.label_bytes,
                     events=p.g_all,
                     lstm_h=nothing,
@@ -416,7 +410,6 @@ class SessionEngine:
                 times=p.times,
                 labels=p.labels,
                 ratings=p.ratings,
-                raw_labels=p.raw_labels,
                 label_bytes=p.label_bytes,
                 events=p.g_all,
                 lstm_h=h[b].copy(),

@@ -14,9 +14,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import chain
 
 import numpy as np
+
+from dynemb.stages.preprocess.features import label_row_bytes
 
 # (stage, version) of every stage a state was computed with, in session wiring order.
 Versions = tuple[tuple[str, str], ...]
@@ -91,7 +92,6 @@ class SessionState:
     times: np.ndarray  # (n,) float64, non-decreasing
     labels: list[list[str]]  # n events' labels, as strings
     ratings: np.ndarray  # (n,) float64, NaN where unrated (from the labels)
-    raw_labels: list[tuple[bytes, ...]]  # n events' label rows as sent (for re-windowing)
     events: np.ndarray  # (n, event_dim) float32: G = text ⊕ image ⊕ label vectors
     lstm_h: np.ndarray  # (seq_dim,) float32
     lstm_c: np.ndarray  # (seq_dim,) float32
@@ -103,8 +103,8 @@ class SessionState:
     windowed: bool = False
     used_at: float = 0.0  # monotonic time of the last use (TTL)
     room: KVRoom | None = None  # what `keys` and `values` are views of, if anything
-    # label_row_bytes(raw_labels), if its maker counted them (a step adds its new rows'
-    # to its base's); else counted when first asked for.
+    # label_row_bytes(labels), if its maker counted them (a step adds its new rows' to its
+    # base's); else counted when first asked for.
     label_bytes: int | None = None
 
     @property
@@ -112,26 +112,20 @@ class SessionState:
         return len(self.times)
 
     @cached_property
-    def raw_label_bytes(self) -> int:
-        """label_row_bytes(raw_labels), as its maker counted them or counted now."""
+    def labels_nbytes(self) -> int:
+        """label_row_bytes(labels), as its maker counted them or counted now."""
         if self.label_bytes is not None:
             return self.label_bytes
-        return label_row_bytes(self.raw_labels)
+        return label_row_bytes(self.labels)
 
     @cached_property
     def nbytes(self) -> int:
         """Its size, once: a state is not changed after it is made, and the store reads the
-        size on every put and drop. Its labels (as sent and as strings) are counted by a
-        step for its new rows only: summed label by label over 50 events, they were 5%
-        of a served update."""
+        size on every put and drop. Its labels are counted by a step for its new rows only:
+        summed label by label over 50 events, they were 5% of a served update."""
         arrays = (self.times, self.ratings, self.events, self.lstm_h, self.lstm_c, self.newest)
         kv = self.room.nbytes if self.room is not None else self.keys.nbytes + self.values.nbytes
-        return sum(a.nbytes for a in arrays) + kv + 2 * self.raw_label_bytes + 512
-
-
-def label_row_bytes(rows: list[tuple[bytes, ...]]) -> int:
-    """What label rows as sent cost a state: their bytes and 64 a row."""
-    return 64 * len(rows) + sum(map(len, chain.from_iterable(rows)))
+        return sum(a.nbytes for a in arrays) + kv + self.labels_nbytes + 512
 
 
 @dataclass(frozen=True)

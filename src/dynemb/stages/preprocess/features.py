@@ -12,7 +12,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -82,11 +82,18 @@ def build_label_vocab(labels: set[str] | list[str]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class EventLabels:
-    """One event's labels as decoded strings and as vocabulary ids (what the label cache
-    keeps: time features read the strings, label_mlp the ids)."""
+    """One event's labels as decoded strings and as vocabulary ids, its rating and what the
+    row costs a session (what the label cache keeps: time features read the strings and
+    the rating, label_mlp the ids)."""
 
     labels: tuple[str, ...]
     ids: np.ndarray  # (M,) int64
+    rating: float  # from a "rating:4" label, NaN without one (`event_ratings`)
+    row_bytes: int  # label_row_bytes([labels])
+
+    @classmethod
+    def of(cls, labels: tuple[str, ...], ids: np.ndarray) -> EventLabels:
+        return cls(labels, ids, _rating(labels), label_row_bytes([labels]))
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +131,8 @@ class SessionEvents:
     times: np.ndarray  # (k,) float64
     query_time: float
     labels: list[list[str]]
-    raw_labels: list[tuple[bytes, ...]]
+    ratings: np.ndarray  # (k,) float64, `event_ratings(labels)`
+    label_bytes: int  # label_row_bytes(labels)
     tensors: dict[str, np.ndarray]
 
 
@@ -240,7 +248,8 @@ class Preprocessor:
             times=times,
             query_time=query_time,
             labels=[list(e.labels) for e in events],
-            raw_labels=[tuple(v if isinstance(v, bytes) else bytes(v) for v in r) for r in rows],
+            ratings=np.array([e.rating for e in events], np.float64),
+            label_bytes=sum(e.row_bytes for e in events),
             tensors={
                 "TOKEN_IDS": token_ids,
                 "TOKEN_COUNT": token_count,
@@ -265,7 +274,7 @@ class Preprocessor:
                 raise InputError(field, f"{len(v)} bytes, the limit is {MAX_LABEL_BYTES}")
         decoded = (_utf8(f"{wire.EVENT_LABELS}[{i}][{j}]", v) for j, v in enumerate(raw))
         labels = tuple(label for label in decoded if label)
-        event = EventLabels(labels, self.label_ids([list(labels)], 1)[0])
+        event = EventLabels.of(labels, self.label_ids([list(labels)], 1)[0])
         if cache is not None:
             cache.put(joined, event, event.nbytes)
         return event
@@ -458,7 +467,7 @@ def _cycles(times: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=-1)
 
 
-def _rating(labels: list[str]) -> float:
+def _rating(labels: Sequence[str]) -> float:
     for label in labels:
         if label.startswith("rating:"):
             try:
@@ -570,6 +579,12 @@ def time_feature_batch(histories: Sequence[TimeRows], dims: Dims) -> list[np.nda
 def event_ratings(labels: list[list[str]]) -> np.ndarray:
     """Each event's rating from its labels ("rating:4"), NaN where it has none."""
     return np.array([_rating(row) for row in labels], dtype=np.float64)
+
+
+def label_row_bytes(rows: Iterable[Sequence[str]]) -> int:
+    """What label rows cost a session's state: their characters and 64 a row (the row's
+    list and its pointers; the strings are shared with the label cache's rows)."""
+    return sum(64 + sum(map(len, row)) for row in rows)
 
 
 def _shares_first_label(labels: list[list[str]], first: int = 0) -> np.ndarray:
