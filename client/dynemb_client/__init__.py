@@ -9,6 +9,7 @@ from dynemb_client.aio import AsyncInterestClient
 from dynemb_client.client import InterestClient
 from dynemb_client.errors import (
     ClientInputError,
+    PartialUpdateError,
     ServerError,
     ServerInputError,
     ServerUnavailable,
@@ -27,6 +28,7 @@ __all__ = [
     "Event",
     "InterestClient",
     "ModelShape",
+    "PartialUpdateError",
     "Recommendation",
     "ServerError",
     "ServerInputError",

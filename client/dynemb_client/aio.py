@@ -209,6 +209,8 @@ class AsyncInterestClient(ClientBase):
         self, updates: Mapping[str, Sequence[Event]], at: TimeLike | None = None
     ) -> dict[str, np.ndarray]:
         """E_t of each session after its new events (see InterestClient.update_many)."""
+        if isinstance(updates, Mapping) and not updates:
+            return {}  # nothing to send, with or without a server
         shape = await self.model_shape()
         answers = await self._session(self._update_many_steps(updates, at, shape))
         return {session: answer.embedding for session, answer in answers.items()}
@@ -228,9 +230,9 @@ class AsyncInterestClient(ClientBase):
         await self._session(forget_steps(self.sessions, self.model_session, user_id, shape))
 
     async def _session(self, steps) -> SessionAnswer:
-        call = next(steps)
         written: dict[str, str] = {}  # session -> the endpoint that holds its state
         try:
+            call = next(steps)  # steps with nothing to send (no updates) stop at once
             while True:
                 try:
                     url = self._pool.route(call.route) if call.route is not None else None

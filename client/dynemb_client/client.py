@@ -212,7 +212,11 @@ class InterestClient(ClientBase):
         of events. Each answer equals `update(user_id, events, at)`'s; a session the server
         lost is started again as `update` does. If some sessions' events are refused as bad
         input, every other session is still updated and SessionUpdateError says which
-        (with the others' E_t); `at` defaults to each session's newest event."""
+        (with the others' E_t); if a request fails otherwise, PartialUpdateError likewise
+        (send the failed sessions' events again: they start from their kept windows). `at`
+        defaults to each session's newest event."""
+        if isinstance(updates, Mapping) and not updates:
+            return {}  # nothing to send, with or without a server
         answers = self._session(self._update_many_steps(updates, at, self.model_shape()))
         return {session: answer.embedding for session, answer in answers.items()}
 
@@ -233,9 +237,9 @@ class InterestClient(ClientBase):
         self._session(forget_steps(self.sessions, self.model_session, user_id, self.model_shape()))
 
     def _session(self, steps) -> SessionAnswer:
-        call = next(steps)
         written: dict[str, str] = {}  # session -> the endpoint that holds its state
         try:
+            call = next(steps)  # steps with nothing to send (no updates) stop at once
             while True:
                 try:
                     url = self._pool.route(call.route) if call.route is not None else None

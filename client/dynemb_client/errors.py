@@ -6,6 +6,7 @@ from tritonclient.utils import InferenceServerException
 
 __all__ = [
     "ClientInputError",
+    "PartialUpdateError",
     "ServerError",
     "ServerInputError",
     "ServerUnavailable",
@@ -81,24 +82,37 @@ class SessionLostError(ServerError):
     events than the session read. Send the session's events with `history=`."""
 
 
-class SessionUpdateError(ServerInputError):
-    """Some sessions of an `update_many` were refused as bad input (by the server,
-    ServerInputError, or before sending, ClientInputError), or lost with only part of
-    their window kept here (SessionLostError): `failed` maps each to its error; every
-    other session was updated, with its E_t in `applied`. None of a failed session's new
-    events were applied."""
+class PartialUpdateError(ServerError):
+    """Some sessions of an `update_many` were not updated: `failed` maps each to its error;
+    every other session was updated, with its E_t in `applied` (send the failed ones' events
+    again, not the others'). A session refused as bad input or lost (see
+    SessionUpdateError) had none of its events applied. One whose call failed otherwise
+    (a server error, a timeout, no server answering) may have had them applied: the
+    client starts it again from its kept window on its next update, so sending its
+    events again never counts them twice."""
+
+    verb = "not updated"
 
     def __init__(self, applied: dict, failed: dict[str, Exception]) -> None:
         names = ", ".join(repr(s) for s in list(failed)[:5])
         first = next(iter(failed.values()))
         super().__init__(
-            f"{len(failed)} session(s) refused ({names}): {first}",
+            f"{len(failed)} session(s) {self.verb} ({names}): {first}",
             model=getattr(first, "model", None),
             status=getattr(first, "status", None),
             url=getattr(first, "url", None),
         )
         self.applied = applied
         self.failed = failed
+
+
+class SessionUpdateError(PartialUpdateError, ServerInputError):
+    """A PartialUpdateError whose sessions were all refused as bad input (by the server,
+    ServerInputError, or before sending, ClientInputError), or lost with only part of
+    their window kept here (SessionLostError): none of a failed session's new events were
+    applied."""
+
+    verb = "refused"
 
 
 # What makes a failure worth sending again (`is_transient`): gRPC statuses that mean "no

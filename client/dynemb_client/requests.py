@@ -172,16 +172,9 @@ def _prepare(
     times: list[float] = []
     checked: list[tuple[bytes, list[bytes], Path | bytes]] = []
     for index, event in enumerate(events):
-        if not isinstance(event, Event):
-            raise TypeError(f"event {index} is {type(event).__name__}, not dynemb_client.Event")
-        times.append(to_unix_seconds(event.time, field=EVENT_TIME, index=index))
-        checked.append(
-            (
-                text_bytes(event.text, index),
-                check_labels(event.labels, max_labels, index),
-                check_image(event.image, index),
-            )
-        )
+        seconds, *content = check_event(event, index, max_labels)
+        times.append(seconds)
+        checked.append(tuple(content))  # type: ignore[arg-type]
     order = sorted(range(len(times)), key=times.__getitem__)  # sorted() is stable
     if at is not None:
         query_time = to_unix_seconds(at, field=QUERY_TIME)
@@ -205,6 +198,21 @@ def _prepare(
         images=[image_bytes(checked[i][2], i) for i in kept],
         labels=[checked[i][1] for i in kept],
         query_time=query_time,
+    )
+
+
+def check_event(
+    event: object, index: int, max_labels: int
+) -> tuple[float, bytes, list[bytes], Path | bytes]:
+    """Event `index` of a history, checked as the server would check it: its time in unix
+    seconds, its text as UTF-8 bytes, its labels as bytes, its image's path or bytes."""
+    if not isinstance(event, Event):
+        raise TypeError(f"event {index} is {type(event).__name__}, not dynemb_client.Event")
+    return (
+        to_unix_seconds(event.time, field=EVENT_TIME, index=index),
+        text_bytes(event.text, index),
+        check_labels(event.labels, max_labels, index),
+        check_image(event.image, index),
     )
 
 

@@ -35,8 +35,10 @@ from dynemb_client.contract import (
 )
 from dynemb_client.errors import (
     ClientInputError,
+    PartialUpdateError,
     ServerError,
     ServerInputError,
+    ServerUnavailable,
     SessionLostError,
     SessionUpdateError,
     is_transient,
@@ -48,6 +50,7 @@ from dynemb_client.requests import (
     _check_top_k,
     _to_infer_inputs,
     build_inputs,
+    check_event,
     exclusion_sets,
 )
 from dynemb_client.results import _output
@@ -84,6 +87,11 @@ class SessionHistories:
         # Sessions whose window on the server holds more events than are kept here (started
         # by another client or process, or kept here only since): their window's length.
         self._partial: dict[str, int] = {}
+        # Sessions an update was sent for whose answer was not settled here (the call
+        # failed, timed out, was interrupted or cancelled): whether the server applied it
+        # is unknown, so their next update starts them again from the kept window instead
+        # of adding events to a window that may already hold them. Oldest first, bounded.
+        self._unsettled: dict[str, None] = {}
 
     def get(self, session: str) -> list[Event]:
         return list(self._events.get(session, ()))
@@ -93,6 +101,7 @@ class SessionHistories:
         fewer than `held` events here, it is partial (`missing`)."""
         self._events.pop(session, None)
         self._events[session] = list(events[max(0, len(events) - held) :]) if held else []
+        self._unsettled.pop(session, None)
         if held > len(events):
             self._partial[session] = held
         else:
@@ -101,6 +110,25 @@ class SessionHistories:
             evicted, _ = self._events.popitem(last=False)
             self._servers.pop(evicted, None)
             self._partial.pop(evicted, None)
+
+    def sending(self, sessions: Iterable[str]) -> None:
+        """An update of `sessions` is about to be sent: until its answer is settled here
+        (`keep`), the server's window is not known to be the kept one's."""
+        for session in sessions:
+            self._unsettled.pop(session, None)
+            self._unsettled[session] = None
+        while len(self._unsettled) > self.max_sessions:
+            del self._unsettled[next(iter(self._unsettled))]
+
+    def not_applied(self, sessions: Iterable[str]) -> None:
+        """The server answered the update of `sessions` without applying it (it refused it
+        as bad input, or holds no state for them)."""
+        for session in sessions:
+            self._unsettled.pop(session, None)
+
+    def unsettled(self, session: str) -> bool:
+        """Whether an update of the session was sent and not settled (see `sending`)."""
+        return session in self._unsettled
 
     def missing(self, session: str) -> int:
         """How many of the events of the session's window on the server are not kept here
@@ -124,6 +152,7 @@ class SessionHistories:
         self._events.pop(session, None)
         self._servers.pop(session, None)
         self._partial.pop(session, None)
+        self._unsettled.pop(session, None)
 
     def __contains__(self, session: str) -> bool:
         return session in self._events
@@ -137,7 +166,13 @@ def check_session_id(session: object) -> str:
         raise ClientInputError(
             f"a session id is a str, not {type(session).__name__}", field=SESSION_ID
         )
-    size = len(session.encode("utf-8"))
+    try:
+        size = len(session.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ClientInputError(
+            f"a session id must be UTF-8 encodable ({exc.reason} at {exc.start})",
+            field=SESSION_ID,
+        ) from None
     if not 0 < size <= MAX_SESSION_ID_BYTES:
         raise ClientInputError(
             f"a session id has 1-{MAX_SESSION_ID_BYTES} bytes, got {size}", field=SESSION_ID
@@ -252,8 +287,10 @@ def update_steps(
     have given (one start with both when they fit one window, since the window's length
     depends only on how many events it has read: dynemb.sessions.state.window_after).
     More than L new events go as successive updates of at most L (the wire carries L).
-    `moved` (the session's endpoint changed, SessionHistories.moved): from scratch at once."""
+    `moved` (the session's endpoint changed, SessionHistories.moved), or an earlier update
+    that was never settled (SessionHistories.unsettled): from scratch at once."""
     update = _prepared(session, events, at, shape, histories, history)
+    moved = moved or histories.unsettled(update.session)
     answer = None
     for i, chunk in enumerate(_chunks(update.events, shape.max_events)):
         if i:  # the window is now the one the previous chunk's answer reported
@@ -264,7 +301,7 @@ def update_steps(
         sent = (
             None
             if moved and not i
-            else (yield from _update(model, update.session, chunk, update.t, shape))
+            else (yield from _update(histories, model, update.session, chunk, update.t, shape))
         )
         answer = yield from _settled(histories, model, update, chunk, shape, sent)
     return answer
@@ -286,7 +323,10 @@ def update_many_steps(
     fail, and a SessionUpdateError names them after every other session is updated (as
     it names a session whose update is refused here, before sending, as the server would
     refuse it). A session with more than L new events goes alone, as `update_steps`
-    sends it."""
+    sends it. Sessions whose request failed otherwise (a server error, a timeout) may
+    have been updated or not: they stay unsettled (SessionHistories.sending), and a
+    PartialUpdateError names them with the others' E_t; with no server answering, the
+    sessions not yet tried are not, and fail with it too."""
     prepared = {}
     failed: dict[str, Exception] = {}
     for session, events in updates.items():
@@ -303,22 +343,35 @@ def update_many_steps(
         url = route(session)
         if len(update.events) > shape.max_events:
             alone.add(session)
-        elif not histories.moved(session, url):
+        elif not histories.moved(session, url) and not histories.unsettled(session):
             by_endpoint.setdefault(url, []).append(session)
     for sessions in by_endpoint.values():
         for start in range(0, len(sessions), MAX_SESSION_ROWS):
             chunk = sessions[start : start + MAX_SESSION_ROWS]
             rows = [(s, OP_UPDATE, prepared[s].events, prepared[s].t) for s in chunk]
+            call = rows_call(model, rows, shape)
+            histories.sending(chunk)
             try:
-                got = yield from _sent(rows_call(model, rows, shape))
+                got = yield from _sent(call)
             except ServerInputError:
+                histories.not_applied(chunk)
                 alone.update(chunk)
+                continue
+            except ServerError as exc:  # applied or not, unknown: they fail, unsettled
+                for session in chunk:
+                    failed[session] = exc
+                    del answers[session]
                 continue
             if got is not None:  # else whether it was applied is unknown: each starts again
                 answers.update(zip(chunk, got, strict=True))
+                histories.not_applied(s for s in chunk if answers[s].status != STATUS_OK)
     done: dict[str, SessionAnswer] = {}
+    down: ServerUnavailable | None = None
     for session, answer in answers.items():
         update = prepared[session]
+        if down is not None and (session in alone or answer is None or answer.status != STATUS_OK):
+            failed[session] = down  # each would wait out the deadline: not tried
+            continue
         try:
             if session in alone:
                 moved = histories.moved(session, route(session))
@@ -329,10 +382,16 @@ def update_many_steps(
                 done[session] = yield from _settled(
                     histories, model, update, update.events, shape, answer
                 )
-        except (ServerInputError, SessionLostError) as exc:
+        except ServerUnavailable as exc:
+            down = failed[session] = exc
+        except ServerError as exc:
             failed[session] = exc
     if failed:
-        raise SessionUpdateError({s: a.embedding for s, a in done.items()}, failed)
+        applied = {s: a.embedding for s, a in done.items()}
+        refusals = (ClientInputError, ServerInputError, SessionLostError)
+        if all(isinstance(exc, refusals) for exc in failed.values()):
+            raise SessionUpdateError(applied, failed)
+        raise PartialUpdateError(applied, failed)
     return done
 
 
@@ -360,6 +419,13 @@ def _prepared(
     or after t, and t before the window's newest. (A restart would not refuse them: it
     sends a whole history, which is sorted and cut at t.)"""
     session = check_session_id(session)
+    if isinstance(events, Event):
+        events = [events]
+    if isinstance(events, (str, bytes)) or not isinstance(events, Iterable):
+        raise TypeError(f"a session's new events are a sequence of Event, not {events!r}"[:200])
+    events = list(events)
+    for index, event in enumerate(events):  # a bad one fails this session alone
+        check_event(event, index, shape.max_labels)
     events = sorted_events(events)
     kept = sorted_events(history) if history is not None else histories.get(session)
     missing = 0 if history is not None else histories.missing(session)
@@ -416,7 +482,7 @@ def _settled(
                 model=model,
             )
         for _ in range(MAX_RESTARTS):
-            answer = yield from _restart(model, session, kept, events, t, shape)
+            answer = yield from _restart(histories, model, session, kept, events, t, shape)
             if answer is not None:
                 break
     if answer is None or answer.status != STATUS_OK:
@@ -427,12 +493,28 @@ def _settled(
 
 
 def _update(
-    model: str, session: str, events: Sequence[Event], t: float, shape: ModelShape
+    histories: SessionHistories,
+    model: str,
+    session: str,
+    events: Sequence[Event],
+    t: float,
+    shape: ModelShape,
 ) -> Generator[InferCall, list[SessionAnswer], SessionAnswer | None]:
     """An update (never re-sent: had a lost answer been applied, its events would count
-    twice); None when it failed in transit."""
-    answers = yield from _sent(session_call(model, session, OP_UPDATE, events, t, shape))
-    return None if answers is None else answers[0]
+    twice); None when it failed in transit. Marked unsettled while in flight (see
+    SessionHistories.sending): if it raises, the session's next update starts it again."""
+    call = session_call(model, session, OP_UPDATE, events, t, shape)
+    histories.sending([session])
+    try:
+        answers = yield from _sent(call)
+    except ServerInputError:
+        histories.not_applied([session])
+        raise
+    if answers is None:
+        return None
+    if answers[0].status != STATUS_OK:
+        histories.not_applied([session])
+    return answers[0]
 
 
 def _sent(call: InferCall) -> Generator[InferCall, list[SessionAnswer], list[SessionAnswer] | None]:
@@ -447,6 +529,7 @@ def _sent(call: InferCall) -> Generator[InferCall, list[SessionAnswer], list[Ses
 
 
 def _restart(
+    histories: SessionHistories,
     model: str,
     session: str,
     kept: Sequence[Event],
@@ -464,7 +547,7 @@ def _restart(
     [started] = yield session_call(model, session, OP_START, kept, t, shape)
     if started.status != STATUS_OK:
         return started
-    return (yield from _update(model, session, events, t, shape))
+    return (yield from _update(histories, model, session, events, t, shape))
 
 
 def forget_steps(

@@ -3,6 +3,8 @@ answers fed in by hand, so the fallback paths are exercised without a server).""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -684,3 +686,108 @@ def test_update_many_refuses_a_session_before_sending_and_updates_the_others():
         drive(steps, [[ok(2)]])
     assert isinstance(raised.value.failed["b"], ClientInputError)
     assert set(raised.value.applied) == {"a"} and kept_times(histories, "b") == [10]
+
+
+FAILED = ServerError("stage failed", model="session", status="INTERNAL")
+
+
+def test_an_update_that_raised_is_not_resent_next_time_the_session_starts_again():
+    """An update that failed with a server error may have been applied; the caller who
+    sends its events again gets them counted once: the session starts from its kept
+    window, plus them. An answer settles it: the update after is a plain one again."""
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2), 2)
+    steps = update_steps(histories, "session", "u", events(3), None, SHAPE)
+    next(steps)
+    with pytest.raises(ServerError, match="stage failed"):
+        steps.throw(FAILED)
+    assert histories.unsettled("u") and kept_times(histories) == [1, 2]
+    calls, _ = drive(update_steps(histories, "session", "u", events(3), None, SHAPE), [ok(3)])
+    assert [op(c) for c in calls] == [wire.OP_START] and sent_times(calls[0]) == [1, 2, 3]
+    assert not histories.unsettled("u")
+    calls, _ = drive(update_steps(histories, "session", "u", events(4), None, SHAPE), [ok(4)])
+    assert [op(c) for c in calls] == [wire.OP_UPDATE] and sent_times(calls[0]) == [4]
+
+
+def test_an_update_interrupted_in_flight_starts_the_session_again_next_time():
+    """Ctrl-C or a cancelled task while an update is in flight: the steps are dropped
+    where they stood (GeneratorExit), and the next update starts from the kept window."""
+    histories = SessionHistories()
+    histories.keep("u", events(1), 1)
+    steps = update_steps(histories, "session", "u", events(2), None, SHAPE)
+    next(steps)
+    steps.close()
+    calls, _ = drive(update_steps(histories, "session", "u", events(2), None, SHAPE), [ok(2)])
+    assert op(calls[0]) == wire.OP_START and sent_times(calls[0]) == [1, 2]
+
+
+def test_an_update_refused_or_answered_unknown_was_not_applied_and_is_settled():
+    histories = SessionHistories()
+    histories.keep("u", events(1), 1)
+    steps = update_steps(histories, "session", "u", events(2), None, SHAPE)
+    next(steps)
+    with pytest.raises(ServerInputError):
+        steps.throw(ServerInputError("bad", model="session", status="INVALID_ARGUMENT"))
+    assert not histories.unsettled("u")
+
+
+def test_a_many_update_whose_request_failed_names_its_sessions_and_keeps_the_others():
+    """Two requests (two endpoints); the second fails with a server error. The first's
+    sessions are updated and their E_t returned; the second's are named, unsettled, and
+    sent again they start from their kept windows (never updated twice)."""
+    from dynemb_client import PartialUpdateError
+
+    histories = SessionHistories()
+    for user in ("a", "b"):
+        histories.keep(user, events(1), 1)
+    route = {"a": "x:1", "b": "y:1"}.get
+    steps = update_many_steps(
+        histories, "session", {"a": events(2), "b": events(3)}, None, SHAPE, route
+    )
+    with pytest.raises(PartialUpdateError) as raised:
+        drive(steps, [[ok(2)], FAILED])
+    assert not isinstance(raised.value, ServerInputError)
+    assert set(raised.value.applied) == {"a"} and raised.value.failed["b"] is FAILED
+    assert kept_times(histories, "a") == [1, 2] and not histories.unsettled("a")
+    assert histories.unsettled("b") and kept_times(histories, "b") == [1]
+    steps = update_many_steps(histories, "session", {"b": events(3)}, None, SHAPE, route)
+    calls, _ = drive(steps, [ok(2)])
+    assert [op(c) for c in calls] == [wire.OP_START] and sent_times(calls[0]) == [1, 3]
+
+
+def test_with_no_server_answering_a_many_update_stops_trying_and_keeps_what_was_answered():
+    """The request was lost in transit and the first restart found no server: the rest of
+    the restarts are not tried (each would wait out the deadline). A session whose answer
+    came back OK in another request is still kept."""
+    from dynemb_client import PartialUpdateError, ServerUnavailable
+
+    histories = SessionHistories()
+    for user in "abc":
+        histories.keep(user, events(1), 1)
+    route = {"a": "x:1", "b": "x:1", "c": "y:1"}.get
+    steps = update_many_steps(
+        histories, "session", {u: events(2) for u in "abc"}, None, SHAPE, route
+    )
+    down = ServerUnavailable("no server answered", model="session")
+    with pytest.raises(PartialUpdateError) as raised:
+        drive(steps, [LOST, [ok(2)], down])
+    assert set(raised.value.failed) == {"a", "b"} and set(raised.value.applied) == {"c"}
+    assert all(exc is down for exc in raised.value.failed.values())
+    assert histories.unsettled("a") and histories.unsettled("b")
+
+
+def test_a_many_update_with_bad_content_fails_that_session_alone():
+    histories = SessionHistories()
+    updates = {"good": events(1), "bad": [Event(1, b"\xff")], "\ud800": events(1)}
+    steps = update_many_steps(histories, "session", updates, None, SHAPE, lambda s: "x:1")
+    with pytest.raises(SessionUpdateError) as raised:
+        drive(steps, [ok(1)])
+    assert set(raised.value.failed) == {"bad", "\ud800"} and set(raised.value.applied) == {"good"}
+    assert "UTF-8" in str(raised.value.failed["bad"])
+
+
+def test_an_empty_many_update_sends_nothing_even_without_a_server():
+    from dynemb_client import AsyncInterestClient, InterestClient
+
+    assert InterestClient("127.0.0.1:1").update_many({}) == {}
+    assert asyncio.run(AsyncInterestClient("127.0.0.1:1").update_many({})) == {}
