@@ -54,9 +54,21 @@ def main() -> None:
 
     stop_like_ctrl_c()
     try:
-        app()
+        try:
+            app()
+        finally:  # what a command printed is written now, where a failure can be said
+            sys.stdout.flush()
     except (DynembError, ClientInputError, ClientServerError) as exc:
         print(f"dynemb: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # the reader went away (`| head`): quietly, as a pipe does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a path through a file, no permission
+        if exc.errno is None:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"dynemb: error: {exc.strerror}{where}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -346,7 +358,7 @@ def embed(
     from dynemb.queries import embed_events
 
     for row in embed_events(events, user, at, url, repository):
-        print(json.dumps({"user": row.user, "at": at, "embedding": row.embedding.tolist()}))
+        print(json.dumps({"user": row.user, "at": row.at, "embedding": row.embedding.tolist()}))
 
 
 @app.command()
@@ -367,7 +379,7 @@ def recommend(
 
     for row in recommend_events(events, user, at, k, not include_seen, url, repository):
         items = [{"item_id": i.item_id, "score": i.score, "title": i.title} for i in row.items]
-        print(json.dumps({"user": row.user, "at": at, "items": items}, ensure_ascii=False))
+        print(json.dumps({"user": row.user, "at": row.at, "items": items}, ensure_ascii=False))
 
 
 @app.command(name="embed-all")

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dynemb.data.jsonl import iter_user_events
+from dynemb.data.jsonl import DataError, iter_user_events
 from dynemb.data.types import Interaction
 from dynemb.dims import DIMS
+from dynemb.errors import UsageError
 from dynemb.pipeline import serving_manifests
-from dynemb_client import Event, InterestClient, Recommendation
+from dynemb_client import ClientInputError, Event, InterestClient, Recommendation, ServerUnavailable
+from dynemb_client.contract import MAX_TOP_K
+from dynemb_client.events import to_unix_seconds
+from dynemb_client.requests import check_event
 
 
 def event_converter(repository: Path) -> Callable[[Interaction], Event]:
@@ -23,37 +27,83 @@ def event_converter(repository: Path) -> Callable[[Interaction], Event]:
 
     manifests = list(serving_manifests(repository).values())
     item_labels = any(m.provenance.item_labels for m in manifests)
-    max_labels = manifests[0].dims.max_labels if manifests else DIMS.max_labels
+    max_labels = served_max_labels(repository)
     return lambda e: to_client_event(e, max_labels, item_labels)
+
+
+def served_max_labels(repository: Path) -> int:
+    """M, the labels an event carries, of the repository's served model."""
+    manifests = list(serving_manifests(repository).values())
+    return manifests[0].dims.max_labels if manifests else DIMS.max_labels
 
 
 @dataclass(frozen=True)
 class UserEmbedding:
     user: str
+    at: float  # the query time E_t is for
     embedding: np.ndarray
 
 
 @dataclass(frozen=True)
 class UserRecommendations:
     user: str
+    at: float
     items: list[Recommendation]
 
 
 def _histories(
     events: Path, user: str | None, repository: Path
-) -> Iterator[tuple[str, list[Interaction], list[Event]]]:
-    convert = event_converter(repository)
+) -> list[tuple[str, list[Interaction], list[Event]]]:
+    """Every user's history as the client sends it, each event checked as the client
+    checks it: all of the file is read and checked before anything is asked or printed."""
+    convert, max_labels = event_converter(repository), served_max_labels(repository)
+    out = []
     for user_id, interactions in iter_user_events(events, user):
-        yield user_id, interactions, [convert(e) for e in interactions]
+        history = [convert(e) for e in interactions]
+        for index, event in enumerate(history):
+            try:
+                check_event(event, index, max_labels)
+            except ClientInputError as exc:
+                raise DataError(
+                    f"{events}: user {user_id!r}, event at {interactions[index].time}: {exc.reason}"
+                ) from None
+        out.append((user_id, interactions, history))
+    return out
+
+
+def _client(url: str, model: str) -> InterestClient:
+    """A client of `url` once it answers: a server that is not up is one line at once (the
+    client alone would retry for its 30 s deadline, a warning a retry)."""
+    client = InterestClient(url)
+    if not client.is_ready():
+        client.close()
+        raise ServerUnavailable(
+            f"no server ready at {url} (start one with `dynemb serve`, or pass --url)",
+            model=model,
+            url=url,
+        )
+    return client
+
+
+def _query_time(at: float | None) -> float | None:
+    if at is None:
+        return None
+    try:
+        return to_unix_seconds(at, field="--at")
+    except ClientInputError as exc:
+        raise UsageError(f"--at: {exc.reason}") from None
 
 
 def embed_events(
     events: Path, user: str | None, at: float | None, url: str, repository: Path
 ) -> Iterator[UserEmbedding]:
     """E_t of each user of `events` (or only `user`), at `at` or their newest event."""
-    with InterestClient(url) as client:
-        for user_id, _, history in _histories(events, user, repository):
-            yield UserEmbedding(user_id, client.embed(history, at=at))
+    at = _query_time(at)
+    histories = _histories(events, user, repository)
+    with _client(url, "user_interest") as client:
+        for user_id, interactions, history in histories:
+            t = interactions[-1].time if at is None else at
+            yield UserEmbedding(user_id, t, client.embed(history, at=t))
 
 
 def recommend_events(
@@ -67,10 +117,16 @@ def recommend_events(
 ) -> Iterator[UserRecommendations]:
     """Top-k items of each user of `events`; with `exclude_seen`, none of the items of the
     history sent (the model is trained to rank the items a user has not had)."""
-    with InterestClient(url) as client:
-        for user_id, interactions, history in _histories(events, user, repository):
+    if not 1 <= k <= MAX_TOP_K:
+        raise UsageError(f"--k must be in 1..{MAX_TOP_K}, got {k}")
+    at = _query_time(at)
+    histories = _histories(events, user, repository)
+    with _client(url, "recommend") as client:
+        for user_id, interactions, history in histories:
             seen = {e.item_id for e in interactions} if exclude_seen else set()
-            yield UserRecommendations(user_id, client.recommend(history, k=k, at=at, exclude=seen))
+            t = interactions[-1].time if at is None else at
+            items = client.recommend(history, k=k, at=t, exclude=seen)
+            yield UserRecommendations(user_id, t, items)
 
 
 def served_versions(url: str, timeout_s: float = 10.0) -> dict[str, int]:

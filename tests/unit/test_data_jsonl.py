@@ -12,6 +12,8 @@ import pytest
 from dynemb.data import DataError, load_dataset
 from dynemb.data.jsonl import iter_user_events, load_jsonl
 
+PNG_A = b"\x89PNG\r\n\x1a\nA"  # a PNG's signature: what the client checks before sending
+
 
 def write_lines(path: Path, lines: list[object]) -> Path:
     path.write_text(
@@ -22,7 +24,7 @@ def write_lines(path: Path, lines: list[object]) -> Path:
 
 def test_events_items_and_order(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"PNG-A")
+    (tmp_path / "img" / "a.png").write_bytes(PNG_A)
     path = write_lines(
         tmp_path / "events.jsonl",
         [
@@ -52,7 +54,7 @@ def test_events_items_and_order(tmp_path: Path) -> None:
         ("u2", 50.0, "Toy Story"),
     ]
     lamp = data.interactions[1]
-    assert lamp.image == b"PNG-A" and lamp.rating == 5.0 and lamp.item_id == "lamp-1"
+    assert lamp.image == PNG_A and lamp.rating == 5.0 and lamp.item_id == "lamp-1"
     assert lamp.labels == ("category:home", "action:buy", "rating:5")
     # Same text without an item id -> same stable item; labels of the first line in the file.
     toy_ids = {e.item_id for e in data.interactions if e.text == "Toy Story"}
@@ -62,7 +64,7 @@ def test_events_items_and_order(tmp_path: Path) -> None:
     assert load_jsonl(path).interactions[0].item_id == toy_id  # stable across loads
     # Event-level labels do not become item labels.
     assert data.items["lamp-1"].labels == ("category:home",)
-    assert data.items["lamp-1"].image == b"PNG-A"
+    assert data.items["lamp-1"].image == PNG_A
     assert set(data.items) == {"lamp-1", "heat", toy_id}
 
 
@@ -102,9 +104,19 @@ GOOD = {"user": "u1", "time": 1, "text": "ok"}
         ({"user": "u", "time": 1, "text": "x", "rating": "5"}, "'rating' must be"),
         ({"user": "u", "time": 1, "text": "x", "lables": ["a"]}, "unknown key.*'lables'"),
         ({"user": "u", "time": 1, "text": "x", "image": "nope.png"}, "cannot read image"),
+        ({"user": "u", "time": 1_700_000_000_000, "text": "x"}, r"after the year 2100 \(millis"),
+        ('{"user": "u", "time": 1' + "0" * 400 + ', "text": "x"}', "too large for unix sec"),
+        ('{"user": "u", "time": 1' + "0" * 5000 + ', "text": "x"}', "JSON this reader cannot"),
+        ('{"user": "u", "time": 1, "text": "x", "labels": ' + "[" * 10**5, "JSON this reader"),
+        ('{"user": "\\ud800", "time": 1, "text": "x"}', "'user' is not valid text"),
+        ('{"user": "u", "time": 1, "text": "a\\udc80"}', "'text' is not valid text"),
+        ('{"user": "u", "time": 1, "text": "x", "item": "\\ud800"}', "'item' is not valid"),
+        ('{"user": "u", "time": 1, "text": "x", "labels": ["\\ud800"]}', r"'labels'\[0\] is"),
+        ({"user": "u", "time": 1, "text": "x", "image": "text.png"}, "is not PNG, JPEG"),
     ],
 )
 def test_errors_name_the_line(tmp_path: Path, bad: object, fragment: str) -> None:
+    (tmp_path / "text.png").write_text("not an image")
     path = write_lines(tmp_path / "events.jsonl", [GOOD, "", GOOD, GOOD, GOOD, GOOD, bad, GOOD])
     with pytest.raises(DataError, match=rf"events\.jsonl:7: .*{fragment}"):
         load_jsonl(path)
@@ -184,7 +196,7 @@ def test_parquet_events_read_as_the_same_lines(tmp_path: Path) -> None:
 
     from dynemb.data.jsonl import load_events
 
-    (tmp_path / "a.png").write_bytes(b"PNG-A")
+    (tmp_path / "a.png").write_bytes(PNG_A)
     records = [
         {"user": "u1", "time": 20, "text": "Lamp", "image": "a.png", "labels": ["x:1"]},
         {"user": "u1", "time": 10, "text": "Heat", "image": None, "labels": None},
@@ -195,7 +207,7 @@ def test_parquet_events_read_as_the_same_lines(tmp_path: Path) -> None:
     from_parquet = load_events(tmp_path / "events.parquet")
     from_lines = load_events(tmp_path / "events.jsonl")
     assert from_parquet.interactions == from_lines.interactions
-    assert from_parquet.by_user()["u1"][1].image == b"PNG-A"
+    assert from_parquet.by_user()["u1"][1].image == PNG_A
 
 
 def test_parquet_errors_name_the_row_and_other_suffixes_are_refused(tmp_path: Path) -> None:

@@ -24,6 +24,9 @@ from typing import Any
 
 from dynemb.data.types import Dataset, Interaction, Item
 from dynemb.errors import DynembError
+from dynemb_client import ClientInputError
+from dynemb_client.contract import MAX_TIME_S
+from dynemb_client.events import check_image
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,8 @@ def load_jsonl(path: Path) -> Dataset:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise where.error(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number; deep nesting
+            raise where.error(f"JSON this reader cannot take: {exc}"[:300]) from None
         interactions.append(_parse_event(record, where, images))
     return _dataset(path, interactions)
 
@@ -172,6 +177,16 @@ def _get_str(record: dict[str, Any], key: str, where: _Line, required: bool = Fa
         return ""
     if not isinstance(value, str):
         raise where.error(f"{key!r} must be a string, got {_type_name(value)}")
+    return _utf8(value, repr(key), where)
+
+
+def _utf8(value: str, name: str, where: _Line) -> str:
+    """`value`, which must be encodable as UTF-8 (JSON's "\\ud800" escape, a lone half of
+    a surrogate pair, decodes to a string that is not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise where.error(f"{name} is not valid text ({exc.reason} at {exc.start})") from None
     return value
 
 
@@ -179,7 +194,10 @@ def _parse_time(value: Any, where: _Line) -> float:
     if value is None:
         raise where.error("missing required key 'time'")
     if _is_number(value):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise where.error("'time' is too large for unix seconds") from None
     elif isinstance(value, str):
         try:
             iso = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
@@ -197,6 +215,9 @@ def _parse_time(value: Any, where: _Line) -> float:
         )
     if not math.isfinite(seconds) or seconds < 0:
         raise where.error(f"'time' must be a finite, non-negative unix time, got {value!r}")
+    if seconds > MAX_TIME_S:
+        hint = " (milliseconds? 'time' is in seconds)" if seconds > 1000 * 946_684_800 else ""
+        raise where.error(f"'time' {value!r} is after the year 2100{hint}")
     return seconds
 
 
@@ -208,6 +229,7 @@ def _parse_labels(value: Any, where: _Line) -> tuple[str, ...]:
     for index, label in enumerate(value):
         if not isinstance(label, str) or not label:
             raise where.error(f"'labels'[{index}] must be a non-empty string, got {label!r}")
+        _utf8(label, f"'labels'[{index}]", where)
     return tuple(value)
 
 
@@ -216,9 +238,14 @@ def _read_image(where: _Line, relative: str, cache: dict[Path, bytes]) -> bytes:
     path = where.path.parent / relative
     if path not in cache:
         try:
-            cache[path] = path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise where.error(f"cannot read image {relative!r}: {exc.strerror}") from None
+        try:
+            check_image(data, 0)  # what the client would refuse to send, said here
+        except ClientInputError as exc:
+            raise where.error(f"image {relative!r}: {exc.reason}") from None
+        cache[path] = data
     return cache[path]
 
 

@@ -1,0 +1,86 @@
+"""`dynemb embed` / `recommend` as a user runs them without a server: what can be refused
+is refused before any server is asked, a server that is not up is one line at once (the
+client alone retried for 30 s, a warning a retry), and output that cannot be written is
+one line too (a full disk printed a traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+NO_SERVER = "127.0.0.1:1"  # nothing listens on port 1
+
+
+def dynemb(*args: str, stdout: int | None = subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dynemb", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Path:
+    path = tmp_path / "events.jsonl"
+    lines = [{"user": "u1", "time": 1_700_000_000 + i, "text": f"t{i}"} for i in range(3)]
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["embed"], "no server ready at 127.0.0.1:1"),
+        (["recommend"], "no server ready at 127.0.0.1:1"),
+        (["recommend", "--k", "0"], "--k must be in 1..100, got 0"),
+        (["embed", "--at", "nan"], "--at: time must be finite"),
+    ],
+)
+def test_without_a_server_a_command_says_what_is_wrong_in_one_line_at_once(
+    events, tmp_path, args, said
+):
+    started = time.monotonic()
+    done = dynemb(*args, "--events", str(events), "--url", NO_SERVER, "--repository", str(tmp_path))
+    assert time.monotonic() - started < 30  # the client's retry deadline, were it waited out
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("dynemb: error: ") and said in line
+
+
+def test_an_event_the_client_would_refuse_is_named_before_anything_is_printed(tmp_path):
+    """u1 is fine and u2's time is in milliseconds: the file's line, and nothing printed
+    for u1 first."""
+    path = tmp_path / "ms.jsonl"
+    path.write_text(
+        '{"user": "u1", "time": 1700000000, "text": "a"}\n'
+        '{"user": "u2", "time": 1700000000000, "text": "b"}\n'
+    )
+    done = dynemb("embed", "--events", str(path), "--url", NO_SERVER)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == (
+        f"dynemb: error: {path}:2: 'time' 1700000000000 is after the year 2100 "
+        "(milliseconds? 'time' is in seconds)"
+    )
+
+
+def test_an_output_path_through_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    done = dynemb("k8s", "--out", str(tmp_path / "file" / "k8s"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("dynemb: error: Not a directory")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_full_disk_under_stdout_is_one_line(tmp_path):
+    with open("/dev/full", "w") as full:
+        done = dynemb("--help", stdout=full)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["dynemb: error: No space left on device"]
