@@ -49,10 +49,12 @@ T = TypeVar("T")
 class AsyncInterestClient(ClientBase):
     """Embeds users and recommends items over asyncio gRPC (see InterestClient).
 
-    Channels are opened on first use, inside the running event loop.
+    Channels are opened on first use, inside the running event loop, and belong to it: a
+    client serves one event loop (for another `asyncio.run`, make another client).
     """
 
     grpc_module = grpcclient
+    _loop: asyncio.AbstractEventLoop | None = None  # the loop of the first call
 
     async def _call(
         self,
@@ -61,6 +63,14 @@ class AsyncInterestClient(ClientBase):
         retry: bool = True,
         route: str | None = None,
     ) -> T:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:  # its channels would fail with "Event loop is closed"
+            raise RuntimeError(
+                "this AsyncInterestClient was first used in another event loop, which its "
+                "channels belong to: make a new client for this one"
+            )
         started = time.monotonic()
         for attempt in itertools.count():
             url, inner = self._pool.acquire(route)
@@ -140,7 +150,7 @@ class AsyncInterestClient(ClientBase):
         events: Sequence[Event],
         k: int = 10,
         at: TimeLike | None = None,
-        exclude: Iterable[str] = (),
+        exclude: Iterable[str] | None = (),
     ) -> list[Recommendation]:
         """Up to k items for one user, best first, none of them in `exclude` (item ids)."""
         return (await self.recommend_many([events], k=k, at=[at], exclude=[exclude]))[0]
@@ -219,7 +229,11 @@ class AsyncInterestClient(ClientBase):
         return await self.update(user_id, (), at)
 
     async def recommend_user(
-        self, user_id: str, k: int = 10, at: TimeLike | None = None, exclude: Iterable[str] = ()
+        self,
+        user_id: str,
+        k: int = 10,
+        at: TimeLike | None = None,
+        exclude: Iterable[str] | None = (),
     ) -> list[Recommendation]:
         embedding = await self.embed_user(user_id, at)
         call = retrieve_call(self.model_retrieve, embedding, k, exclude)

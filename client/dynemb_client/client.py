@@ -139,7 +139,7 @@ class InterestClient(ClientBase):
         events: Sequence[Event],
         k: int = 10,
         at: TimeLike | None = None,
-        exclude: Iterable[str] = (),
+        exclude: Iterable[str] | None = (),
     ) -> list[Recommendation]:
         """Up to k items for one user, best first, none of them in `exclude` (item ids)."""
         return self.recommend_many([events], k=k, at=[at], exclude=[exclude])[0]
@@ -225,7 +225,11 @@ class InterestClient(ClientBase):
         return self.update(user_id, (), at)
 
     def recommend_user(
-        self, user_id: str, k: int = 10, at: TimeLike | None = None, exclude: Iterable[str] = ()
+        self,
+        user_id: str,
+        k: int = 10,
+        at: TimeLike | None = None,
+        exclude: Iterable[str] | None = (),
     ) -> list[Recommendation]:
         """Up to k items for the session's E_t, best first, none of them in `exclude`."""
         embedding = self.embed_user(user_id, at)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,8 +47,9 @@ class Event:
     def __post_init__(self) -> None:
         # A list would make the frozen event unhashable; a bare str, and a set (its order,
         # which the first label's features read, changes between processes), are left for
-        # the request builder to reject with a clear message.
-        if not isinstance(self.labels, (str, bytes, tuple, AbstractSet)):
+        # the request builder to reject with a clear message, as is a mapping (whose keys
+        # a tuple would silently take).
+        if not isinstance(self.labels, (str, bytes, tuple, AbstractSet, Mapping)):
             with contextlib.suppress(TypeError):
                 object.__setattr__(self, "labels", tuple(self.labels))
 
@@ -66,7 +67,10 @@ def to_unix_seconds(value: object, *, field: str, index: int | None = None) -> f
             index=index,
         )
     else:
-        seconds = float(value)  # type: ignore[arg-type]
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except OverflowError:  # an int past a float's range
+            seconds = math.inf
     if not math.isfinite(seconds):
         raise ClientInputError(f"time must be finite, got {seconds}", field=field, index=index)
     if seconds < 0:
@@ -86,6 +90,8 @@ def to_unix_seconds(value: object, *, field: str, index: int | None = None) -> f
 def _is_real(value: object) -> bool:
     try:
         float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return True  # a real number, too large: said as not finite
     except (TypeError, ValueError):
         return False
     return not isinstance(value, (str, bytes, complex))
@@ -117,6 +123,13 @@ def check_labels(labels: object, max_labels: int, index: int) -> list[bytes]:
         raise ClientInputError(
             f"labels must be a sequence of strings, not a single {type(labels).__name__} "
             f"({labels!r}); wrap it in a tuple",
+            field=EVENT_LABELS,
+            index=index,
+        )
+    if isinstance(labels, Mapping):
+        raise ClientInputError(
+            f"labels must be a sequence of strings, not a {type(labels).__name__} (its keys "
+            "would be taken): pass a tuple or list",
             field=EVENT_LABELS,
             index=index,
         )
@@ -178,6 +191,10 @@ def check_image(image: object, index: int) -> Path | bytes:
         _check_signature(data, index, source="image bytes")
         return data
     if isinstance(image, (str, os.PathLike)):
+        if not os.fspath(image):
+            raise ClientInputError(
+                "image path is empty (None is no image)", field=EVENT_IMAGE, index=index
+            )
         path = Path(image)
         if not path.is_file():
             raise ClientInputError(

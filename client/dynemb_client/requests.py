@@ -294,12 +294,15 @@ def recommend_call(
     )
 
 
-def exclusion_sets(exclude: Sequence[Iterable[str]] | None, n: int) -> list[frozenset[str]]:
-    """One set of item ids per user (empty sets for None)."""
+def exclusion_sets(exclude: Sequence[Iterable[str] | None] | None, n: int) -> list[frozenset[str]]:
+    """One set of item ids per user (empty sets for None, the whole or a user's)."""
     if exclude is None:
         return [frozenset()] * n
     sets = []
     for i, ids in enumerate(exclude):
+        if ids is None:  # as for the whole batch: nothing to leave out
+            sets.append(frozenset())
+            continue
         if isinstance(ids, (str, bytes)):
             raise ClientInputError(
                 "exclude must hold a collection of item ids per user, not one id",

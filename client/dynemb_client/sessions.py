@@ -239,7 +239,7 @@ def rows_call(
 
 
 def retrieve_call(
-    model: str, embedding: np.ndarray, k: int, exclude: Iterable[str] = ()
+    model: str, embedding: np.ndarray, k: int, exclude: Iterable[str] | None = ()
 ) -> InferCall:
     """A `retrieve` request for one E_t: up to k items, leaving out `exclude`."""
     _check_top_k(k)

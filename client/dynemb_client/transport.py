@@ -29,6 +29,7 @@ from dynemb_client.contract import (
     version_output,
 )
 from dynemb_client.errors import (
+    ClientInputError,
     ServerError,
     ServerInputError,
     ServerUnavailable,
@@ -97,6 +98,19 @@ def server_ready(url: str, timeout_s: float = 1.0) -> bool:
         client.close()
 
 
+def check_url(url: object) -> str:
+    """A gRPC endpoint as host:port (port 1-65535; "[::1]:8001" for IPv6), or a "unix:"
+    socket path. gRPC itself took a port past 65535 modulo 65536 and a missing port as 443."""
+    if isinstance(url, str) and url.startswith("unix:") and len(url) > len("unix:"):
+        return url
+    host, _, port = url.rpartition(":") if isinstance(url, str) else ("", "", "")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ClientInputError(
+            f"expected host:port with a port in 1-65535, got {url!r}", field="url"
+        )
+    return url
+
+
 class EndpointPool(Generic[T]):
     """Client-side balancing over server URLs, with health.
 
@@ -124,7 +138,7 @@ class EndpointPool(Generic[T]):
             raise ValueError(f"urls must be a non-empty list of host:port, got {urls!r}")
         if len(set(urls)) != len(urls):
             raise ValueError(f"urls must not repeat, got {list(urls)!r}")
-        self.urls = list(urls)
+        self.urls = [check_url(url) for url in urls]
         self._endpoints = {url: _Endpoint(url) for url in self.urls}
         self._factory = factory
         self._probe = probe

@@ -184,6 +184,9 @@ def test_event_with_list_labels_is_hashable() -> None:
         (Event(T0, "a", image=b"not an image at all"), EVENT_IMAGE),
         (Event(T0, "a", image=b"RIFF\x00\x00\x00\x00AVI "), EVENT_IMAGE),
         (Event(T0, "a", image=42), EVENT_IMAGE),
+        (Event(T0, "a", image=""), EVENT_IMAGE),  # said "image file '.' does not exist"
+        (Event(T0, "a", labels={"genre:Comedy": 1}), EVENT_LABELS),  # took the dict's keys
+        (Event(10**400, "a"), EVENT_TIME),  # an OverflowError
     ],
 )
 def test_bad_event_names_its_field_and_index(event: Event, field: str) -> None:
@@ -260,6 +263,7 @@ def test_import_needs_no_torch_transformers_or_pil() -> None:
 def test_exclusion_sets_are_per_user_and_reject_a_bare_id() -> None:
     assert exclusion_sets(None, 2) == [frozenset(), frozenset()]
     assert exclusion_sets([["1", 2], []], 2) == [frozenset({"1", "2"}), frozenset()]
+    assert exclusion_sets([None, ["1"]], 2) == [frozenset(), frozenset({"1"})]  # a TypeError
     with pytest.raises(ClientInputError, match="not one id"):
         exclusion_sets(["12"], 1)
     with pytest.raises(ClientInputError, match="1 entries for 2 users"):
@@ -324,3 +328,29 @@ def test_a_single_query_time_of_any_accepted_type_is_one_time() -> None:
     call = embedding_call("user_interest", histories, np.array([T0 + 5, T0 + 6]), ModelShape(50, 8))
     found = next(i for i in call.inputs if i.name() == QUERY_TIME)
     assert np.frombuffer(found._raw_content, np.float64).tolist() == [T0 + 5, T0 + 6]
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:99999", "localhost", "127.0.0.1:", ":8001", 8001])
+def test_an_endpoint_that_is_not_host_and_port_is_refused(url) -> None:
+    """gRPC took port 99999 as 99999 % 65536 and a missing port as 443 (30 s of retries)."""
+    from dynemb_client import AsyncInterestClient, InterestClient
+
+    for make in (InterestClient, AsyncInterestClient):
+        with pytest.raises(ClientInputError, match="expected host:port"):
+            make(url)
+    for good in ("127.0.0.1:8001", "[::1]:8001", "unix:/run/triton.sock"):
+        InterestClient(good).close()
+
+
+def test_an_async_client_used_in_a_second_event_loop_says_so() -> None:
+    """Its channels belong to the loop of its first call: in another one they failed with
+    "Event loop is closed"."""
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient, ServerUnavailable
+
+    client = AsyncInterestClient("127.0.0.1:1", retries=0, timeout_s=1)
+    with pytest.raises(ServerUnavailable):  # nothing listens there: the first loop's call
+        asyncio.run(client.embed([Event(T0, "a")]))
+    with pytest.raises(RuntimeError, match="make a new client"):
+        asyncio.run(client.embed([Event(T0, "a")]))
