@@ -3,6 +3,7 @@ typed hyperparameters, the label vocabulary, the item ids and where it all comes
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -24,6 +25,21 @@ class CheckpointError(DynembError, ValueError):
 
 class StaleCheckpointError(CheckpointError):
     """A checkpoint written by a dynemb whose stage networks differ from this one's."""
+
+
+def check_checkpoint_path(path: Path) -> None:
+    """A checkpoint can be written at `path`: not a folder, and under a folder (or where
+    one can be made), so a training run does not find out after its 25 minutes."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; a checkpoint is a file (e.g. {path}/model.pt)")
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CheckpointError(f"{path}: {parent} is not writable")
+            return
 
 
 @dataclass
@@ -51,8 +67,17 @@ class Checkpoint:
         return self.model.dims
 
     def save(self, path: Path) -> None:
+        check_checkpoint_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")  # never a half-written checkpoint
+        try:
+            self._write(partial)
+        except BaseException:  # a full disk, Ctrl-C: nothing half-written stays behind
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(path)
+
+    def _write(self, path: Path) -> None:
         torch.save(
             {
                 "config": {
@@ -67,9 +92,8 @@ class Checkpoint:
                 "trained": self.trained,
                 "format": self.FORMAT,
             },
-            partial,
+            path,
         )
-        partial.replace(path)
 
     @classmethod
     def load(cls, path: Path, dims: Dims | None = None) -> Checkpoint:

@@ -481,10 +481,18 @@ def train(
     --only STAGE fine-tune one stage of a checkpoint into a swappable version directory."""
     from dataclasses import replace
 
+    from dynemb.checkpoint import check_checkpoint_path
     from dynemb.data import load_dataset
     from dynemb.training.train import TrainOptions
     from dynemb.training.train import train as train_model
 
+    if only is None and checkpoint is not None:
+        raise typer.BadParameter(
+            "is the model that --only STAGE fine-tunes; a joint run starts anew",
+            param_hint="--checkpoint",
+        )
+    if only is None and out is not None:
+        check_checkpoint_path(out)  # before training, not after it
     dataset = load_dataset(data, cache_dir())
     options = TrainOptions(seed=seed, max_minutes=max_minutes, num_threads=threads)
     if max_epochs is not None:

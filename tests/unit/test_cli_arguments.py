@@ -15,6 +15,7 @@ from dynemb.cli import app
     [
         (["train", "--threads", "0"], "--threads"),
         (["train", "--max-epochs", "0"], "--max-epochs"),
+        (["train", "--checkpoint", "model.pt"], "that --only STAGE fine-tunes"),  # was ignored
         (["bench", "--quick", "--concurrency", "0,2"], "concurrency must be at least 1, got 0"),
         (["bench-sessions", "--quick", "--past", "0"], "--past"),
         (["evaluate", "--seeds", "-1"], "seeds must be at least 0, got -1"),

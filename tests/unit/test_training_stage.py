@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,68 @@ def test_fine_tuned_stage_is_a_swappable_version(trained, tmp_path):
     assert load_runner(tmp_path / "v").spec.name == "label_mlp"
     with pytest.raises(ValueError, match="torch stage"):
         fine_tune_stage(data, path, "retrieve", tmp_path / "r", TINY)
+
+
+def test_a_fine_tuned_stage_goes_where_a_candidate_may_and_is_checked_before_training(
+    trained, tmp_path, monkeypatch
+):
+    """Into a served version it rewrote that version in place (the next reload served an
+    unchecked stage); over any other folder it wrote into it. Both are refused before
+    training starts; an earlier fine-tuned output is replaced whole, and a failure after
+    training leaves it as it was."""
+    import dynemb.training.stage as stage_module
+    from dynemb.errors import UsageError
+
+    data, path = trained
+    repository = tmp_path / "repo"
+    (repository / "label_mlp" / "1").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    ran = []
+    monkeypatch.setattr(stage_module, "fit", lambda *a, **k: ran.append(1))
+    for out in (repository / "label_mlp" / "1", repository, tmp_path / "mine"):
+        with pytest.raises(UsageError, match=r"outside the model repository|not an earlier"):
+            fine_tune_stage(data, path, "label_mlp", out, TINY, repository)
+    assert not ran and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    monkeypatch.undo()
+
+    real_fit, fitted = stage_module.fit, []
+
+    def fit_once(*args, **kwargs):  # one training serves both calls below
+        if not fitted:
+            fitted.append(real_fit(*args, **kwargs))
+        return fitted[0]
+
+    monkeypatch.setattr(stage_module, "fit", fit_once)
+    out = tmp_path / "candidate"
+    fine_tune_stage(data, path, "label_mlp", out, TINY)
+    first = Manifest.load(out).provenance.train_seconds
+    monkeypatch.setattr(stage_module, "write_version", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fine_tune_stage(data, path, "label_mlp", out, TINY)  # an earlier candidate: allowed
+    assert Manifest.load(out).provenance.train_seconds == first  # left as it was
+    assert [p.name for p in tmp_path.iterdir() if "making" in p.name] == []
+
+
+def test_a_checkpoint_path_is_checked_before_training_and_nothing_partial_stays(
+    trained, tmp_path, monkeypatch
+):
+    from dynemb.checkpoint import CheckpointError, check_checkpoint_path
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "folder", tmp_path / "file" / "model.pt"):
+        with pytest.raises(CheckpointError):
+            check_checkpoint_path(bad)
+    check_checkpoint_path(tmp_path / "new" / "deeper" / "model.pt")  # folders are made
+
+    checkpoint = Checkpoint.load(trained[1])
+
+    def half_written(obj, path):
+        Path(path).write_bytes(b"half")
+        raise ZeroDivisionError  # as a full disk would, midway
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.save(tmp_path / "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]

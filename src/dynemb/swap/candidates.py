@@ -58,11 +58,12 @@ def make_candidate(
     return out
 
 
-def check_out(out: Path, repository: Path) -> None:
+def check_out(out: Path, repository: Path | None) -> None:
     """A candidate goes outside the model repository, and over nothing but a folder that
     holds an earlier candidate (or nothing): `out` is replaced whole."""
-    target, repo = out.resolve(), repository.resolve()
-    if target == repo or repo in target.parents or target in repo.parents:
+    target = out.resolve()
+    repo = repository.resolve() if repository is not None else None
+    if repo is not None and (target == repo or repo in target.parents or target in repo.parents):
         raise UsageError(f"{out}: a candidate goes outside the model repository {repository}")
     if out.exists() and not (out.is_dir() and _is_candidate(out)):
         raise UsageError(
@@ -72,7 +73,9 @@ def check_out(out: Path, repository: Path) -> None:
 
 
 def _is_candidate(folder: Path) -> bool:
+    """Made by `dynemb candidate` or by `dynemb train --only`."""
     try:
-        return Manifest.load(folder).provenance.candidate is not None
+        provenance = Manifest.load(folder).provenance
     except Exception:  # unreadable: not one of ours
         return False
+    return provenance.candidate is not None or provenance.only is not None

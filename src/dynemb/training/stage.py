@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 from dynemb import stages
@@ -18,6 +19,7 @@ from dynemb.pipeline import Pipeline
 from dynemb.repository import write_version
 from dynemb.stages import load_runner
 from dynemb.stages.torch_stage import TorchStage
+from dynemb.swap.candidates import check_out
 from dynemb.swap.drift import measure, probe_inputs
 from dynemb.training.train import TrainOptions, fit
 from dynemb_client.contract import RECOMMEND
@@ -33,18 +35,21 @@ def fine_tune_stage(
     options: TrainOptions,
     repository: Path | None = None,
 ) -> Manifest:
-    """Train `stage` of `checkpoint` further on `dataset`; write its version dir to `out`."""
+    """Train `stage` of `checkpoint` further on `dataset`; write its version dir to `out`,
+    a candidate as `dynemb candidate` makes one: outside the repository, over nothing but
+    an earlier candidate (checked before training), made beside it and renamed into place
+    (a failure or Ctrl-C leaves `out` as it was)."""
     found = stages.get(stage)
     if not isinstance(found, TorchStage):
         trainable = [name for name in stages.NAMES if stages.trainable(name)]
         raise UsageError(f"only a torch stage can be fine-tuned: {', '.join(trainable)}")
+    check_out(out, repository)
     current = Pipeline.from_repository(repository) if _built(repository, stage) else None
     serving_dims = current.runners[stage].manifest.dims if current else None
     parent = Checkpoint.load(checkpoint, dims=serving_dims)
     options = dataclasses.replace(options, only=stage)
     trained = fit(dataset, leave_one_out(dataset), options, init=parent.model)
     joint = trained.model.joint
-    found.save(joint.stages[stage], out)
     provenance = Provenance(
         data=dataset.name,
         synthetic=dataset.synthetic,
@@ -56,15 +61,26 @@ def fine_tune_stage(
         train_seconds=round(trained.seconds, 1),
         item_labels=parent.provenance.item_labels,
     )
-    manifest = write_version(out, stage, joint.params.of(stage), joint.dims, True, provenance)
-    if current is not None:
-        candidate = load_runner(out)
-        probes = probe_inputs()
-        new = Pipeline({**current.runners, stage: candidate}).run(probes, RECOMMEND, checks=False)
-        drift = measure(current.run(probes, RECOMMEND), new, candidate)
-        manifest.provenance.drift_vs_serving = drift
-        manifest.save(out)
-        log.info("%s candidate drift vs serving: %s", stage, drift.as_dict())
+    staging = out.with_name(f".{out.name}.making")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        found.save(joint.stages[stage], staging)
+        params, dims = joint.params.of(stage), joint.dims
+        manifest = write_version(staging, stage, params, dims, True, provenance)
+        if current is not None:
+            candidate = load_runner(staging)
+            probes = probe_inputs()
+            new = Pipeline({**current.runners, stage: candidate}).run(
+                probes, RECOMMEND, checks=False
+            )
+            drift = measure(current.run(probes, RECOMMEND), new, candidate)
+            manifest.provenance.drift_vs_serving = drift
+            manifest.save(staging)
+            log.info("%s candidate drift vs serving: %s", stage, drift.as_dict())
+        shutil.rmtree(out, ignore_errors=True)  # an earlier candidate (check_out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
