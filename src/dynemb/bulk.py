@@ -154,6 +154,7 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
     repository = options.repository.resolve()
     if not (repository / "recommend").is_dir():
         raise UsageError(f"{repository}: not a built model repository (`dynemb build`)")
+    check_out_dir(options.out, options.events, repository)
     staging = options.out.with_name(options.out.name + ".incoming")
     shutil.rmtree(staging, ignore_errors=True)
     started_ray = not ray.is_initialized()
@@ -199,6 +200,23 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
         shutil.rmtree(options.out)
     staging.rename(options.out)
     return EmbedAllResult(written, len(files), seconds, options.out)
+
+
+def check_out_dir(out: Path, events: Path, repository: Path) -> None:
+    """OUT is replaced whole: it must be a folder (or nothing yet) with a name of its own
+    that neither is nor holds the events or the model repository (--overwrite deleted an
+    events folder given as OUT, and would have deleted a repository), nor lies inside the
+    repository (Triton would take it for a model)."""
+    target = out.resolve()
+    if not out.name or target.parent == target or target == Path.cwd().resolve():
+        raise UsageError(f"{out}: OUT is replaced whole; name a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; OUT is a folder of Parquet files")
+    for what, path in (("events", events.resolve()), ("model repository", repository)):
+        if target == path or target in path.parents:
+            raise UsageError(f"{out}: OUT would replace the {what} {path}; pick another folder")
+    if repository in target.parents:
+        raise UsageError(f"{out}: OUT goes outside the model repository {repository}")
 
 
 def _own_error(exc: BaseException) -> DynembError | None:
