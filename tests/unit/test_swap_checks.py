@@ -85,3 +85,27 @@ def test_a_full_disk_while_installing_leaves_nothing_half_written(repo, tmp_path
     with pytest.raises(SwapRefusedError, match="nothing installed"):
         swapper._install(model_dir, candidate, manifest, 1, None, "")
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+
+
+def test_a_stage_that_is_not_there_to_swap_or_roll_back_is_one_refusal(tmp_path):
+    """Without versions, `rollback` (and every several---url swap) raised IndexError; a
+    name that is no stage said "no such model folder"; a port past 65535 ran the drift
+    probes and then reached port 34463 (gRPC's modulo)."""
+    from dynemb.swap.rolling import RollingSwapper
+    from dynemb.swap.swapper import Swapper, installed_versions
+    from dynemb_client import ClientInputError
+
+    (tmp_path / "label_mlp").mkdir()
+    (tmp_path / "label_mlp" / "config.pbtxt").write_text("")
+    with pytest.raises(SwapRefusedError, match="no versions; run `dynemb build`"):
+        installed_versions(tmp_path, "label_mlp")
+    with pytest.raises(SwapRefusedError, match="unknown stage 'bogus'"):
+        installed_versions(tmp_path, "bogus")
+    with pytest.raises(SwapRefusedError, match="unknown stage 'session'"):
+        installed_versions(tmp_path, "session")  # a model, not a swappable stage
+    with pytest.raises(SwapRefusedError, match="no versions"):
+        Swapper(tmp_path, "127.0.0.1:1").rollback("label_mlp")
+    with pytest.raises(SwapRefusedError, match="no versions"):
+        RollingSwapper(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"]).rollback("label_mlp")
+    with pytest.raises(ClientInputError, match="host:port"):
+        Swapper(tmp_path, "127.0.0.1:99999")

@@ -25,9 +25,8 @@ from pathlib import Path
 from dynemb import control
 from dynemb.errors import UsageError
 from dynemb.manifest import DriftReport
-from dynemb.pipeline import versions_of
 from dynemb.swap.drift import DriftThresholds
-from dynemb.swap.swapper import SwapFailedError, Swapper
+from dynemb.swap.swapper import SwapFailedError, Swapper, installed_versions
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class RollingSwapper:
         note: str,
     ) -> RollResult:
         started = time.monotonic()
-        old = versions_of(self.repository / stage)[-1]
+        old = installed_versions(self.repository, stage)[-1]
         for swapper in self.swappers:  # refuse before touching anything
             swapper.require_serving(stage, old)
         first, *rest = self.swappers

@@ -29,6 +29,7 @@ from dynemb.stages import Runner, UnknownStageError, load_runner
 from dynemb.swap.drift import DriftThresholds, measure, probe_inputs
 from dynemb_client import contract as wire
 from dynemb_client.contract import RECOMMEND
+from dynemb_client.transport import check_url
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
@@ -37,6 +38,23 @@ ASK_S = 10.0  # a readiness question: a server that takes longer is not answerin
 
 class SwapRefusedError(DynembError, RuntimeError):
     """The candidate was not installed; the server was not touched."""
+
+
+def installed_versions(repository: Path, stage: str) -> list[int]:
+    """The version numbers of `stage` in `repository`, oldest first; refused for a name
+    that is no stage (the ensembles and the session model are not swapped) and for a
+    stage with none (an unfinished build), before a swap or rollback touches anything."""
+    try:
+        stages.get(stage)
+    except UnknownStageError as exc:
+        raise SwapRefusedError(str(exc)) from exc
+    try:
+        found = versions_of(repository / stage)
+    except DynembError as exc:
+        raise SwapRefusedError(str(exc)) from exc
+    if not found:
+        raise SwapRefusedError(f"{repository / stage}: no versions; run `dynemb build`")
+    return found
 
 
 class SwapFailedError(DynembError, RuntimeError):
@@ -98,7 +116,7 @@ class Swapper:
         self.thresholds = thresholds or DriftThresholds()
         self.ready_timeout_s = ready_timeout_s
         self.lock_timeout_s = lock_timeout_s  # waiting for another swap or a recovery
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(check_url(url))
         self._probes: dict | None = None
         self._runners: dict[tuple[Path, bytes], Runner] = {}
         self._baseline_cache: tuple[tuple[int, ...], dict] | None = None
@@ -141,6 +159,12 @@ class Swapper:
         progress: Callable[[str], None],
         started: float,
     ) -> SwapResult:
+        model_dir = self.repository / stage
+        old = installed_versions(self.repository, stage)[-1]
+        # The server serves this repository's newest version of the stage (a server of
+        # another repository would only show after the ready timeout, with N+1 loaded),
+        # asked first: a server that is down is said before the drift probes run.
+        self.require_serving(stage, old)
         current = self.current_pipeline()
         try:
             candidate = load_runner(artifact)
@@ -163,11 +187,6 @@ class Swapper:
                     f"{stage}: drift out of bounds ({'; '.join(problems)}); "
                     "pass --accept-drift to swap anyway"
                 )
-        model_dir = self.repository / stage
-        old = versions_of(model_dir)[-1]
-        # The server serves this repository's newest version of the stage (a server of
-        # another repository would only show after the ready timeout, with N+1 loaded).
-        self.require_serving(stage, old)
         new = self._install(model_dir, artifact, manifest, old, drift, note)
         try:  # from the moment N+1 is on disk: nothing between it and the restore
             progress(f"{stage}: installed as version {new}; loading")
@@ -242,7 +261,7 @@ class Swapper:
         """The version directory a rollback serves again: `to`, or the serving version's
         parent; refused when there is none."""
         model_dir = self.repository / stage
-        existing = versions_of(model_dir)
+        existing = installed_versions(self.repository, stage)
         if to is None:
             current = Manifest.load(model_dir / str(existing[-1]))
             to = current.provenance.parent_version
