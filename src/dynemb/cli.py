@@ -845,7 +845,12 @@ def bench_sessions(
     writes sessions.md/.json."""
     from dynemb.bench.sessions import SessionBenchOptions
     from dynemb.bench.sessions import bench_sessions as run
+    from dynemb.dims import DIMS
 
+    if not 1 <= hold < DIMS.max_events:  # before the histories load
+        raise typer.BadParameter(
+            f"must be 1..{DIMS.max_events - 1}, got {hold}", param_hint="--hold"
+        )
     options = SessionBenchOptions(repository=repository, out_dir=out_dir, hold=hold, past=past)
     if quick:
         options.quick, options.max_seconds, options.warmup_calls = True, 3.0, 4

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dynemb.cli import app
+from dynemb.errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -18,6 +19,7 @@ from dynemb.cli import app
         (["train", "--checkpoint", "model.pt"], "that --only STAGE fine-tunes"),  # was ignored
         (["bench", "--quick", "--concurrency", "0,2"], "concurrency must be at least 1, got 0"),
         (["bench-sessions", "--quick", "--past", "0"], "--past"),
+        (["bench-sessions", "--quick", "--hold", "0"], "must be 1..49, got 0"),
         (["evaluate", "--seeds", "-1"], "seeds must be at least 0, got -1"),
         (["evaluate", "--seeds", "a,b"], "seeds must be integers like 0,1,2"),
         (["evaluate-sessions", "--blocks", "0"], "blocks must be at least 1, got 0"),
@@ -34,3 +36,25 @@ def test_arguments_that_cannot_be_carried_out_are_usage_errors(args, said, tmp_p
     assert result.exit_code == 2, result.output
     assert said in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["bench", "--quick", "--data", "ml-100k,bogus"], "unknown benchmark data 'bogus'"),
+        (["bench-gpu", "--device", "cuda"], "no CUDA device here"),
+        (["bench-gpu", "--device", "tpu"], "--device must be cuda, cuda:N or cpu"),
+    ],
+)
+def test_a_benchmark_that_cannot_run_says_so_before_it_starts(args, said, tmp_path):
+    """Each was a traceback: `--data ml-100k,bogus` after the whole ml-100k benchmark,
+    `bench-gpu` without CUDA after making its results folder."""
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    flag = "--out" if args[0] == "bench-gpu" else "--out-dir"
+    result = CliRunner().invoke(app, [*args, flag, str(out)], env={"COLUMNS": "200"})
+    assert isinstance(result.exception, UsageError) and said in str(result.exception)
+    assert not out.exists()

@@ -50,6 +50,7 @@ from dynemb.bench.context import (
 from dynemb.bench.histories import HistorySet, synthetic_with_images
 from dynemb.configs import write_configs
 from dynemb.ensembles import ENSEMBLE_NAMES, stage_specs
+from dynemb.errors import UsageError
 from dynemb.pipeline import Pipeline, eager_uncached, serving_manifests
 from dynemb.repository import BuildOptions, build_repository
 from dynemb.stages import RunnerOptions
@@ -218,6 +219,24 @@ class Budget:
 
 
 # --- the machine -----------------------------------------------------------------------
+
+
+def check_device(device: str) -> None:
+    """A CUDA device that is there, or "cpu" (the dry run), before anything is written."""
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise UsageError(f"--device must be cuda, cuda:N or cpu, got {device!r}")
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"no CUDA device here for --device {device} (torch {torch.__version__}); "
+            "`--device cpu --dry-run` checks the command on the CPU"
+        )
+    index = torch.device(device).index or 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()}")
 
 
 def device_info(device: str) -> dict[str, Any]:
@@ -593,6 +612,7 @@ def run_gpu_bench(
     options: GpuBenchOptions, say: Callable[[str], None] = print
 ) -> tuple[GpuBenchResult, RunContext]:
     """Every phase within the budget; results in `options.out` (gpu.json, gpu.md)."""
+    check_device(options.device)
     budget = Budget(options.budget_s)
     options.out.mkdir(parents=True, exist_ok=True)
     context = collect_context()

@@ -44,6 +44,7 @@ from dynemb.bench.inprocess import (
     stage_costs,
 )
 from dynemb.bench.soak import SoakResult
+from dynemb.errors import UsageError
 from dynemb.pipeline import Pipeline, eager_uncached
 from dynemb.processes import tree_rss
 from dynemb_client import AsyncInterestClient
@@ -160,17 +161,23 @@ class ServingResult:
     targets: list[TargetCheck]
 
 
+BENCH_DATA = ("ml-100k", "synthetic-images")
+
+
 def load_histories(name: str, options: ServingOptions) -> HistorySet:
     if name == "ml-100k":
         return movielens(options.repository, options.cache, options.max_users)
     if name == "synthetic-images":
         return synthetic_with_images(options.max_users or 256)
-    raise ValueError(f"unknown benchmark data {name!r}: ml-100k or synthetic-images")
+    raise UsageError(f"unknown benchmark data {name!r}: {' or '.join(BENCH_DATA)}")
 
 
 def serving_benchmark(
     options: ServingOptions, say: Callable[[str], None] = log.info
 ) -> ServingResult:
+    unknown = [name for name in options.data if name not in BENCH_DATA]
+    if unknown:  # before any of them runs
+        raise UsageError(f"unknown benchmark data {unknown[0]!r}: {' or '.join(BENCH_DATA)}")
     context = collect_context(data="see each data set's description")
     if context.busy:
         say(f"WARNING: {context.load_warning()}")

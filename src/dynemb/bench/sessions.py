@@ -40,6 +40,7 @@ from dynemb.bench.context import RunContext, collect_context, context_markdown, 
 from dynemb.bench.histories import HistorySet, movielens, synthetic_with_images
 from dynemb.bench.served import triton
 from dynemb.dims import DIMS, Dims
+from dynemb.errors import UsageError
 from dynemb.paths import cache_dir
 from dynemb.pipeline import Pipeline
 from dynemb.processes import tree_cpu_seconds
@@ -160,7 +161,7 @@ def phase_plans(users: int, length: int, hold: int, block: int) -> dict[str, Pha
     L = DIMS.max_events  # noqa: N806
     past = length - L
     if not 0 < hold < L:
-        raise ValueError(f"hold must be 1..{L - 1}, got {hold}")
+        raise UsageError(f"hold must be 1..{L - 1}, got {hold}")
     if past < block:
         raise ValueError(f"{past} events past the window: at least B = {block} are needed")
     return {
