@@ -10,6 +10,7 @@ nvidia_pytriton.libs, so the stub loads the right libpython (else `ssl` fails).
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
@@ -67,21 +68,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ports_in_use(config: ServerConfig) -> list[str]:
-    """Which of the server's ports something already listens on ("gRPC port 8001"). Bound as
-    tritonserver binds them (address reuse on: a port whose last server just stopped is
-    free); said before the server starts, which otherwise loads every model and then dies
-    with the reason in its log."""
-    taken = []
+def port_problems(config: ServerConfig) -> list[str]:
+    """What keeps the server from binding its ports ("gRPC port 8001 already in use"), each
+    bound as tritonserver binds it (address reuse on: a port whose last server just stopped
+    is free); said before the server starts, which otherwise loads every model and then
+    dies with the reason in its log. A host that is not this machine's, or that does not
+    resolve, is one problem (it was said as every port in use)."""
+    problems = []
     ports = (("gRPC", config.grpc_port), ("HTTP", config.http_port))
     for name, port in (*ports, ("metrics", config.metrics_port)):
+        if not 1 <= port <= 65535:
+            problems.append(f"{name} port {port} is not in 1-65535")
+            continue
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((config.host, port))
-            except OSError:
-                taken.append(f"{name} port {port}")
-    return taken
+            except socket.gaierror as exc:
+                return [f"cannot resolve the host ({exc.strerror})"]
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return ["not an address of this machine (--host)"]
+                if exc.errno == errno.EADDRINUSE:
+                    problems.append(
+                        f"{name} port {port} already in use (another server still running?)"
+                    )
+                else:
+                    problems.append(f"{name} port {port}: {exc.strerror}")
+    return problems
 
 
 def pytriton_dir() -> Path:
@@ -190,12 +204,13 @@ class TritonServer:
                 f"{repository}: not a dynemb model repository (no {', '.join(missing)}); "
                 f"build one with `dynemb build --repository {repository}`"
             )
-        taken = ports_in_use(self.config)
-        if taken:
+        problems = port_problems(self.config)
+        if problems:
             raise ServerError(
-                f"{self.config.host}: {', '.join(taken)} already in use (another server "
-                "still running?): stop it or choose other ports (--grpc-port, --http-port, "
-                "--metrics-port)"
+                f"{self.config.host}: {'; '.join(problems)}: stop what holds them or choose "
+                "other ports (--grpc-port, --http-port, --metrics-port)"
+                if all("in use" in p for p in problems)
+                else f"{self.config.host}: {'; '.join(problems)}"
             )
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver on %s (log: %s)", self.config.grpc_url, self.log_file)

@@ -62,3 +62,21 @@ def test_ports_already_taken_are_refused_before_tritonserver_starts(repo, tmp_pa
         with pytest.raises(ServerError, match=rf"HTTP port {taken} already in use"):
             server.start()
         assert server.process is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        ({"grpc_port": -1}, "gRPC port -1 is not in 1-65535"),  # an OverflowError traceback
+        ({"host": "192.0.2.1"}, "192.0.2.1: not an address of this machine"),  # "in use"
+        ({"host": "nonexistent.invalid"}, "cannot resolve the host"),  # "in use" too
+    ],
+)
+def test_ports_that_cannot_be_bound_say_why_before_tritonserver_starts(
+    repo, tmp_path, changes, said
+):
+    config = ServerConfig(repository=repo, log_file=tmp_path / "log", **changes)
+    server = TritonServer(config)
+    with pytest.raises(ServerError, match=said) as raised:
+        server.start()
+    assert "already in use" not in str(raised.value) and server.process is None
