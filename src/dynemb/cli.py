@@ -993,10 +993,19 @@ def versions(
     --url: the versions each server's answers report, one line per server."""
     if url:
         from dynemb.queries import served_versions
+        from dynemb_client import ServerError as ClientServerError
 
-        for endpoint in url:
-            served = served_versions(endpoint)
+        unanswered = 0
+        for endpoint in url:  # one line each, a replica that is down included
+            try:
+                served = served_versions(endpoint)
+            except ClientServerError as exc:
+                unanswered += 1
+                print(f"{endpoint}  no answer: {exc}")
+                continue
             print(f"{endpoint}  " + "  ".join(f"{s}=v{v}" for s, v in served.items()))
+        if unanswered:
+            raise typer.Exit(1)
         return
     from dynemb.swap.swapper import list_versions
 

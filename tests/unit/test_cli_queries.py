@@ -84,3 +84,14 @@ def test_a_full_disk_under_stdout_is_one_line(tmp_path):
         done = dynemb("--help", stdout=full)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["dynemb: error: No space left on device"]
+
+
+def test_versions_of_replicas_says_one_line_each_when_some_are_down():
+    """It stopped at the first replica that did not answer: the others were never asked."""
+    done = dynemb("versions", "--url", NO_SERVER, "--url", "127.0.0.1:2")
+    assert done.returncode == 1
+    lines = done.stdout.strip().splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        [NO_SERVER, "no", "answer:"],
+        ["127.0.0.1:2", "no", "answer:"],
+    ]
