@@ -109,3 +109,35 @@ def test_a_stage_that_is_not_there_to_swap_or_roll_back_is_one_refusal(tmp_path)
         RollingSwapper(tmp_path, ["127.0.0.1:1", "127.0.0.1:2"]).rollback("label_mlp")
     with pytest.raises(ClientInputError, match="host:port"):
         Swapper(tmp_path, "127.0.0.1:99999")
+
+
+def test_a_repository_built_before_answers_carried_versions_is_verified_by_parity(tmp_path):
+    """Its ensembles declare no <STAGE>_VERSION outputs (it serves on without them): the
+    swap's check that the new version answers raised for every swap, which was then
+    restored. Without versions, the answers' parity with the candidate decides."""
+    from dynemb.swap.swapper import Swapper
+    from dynemb_client import contract as wire
+
+    want = {
+        wire.USER_EMBEDDING: np.ones((2, 3), np.float32),
+        wire.ITEM_SCORES: np.zeros((2, 4), np.float32),
+    }
+
+    class Answer:
+        def __init__(self, version=None, shift=0.0):
+            self.version, self.shift = version, shift
+
+        def as_numpy(self, name):
+            if name.endswith("_VERSION"):
+                return None if self.version is None else np.full((2, 1), self.version)
+            return want[name] + self.shift
+
+    swapper = Swapper(tmp_path, "127.0.0.1:1")
+    swapper._infer = lambda ensemble: Answer()
+    swapper._verify("label_mlp", 2, want)  # no versions, same answers: verified
+    swapper._infer = lambda ensemble: Answer(shift=1.0)
+    with pytest.raises(RuntimeError, match="differs from the candidate"):
+        swapper._verify("label_mlp", 2, want)
+    swapper._infer = lambda ensemble: Answer(version=1)
+    with pytest.raises(RuntimeError, match=r"versions \[1\], not v2"):
+        swapper._verify("label_mlp", 2, want)
