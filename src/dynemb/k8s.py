@@ -8,6 +8,7 @@ schema (tests/unit/test_k8s.py); they have not run on a cluster (none is reachab
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,21 @@ class K8sOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.replicas <= self.max_replicas:
-            raise ValueError("need 1 <= min_replicas <= replicas <= max_replicas")
+            raise ValueError(
+                f"need 1 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
+                f"{self.replicas}, {self.max_replicas} (--replicas, --max-replicas)"
+            )
+        for what, value in (("name", self.name), ("namespace", self.namespace)):
+            if not _DNS_LABEL.fullmatch(value):  # what the API server would refuse on apply
+                raise ValueError(
+                    f"{what} {value!r} is not a DNS-1123 label: at most 63 of a-z, 0-9 and "
+                    "'-', starting and ending with a letter or digit"
+                )
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ValueError(f"image {self.image!r} is not an image reference")
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _labels(o: K8sOptions) -> dict[str, str]:

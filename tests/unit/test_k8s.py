@@ -102,6 +102,12 @@ def test_the_pieces_fit_together() -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError):
         K8sOptions(replicas=1, min_replicas=2)
+    # What `kubectl apply` would refuse (it wrote them: namespace "Bad NS", image "").
+    for bad in ({"namespace": "Bad NS"}, {"name": "-x"}, {"image": ""}, {"image": "a b"}):
+        with pytest.raises(ValueError, match=r"DNS-1123|image reference"):
+            K8sOptions(**bad)
+    with pytest.raises(ValueError, match="--replicas, --max-replicas"):
+        K8sOptions(replicas=20, max_replicas=12)
 
 
 def test_the_autoscaling_metric_counts_every_request_that_enters_a_pod() -> None:
