@@ -35,6 +35,7 @@ def make_candidate(
             f"{stage} cannot make a {kind!r} candidate (it can: {', '.join(found.candidate_kinds)})"
         )
     source = latest_version(repository / stage)
+    Manifest.load(source)  # a version without one (a skeleton) is named as itself
     check_out(out, repository)
     # Made beside `out` and renamed into place: a failure leaves `out` as it was.
     staging = out.with_name(f".{out.name}.making")
