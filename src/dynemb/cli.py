@@ -1007,12 +1007,14 @@ def versions(
         if unanswered:
             raise typer.Exit(1)
         return
+    from dynemb import stages
     from dynemb.swap.swapper import list_versions
 
     for row in list_versions(repository):
         mark = "*" if row.serving else " "
-        state = "trained" if row.trained else "untrained"
-        print(f"{mark} {row.stage:<14} v{row.version:<3} {state:<9} {row.created}  {row.summary}")
+        learned = stages.get(row.stage).learned  # preprocess has no weights to train
+        state = "trained" if row.trained else "untrained" if learned else "no weights"
+        print(f"{mark} {row.stage:<14} v{row.version:<3} {state:<10} {row.created}  {row.summary}")
 
 
 @app.command()
