@@ -87,10 +87,12 @@ class SessionHistories:
         # Sessions whose window on the server holds more events than are kept here (started
         # by another client or process, or kept here only since): their window's length.
         self._partial: dict[str, int] = {}
-        # Sessions an update was sent for whose answer was not settled here (the call
-        # failed, timed out, was interrupted or cancelled): whether the server applied it
-        # is unknown, so their next update starts them again from the kept window instead
-        # of adding events to a window that may already hold them. Oldest first, bounded.
+        # Sessions a call that changes their window was sent for, and whose answer was not
+        # settled here (the call failed, timed out, was interrupted or cancelled): whether
+        # the server applied it is unknown, so their next update starts them again from
+        # the kept window instead of adding events to a window that may already hold them.
+        # Oldest first, bounded. (A session's updates are sent one after another: a second
+        # update while one is in flight would start the session again too.)
         self._unsettled: dict[str, None] = {}
 
     def get(self, session: str) -> list[Event]:
@@ -111,10 +113,15 @@ class SessionHistories:
             self._servers.pop(evicted, None)
             self._partial.pop(evicted, None)
 
-    def sending(self, sessions: Iterable[str]) -> None:
-        """An update of `sessions` is about to be sent: until its answer is settled here
-        (`keep`), the server's window is not known to be the kept one's."""
+    def sending(self, sessions: Iterable[str], start: bool = False) -> None:
+        """A call that changes the window of `sessions` is about to be sent: until its
+        answer is settled here (`keep`), the server's window is not known to be the kept
+        one's. An update of a session whose window this client has never kept is not
+        marked: its next update goes as an update, as before (starting it from nothing
+        would drop a window another process started); a `start` always is."""
         for session in sessions:
+            if not (start or session in self._events):
+                continue
             self._unsettled.pop(session, None)
             self._unsettled[session] = None
         while len(self._unsettled) > self.max_sessions:
@@ -291,6 +298,7 @@ def update_steps(
     that was never settled (SessionHistories.unsettled): from scratch at once."""
     update = _prepared(session, events, at, shape, histories, history)
     moved = moved or histories.unsettled(update.session)
+    before = (update.kept, len(update.kept) + update.missing)  # the window it extends
     answer = None
     for i, chunk in enumerate(_chunks(update.events, shape.max_events)):
         if i:  # the window is now the one the previous chunk's answer reported
@@ -298,12 +306,18 @@ def update_steps(
             update = update._replace(
                 kept=histories.get(session), missing=histories.missing(session)
             )
-        sent = (
-            None
-            if moved and not i
-            else (yield from _update(histories, model, update.session, chunk, update.t, shape))
-        )
-        answer = yield from _settled(histories, model, update, chunk, shape, sent)
+        try:
+            sent = (
+                None
+                if moved and not i
+                else (yield from _update(histories, model, update.session, chunk, update.t, shape))
+            )
+            answer = yield from _settled(histories, model, update, chunk, shape, sent)
+        except BaseException:
+            if i:  # earlier runs were applied: as a whole, the update failed and is unsettled
+                histories.keep(update.session, *before)
+                histories.sending([update.session], start=True)
+            raise
     return answer
 
 
@@ -349,7 +363,11 @@ def update_many_steps(
         for start in range(0, len(sessions), MAX_SESSION_ROWS):
             chunk = sessions[start : start + MAX_SESSION_ROWS]
             rows = [(s, OP_UPDATE, prepared[s].events, prepared[s].t) for s in chunk]
-            call = rows_call(model, rows, shape)
+            try:
+                call = rows_call(model, rows, shape)
+            except ClientInputError:  # an image file found bad as it is read: each alone
+                alone.update(chunk)
+                continue
             histories.sending(chunk)
             try:
                 got = yield from _sent(call)
@@ -384,7 +402,7 @@ def update_many_steps(
                 )
         except ServerUnavailable as exc:
             down = failed[session] = exc
-        except ServerError as exc:
+        except (ServerError, ClientInputError) as exc:
             failed[session] = exc
     if failed:
         applied = {s: a.embedding for s, a in done.items()}
@@ -540,11 +558,16 @@ def _restart(
     """The session started from `kept` (its window), then updated by `events`: one start
     when both fit the wire's L events (the same window: its length depends only on how
     many events it read), else a start and an update. A start other than OK is an
-    answer (an error for the caller); None when the update failed in transit."""
+    answer (an error for the caller); None when the update failed in transit. Unsettled
+    from the start's sending on: a start that raises may have replaced the window."""
     if len(kept) + len(events) <= shape.max_events or not kept or not events:
-        [answer] = yield session_call(model, session, OP_START, [*kept, *events], t, shape)
+        call = session_call(model, session, OP_START, [*kept, *events], t, shape)
+        histories.sending([session], start=True)
+        [answer] = yield call
         return answer
-    [started] = yield session_call(model, session, OP_START, kept, t, shape)
+    call = session_call(model, session, OP_START, kept, t, shape)
+    histories.sending([session], start=True)
+    [started] = yield call
     if started.status != STATUS_OK:
         return started
     return (yield from _update(histories, model, session, events, t, shape))

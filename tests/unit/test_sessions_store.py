@@ -791,3 +791,64 @@ def test_an_empty_many_update_sends_nothing_even_without_a_server():
 
     assert InterestClient("127.0.0.1:1").update_many({}) == {}
     assert asyncio.run(AsyncInterestClient("127.0.0.1:1").update_many({})) == {}
+
+
+def test_a_start_that_raised_is_unsettled_too():
+    """The update was answered "no state" (not applied), then the start of the kept window
+    with the new event timed out: the server may hold it now. Sent again, the event must
+    not go as an update onto that window."""
+    histories = SessionHistories()
+    histories.keep("u", events(1), 1)
+    steps = update_steps(histories, "session", "u", events(2), None, SHAPE)
+    next(steps)
+    start = steps.send([UNKNOWN])
+    assert op(start) == wire.OP_START
+    with pytest.raises(ServerError):
+        steps.throw(ServerError("deadline", model="session", status="DEADLINE_EXCEEDED"))
+    assert histories.unsettled("u")
+    calls, _ = drive(update_steps(histories, "session", "u", events(2), None, SHAPE), [ok(2)])
+    assert [op(c) for c in calls] == [wire.OP_START] and sent_times(calls[0]) == [1, 2]
+
+
+def test_a_long_update_that_fails_partway_is_unsettled_as_a_whole():
+    """More than L events go as several updates; the first was applied and kept, the
+    second failed. Sent again whole, they start from the window before the update: none
+    counted twice, and no "precedes the newest event" refusal."""
+    histories = SessionHistories()
+    histories.keep("u", events(1), 1)
+    new = events(2, 3, 4, 5, 6)  # L = 4: updates of 4 and 1
+    steps = update_steps(histories, "session", "u", new, None, SHAPE)
+    next(steps)
+    steps.send([ok(4)])
+    with pytest.raises(ServerError):
+        steps.throw(FAILED)
+    assert kept_times(histories) == [1] and histories.unsettled("u")
+    steps = update_steps(histories, "session", "u", new, None, SHAPE)
+    calls, _ = drive(steps, [ok(1), ok(4), ok(4)])  # the kept window, then as the first time
+    assert [op(c) for c in calls] == [wire.OP_START, wire.OP_UPDATE, wire.OP_UPDATE]
+    assert [sent_times(c) for c in calls] == [[1], [2, 3, 4, 5], [6]]
+
+
+def test_an_update_of_a_session_this_client_never_kept_is_not_restarted_from_nothing():
+    """A window another process started, first seen by this client through an update that
+    failed: starting it from nothing would replace its events by the new ones alone."""
+    histories = SessionHistories()
+    steps = update_steps(histories, "session", "u", events(2), None, SHAPE)
+    next(steps)
+    with pytest.raises(ServerError):
+        steps.throw(FAILED)
+    assert not histories.unsettled("u")
+    calls, _ = drive(update_steps(histories, "session", "u", events(2), None, SHAPE), [ok(41)])
+    assert [op(c) for c in calls] == [wire.OP_UPDATE]
+
+
+def test_a_many_update_with_an_image_file_that_is_not_one_fails_that_session_alone(tmp_path):
+    """The file exists (checked before sending) but is no image (found as the request is
+    built): the other sessions are still updated and their E_t returned."""
+    (tmp_path / "notes.png").write_text("not an image")
+    histories = SessionHistories()
+    updates = {"good": events(1), "bad": [Event(1, "x", image=tmp_path / "notes.png")]}
+    steps = update_many_steps(histories, "session", updates, None, SHAPE, lambda s: "x:1")
+    with pytest.raises(SessionUpdateError) as raised:
+        drive(steps, [ok(1)])
+    assert set(raised.value.failed) == {"bad"} and set(raised.value.applied) == {"good"}
