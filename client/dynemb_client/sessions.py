@@ -493,7 +493,8 @@ def _settled(
     if answer is None or answer.status == STATUS_UNKNOWN:
         if update.missing:
             raise SessionLostError(
-                f"session {session!r}: the server no longer holds its state, and this client "
+                f"session {session!r}: the server no longer holds its state (or an earlier "
+                "update's outcome is unknown), and this client "
                 f"keeps {len(kept)} of the {len(kept) + update.missing} events of its window "
                 "(it was started by another client or process, or its history was dropped "
                 "here): send the session's events with history= to start it again",

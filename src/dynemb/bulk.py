@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dynemb.errors import DynembError, UsageError
+from dynemb.paths import replace_dir
 
 EVENT_SUFFIXES = (".jsonl", ".json", ".parquet")
 BATCH_USERS = 32  # users per actor call: the in-process benchmark's batch
@@ -155,7 +156,8 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
     if not (repository / "recommend").is_dir():
         raise UsageError(f"{repository}: not a built model repository (`dynemb build`)")
     check_out_dir(options.out, options.events, repository)
-    staging = options.out.with_name(options.out.name + ".incoming")
+    out = options.out.resolve()
+    staging = out.with_name(out.name + ".incoming")
     shutil.rmtree(staging, ignore_errors=True)
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -196,10 +198,8 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
     finally:
         if started_ray:
             ray.shutdown()
-    if options.out.exists():
-        shutil.rmtree(options.out)
-    staging.rename(options.out)
-    return EmbedAllResult(written, len(files), seconds, options.out)
+    replace_dir(staging, out)
+    return EmbedAllResult(written, len(files), seconds, out)
 
 
 def check_out_dir(out: Path, events: Path, repository: Path) -> None:
@@ -207,8 +207,8 @@ def check_out_dir(out: Path, events: Path, repository: Path) -> None:
     that neither is nor holds the events or the model repository (--overwrite deleted an
     events folder given as OUT, and would have deleted a repository), nor lies inside the
     repository (Triton would take it for a model)."""
-    target = out.resolve()
-    if not out.name or target.parent == target or target == Path.cwd().resolve():
+    target, here = out.resolve(), Path.cwd().resolve()
+    if target.parent == target or target == here or target in here.parents:
         raise UsageError(f"{out}: OUT is replaced whole; name a folder of its own")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file; OUT is a folder of Parquet files")

@@ -843,14 +843,14 @@ def bench_sessions(
     """One new event with sessions vs a recompute, within the window and past it,
     in-process and served, in one run (MovieLens-100k and SYNTHETIC users with images);
     writes sessions.md/.json."""
-    from dynemb.bench.sessions import SessionBenchOptions
+    from dynemb.bench.sessions import SessionBenchOptions, check_hold
     from dynemb.bench.sessions import bench_sessions as run
-    from dynemb.dims import DIMS
+    from dynemb.errors import UsageError
 
-    if not 1 <= hold < DIMS.max_events:  # before the histories load
-        raise typer.BadParameter(
-            f"must be 1..{DIMS.max_events - 1}, got {hold}", param_hint="--hold"
-        )
+    try:
+        check_hold(hold)  # before the histories load
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--hold") from None
     options = SessionBenchOptions(repository=repository, out_dir=out_dir, hold=hold, past=past)
     if quick:
         options.quick, options.max_seconds, options.warmup_calls = True, 3.0, 4
@@ -1007,14 +1007,13 @@ def versions(
         if unanswered:
             raise typer.Exit(1)
         return
-    from dynemb import stages
     from dynemb.swap.swapper import list_versions
 
     for row in list_versions(repository):
         mark = "*" if row.serving else " "
-        learned = stages.get(row.stage).learned  # preprocess has no weights to train
-        state = "trained" if row.trained else "untrained" if learned else "no weights"
-        print(f"{mark} {row.stage:<14} v{row.version:<3} {state:<10} {row.created}  {row.summary}")
+        print(
+            f"{mark} {row.stage:<14} v{row.version:<3} {row.state:<10} {row.created}  {row.summary}"
+        )
 
 
 @app.command()

@@ -59,17 +59,23 @@ class K8sOptions:
                 f"need 1 <= min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
                 f"{self.replicas}, {self.max_replicas} (--replicas, --max-replicas)"
             )
-        for what, value in (("name", self.name), ("namespace", self.namespace)):
-            if not _DNS_LABEL.fullmatch(value):  # what the API server would refuse on apply
+        # What the API server would refuse on apply: a namespace is a DNS-1123 label, and
+        # the name, which the Service takes, a DNS-1035 one (starting with a letter).
+        for what, value, pattern, first in (
+            ("namespace", self.namespace, _DNS_1123_LABEL, "a letter or digit"),
+            ("name", self.name, _DNS_1035_LABEL, "a letter"),
+        ):
+            if not pattern.fullmatch(value):
                 raise ValueError(
-                    f"{what} {value!r} is not a DNS-1123 label: at most 63 of a-z, 0-9 and "
-                    "'-', starting and ending with a letter or digit"
+                    f"{what} {value!r} is not a DNS label: at most 63 of a-z, 0-9 and '-', "
+                    f"starting with {first} and ending with a letter or digit"
                 )
         if not self.image or any(c.isspace() for c in self.image):
             raise ValueError(f"image {self.image!r} is not an image reference")
 
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _labels(o: K8sOptions) -> dict[str, str]:

@@ -40,3 +40,23 @@ def unfinished_build(repository: Path) -> str | None:
         f"{repository}: its last `dynemb build` did not finish ({marker} is there), so its "
         "stages may come from two builds; run the build again"
     )
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the folder `new` in place of `out` (which may not exist yet): the old `out` is
+    renamed aside, `new` renamed in, and only then the old one removed, so `out` is never
+    half deleted; a failure or Ctrl-C between the renames puts the old one back."""
+    import shutil
+
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    had = out.exists()
+    if had:
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if had and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

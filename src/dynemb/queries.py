@@ -3,7 +3,7 @@ recommend`), sending their histories as the served model was trained to read the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,21 +20,27 @@ from dynemb_client.events import to_unix_seconds
 from dynemb_client.requests import check_event
 
 
-def event_converter(repository: Path) -> Callable[[Interaction], Event]:
+@dataclass(frozen=True)
+class EventConverter:
     """Interaction -> client Event as the served model was trained to read it (with the
     "item:<id>" label if its training used one), labels cut to the model's M."""
-    from dynemb.training.examples import to_client_event
 
+    max_labels: int  # M of the served model
+    item_labels: bool
+
+    def __call__(self, event: Interaction) -> Event:
+        from dynemb.training.examples import to_client_event
+
+        return to_client_event(event, self.max_labels, self.item_labels)
+
+
+def event_converter(repository: Path) -> EventConverter:
+    """The EventConverter of the repository's served model (its manifests read once)."""
     manifests = list(serving_manifests(repository).values())
-    item_labels = any(m.provenance.item_labels for m in manifests)
-    max_labels = served_max_labels(repository)
-    return lambda e: to_client_event(e, max_labels, item_labels)
-
-
-def served_max_labels(repository: Path) -> int:
-    """M, the labels an event carries, of the repository's served model."""
-    manifests = list(serving_manifests(repository).values())
-    return manifests[0].dims.max_labels if manifests else DIMS.max_labels
+    return EventConverter(
+        max_labels=manifests[0].dims.max_labels if manifests else DIMS.max_labels,
+        item_labels=any(m.provenance.item_labels for m in manifests),
+    )
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,13 @@ def _histories(
 ) -> list[tuple[str, list[Interaction], list[Event]]]:
     """Every user's history as the client sends it, each event checked as the client
     checks it: all of the file is read and checked before anything is asked or printed."""
-    convert, max_labels = event_converter(repository), served_max_labels(repository)
+    convert = event_converter(repository)
     out = []
     for user_id, interactions in iter_user_events(events, user):
         history = [convert(e) for e in interactions]
         for index, event in enumerate(history):
             try:
-                check_event(event, index, max_labels)
+                check_event(event, index, convert.max_labels)
             except ClientInputError as exc:
                 raise DataError(
                     f"{events}: user {user_id!r}, event at {interactions[index].time}: {exc.reason}"

@@ -23,6 +23,7 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import tritonclient.grpc as grpcclient
 
@@ -68,33 +69,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_problems(config: ServerConfig) -> list[str]:
-    """What keeps the server from binding its ports ("gRPC port 8001 already in use"), each
-    bound as tritonserver binds it (address reuse on: a port whose last server just stopped
-    is free); said before the server starts, which otherwise loads every model and then
-    dies with the reason in its log. A host that is not this machine's, or that does not
-    resolve, is one problem (it was said as every port in use)."""
+class PortProblem(NamedTuple):
+    text: str  # "gRPC port 8001 already in use (another server still running?)"
+    in_use: bool  # another process holds the port (vs. a port or host that cannot be)
+
+
+def port_problems(config: ServerConfig) -> list[PortProblem]:
+    """What keeps the server from binding its ports, each bound as tritonserver binds it
+    (address reuse on: a port whose last server just stopped is free); said before the
+    server starts, which otherwise loads every model and then dies with the reason in its
+    log. A host that is not this machine's, or that does not resolve, is one problem (it
+    was said as every port in use)."""
     problems = []
     ports = (("gRPC", config.grpc_port), ("HTTP", config.http_port))
     for name, port in (*ports, ("metrics", config.metrics_port)):
         if not 1 <= port <= 65535:
-            problems.append(f"{name} port {port} is not in 1-65535")
+            problems.append(PortProblem(f"{name} port {port} is not in 1-65535", False))
             continue
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((config.host, port))
             except socket.gaierror as exc:
-                return [f"cannot resolve the host ({exc.strerror})"]
+                return [PortProblem(f"cannot resolve the host ({exc.strerror})", False)]
             except OSError as exc:
                 if exc.errno == errno.EADDRNOTAVAIL:
-                    return ["not an address of this machine (--host)"]
-                if exc.errno == errno.EADDRINUSE:
-                    problems.append(
-                        f"{name} port {port} already in use (another server still running?)"
-                    )
-                else:
-                    problems.append(f"{name} port {port}: {exc.strerror}")
+                    return [PortProblem("not an address of this machine (--host)", False)]
+                in_use = exc.errno == errno.EADDRINUSE
+                said = " already in use (another server still running?)" if in_use else ""
+                text = f"{name} port {port}{said or f': {exc.strerror}'}"
+                problems.append(PortProblem(text, in_use))
     return problems
 
 
@@ -206,12 +210,10 @@ class TritonServer:
             )
         problems = port_problems(self.config)
         if problems:
-            raise ServerError(
-                f"{self.config.host}: {'; '.join(problems)}: stop what holds them or choose "
-                "other ports (--grpc-port, --http-port, --metrics-port)"
-                if all("in use" in p for p in problems)
-                else f"{self.config.host}: {'; '.join(problems)}"
-            )
+            said = f"{self.config.host}: {'; '.join(p.text for p in problems)}"
+            if all(p.in_use for p in problems):
+                said += ": stop what holds them or choose other ports (--grpc-port, ...)"
+            raise ServerError(said)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver on %s (log: %s)", self.config.grpc_url, self.log_file)
         with self.log_file.open("ab") as out:

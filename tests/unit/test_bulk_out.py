@@ -27,6 +27,7 @@ def setup(tmp_path):
     ("out", "said"),
     [
         (".", "name a folder of its own"),
+        ("..", "name a folder of its own"),  # its rmtree would have taken the working folder
         ("file", "is a file"),
         ("events", "would replace the events"),
         ("", "would replace the events"),  # the folder holding the events
@@ -35,12 +36,11 @@ def setup(tmp_path):
     ],
 )
 def test_an_out_that_cannot_be_replaced_whole_is_refused_before_the_job(
-    setup, out, said, monkeypatch
+    setup, out, said, monkeypatch, tmp_path_factory
 ):
     tmp_path, events, repository = setup
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    path = Path(out) if out == "." else tmp_path / out
+    monkeypatch.chdir(tmp_path_factory.mktemp("work"))  # "." and "..": not tmp_path
+    path = Path(out) if out in (".", "..") else tmp_path / out
     with pytest.raises(UsageError, match=said):
         check_out_dir(path, events, repository)
     options = EmbedAllOptions(events, path, repository, overwrite=True)
@@ -53,3 +53,28 @@ def test_out_beside_or_inside_the_events_folder_is_fine(setup):
     tmp_path, events, repository = setup
     check_out_dir(tmp_path / "embedded", events, repository)
     check_out_dir(events / "embedded", events, repository)  # event files are read, not folders
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from dynemb.paths import replace_dir
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    real_rename = Path.rename
+
+    def interrupted(self, target):  # Ctrl-C as `new` is renamed in
+        if self == new:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new, out)
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # put back
+    monkeypatch.undo()
+    replace_dir(new, out)
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

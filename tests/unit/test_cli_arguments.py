@@ -19,7 +19,7 @@ from dynemb.errors import UsageError
         (["train", "--checkpoint", "model.pt"], "that --only STAGE fine-tunes"),  # was ignored
         (["bench", "--quick", "--concurrency", "0,2"], "concurrency must be at least 1, got 0"),
         (["bench-sessions", "--quick", "--past", "0"], "--past"),
-        (["bench-sessions", "--quick", "--hold", "0"], "must be 1..49, got 0"),
+        (["bench-sessions", "--quick", "--hold", "0"], "hold must be 1..49, got 0"),
         (["evaluate", "--seeds", "-1"], "seeds must be at least 0, got -1"),
         (["evaluate", "--seeds", "a,b"], "seeds must be integers like 0,1,2"),
         (["evaluate-sessions", "--blocks", "0"], "blocks must be at least 1, got 0"),

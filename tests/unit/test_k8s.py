@@ -103,8 +103,9 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError):
         K8sOptions(replicas=1, min_replicas=2)
     # What `kubectl apply` would refuse (it wrote them: namespace "Bad NS", image "").
-    for bad in ({"namespace": "Bad NS"}, {"name": "-x"}, {"image": ""}, {"image": "a b"}):
-        with pytest.raises(ValueError, match=r"DNS-1123|image reference"):
+    bad_ones = ({"namespace": "Bad NS"}, {"name": "-x"}, {"name": "9dynemb"}, {"image": ""})
+    for bad in (*bad_ones, {"image": "a b"}):
+        with pytest.raises(ValueError, match=r"DNS label|image reference"):
             K8sOptions(**bad)
     with pytest.raises(ValueError, match="--replicas, --max-replicas"):
         K8sOptions(replicas=20, max_replicas=12)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,15 +169,21 @@ def load_histories(name: str, options: ServingOptions) -> HistorySet:
         return movielens(options.repository, options.cache, options.max_users)
     if name == "synthetic-images":
         return synthetic_with_images(options.max_users or 256)
-    raise UsageError(f"unknown benchmark data {name!r}: {' or '.join(BENCH_DATA)}")
+    check_data([name])
+    raise AssertionError(f"no loader for {name!r}")  # BENCH_DATA and the loaders disagree
+
+
+def check_data(names: Sequence[str]) -> None:
+    """Every name one of BENCH_DATA."""
+    unknown = [name for name in names if name not in BENCH_DATA]
+    if unknown:
+        raise UsageError(f"unknown benchmark data {unknown[0]!r}: {' or '.join(BENCH_DATA)}")
 
 
 def serving_benchmark(
     options: ServingOptions, say: Callable[[str], None] = log.info
 ) -> ServingResult:
-    unknown = [name for name in options.data if name not in BENCH_DATA]
-    if unknown:  # before any of them runs
-        raise UsageError(f"unknown benchmark data {unknown[0]!r}: {' or '.join(BENCH_DATA)}")
+    check_data(options.data)  # before any of them runs
     context = collect_context(data="see each data set's description")
     if context.busy:
         say(f"WARNING: {context.load_warning()}")

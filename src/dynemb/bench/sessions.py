@@ -153,6 +153,12 @@ class PhasePlan:
         return self.starts[u] + j
 
 
+def check_hold(hold: int) -> None:
+    """A session starts from 1 to L - 1 events (it must have one left to stream)."""
+    if not 0 < hold < DIMS.max_events:
+        raise UsageError(f"hold must be 1..{DIMS.max_events - 1}, got {hold}")
+
+
 def phase_plans(users: int, length: int, hold: int, block: int) -> dict[str, PhasePlan]:
     """Within the window every session starts from `hold` events and streams to L. Past
     it, user u's starts from L + (u mod B) events, so that the users are spread evenly over
@@ -160,8 +166,7 @@ def phase_plans(users: int, length: int, hold: int, block: int) -> dict[str, Pha
     events, S - B + 1 (S = length - L), at least one full cycle."""
     L = DIMS.max_events  # noqa: N806
     past = length - L
-    if not 0 < hold < L:
-        raise UsageError(f"hold must be 1..{L - 1}, got {hold}")
+    check_hold(hold)
     if past < block:
         raise ValueError(f"{past} events past the window: at least B = {block} are needed")
     return {

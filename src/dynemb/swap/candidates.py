@@ -12,6 +12,7 @@ from pathlib import Path
 from dynemb import stages
 from dynemb.errors import UsageError
 from dynemb.manifest import ADAPTER, Manifest
+from dynemb.paths import replace_dir
 from dynemb.pipeline import latest_version
 from dynemb.stages.base import CANDIDATE_KINDS, CandidateChange
 
@@ -52,8 +53,7 @@ def make_candidate(
         manifest.provenance.scale = scale
         manifest.provenance.candidate_seed = seed
         manifest.save(staging)
-        shutil.rmtree(out, ignore_errors=True)  # an earlier candidate (check_out)
-        staging.rename(out)
+        replace_dir(staging, out)  # over an earlier candidate (check_out), if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

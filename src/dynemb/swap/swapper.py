@@ -340,8 +340,9 @@ class Swapper:
         return self._baseline_cache[1]
 
     def _verify(self, stage: str, version: int, want: dict[str, np.ndarray] | None) -> None:
-        """Both ensembles answer the probes from `stage` v`version` (what they report) and
-        as the candidate pipeline did locally (`want`, when given)."""
+        """Both ensembles answer the probes from `stage` v`version` (what they report; a
+        repository built before answers carried versions reports none) and as the
+        candidate pipeline did locally (`want`, when given)."""
         answers = {ensemble: self._infer(ensemble) for ensemble in ENSEMBLE_NAMES}
         for ensemble, result in answers.items():
             if stage not in ENSEMBLE_SPECS[ensemble].steps:
@@ -386,6 +387,13 @@ class VersionInfo:
     trained: bool
     created: str
     summary: str
+
+    @property
+    def state(self) -> str:
+        """trained / untrained, or "no weights" for a stage that learns none (preprocess)."""
+        if self.trained:
+            return "trained"
+        return "untrained" if stages.get(self.stage).learned else "no weights"
 
 
 def list_versions(repository: Path) -> list[VersionInfo]:

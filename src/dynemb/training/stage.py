@@ -15,6 +15,7 @@ from dynemb.data.types import Dataset
 from dynemb.errors import UsageError
 from dynemb.evaluation.split import leave_one_out
 from dynemb.manifest import Manifest, Provenance
+from dynemb.paths import replace_dir
 from dynemb.pipeline import Pipeline
 from dynemb.repository import write_version
 from dynemb.stages import load_runner
@@ -77,8 +78,7 @@ def fine_tune_stage(
             manifest.provenance.drift_vs_serving = drift
             manifest.save(staging)
             log.info("%s candidate drift vs serving: %s", stage, drift.as_dict())
-        shutil.rmtree(out, ignore_errors=True)  # an earlier candidate (check_out)
-        staging.rename(out)
+        replace_dir(staging, out)  # over an earlier candidate (check_out), if any
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
