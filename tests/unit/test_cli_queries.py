@@ -95,3 +95,22 @@ def test_versions_of_replicas_says_one_line_each_when_some_are_down():
         [NO_SERVER, "no", "answer:"],
         ["127.0.0.1:2", "no", "answer:"],
     ]
+
+
+def test_a_reader_gone_before_the_output_is_quiet():
+    """`dynemb ... | head` whose reader has closed: status 1, no traceback."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dynemb", "--help"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and done.stderr == ""

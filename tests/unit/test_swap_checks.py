@@ -141,3 +141,15 @@ def test_a_repository_built_before_answers_carried_versions_is_verified_by_parit
     swapper._infer = lambda ensemble: Answer(version=1)
     with pytest.raises(RuntimeError, match=r"versions \[1\], not v2"):
         swapper._verify("label_mlp", 2, want)
+
+
+def test_a_server_that_is_down_is_said_before_the_drift_probes_run(repo, tmp_path, monkeypatch):
+    """The probes load the whole pipeline and run it (seconds); a swap against a server
+    that is not there ran them first."""
+    from dynemb.swap.swapper import Swapper
+
+    candidate = make_candidate(repo, "label_mlp", tmp_path / "c")
+    swapper = Swapper(repo, "127.0.0.1:1")
+    monkeypatch.setattr(swapper, "current_pipeline", lambda: pytest.fail("probes ran first"))
+    with pytest.raises(SwapRefusedError, match=r"cannot reach the server at 127\.0\.0\.1:1"):
+        swapper.swap("label_mlp", candidate)
