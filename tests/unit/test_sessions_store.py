@@ -789,8 +789,14 @@ def test_a_many_update_with_bad_content_fails_that_session_alone():
 def test_an_empty_many_update_sends_nothing_even_without_a_server():
     from dynemb_client import AsyncInterestClient, InterestClient
 
-    assert InterestClient("127.0.0.1:1").update_many({}) == {}
-    assert asyncio.run(AsyncInterestClient("127.0.0.1:1").update_many({})) == {}
+    with InterestClient("127.0.0.1:1") as client:
+        assert client.update_many({}) == {}
+
+    async def empty() -> dict:
+        async with AsyncInterestClient("127.0.0.1:1") as client:
+            return await client.update_many({})
+
+    assert asyncio.run(empty()) == {}
 
 
 def test_a_start_that_raised_is_unsettled_too():
