@@ -11,7 +11,8 @@ One request is one user:
   EVENT_TIME   FP64  [L]     unix seconds, non-decreasing over the real events
   EVENT_COUNT  INT32 [1]     number of real events; events [0, count) are real
   QUERY_TIME   FP64  [1]     the query time t (events after t are ignored)
-  TOP_K        INT32 [1]     recommend only: how many items to return
+  TOP_K        INT32 [1]     recommend only: how many items to return (1-100; the same
+                             for every user of one request)
 """
 
 from __future__ import annotations

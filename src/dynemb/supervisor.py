@@ -9,11 +9,12 @@ and return by themselves when it is back (they are loaded again too, to be sure)
 
 The supervisor checks every `interval_s` that each stage has its stub processes, and
 every `probe_every_s` sends each stage a tiny request of its own (`Stage.probe_inputs`).
-A stage with a missing stub, or whose probe fails as unhealthy or times out twice, is
-recovered: unload, load, wait until it and the ensembles are ready. While that runs the
-server's readiness is false (strict readiness: a model is not ready), so a load balancer
-stops sending it traffic; the project's client retries the errors of that window
-(dynemb_client.errors.is_transient). Every recovery is logged and counted
+A stage with a missing stub, or whose probe fails as unhealthy or times out twice with no
+execution finished meanwhile (`HangWatch`: a probe queued behind big requests is busy,
+not hung), is recovered: unload, load, wait until it and the ensembles are ready. While
+that runs the server's readiness is false (strict readiness: a model is not ready), so a
+load balancer stops sending it traffic; the project's client retries the errors of that
+window (dynemb_client.errors.is_transient). Every recovery is logged and counted
 (`dynemb_stage_recoveries_total{stage}`, `dynemb_stage_up{stage}`).
 """
 
@@ -39,6 +40,33 @@ from dynemb.processes import process_tree
 log = logging.getLogger(__name__)
 
 UNHEALTHY = "is not healthy"
+
+
+@dataclass
+class HangWatch:
+    """Whether a stage whose probe timed out is hung or busy. A probe queued behind real
+    work (a request of 32 users' large images holds the one preprocess instance for 20 s
+    and more) times out while the stage keeps finishing executions: busy. Two timeouts in
+    a row with no execution finished between their probe rounds: hung."""
+
+    executions: dict[str, int] = field(default_factory=dict)  # at this probe round
+    _seen: dict[str, int] = field(default_factory=dict)  # at the round of the last timeout
+    _timeouts: dict[str, int] = field(default_factory=dict)
+
+    def answered(self, stage: str) -> None:
+        self._timeouts.pop(stage, None)
+        self._seen.pop(stage, None)
+
+    def timed_out(self, stage: str) -> bool:
+        """Count a timed-out probe of `stage`; whether it now counts as hung."""
+        now, before = self.executions.get(stage), self._seen.get(stage)
+        if now is not None:
+            self._seen[stage] = now
+        if now is not None and before is not None and now > before:
+            self._timeouts[stage] = 1  # busy since the last timeout: this one starts anew
+            return False
+        self._timeouts[stage] = self._timeouts.get(stage, 0) + 1
+        return self._timeouts[stage] >= 2
 
 
 @dataclass(frozen=True)
@@ -99,7 +127,7 @@ class StageSupervisor:
         self._client = grpcclient.InferenceServerClient(server.config.grpc_url)
         self._expected = self._instances()
         self._probes = self._probe_requests()
-        self._timeouts: dict[str, int] = {}
+        self._watch = HangWatch()
         self._metrics = _Metrics(metrics_port, server.config.host) if metrics_port else None
 
     # --- what is expected -----------------------------------------------------------------
@@ -175,6 +203,7 @@ class StageSupervisor:
 
     def probe_all(self) -> list[tuple[str, str]]:
         failed = []
+        self._watch.executions = self._execution_counts()
         for stage in stages.NAMES:
             reason = self.probe(stage)
             if reason is not None:
@@ -192,16 +221,32 @@ class StageSupervisor:
             self.state.probe_failures += 1
             if UNHEALTHY in message:
                 return f"probe: {message}"
-            if timed_out:
-                self._timeouts[stage] = self._timeouts.get(stage, 0) + 1
-                if self._timeouts[stage] >= 2:
-                    return f"probe timed out twice ({self.probe_timeout_s:.0f} s each)"
+            if timed_out and self._watch.timed_out(stage):
+                return (
+                    f"probe timed out twice ({self.probe_timeout_s:.0f} s each), "
+                    "no execution finished meanwhile"
+                )
             log.warning("probe of %s failed: %s", stage, message)
             return None
-        self._timeouts.pop(stage, None)
+        self._watch.answered(stage)
         if self._metrics:
             self._metrics.up(stage, True)
         return None
+
+    def _execution_counts(self) -> dict[str, int]:
+        """Executions each stage has finished (Triton's statistics, all versions); empty
+        when the server cannot say (then a second timeout counts as a hang, as before)."""
+        try:
+            stats = self._client.get_inference_statistics(
+                as_json=True, client_timeout=self.probe_timeout_s
+            )
+        except InferenceServerException:
+            return {}
+        counts: dict[str, int] = {}
+        for model in stats.get("model_stats", []):
+            name = model.get("name", "")
+            counts[name] = counts.get(name, 0) + int(model.get("execution_count", 0))
+        return counts
 
     # --- recovery -------------------------------------------------------------------------
 
@@ -257,7 +302,7 @@ class StageSupervisor:
             stage, reason, detected, time.monotonic() - started, error is None, error
         )
         self.state.recoveries.append(recovery)
-        self._timeouts.pop(stage, None)
+        self._watch.answered(stage)
         if self._metrics:
             self._metrics.recovered(stage, error is None)
         log.warning("%s back after %.1f s (%s)", stage, recovery.seconds, reason)

@@ -186,3 +186,15 @@ def test_internal_error_is_logged_with_traceback_and_reported(repo, monkeypatch)
     out = model.execute([fake_pb_utils.InferenceRequest(x)])
     assert out[0].has_error() and "kaput" in out[0].error.message()
     assert any("Traceback" in m for m in fake_pb_utils.Logger.messages)
+
+
+def test_retrieve_refuses_an_embedding_that_would_overflow_its_scores(repo):
+    """A finite 3e38 made ITEM_SCORES infinite, reported as retrieve's own failure
+    (INTERNAL); clients call retrieve directly with a session's E_t."""
+    model = load_model(repo, "retrieve")
+    emb = np.zeros((1, DIMS.embed_dim), np.float32)
+    emb[0, 3] = 3e38
+    request = {"USER_EMBEDDING": emb, "TOP_K": np.array([[3]], dtype=np.int32)}
+    [out] = model.execute([fake_pb_utils.InferenceRequest(request)])
+    assert out.has_error() and "USER_EMBEDDING[0][3]" in out.error.message()
+    assert out.error.code() == fake_pb_utils.TritonError.INVALID_ARG

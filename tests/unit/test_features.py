@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from dynemb.stages.preprocess.features import (
 from dynemb_client import Event, build_inputs
 
 T0 = 1_700_000_000.0
+DDS = b"DDS " + struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 0) + b"\0" * 100
 
 
 def one_user(events, at=None):
@@ -134,6 +136,8 @@ def test_empty_history(pre):
         (lambda x: x["QUERY_TIME"].__setitem__(0, math.nan), "QUERY_TIME"),
         (lambda x: x["EVENT_COUNT"].__setitem__(0, 51), "EVENT_COUNT"),
         (lambda x: x["EVENT_LABELS"].__setitem__((0, 0), b"\xc3"), "EVENT_LABELS[0][0]"),
+        # A DDS header PIL's plugin refuses with NotImplementedError: was INTERNAL.
+        (lambda x: x["EVENT_IMAGE"].__setitem__(0, DDS), "EVENT_IMAGE[0]"),
     ],
 )
 def test_bad_input_names_the_field(pre, png, mutate, field):
@@ -229,3 +233,15 @@ def test_a_user_s_images_are_bounded_in_declared_pixels(assets, monkeypatch):
         pre.user(one_user(cached))
     _, mask = pre.images([image(i) for i in range(5)], 5, keep=5, one_user=False)
     assert mask.all()
+
+
+@pytest.mark.parametrize("rating", [b"rating:1e40", b"rating:-1e40", b"rating:nan", b"rating:good"])
+def test_a_rating_that_is_no_number_in_range_is_unrated(pre, rating):
+    """rating:1e40 overflowed the float32 mean rating: user_interest answered INTERNAL
+    while the session model answered. It reads as unrated, as rating:nan did."""
+    x = one_user([Event(T0, "a", None, ["genre:Comedy"]), Event(T0 + 60, "b")])
+    reference = pre.user(x)["TIME_FEATURES"]
+    x["EVENT_LABELS"][0, 1] = rating
+    features = pre.user(x)["TIME_FEATURES"]
+    assert np.isfinite(features).all()
+    np.testing.assert_array_equal(features, reference)

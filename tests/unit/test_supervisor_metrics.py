@@ -34,3 +34,24 @@ def test_a_taken_metrics_port_is_a_one_line_error():
         port = taken.getsockname()[1]
         with pytest.raises(DynembError, match="--supervisor-port"):
             _Metrics(port, "127.0.0.1")
+
+
+def test_a_stage_whose_probes_time_out_while_it_keeps_working_is_busy_not_hung():
+    """A request of 32 users' large images holds preprocess for 20 s and more; the probes
+    queued behind two such requests timed out twice and the supervisor restarted a stage
+    that was working (and dropped its caches). Hung is two timeouts with no execution
+    finished between their probe rounds."""
+    from dynemb.supervisor import HangWatch
+
+    watch = HangWatch()
+    for executions in (10, 14, 19, 25):  # each round it finished more: busy, never hung
+        watch.executions = {"preprocess": executions}
+        assert not watch.timed_out("preprocess")
+    watch.executions = {"preprocess": 25}  # nothing finished since the last round: hung
+    assert watch.timed_out("preprocess")
+
+    watch.answered("preprocess")
+    watch.executions = {}  # the server could not say: two timeouts are a hang, as before
+    assert not watch.timed_out("text_rnn") and watch.timed_out("text_rnn")
+    watch.answered("text_rnn")
+    assert not watch.timed_out("text_rnn")  # an answer starts the count anew

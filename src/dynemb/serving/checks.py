@@ -36,6 +36,16 @@ def finite(name: str, values: np.ndarray) -> None:
         raise InputError(_where(name, bad), f"must be finite, got {values[bad][0]}")
 
 
+def bounded(name: str, values: np.ndarray, limit: float) -> None:
+    """Finite, and within [-limit, limit]: a finite float near float32's largest made the
+    stage's own output overflow, which it then reported as its failure (INTERNAL)."""
+    finite(name, values)
+    values = to_numpy(values)
+    bad = np.abs(values) > limit
+    if bad.any():
+        raise InputError(_where(name, bad), f"must be within ±{limit:g}, got {values[bad][0]}")
+
+
 def prefix_mask(name: str, mask: np.ndarray) -> None:
     """Each row's True entries come first: real events, then padding."""
     mask = to_numpy(mask)

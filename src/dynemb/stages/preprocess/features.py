@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tokenizers import Tokenizer
 
 from dynemb.dims import Dims
@@ -437,7 +437,7 @@ def decode_image_sized(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(field, f"is too large to decode ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # PIL's plugins raise more than their documented errors
         raise InputError(field, f"could not be decoded as an image ({exc})") from exc
     decoded = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
     decoded.setflags(write=False)  # cached and shared
@@ -467,13 +467,19 @@ def _cycles(times: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=-1)
 
 
+MAX_RATING = 1e6  # a larger "rating:" value is no rating (its mean overflowed float32)
+
+
 def _rating(labels: Sequence[str]) -> float:
+    """The event's rating from its first "rating:" label; NaN (unrated) without one, or
+    where its value is no number within ±MAX_RATING ("rating:good" stays a label)."""
     for label in labels:
         if label.startswith("rating:"):
             try:
-                return float(label.split(":", 1)[1])
+                value = float(label.split(":", 1)[1])
             except ValueError:
                 return math.nan
+            return value if abs(value) <= MAX_RATING else math.nan
     return math.nan
 
 

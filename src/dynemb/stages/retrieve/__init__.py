@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from dynemb.manifest import Manifest
 
 
+EMBEDDING_LIMIT = 1e6  # per element of USER_EMBEDDING: scores stay finite in float32
+
+
 @dataclass(frozen=True)
 class RetrieveParams:
     n_items: int
@@ -38,7 +41,8 @@ class RetrieveRunner(Runner):
         return self.retriever(inputs[wire.USER_EMBEDDING])
 
     def check(self, inputs: dict[str, np.ndarray]) -> None:
-        checks.finite(wire.USER_EMBEDDING, inputs[wire.USER_EMBEDDING])
+        # E_t is unit-norm; a caller's own vector may be scaled, but not to overflow scores.
+        checks.bounded(wire.USER_EMBEDDING, inputs[wire.USER_EMBEDDING], EMBEDDING_LIMIT)
         check_top_k(inputs[wire.TOP_K], self.manifest.dims.max_top_k)
 
     def trim(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict:
