@@ -153,3 +153,22 @@ def test_a_server_that_is_down_is_said_before_the_drift_probes_run(repo, tmp_pat
     monkeypatch.setattr(swapper, "current_pipeline", lambda: pytest.fail("probes ran first"))
     with pytest.raises(SwapRefusedError, match=r"cannot reach the server at 127\.0\.0\.1:1"):
         swapper.swap("label_mlp", candidate)
+
+
+def test_versions_say_which_stages_have_no_weights_and_a_skeleton_is_named(tmp_path):
+    """preprocess (no weights) was listed "untrained" in a trained build; a candidate made
+    from a skeleton (`dynemb configs`) named its staging folder as the culprit."""
+    from dynemb.configs import write_configs
+    from dynemb.dims import DIMS
+    from dynemb.manifest import ManifestError
+    from dynemb.swap.swapper import VersionInfo
+
+    row = VersionInfo("preprocess", 1, True, False, "", "")
+    assert row.state == "no weights"
+    assert VersionInfo("text_rnn", 1, True, False, "", "").state == "untrained"
+    assert VersionInfo("text_rnn", 1, True, True, "", "").state == "trained"
+
+    write_configs(tmp_path / "skel", DIMS)
+    with pytest.raises(ManifestError, match=r"skel/label_mlp/1: no manifest") as raised:
+        make_candidate(tmp_path / "skel", "label_mlp", tmp_path / "c")
+    assert ".making" not in str(raised.value)
