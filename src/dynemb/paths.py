@@ -10,6 +10,8 @@ Data, checkpoints, the server tree and logs go to `DYNEMB_CACHE`, by default
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Relative on purpose: resolved against the working directory when used.
@@ -40,6 +42,22 @@ def unfinished_build(repository: Path) -> str | None:
         f"{repository}: its last `dynemb build` did not finish ({marker} is there), so its "
         "stages may come from two builds; run the build again"
     )
+
+
+@contextmanager
+def made_beside(out: Path) -> Iterator[Path]:
+    """A fresh staging folder beside `out` to make its new contents in; on a normal exit
+    it replaces `out` (`replace_dir`), and whatever happens it is gone afterwards, so a
+    failure or Ctrl-C leaves `out` as it was."""
+    import shutil
+
+    staging = out.with_name(f".{out.name}.making")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_dir(new: Path, out: Path) -> None:

@@ -3,7 +3,7 @@ recommend`), sending their histories as the served model was trained to read the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,19 +27,21 @@ class EventConverter:
 
     max_labels: int  # M of the served model
     item_labels: bool
+    to_client_event: Callable[[Interaction, int, bool], Event]
 
     def __call__(self, event: Interaction) -> Event:
-        from dynemb.training.examples import to_client_event
-
-        return to_client_event(event, self.max_labels, self.item_labels)
+        return self.to_client_event(event, self.max_labels, self.item_labels)
 
 
 def event_converter(repository: Path) -> EventConverter:
     """The EventConverter of the repository's served model (its manifests read once)."""
+    from dynemb.training.examples import to_client_event  # torch: only when asked
+
     manifests = list(serving_manifests(repository).values())
     return EventConverter(
         max_labels=manifests[0].dims.max_labels if manifests else DIMS.max_labels,
         item_labels=any(m.provenance.item_labels for m in manifests),
+        to_client_event=to_client_event,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from dynemb import stages
 from dynemb.errors import UsageError
 from dynemb.manifest import ADAPTER, Manifest
-from dynemb.paths import replace_dir
+from dynemb.paths import made_beside
 from dynemb.pipeline import latest_version
 from dynemb.stages.base import CANDIDATE_KINDS, CandidateChange
 
@@ -38,10 +38,7 @@ def make_candidate(
     source = latest_version(repository / stage)
     Manifest.load(source)  # a version without one (a skeleton) is named as itself
     check_out(out, repository)
-    # Made beside `out` and renamed into place: a failure leaves `out` as it was.
-    staging = out.with_name(f".{out.name}.making")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with made_beside(out) as staging:  # over an earlier candidate (check_out), if any
         shutil.copytree(source, staging, ignore=shutil.ignore_patterns(ADAPTER, "__pycache__"))
         manifest = Manifest.load(staging)
         change = CandidateChange(kind, scale, seed)  # type: ignore[arg-type]
@@ -53,9 +50,6 @@ def make_candidate(
         manifest.provenance.scale = scale
         manifest.provenance.candidate_seed = seed
         manifest.save(staging)
-        replace_dir(staging, out)  # over an earlier candidate (check_out), if any
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 
 from dynemb import stages
@@ -15,7 +14,7 @@ from dynemb.data.types import Dataset
 from dynemb.errors import UsageError
 from dynemb.evaluation.split import leave_one_out
 from dynemb.manifest import Manifest, Provenance
-from dynemb.paths import replace_dir
+from dynemb.paths import made_beside
 from dynemb.pipeline import Pipeline
 from dynemb.repository import write_version
 from dynemb.stages import load_runner
@@ -62,9 +61,7 @@ def fine_tune_stage(
         train_seconds=round(trained.seconds, 1),
         item_labels=parent.provenance.item_labels,
     )
-    staging = out.with_name(f".{out.name}.making")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with made_beside(out) as staging:  # over an earlier candidate (check_out), if any
         found.save(joint.stages[stage], staging)
         params, dims = joint.params.of(stage), joint.dims
         manifest = write_version(staging, stage, params, dims, True, provenance)
@@ -78,9 +75,6 @@ def fine_tune_stage(
             manifest.provenance.drift_vs_serving = drift
             manifest.save(staging)
             log.info("%s candidate drift vs serving: %s", stage, drift.as_dict())
-        replace_dir(staging, out)  # over an earlier candidate (check_out), if any
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
