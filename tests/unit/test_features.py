@@ -245,3 +245,43 @@ def test_a_rating_that_is_no_number_in_range_is_unrated(pre, rating):
     features = pre.user(x)["TIME_FEATURES"]
     assert np.isfinite(features).all()
     np.testing.assert_array_equal(features, reference)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_full_decode(monkeypatch):
+    """Draft mode reads a JPEG at 1/8 of its size when that still covers 32x32: the result
+    is within a few levels of decoding every pixel, and the limits still count the pixels
+    the header declares, not the reduced ones."""
+    import io
+
+    from PIL import Image
+
+    from dynemb.stages.preprocess.features import decode_image_sized
+
+    rng = np.random.default_rng(3)
+    coarse = Image.fromarray(rng.integers(0, 256, (25, 33, 3), dtype=np.uint8))
+    photo = coarse.resize((1600, 1200), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    photo.save(out, format="JPEG", quality=90)
+    data = out.getvalue()
+    with Image.open(io.BytesIO(data)) as full:
+        reference = np.asarray(
+            full.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), np.int16
+        ).transpose(2, 0, 1)
+    from PIL import JpegImagePlugin
+
+    read_at = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        found = draft(self, mode, size)
+        read_at.append(self.size)
+        return found
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    decoded, declared = decode_image_sized("EVENT_IMAGE[0]", data, 32)
+    assert read_at == [(200, 150)]  # 1/8 of each side: what the decoder read
+    assert declared == 1600 * 1200
+    difference = np.abs(decoded.astype(np.int16) - reference)
+    assert difference.mean() < 2.0 and difference.max() <= 16
+    with pytest.raises(InputError, match="past what is left"):
+        decode_image_sized("EVENT_IMAGE[0]", data, 32, budget=1600 * 1200 - 1)
