@@ -32,6 +32,7 @@ from dynemb_client.results import (
 from dynemb_client.sessions import (
     SessionAnswer,
     forget_steps,
+    interrupted,
     parse_sessions,
     retrieve_call,
 )
@@ -248,12 +249,15 @@ class InterestClient(ClientBase):
                 try:
                     url = self._pool.route(call.route) if call.route is not None else None
                     result = self._infer(call, retry=call.retry_safe)
+                    answers = parse_sessions(result, call.model, call.batch)
                 except Exception as exc:
                     call = steps.throw(exc)  # the steps choose what is safe to send next
                     continue
+                except BaseException as exc:  # Ctrl-C, a cancelled task
+                    interrupted(steps, exc)
                 if url is not None:
                     written.update(dict.fromkeys(call.sessions, url))
-                call = steps.send(parse_sessions(result, call.model, call.batch))
+                call = steps.send(answers)
         except StopIteration as done:
             return done.value
         finally:  # also when some sessions failed: the others' states live there now

@@ -5,11 +5,12 @@ Pure (no I/O): shared by the sync and the asyncio client."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 from tritonclient.grpc import InferRequestedOutput
@@ -58,6 +59,7 @@ from dynemb_client.results import _output
 __all__ = [
     "SessionAnswer",
     "SessionHistories",
+    "interrupted",
     "parse_sessions",
     "session_call",
     "update_many_steps",
@@ -534,6 +536,18 @@ def _update(
     if answers[0].status != STATUS_OK:
         histories.not_applied([session])
     return answers[0]
+
+
+def interrupted(steps: Generator, exc: BaseException) -> NoReturn:
+    """`exc` (Ctrl-C, a cancelled task) interrupted a call of `steps`: the steps settle
+    their sessions as for any failed call (the session stays unsettled; an update of
+    more than L events puts back the window before it, since earlier runs were applied),
+    then it goes on up. Without this the steps were left suspended, and an update cut
+    in its second run kept its first run's window."""
+    with contextlib.suppress(StopIteration):
+        steps.throw(exc)
+    steps.close()  # steps that went on after an interruption send nothing more
+    raise exc
 
 
 def _sent(call: InferCall) -> Generator[InferCall, list[SessionAnswer], list[SessionAnswer] | None]:

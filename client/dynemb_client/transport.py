@@ -38,7 +38,12 @@ from dynemb_client.errors import (
     status_of,
 )
 from dynemb_client.requests import ModelShape
-from dynemb_client.sessions import SessionHistories, update_many_steps, update_steps
+from dynemb_client.sessions import (
+    SessionHistories,
+    check_session_id,
+    update_many_steps,
+    update_steps,
+)
 
 __all__ = ["EndpointPool", "EndpointState", "RetryPolicy", "server_ready", "shape_from_metadata"]
 
@@ -500,7 +505,8 @@ class ClientBase:
     def _update_steps(self, user_id, events, at, shape: ModelShape, history):
         """The steps of one session update, started from scratch when the session's
         endpoint changed since its last call (SessionHistories.moved)."""
-        moved = isinstance(user_id, str) and self.sessions.moved(user_id, self._pool.route(user_id))
+        user_id = check_session_id(user_id)  # before routing, which hashes its UTF-8
+        moved = self.sessions.moved(user_id, self._pool.route(user_id))
         return update_steps(
             self.sessions, self.model_session, user_id, events, at, shape, history, moved
         )

@@ -362,7 +362,11 @@ def test_a_refused_many_update_fails_only_its_culprits():
     histories = SessionHistories()
     for user in ("a", "b"):
         histories.keep(user, events(1), 1)
-    bad = ServerInputError("EVENT_TIME[0] precedes the session's newest event", model="session")
+    bad = ServerInputError(
+        "EVENT_TIME[0] precedes the session's newest event",
+        model="session",
+        status="INVALID_ARGUMENT",
+    )
     steps = update_many_steps(
         histories, "session", {"a": events(2), "b": events(3)}, None, SHAPE, lambda s: "x:1"
     )
@@ -383,6 +387,11 @@ def test_a_refused_many_update_fails_only_its_culprits():
     assert [session_ids(c) for c in (first, second, third)] == [["a", "b"], ["a"], ["b"]]
     assert list(raised.value.failed) == ["b"] and list(raised.value.applied) == ["a"]
     assert isinstance(raised.value, ServerInputError)
+    # the model and status lead the message once (they were repeated before the detail)
+    assert str(raised.value) == (
+        "session [INVALID_ARGUMENT]: 1 session(s) refused ('b'): "
+        "EVENT_TIME[0] precedes the session's newest event"
+    )
     assert kept_times(histories, "a") == [1, 2] and kept_times(histories, "b") == [1]
 
 
@@ -858,3 +867,81 @@ def test_a_many_update_with_an_image_file_that_is_not_one_fails_that_session_alo
     with pytest.raises(SessionUpdateError) as raised:
         drive(steps, [ok(1)])
     assert set(raised.value.failed) == {"bad"} and set(raised.value.applied) == {"good"}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_update_of_several_runs_interrupted_in_its_second_keeps_the_window_before(
+    monkeypatch, asynchronous
+):
+    """Ctrl-C or a cancelled task during the second run of an update of more than L
+    events: the first run was applied, so the update as a whole failed; the client puts
+    back the window before it, unsettled, at once (it had waited for the steps to be
+    garbage-collected, so a retry in the `except` block was refused and the next event
+    read a window with the first run only)."""
+    from types import SimpleNamespace
+
+    import dynemb_client.aio as aio_mod
+    import dynemb_client.client as client_mod
+    from dynemb_client import AsyncInterestClient, InterestClient
+
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2, 3), 3)
+    answers = iter([[ok(4)]])
+    stop = asyncio.CancelledError if asynchronous else KeyboardInterrupt
+
+    def infer(*_a, **_k):
+        answer = next(answers, None)
+        if answer is None:
+            raise stop
+        return answer
+
+    async def ainfer(*_a, **_k):
+        return infer()
+
+    for module in (client_mod, aio_mod):
+        monkeypatch.setattr(module, "parse_sessions", lambda result, model, batch: result)
+    fake = SimpleNamespace(
+        _pool=SimpleNamespace(route=lambda route: "a:1"),
+        _infer=ainfer if asynchronous else infer,
+        sessions=histories,
+    )
+    steps = update_steps(histories, "session", "u", events(4, 5, 6, 7, 8, 9), None, SHAPE)
+    with pytest.raises(stop):
+        if asynchronous:
+            asyncio.run(AsyncInterestClient._session(fake, steps))
+        else:
+            InterestClient._session(fake, steps)
+    assert kept_times(histories) == [1, 2, 3] and histories.unsettled("u")
+    calls, _ = drive(update_steps(histories, "session", "u", events(4), None, SHAPE), [ok(4)])
+    assert op(calls[0]) == wire.OP_START and sent_times(calls[0]) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize(
+    "session", ["\ud800", "", 42, "x" * 257], ids=["surrogate", "empty", "int", "long"]
+)
+def test_a_bad_session_id_is_refused_by_every_session_call_before_anything_is_sent(
+    asynchronous, session
+):
+    """A lone surrogate reached the endpoint routing, which hashes the id's UTF-8, and
+    `update`, `embed_user` and `recommend_user` raised a bare UnicodeEncodeError."""
+    from dynemb_client import AsyncInterestClient, ClientInputError, InterestClient
+
+    client = (AsyncInterestClient if asynchronous else InterestClient)(
+        urls=["127.0.0.1:9", "127.0.0.1:10"]
+    )
+    client._shape = SHAPE  # no server: nothing may be sent
+    calls = {
+        "update": lambda: client.update(session, events(1)),
+        "embed_user": lambda: client.embed_user(session),
+        "recommend_user": lambda: client.recommend_user(session),
+        "update_many": lambda: client.update_many({session: events(1)}),
+        "forget": lambda: client.forget(session),
+    }
+    for name, call in calls.items():
+        with pytest.raises((ClientInputError, SessionUpdateError)) as raised:
+            asyncio.run(call()) if asynchronous else call()
+        found = raised.value
+        if isinstance(found, SessionUpdateError):
+            found = found.failed[session]
+        assert isinstance(found, ClientInputError) and found.field == wire.SESSION_ID, name
