@@ -61,6 +61,7 @@ class ServerError(RuntimeError):
     ) -> None:
         parts = [p for p in (model, f"[{status}]" if status else None) if p]
         super().__init__(f"{' '.join(parts)}: {message}" if parts else message)
+        self.reason = message  # without the model and status
         self.model = model
         self.status = status
         self.url = url
@@ -96,8 +97,10 @@ class PartialUpdateError(ServerError):
     def __init__(self, applied: dict, failed: dict[str, Exception]) -> None:
         names = ", ".join(repr(s) for s in list(failed)[:5])
         first = next(iter(failed.values()))
+        # its model and status lead this message: its own text follows without them
+        detail = first.reason if isinstance(first, ServerError) else str(first)
         super().__init__(
-            f"{len(failed)} session(s) {self.verb} ({names}): {first}",
+            f"{len(failed)} session(s) {self.verb} ({names}): {detail}",
             model=getattr(first, "model", None),
             status=getattr(first, "status", None),
             url=getattr(first, "url", None),

@@ -285,3 +285,13 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_full_decode(mo
     assert difference.mean() < 2.0 and difference.max() <= 16
     with pytest.raises(InputError, match="past what is left"):
         decode_image_sized("EVENT_IMAGE[0]", data, 32, budget=1600 * 1200 - 1)
+
+
+def test_an_image_in_no_known_format_is_refused_without_an_object_address(pre):
+    """PIL's message for bytes it cannot identify names a BytesIO at an address, which
+    reached the caller's error."""
+    x = one_user([Event(T0, "ok")])
+    x["EVENT_IMAGE"][0] = b"no image format starts like this"
+    with pytest.raises(InputError, match=r"EVENT_IMAGE\[0\].*no format recognised") as info:
+        pre.user(x)
+    assert "0x" not in str(info.value) and "BytesIO" not in str(info.value)

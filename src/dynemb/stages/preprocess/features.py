@@ -436,6 +436,8 @@ def decode_image_sized(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(field, f"is too large to decode ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:  # its text names a BytesIO at an address
+        raise InputError(field, "could not be decoded as an image (no format recognised)") from exc
     except Exception as exc:  # PIL's plugins raise more than their documented errors
         raise InputError(field, f"could not be decoded as an image ({exc})") from exc
     decoded = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
