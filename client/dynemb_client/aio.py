@@ -38,7 +38,12 @@ from dynemb_client.sessions import (
     parse_sessions,
     retrieve_call,
 )
-from dynemb_client.transport import ClientBase, reported_stages, shape_from_metadata
+from dynemb_client.transport import (
+    ClientBase,
+    reported_stages,
+    shape_from_metadata,
+    with_session_outputs,
+)
 
 __all__ = ["AsyncInterestClient"]
 
@@ -112,6 +117,20 @@ class AsyncInterestClient(ClientBase):
             )
             self._shape = shape_from_metadata(metadata, self.model_interest)
         return self._shape
+
+    async def session_shape(self) -> ModelShape:
+        """`model_shape`, with whether the session model answers SESSION_READ (fetched
+        on first use)."""
+        if self._session_shape is None:
+            shape = await self.model_shape()
+            metadata = await self._call(
+                self.model_session,
+                lambda inner: inner.get_model_metadata(
+                    self.model_session, as_json=True, client_timeout=self._timeout_s
+                ),
+            )
+            self._session_shape = with_session_outputs(shape, metadata)
+        return self._session_shape
 
     async def reported(self, model: str, stages: Sequence[str]) -> tuple[str, ...]:
         """The stages among `stages` whose versions `model` reports, fetched on first use."""
@@ -212,7 +231,7 @@ class AsyncInterestClient(ClientBase):
         history: Sequence[Event] | None = None,
     ) -> np.ndarray:
         """E_t after the user's new `events`, from the server's state for `user_id`."""
-        shape = await self.model_shape()
+        shape = await self.session_shape()
         steps = self._update_steps(user_id, events, at, shape, history)
         return (await self._session(steps)).embedding
 
@@ -222,7 +241,7 @@ class AsyncInterestClient(ClientBase):
         """E_t of each session after its new events (see InterestClient.update_many)."""
         if isinstance(updates, Mapping) and not updates:
             return {}  # nothing to send, with or without a server
-        shape = await self.model_shape()
+        shape = await self.session_shape()
         answers = await self._session(self._update_many_steps(updates, at, shape))
         return {session: answer.embedding for session, answer in answers.items()}
 
@@ -241,7 +260,7 @@ class AsyncInterestClient(ClientBase):
         return parse_recommendations(await self._infer(call), call.model, 1, k, call.exclude)[0]
 
     async def forget(self, user_id: str) -> None:
-        shape = await self.model_shape()
+        shape = await self.session_shape()
         await self._session(forget_steps(self.sessions, self.model_session, user_id, shape))
 
     async def _session(self, steps) -> SessionAnswer:

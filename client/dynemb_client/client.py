@@ -36,7 +36,12 @@ from dynemb_client.sessions import (
     parse_sessions,
     retrieve_call,
 )
-from dynemb_client.transport import ClientBase, reported_stages, shape_from_metadata
+from dynemb_client.transport import (
+    ClientBase,
+    reported_stages,
+    shape_from_metadata,
+    with_session_outputs,
+)
 
 __all__ = ["InterestClient"]
 
@@ -102,6 +107,20 @@ class InterestClient(ClientBase):
             )
             self._shape = shape_from_metadata(metadata, self.model_interest)
         return self._shape
+
+    def session_shape(self) -> ModelShape:
+        """`model_shape`, with whether the session model answers SESSION_READ (fetched
+        on first use)."""
+        if self._session_shape is None:
+            shape = self.model_shape()
+            metadata = self._call(
+                self.model_session,
+                lambda inner: inner.get_model_metadata(
+                    self.model_session, as_json=True, client_timeout=self._timeout_s
+                ),
+            )
+            self._session_shape = with_session_outputs(shape, metadata)
+        return self._session_shape
 
     def reported(self, model: str, stages: Sequence[str]) -> tuple[str, ...]:
         """The stages among `stages` whose versions `model` reports, fetched on first use."""
@@ -202,7 +221,7 @@ class InterestClient(ClientBase):
         kept for the user (or `history`, the caller's, when given) with the new ones: the
         answer is the same, only slower. `at` defaults to the newest event's time."""
         return self._session(
-            self._update_steps(user_id, events, at, self.model_shape(), history)
+            self._update_steps(user_id, events, at, self.session_shape(), history)
         ).embedding
 
     def update_many(
@@ -218,7 +237,7 @@ class InterestClient(ClientBase):
         defaults to each session's newest event."""
         if isinstance(updates, Mapping) and not updates:
             return {}  # nothing to send, with or without a server
-        answers = self._session(self._update_many_steps(updates, at, self.model_shape()))
+        answers = self._session(self._update_many_steps(updates, at, self.session_shape()))
         return {session: answer.embedding for session, answer in answers.items()}
 
     def embed_user(self, user_id: str, at: TimeLike | None = None) -> np.ndarray:
@@ -239,7 +258,8 @@ class InterestClient(ClientBase):
 
     def forget(self, user_id: str) -> None:
         """Drop the session here and on the server."""
-        self._session(forget_steps(self.sessions, self.model_session, user_id, self.model_shape()))
+        shape = self.session_shape()
+        self._session(forget_steps(self.sessions, self.model_session, user_id, shape))
 
     def _session(self, steps) -> SessionAnswer:
         written: dict[str, str] = {}  # session -> the endpoint that holds its state

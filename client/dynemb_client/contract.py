@@ -66,6 +66,9 @@ MAX_TIME_S = 4_102_444_800.0
 #   + EVENT_TEXT, EVENT_IMAGE, EVENT_LABELS, EVENT_TIME, EVENT_COUNT, QUERY_TIME as above
 #     (the new events only; none may precede the session's newest event or follow t)
 # ->USER_EMBEDDING FP32 [D]; SESSION_STATUS INT32 [1]; SESSION_EVENTS INT32 [1] (events held);
+#   SESSION_READ INT64 [1] (events the session has read since its start: a client that
+#   expected fewer knows another writer added events it does not keep; not in a session
+#   model built before it);
 #   <STAGE>_VERSION INT64 [1] for each of INTEREST_STAGES: the versions it serves with
 SESSION = "session"
 RETRIEVE = RECOMMEND_STAGES[-1]  # called directly by a session's recommend
@@ -73,6 +76,7 @@ SESSION_ID = "SESSION_ID"
 SESSION_OP = "SESSION_OP"
 SESSION_STATUS = "SESSION_STATUS"
 SESSION_EVENTS = "SESSION_EVENTS"
+SESSION_READ = "SESSION_READ"
 OP_UPDATE, OP_START, OP_FORGET = 0, 1, 2
 # STATUS_UNKNOWN: the server holds no state for the session (never seen, evicted, expired,
 # restarted, or computed by a stage version no longer served): send OP_START with the

@@ -59,10 +59,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The padded sizes the server was built with (read from its model metadata)."""
+    """The padded sizes the server was built with (read from its model metadata), and
+    whether its `session` model answers SESSION_READ (one built before it does not)."""
 
     max_events: int
     max_labels: int
+    session_read: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dynemb_client.contract import (
     SESSION_EVENTS,
     SESSION_ID,
     SESSION_OP,
+    SESSION_READ,
     SESSION_STATUS,
     STATUS_OK,
     STATUS_UNKNOWN,
@@ -72,6 +73,7 @@ class SessionAnswer:
     embedding: np.ndarray  # float32 (D,); zeros unless status is STATUS_OK
     status: int
     events_held: int
+    read: int | None = None  # events read since the session started (None: not answered)
 
 
 class SessionHistories:
@@ -96,16 +98,25 @@ class SessionHistories:
         # Oldest first, bounded. (A session's updates are sent one after another: a second
         # update while one is in flight would start the session again too.)
         self._unsettled: dict[str, None] = {}
+        # Events each session had read at its last answer (SESSION_READ), where answered.
+        self._read: dict[str, int] = {}
 
     def get(self, session: str) -> list[Event]:
         return list(self._events.get(session, ()))
 
-    def keep(self, session: str, events: Sequence[Event], held: int) -> None:
+    def keep(
+        self, session: str, events: Sequence[Event], held: int, read: int | None = None
+    ) -> None:
         """The session's window is now the newest `held` of `events` (oldest first); with
-        fewer than `held` events here, it is partial (`missing`)."""
+        fewer than `held` events here, it is partial (`missing`). `read`: the events the
+        session has read since it started, if the server said."""
         self._events.pop(session, None)
         self._events[session] = list(events[max(0, len(events) - held) :]) if held else []
         self._unsettled.pop(session, None)
+        if read is None:
+            self._read.pop(session, None)
+        else:
+            self._read[session] = read
         if held > len(events):
             self._partial[session] = held
         else:
@@ -114,6 +125,7 @@ class SessionHistories:
             evicted, _ = self._events.popitem(last=False)
             self._servers.pop(evicted, None)
             self._partial.pop(evicted, None)
+            self._read.pop(evicted, None)
 
     def sending(self, sessions: Iterable[str], start: bool = False) -> None:
         """A call that changes the window of `sessions` is about to be sent: until its
@@ -145,6 +157,10 @@ class SessionHistories:
         held = self._partial.get(session)
         return 0 if held is None else held - len(self._events.get(session, ()))
 
+    def read(self, session: str) -> int | None:
+        """The events the session had read at its last answer here (None: not known)."""
+        return self._read.get(session)
+
     def served_by(self, session: str, url: str) -> None:
         """`url` now holds the session's state (the newest call went there)."""
         if session in self._events:
@@ -162,6 +178,7 @@ class SessionHistories:
         self._servers.pop(session, None)
         self._partial.pop(session, None)
         self._unsettled.pop(session, None)
+        self._read.pop(session, None)
 
     def __contains__(self, session: str) -> bool:
         return session in self._events
@@ -236,9 +253,9 @@ def rows_call(
         model=model,
         inputs=_to_infer_inputs(arrays),
         outputs=[
-            InferRequestedOutput(USER_EMBEDDING),
-            InferRequestedOutput(SESSION_STATUS),
-            InferRequestedOutput(SESSION_EVENTS),
+            InferRequestedOutput(name)
+            for name in (USER_EMBEDDING, SESSION_STATUS, SESSION_EVENTS, SESSION_READ)
+            if name != SESSION_READ or shape.session_read  # Triton refuses one it lacks
         ],
         batch=len(rows),
         retry_safe=all(op != OP_UPDATE for _, op, _, _ in rows),
@@ -272,8 +289,12 @@ def parse_sessions(result, model: str, batch: int) -> list[SessionAnswer]:
     embeddings = _output(result, USER_EMBEDDING, model, batch)
     status = _output(result, SESSION_STATUS, model, batch).reshape(batch)
     held = _output(result, SESSION_EVENTS, model, batch).reshape(batch)
+    read = result.as_numpy(SESSION_READ)  # None unless asked (ModelShape.session_read)
+    read = [None] * batch if read is None else [int(r) for r in read.reshape(batch)]
     embeddings = np.asarray(embeddings, dtype=np.float32).reshape(batch, -1)
-    return [SessionAnswer(embeddings[i], int(status[i]), int(held[i])) for i in range(batch)]
+    return [
+        SessionAnswer(embeddings[i], int(status[i]), int(held[i]), read[i]) for i in range(batch)
+    ]
 
 
 MAX_RESTARTS = 3  # starts again after an update that failed in transit, then gives up
@@ -300,13 +321,15 @@ def update_steps(
     that was never settled (SessionHistories.unsettled): from scratch at once."""
     update = _prepared(session, events, at, shape, histories, history)
     moved = moved or histories.unsettled(update.session)
-    before = (update.kept, len(update.kept) + update.missing)  # the window it extends
+    before = (update.kept, len(update.kept) + update.missing, update.read)  # what it extends
     answer = None
     for i, chunk in enumerate(_chunks(update.events, shape.max_events)):
         if i:  # the window is now the one the previous chunk's answer reported
             session = update.session
             update = update._replace(
-                kept=histories.get(session), missing=histories.missing(session)
+                kept=histories.get(session),
+                missing=histories.missing(session),
+                read=histories.read(session),
             )
         try:
             sent = (
@@ -423,6 +446,9 @@ class _Update(NamedTuple):
     kept: list[Event]  # the window it restarts from, if the server lost the state
     t: float
     missing: int  # events of the server's window that `kept` lacks (0: it is whole)
+    # Events the session had read as far as this client knows (the caller's whole
+    # `history`, else SessionHistories.read; None: not known).
+    read: int | None
 
 
 def _prepared(
@@ -449,6 +475,7 @@ def _prepared(
     events = sorted_events(events)
     kept = sorted_events(history) if history is not None else histories.get(session)
     missing = 0 if history is not None else histories.missing(session)
+    read = len(kept) if history is not None else histories.read(session)
     t = query_time(at, events, kept)
     if events and to_unix_seconds(events[-1].time, field="EVENT_TIME") > t:
         raise ClientInputError(
@@ -470,7 +497,7 @@ def _prepared(
                 "t's future",
                 field="QUERY_TIME",
             )
-    return _Update(session, events, kept[-shape.max_events :], t, missing)
+    return _Update(session, events, kept[-shape.max_events :], t, missing, read)
 
 
 def _chunks(events: list[Event], size: int) -> list[list[Event]]:
@@ -492,7 +519,8 @@ def _settled(
     kept window that lacks some of the server's events is not restarted from: the answer
     would be another window's (SessionLostError)."""
     session, kept, t = update.session, update.kept, update.t
-    if answer is None or answer.status == STATUS_UNKNOWN:
+    restarted = answer is None or answer.status == STATUS_UNKNOWN
+    if restarted:
         if update.missing:
             raise SessionLostError(
                 f"session {session!r}: the server no longer holds its state (or an earlier "
@@ -509,7 +537,13 @@ def _settled(
     if answer is None or answer.status != STATUS_OK:
         status = "unreachable" if answer is None else f"status {answer.status}"
         raise ServerError(f"session {session!r}: {status}", model=model)
-    histories.keep(session, [*kept, *events], answer.events_held)
+    known = not restarted and None not in (answer.read, update.read)
+    if known and answer.read != update.read + len(events):
+        # Another writer (a client or process) added events this one does not keep: of
+        # the window, only the events just sent are known (the count of the rest is).
+        histories.keep(session, events, answer.events_held, answer.read)
+        return answer
+    histories.keep(session, [*kept, *events], answer.events_held, answer.read)
     return answer
 
 

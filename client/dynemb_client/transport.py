@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from tritonclient.utils import InferenceServerException
@@ -25,6 +25,7 @@ from dynemb_client.contract import (
     RECOMMEND,
     RETRIEVE,
     SESSION,
+    SESSION_READ,
     USER_INTEREST,
     version_output,
 )
@@ -407,6 +408,12 @@ def shape_from_metadata(metadata: Mapping[str, Any], model: str) -> ModelShape:
     return ModelShape(max_events=max_events, max_labels=max_labels)
 
 
+def with_session_outputs(shape: ModelShape, metadata: Mapping[str, Any]) -> ModelShape:
+    """`shape` with what the session model's metadata says it answers (SESSION_READ)."""
+    outputs = {tensor["name"] for tensor in metadata.get("outputs", [])}
+    return replace(shape, session_read=SESSION_READ in outputs)
+
+
 def reported_stages(metadata: Mapping[str, Any], stages: Sequence[str]) -> tuple[str, ...]:
     """The stages among `stages` whose version the model's answers carry, from its metadata:
     every stage's in a Python-backend repository; fewer in one whose stages are native
@@ -457,6 +464,7 @@ class ClientBase:
         # The newest L events of each session, re-sent when a server lost its state.
         self.sessions = SessionHistories(max_sessions)
         self._shape: ModelShape | None = None
+        self._session_shape: ModelShape | None = None  # with the session model's outputs
         self._reporting: dict[str, tuple[str, ...]] = {}  # model -> stages it reports
 
     @property

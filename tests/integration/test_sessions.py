@@ -229,6 +229,37 @@ def test_a_forgotten_or_unknown_session_is_rebuilt_from_the_kept_history(live):
         fresh.close()
 
 
+def test_two_clients_taking_turns_past_the_window_never_restart_a_wrong_window(live):
+    """A writes 0-49, B joins with the same history; past the window A adds 50 and B 51.
+    The window holds 25-51 (27 events): as many as B would hold from its own view
+    (24-49 and 51), so before the server counted the events read, B kept that wrong
+    window and, once the state was lost, restarted from it (E_t off by 0.03). Now B
+    keeps only what it sent, and a loss is SessionLostError until it passes history=."""
+    from dynemb_client import SessionLostError
+
+    h = stream(31, 53, images=False)
+    uid = "turns-0"
+    with (
+        InterestClient(live.url) as a,
+        InterestClient(live.url) as b,
+        InterestClient(live.url) as other,
+    ):
+        a.update(uid, h[:50])
+        b.update(uid, [], history=h[:50])  # the server read as many: B's history is it
+        assert b.sessions.get(uid) == h[:50] and b.sessions.missing(uid) == 0
+        a.update(uid, [h[50]])
+        got = b.update(uid, [h[51]])
+        np.testing.assert_allclose(got, a.embed(h[25:52]), atol=TOL)
+        assert b.sessions.get(uid) == [h[51]] and b.sessions.missing(uid) == 26
+        other.forget(uid)  # the server loses the state
+        with pytest.raises(SessionLostError):
+            b.update(uid, [h[52]])
+        got = b.update(uid, [h[52]], history=h[:52])
+        window = b.sessions.get(uid)
+        assert window == h[53 - len(window) :] and b.sessions.missing(uid) == 0
+        np.testing.assert_allclose(got, a.embed(window), atol=TOL)
+
+
 def test_bad_session_input_is_invalid_argument(live):
     """Refused by the server, and by a client that keeps the session's window before
     sending (a restart would otherwise take what an update may not)."""

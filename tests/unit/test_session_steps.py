@@ -260,7 +260,8 @@ def test_a_batch_of_sessions_reads_each_one_s_keys_and_values_and_zeros_after_th
 def test_a_state_counts_its_labels_as_a_recount_would_through_steps_and_re_windows(repo):
     """A step counts only its new label rows' bytes on top of its base's; after events
     of different label sizes, re-windows (every 7 events past L) and a batch of several,
-    each state's count is a recount of the rows it holds, and so is its size."""
+    each state's count is a recount of the rows it holds, and so is its size. It counts
+    every event it read, the ones re-windowed away too."""
     from dataclasses import replace
 
     from dynemb.stages.preprocess.features import label_row_bytes
@@ -285,6 +286,7 @@ def test_a_state_counts_its_labels_as_a_recount_would_through_steps_and_re_windo
         state, k = done.state, k + n
         assert state.label_bytes == label_row_bytes(state.labels)
         assert state.nbytes == replace(state, label_bytes=None).nbytes
+        assert state.read == min(k, len(events))  # every event read, through re-windows
     assert state.n_events < d.max_events  # it re-windowed
 
 

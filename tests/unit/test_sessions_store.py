@@ -16,6 +16,7 @@ from dynemb_client.sessions import (
     MAX_RESTARTS,
     SessionAnswer,
     SessionHistories,
+    session_call,
     update_many_steps,
     update_steps,
 )
@@ -169,9 +170,9 @@ SHAPE = ModelShape(max_events=4, max_labels=2)
 UNKNOWN = SessionAnswer(np.zeros(3, np.float32), wire.STATUS_UNKNOWN, 0)
 
 
-def ok(held: int) -> SessionAnswer:
-    """An answer whose window holds `held` events."""
-    return SessionAnswer(np.ones(3, np.float32), wire.STATUS_OK, held)
+def ok(held: int, read: int | None = None) -> SessionAnswer:
+    """An answer whose window holds `held` events (of `read` since the session started)."""
+    return SessionAnswer(np.ones(3, np.float32), wire.STATUS_OK, held, read)
 
 
 def events(*times: float) -> list[Event]:
@@ -930,7 +931,7 @@ def test_a_bad_session_id_is_refused_by_every_session_call_before_anything_is_se
     client = (AsyncInterestClient if asynchronous else InterestClient)(
         urls=["127.0.0.1:9", "127.0.0.1:10"]
     )
-    client._shape = SHAPE  # no server: nothing may be sent
+    client._shape = client._session_shape = SHAPE  # no server: nothing may be sent
     calls = {
         "update": lambda: client.update(session, events(1)),
         "embed_user": lambda: client.embed_user(session),
@@ -945,3 +946,44 @@ def test_a_bad_session_id_is_refused_by_every_session_call_before_anything_is_se
         if isinstance(found, SessionUpdateError):
             found = found.failed[session]
         assert isinstance(found, ClientInputError) and found.field == wire.SESSION_ID, name
+
+
+def test_events_another_writer_added_past_the_window_make_the_kept_window_partial():
+    """Two clients take turns on one session past the window (L = 4, B = 2 here: the
+    window holds 3, 4, 3, ... events). Their windows' lengths agree with the server's, so
+    the count of events held could not show that the other had added one: each kept a
+    window with an event the server had re-windowed away and without the other's. The
+    count of events read since the start (SESSION_READ) does: each keeps only the events
+    it sent, and after a server loss says it cannot restart the session alone."""
+    from dynemb_client import SessionLostError
+
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2, 3, 4), 4, read=4)
+    drive(update_steps(histories, "session", "u", events(5), None, SHAPE), [ok(3, 5)])
+    assert kept_times(histories) == [3, 4, 5] and histories.missing("u") == 0
+    # another writer sent 6: the server read 7 events, this client 6
+    drive(update_steps(histories, "session", "u", events(7), None, SHAPE), [ok(3, 7)])
+    assert kept_times(histories) == [7] and histories.missing("u") == 2
+    with pytest.raises(SessionLostError):
+        drive(update_steps(histories, "session", "u", events(8), None, SHAPE), [UNKNOWN])
+    # joining with history= is trusted only as far as the server read as many events
+    joined = SessionHistories()
+    drive(update_steps(joined, "session", "v", [], 4, SHAPE, events(1, 2, 3)), [ok(3, 3)])
+    assert kept_times(joined, "v") == [1, 2, 3] and joined.missing("v") == 0
+    drive(update_steps(joined, "session", "w", [], 4, SHAPE, events(1, 2, 3)), [ok(3, 9)])
+    assert kept_times(joined, "w") == [] and joined.missing("w") == 3
+    # a server that does not answer SESSION_READ: as before, lengths only
+    old = SessionHistories()
+    old.keep("u", events(1, 2, 3, 4), 4)
+    drive(update_steps(old, "session", "u", events(5), None, SHAPE), [ok(3)])
+    assert kept_times(old) == [3, 4, 5]
+
+
+def test_the_read_count_is_asked_for_only_from_a_session_model_that_answers_it():
+    from dataclasses import replace
+
+    def outputs(shape):
+        return [o.name() for o in session_call("session", "u", 0, [], 1.0, shape).outputs]
+
+    assert wire.SESSION_READ not in outputs(SHAPE)
+    assert wire.SESSION_READ in outputs(replace(SHAPE, session_read=True))

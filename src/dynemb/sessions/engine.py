@@ -87,6 +87,7 @@ class _Plan:
     # below L is a plan with base None: steps from nothing over its stored G, so its keys,
     # values and LSTM state are kept for the events that follow.)
     windowed: bool
+    read: int  # events the session will have read (SessionState.read)
     # The batch's time and query features, each in one pass over every plan of it.
     time_new: np.ndarray | None = None  # (k, time_dim)
     query: np.ndarray | None = None  # (Q,)
@@ -251,6 +252,7 @@ class SessionEngine:
             g_new=g_all[first:],
             first=first,
             windowed=windowed,
+            read=(state.read if state is not None else 0) + len(events.times),
         )
 
     def _run(self, plans: list[_Plan]) -> list[Advanced]:
@@ -308,6 +310,7 @@ class SessionEngine:
                     values=nothing,
                     newest=nothing,
                     windowed=True,
+                    read=p.read,
                 ),
                 embeddings[b],
             )
@@ -418,6 +421,7 @@ class SessionEngine:
                 values=kv[1],
                 newest=newest[b].copy(),
                 room=kv[2],
+                read=p.read,
             )
             out.append(Advanced(state, embeddings[b]))
         return out

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,16 @@ from dynemb_client import contract as wire
 class NoServingVersionError(RuntimeError):
     """A session stage has no version loaded and ready (the server is starting, or the
     stage is down): the request is UNAVAILABLE, for the client to retry."""
+
+
+class RowAnswer(NamedTuple):
+    """One row's answer: E_t (zeros unless OK), its status, the events its window holds
+    and the events the session has read since it started (0 unless OK)."""
+
+    embedding: np.ndarray
+    status: int
+    held: int
+    read: int
 
 
 @dataclass
@@ -99,7 +109,7 @@ class SessionAdapter:
                 pb.Logger.log_error(f"session: {traceback.format_exc()}")
                 responses[i] = _error(pb, exc, pb.TritonError.INTERNAL)
         answers = serve_rows(self.store, engine, rows)
-        by_request: dict[int, list[tuple[np.ndarray, int, int]]] = {}
+        by_request: dict[int, list[RowAnswer]] = {}
         for row, answer in zip(rows, answers, strict=True):
             if isinstance(answer, InputError):
                 message = f"session: bad input: {answer}"
@@ -184,7 +194,7 @@ class SessionAdapter:
 
     def _response(
         self,
-        answers: list[tuple[np.ndarray, int, int]],
+        answers: list[RowAnswer],
         engine: SessionEngine,
         asked: set[str] | None = None,
     ) -> Any:
@@ -193,11 +203,12 @@ class SessionAdapter:
         (None: all), since each tensor made costs the stub a transfer that Triton would
         then drop."""
         pb = self.pb_utils
-        embeddings, status, held = zip(*answers, strict=True)
+        embeddings, status, held, read = zip(*answers, strict=True)
         outputs = {
             wire.USER_EMBEDDING: lambda: np.stack(embeddings).astype(np.float32),
             wire.SESSION_STATUS: lambda: np.array(status, np.int32)[:, None],
             wire.SESSION_EVENTS: lambda: np.array(held, np.int32)[:, None],
+            wire.SESSION_READ: lambda: np.array(read, np.int64)[:, None],
         }
         for stage, version in engine.versions if self.reports_versions else ():
             outputs[wire.version_output(stage)] = partial(
@@ -214,8 +225,8 @@ class SessionAdapter:
 
 def serve_rows(
     store: StateStore, engine: SessionEngine, rows: list[_Row]
-) -> list[tuple[np.ndarray, int, int] | Exception]:
-    """Each row's (E_t, status, events held) or its error, in order. A session named by
+) -> list[RowAnswer | Exception]:
+    """Each row's answer or its error, in order. A session named by
     several rows of one batch is advanced by them one after the other (rounds), never twice
     from the same state. A request answers as a whole: if one of its rows failed, none of
     its rows count (`undo_failed_requests`)."""
@@ -240,7 +251,7 @@ def serve_rows(
 def undo_failed_requests(
     store: StateStore,
     rows: list[_Row],
-    answers: list[tuple[np.ndarray, int, int] | Exception],
+    answers: list[RowAnswer | Exception],
     before: dict[str, SessionState | None],
 ) -> None:
     """The sessions that a failed request's rows changed get back the state they had
@@ -267,22 +278,22 @@ def undo_failed_requests(
 
 def _serve_round(
     store: StateStore, engine: SessionEngine, rows: list[_Row]
-) -> list[tuple[np.ndarray, int, int] | Exception]:
+) -> list[RowAnswer | Exception]:
     """Rows of distinct sessions; those that advance run as one batch (one row alone if
     the batch fails, so one row never fails its neighbours)."""
     zeros = np.zeros(engine.dims.embed_dim, np.float32)
-    answers: list[tuple[np.ndarray, int, int] | Exception | None] = [None] * len(rows)
+    answers: list[RowAnswer | Exception | None] = [None] * len(rows)
     todo: list[tuple[int, SessionState | None]] = []
     for k, row in enumerate(rows):
         if row.op == wire.OP_FORGET:
             store.forget(row.session)
-            answers[k] = (zeros, wire.STATUS_FORGOTTEN, 0)
+            answers[k] = RowAnswer(zeros, wire.STATUS_FORGOTTEN, 0, 0)
         elif row.op == wire.OP_START:
             todo.append((k, None))
         else:
             state = store.get(row.session, engine.versions)
             if state is None:
-                answers[k] = (zeros, wire.STATUS_UNKNOWN, 0)
+                answers[k] = RowAnswer(zeros, wire.STATUS_UNKNOWN, 0, 0)
             else:
                 todo.append((k, state))
     if todo:
@@ -304,8 +315,9 @@ def _serve_round(
                     f"session {rows[k].session!r}: E_t or its state is not finite"
                 )
             elif isinstance(result, Advanced):
-                store.put(rows[k].session, result.state)
-                answers[k] = (result.embedding, wire.STATUS_OK, result.state.n_events)
+                state = result.state
+                store.put(rows[k].session, state)
+                answers[k] = RowAnswer(result.embedding, wire.STATUS_OK, state.n_events, state.read)
             else:
                 answers[k] = result
     return answers  # type: ignore[return-value]

@@ -80,6 +80,7 @@ def session_spec(dims: Dims, options: SessionOptions | None = None) -> StageSpec
             t.user_embedding,
             TensorSpec(wire.SESSION_STATUS, "INT32", (1,)),
             TensorSpec(wire.SESSION_EVENTS, "INT32", (1,)),
+            TensorSpec(wire.SESSION_READ, "INT64", (1,)),
             # the session stages are the user_interest ensemble's (a unit test checks it)
             *(TensorSpec(wire.version_output(s), "INT64", (1,)) for s in wire.INTEREST_STAGES),
         ),

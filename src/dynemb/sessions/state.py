@@ -101,6 +101,10 @@ class SessionState:
     # A full window (L events): recomputed whole from `events` on every change, so the
     # LSTM state, keys, values and newest state are not kept (empty).
     windowed: bool = False
+    # Events the session has read since it was started (its window holds the newest
+    # n_events of them): answered with each update, so that a client can tell that
+    # another writer added events it does not keep (dynemb_client.sessions).
+    read: int = 0
     used_at: float = 0.0  # monotonic time of the last use (TTL)
     room: KVRoom | None = None  # what `keys` and `values` are views of, if anything
     # label_row_bytes(labels), if its maker counted them (a step adds its new rows' to its
