@@ -150,12 +150,12 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
         raise UsageError(f"k must be in 1..100, got {options.k}")
     if options.workers < 1:
         raise UsageError(f"workers must be >= 1, got {options.workers}")
-    if options.out.exists() and not options.overwrite:
-        raise UsageError(f"{options.out} exists; pass --overwrite to replace it")
     repository = options.repository.resolve()
     if not (repository / "recommend").is_dir():
         raise UsageError(f"{repository}: not a built model repository (`dynemb build`)")
-    check_out_dir(options.out, options.events, repository)
+    check_out_dir(options.out, options.events, repository)  # before advising --overwrite
+    if options.out.exists() and not options.overwrite:
+        raise UsageError(f"{options.out} exists; pass --overwrite to replace it")
     out = options.out.resolve()
     staging = out.with_name(out.name + ".incoming")
     shutil.rmtree(staging, ignore_errors=True)
@@ -216,7 +216,10 @@ def check_out_dir(out: Path, events: Path, repository: Path) -> None:
         if target == path or target in path.parents:
             raise UsageError(f"{out}: OUT would replace the {what} {path}; pick another folder")
     if repository in target.parents:
-        raise UsageError(f"{out}: OUT goes outside the model repository {repository}")
+        raise UsageError(
+            f"{out}: OUT must be outside the model repository {repository} "
+            "(Triton would take a folder there for a model)"
+        )
 
 
 def _own_error(exc: BaseException) -> DynembError | None:

@@ -36,6 +36,10 @@ console = Console(stderr=True)
 log = logging.getLogger("dynemb")
 
 Repository = Annotated[Path, typer.Option("--repository", help="Triton model repository")]
+QueryTime = Annotated[
+    str | None,
+    typer.Option(help="query time t: unix seconds or ISO-8601 (default: each user's newest event)"),
+]
 Url = Annotated[str, typer.Option("--url", help="gRPC endpoint host:port")]
 Data = Annotated[
     str, typer.Option("--data", "--dataset", help="ml-100k, synthetic, or a JSONL path")
@@ -350,7 +354,7 @@ def serve(
 def embed(
     events: Annotated[Path, typer.Option(help="JSON Lines: user, time, text, image, labels")],
     user: Annotated[str | None, typer.Option(help="only this user")] = None,
-    at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
+    at: QueryTime = None,
     url: Url = "127.0.0.1:8001",
     repository: Repository = MODEL_REPOSITORY,
 ) -> None:
@@ -365,7 +369,7 @@ def embed(
 def recommend(
     events: Annotated[Path, typer.Option(help="JSON Lines: user, time, text, image, labels")],
     user: Annotated[str | None, typer.Option(help="only this user")] = None,
-    at: Annotated[float | None, typer.Option(help="query time t (unix s)")] = None,
+    at: QueryTime = None,
     k: int = 10,
     include_seen: Annotated[
         bool, typer.Option(help="also recommend the items of the history sent")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynemb.data.jsonl import DataError, iter_user_events
+from dynemb.data.jsonl import DataError, iso_seconds, iter_user_events
 from dynemb.data.types import Interaction
-from dynemb.dims import DIMS
 from dynemb.errors import UsageError
 from dynemb.pipeline import serving_manifests
 from dynemb_client import ClientInputError, Event, InterestClient, Recommendation, ServerUnavailable
@@ -34,12 +33,21 @@ class EventConverter:
 
 
 def event_converter(repository: Path) -> EventConverter:
-    """The EventConverter of the repository's served model (its manifests read once)."""
+    """The EventConverter of the repository's served model (its manifests read once). A
+    folder with no built stage is refused: without its manifests, events would go without
+    the item-id labels a model trained with them reads, and the answers would silently
+    depend on the folder the command ran in."""
     from dynemb.training.examples import to_client_event  # torch: only when asked
 
     manifests = list(serving_manifests(repository).values())
+    if not manifests:
+        raise UsageError(
+            f"--repository {repository}: no built model repository there; it says how the "
+            "served model reads events (its M labels, an item id as the label item:<id>): "
+            "pass the served repository, or a copy of it"
+        )
     return EventConverter(
-        max_labels=manifests[0].dims.max_labels if manifests else DIMS.max_labels,
+        max_labels=manifests[0].dims.max_labels,
         item_labels=any(m.provenance.item_labels for m in manifests),
         to_client_event=to_client_event,
     )
@@ -64,9 +72,10 @@ def _histories(
 ) -> list[tuple[str, list[Interaction], list[Event]]]:
     """Every user's history as the client sends it, each event checked as the client
     checks it: all of the file is read and checked before anything is asked or printed."""
+    users = list(iter_user_events(events, user))  # the file's own errors first
     convert = event_converter(repository)
     out = []
-    for user_id, interactions in iter_user_events(events, user):
+    for user_id, interactions in users:
         history = [convert(e) for e in interactions]
         for index, event in enumerate(history):
             try:
@@ -93,9 +102,20 @@ def _client(url: str, model: str) -> InterestClient:
     return client
 
 
-def _query_time(at: float | None) -> float | None:
+def _query_time(at: str | float | None) -> float | None:
+    """--at as unix seconds: a number, or an ISO-8601 time as the events' may be."""
     if at is None:
         return None
+    if isinstance(at, str):
+        try:
+            at = float(at)
+        except ValueError:
+            try:
+                at = iso_seconds(at)
+            except ValueError:
+                raise UsageError(
+                    f"--at must be unix seconds or an ISO-8601 time, got {at!r}"
+                ) from None
     try:
         return to_unix_seconds(at, field="--at")
     except ClientInputError as exc:
@@ -103,7 +123,7 @@ def _query_time(at: float | None) -> float | None:
 
 
 def embed_events(
-    events: Path, user: str | None, at: float | None, url: str, repository: Path
+    events: Path, user: str | None, at: str | float | None, url: str, repository: Path
 ) -> Iterator[UserEmbedding]:
     """E_t of each user of `events` (or only `user`), at `at` or their newest event."""
     at = _query_time(at)
@@ -117,7 +137,7 @@ def embed_events(
 def recommend_events(
     events: Path,
     user: str | None,
-    at: float | None,
+    at: str | float | None,
     k: int,
     exclude_seen: bool,
     url: str,

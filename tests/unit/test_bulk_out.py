@@ -32,7 +32,7 @@ def setup(tmp_path):
         ("events", "would replace the events"),
         ("", "would replace the events"),  # the folder holding the events
         ("repo", "would replace the model repository"),
-        ("repo/embedded", "outside the model repository"),
+        ("repo/embedded", "must be outside the model repository"),
     ],
 )
 def test_an_out_that_cannot_be_replaced_whole_is_refused_before_the_job(
@@ -43,9 +43,10 @@ def test_an_out_that_cannot_be_replaced_whole_is_refused_before_the_job(
     path = Path(out) if out in (".", "..") else tmp_path / out
     with pytest.raises(UsageError, match=said):
         check_out_dir(path, events, repository)
-    options = EmbedAllOptions(events, path, repository, overwrite=True)
-    with pytest.raises(UsageError, match=said):
-        embed_all(options, say=lambda line: None)
+    for overwrite in (True, False):  # without --overwrite too: never advised to pass it
+        options = EmbedAllOptions(events, path, repository, overwrite=overwrite)
+        with pytest.raises(UsageError, match=said):
+            embed_all(options, say=lambda line: None)
     assert (events / "a.jsonl").exists() and (repository / "recommend").is_dir()
 
 

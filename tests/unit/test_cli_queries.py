@@ -41,13 +41,21 @@ def events(tmp_path: Path) -> Path:
         (["recommend"], "no server ready at 127.0.0.1:1"),
         (["recommend", "--k", "0"], "--k must be in 1..100, got 0"),
         (["embed", "--at", "nan"], "--at: time must be finite"),
+        (["embed", "--at", "yesterday"], "--at must be unix seconds or an ISO-8601 time"),
+        (["embed", "--at", "2023-11-16T00:00:00Z"], "no server ready at 127.0.0.1:1"),
+        # a folder with no built model: events would go without the item-id labels the
+        # trained model reads, answers depending on the folder the command ran in
+        (["embed", "--repository", "."], "--repository .: no built model repository there"),
     ],
 )
 def test_without_a_server_a_command_says_what_is_wrong_in_one_line_at_once(
-    events, tmp_path, args, said
+    events, repo, args, said
 ):
     started = time.monotonic()
-    done = dynemb(*args, "--events", str(events), "--url", NO_SERVER, "--repository", str(tmp_path))
+    command, *options = args  # the case's own --repository, if any, comes last and wins
+    done = dynemb(
+        command, "--events", str(events), "--url", NO_SERVER, "--repository", str(repo), *options
+    )
     assert time.monotonic() - started < 30  # the client's retry deadline, were it waited out
     assert done.returncode == 1 and done.stdout == ""
     [line] = done.stderr.strip().splitlines()

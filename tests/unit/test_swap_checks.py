@@ -172,3 +172,14 @@ def test_versions_say_which_stages_have_no_weights_and_a_skeleton_is_named(tmp_p
     with pytest.raises(ManifestError, match=r"skel/label_mlp/1: no manifest") as raised:
         make_candidate(tmp_path / "skel", "label_mlp", tmp_path / "c")
     assert ".making" not in str(raised.value)
+
+
+def test_the_drift_cosine_of_a_non_finite_row_is_no_match():
+    """A NaN row read as cosine 1.0: a NaN candidate's report said stage_cosine 1.0 and
+    embedding cosines 1.0 (the swap was still refused, as not finite)."""
+    from dynemb.swap.drift import _cosine
+
+    a = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    b = np.array([[np.nan, 0.0], [np.inf, 1.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    got = _cosine(a, b)
+    assert np.isnan(got[:2]).all() and got[2] == 1.0 and got[3] == 0.0 and got[4] == 1.0

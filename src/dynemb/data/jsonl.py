@@ -200,15 +200,11 @@ def _parse_time(value: Any, where: _Line) -> float:
             raise where.error("'time' is too large for unix seconds") from None
     elif isinstance(value, str):
         try:
-            iso = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
-            stamp = datetime.fromisoformat(iso)
+            seconds = iso_seconds(value)
         except ValueError:
             raise where.error(
                 f"'time' must be unix seconds or an ISO-8601 string, got {value!r}"
             ) from None
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=timezone.utc)
-        seconds = stamp.timestamp()
     else:
         raise where.error(
             f"'time' must be unix seconds or an ISO-8601 string, got {_type_name(value)}"
@@ -263,6 +259,16 @@ def _derive_items(interactions: list[Interaction]) -> dict[str, Item]:
         elif item.image is None and event.image is not None:
             items[event.item_id] = Item(item.item_id, item.title, item.labels, event.image)
     return items
+
+
+def iso_seconds(value: str) -> float:
+    """An ISO-8601 time ("2023-11-16T00:00:00Z"; UTC when it names no zone) as unix
+    seconds; ValueError if it is none."""
+    iso = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    stamp = datetime.fromisoformat(iso)
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.timestamp()
 
 
 def _text_item_id(text: str) -> str:
