@@ -84,5 +84,7 @@ configs: install
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
-	find model_repository -mindepth 2 -maxdepth 2 -name '[0-9]*' -type d \
+	find model_repository -mindepth 2 -maxdepth 2 -name '[0-9]*' ! -name 1 -type d \
+	  -exec rm -rf {} +
+	find model_repository -mindepth 2 -maxdepth 2 -name 1 -type d \
 	  -exec find {} -mindepth 1 ! -name model.py ! -name .gitkeep -delete \;

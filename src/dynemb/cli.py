@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dynemb.errors import DynembError
+from dynemb.extras import extra_of, require
 from dynemb.paths import MODEL_REPOSITORY, RESULTS_DIR, cache_dir
 
 if TYPE_CHECKING:  # typing only: commands import the evaluation code they use
@@ -64,6 +65,12 @@ def main() -> None:
             sys.stdout.flush()
     except (DynembError, ClientInputError, ClientServerError) as exc:
         print(f"dynemb: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except ModuleNotFoundError as exc:  # an optional extra a command imports late
+        extra = extra_of(exc.name)
+        if extra is None:
+            raise
+        print(f"dynemb: error: needs {exc.name}: pip install 'dynemb[{extra}]'", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # the reader went away (`| head`): quietly, as a pipe does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -404,6 +411,7 @@ def embed_all(
 ) -> None:
     """Every user's E_t and top-k items as a Ray Data job (Parquet: user, at, embedding,
     items, scores); each user's events in one file."""
+    require("ray", "embed-all")
     from dynemb.bulk import EmbedAllOptions
     from dynemb.bulk import embed_all as run
 
@@ -687,6 +695,7 @@ def dynamics(
     """Does E_t follow a change of interest? Fresh vs stale query time vs a static profile,
     on SYNTHETIC users whose interest changes at known points; writes
     dynamics-synthetic.md/.json/.png."""
+    require("bench", "dynamics")  # its plot
     from dynemb.evaluation.dynamics import DynamicsOptions, criterion_met, dynamics_benchmark
     from dynemb.training.train import TrainOptions
 
@@ -730,6 +739,7 @@ def bench(
 ) -> None:
     """Serving benchmark: Triton (C) vs the same pipeline in-process (A) vs a plain FastAPI
     server (B), at concurrency 1..64; writes STEM.md/.json/.png with ratios and targets."""
+    require("bench", "bench")
     from dataclasses import replace
 
     from dynemb.bench.serving import ServingOptions, serving_benchmark
@@ -827,6 +837,7 @@ def bench_faults(
     """Faults, measured: a killed stage process under load (back in how long, calls lost),
     a server restart under load, and malformed requests to every model beside good
     ones; writes faults.md/.json."""
+    require("bench", "bench-faults")
     from dynemb.bench.faults import bench_faults as run_faults
     from dynemb.bench.faults import render_markdown
 
@@ -865,6 +876,7 @@ def bench_sessions(
         for phase in data.phases:
             ratios = {k: round(v, 2) for k, v in phase.ratios.items()}
             console.print(f"{data.data}, {phase.phase}: {ratios}")
+    console.print(f"wrote {options.out_dir / options.stem}.md and .json")
 
 
 @app.command()
@@ -897,6 +909,7 @@ def bench_embed_all(
 ) -> None:
     """`dynemb embed-all` on Ray against the same work in-process, same cores, one run
     (writes embed_all.md/.json)."""
+    require("ray", "bench-embed-all")
     from dynemb.bench.bulk import BulkBenchOptions
     from dynemb.bench.bulk import bench_embed_all as run
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from dynemb import stages
 from dynemb.data import load_dataset
+from dynemb.dims import DIMS
 from dynemb.paths import cache_dir, unfinished_build
 from dynemb.pipeline import serving_manifest_paths, serving_manifests
 from dynemb.queries import event_converter
@@ -126,13 +127,18 @@ def query(url: str, users: dict[str, SampleUser], k: int = 10) -> list[UserResul
     return results
 
 
+def _read(sent: int) -> str:
+    """What of `sent` events the model reads: the newest L."""
+    return f" (the newest {DIMS.max_events} read)" if sent > DIMS.max_events else ""
+
+
 def render(results: list[UserResult], status: str, echo: Callable[[str], None]) -> None:
     echo(f"model: {status}")
     for r in results:
         e = r.embedding
         head = ", ".join(f"{v:+.3f}" for v in e[:6])
         echo(
-            f"\n{r.name}: {r.n_events} events -> E_t dim={e.shape[0]} "
+            f"\n{r.name}: {r.n_events} events{_read(r.n_events)} -> E_t dim={e.shape[0]} "
             f"norm={np.linalg.norm(e):.4f} first=[{head}, ...]"
         )
         for rank, item in enumerate(r.recommendations, 1):
