@@ -118,3 +118,28 @@ def test_a_version_installed_again_under_its_number_is_reloaded_and_drops_states
     [lost] = model.execute([request("u", wire.OP_UPDATE, later, 1.7e9 + 700)])
     assert model.engine is not loaded
     assert lost.output_tensors[wire.SESSION_STATUS].item() == wire.STATUS_UNKNOWN
+
+
+def test_the_store_is_published_and_expired_without_requests(adapter):
+    """The metrics and the TTL had waited for a request: a burst of sessions followed by
+    quiet was never published, nor was an unused state ever dropped."""
+    import time
+
+    model, _ = adapter
+    metrics = {m.family.name: m for m in fake_pb_utils.MetricFamily.created}
+    users = metrics["dynemb_session_users"]
+    events = [Event(1.7e9 + 60 * i, f"item {i}") for i in range(2)]
+    for user in ("a", "b", "c"):
+        [answer] = model.execute([request(user, wire.OP_START, events, events[-1].time)])
+        assert not answer.has_error()
+    deadline = time.monotonic() + 10
+    while users.value != 3:  # no request since: the publisher alone
+        assert time.monotonic() < deadline, users.value
+        time.sleep(0.05)
+    model.store.ttl_s = 0.0  # every state is now past its TTL
+    while users.value != 0:
+        assert time.monotonic() < deadline, users.value
+        time.sleep(0.05)
+    assert metrics["dynemb_session_expirations_total"].value == 3 and len(model.store) == 0
+    model.finalize()
+    assert not model._publisher.is_alive()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, fields
@@ -88,8 +89,31 @@ class SessionAdapter:
         self.spec: StageSpec = session_spec(self.engine.dims, self.options)
         self._next_check = 0.0
         self.metrics = SessionMetrics(self.pb_utils)
+        # The store is shared with the publisher: it expires unused states and publishes
+        # the metrics once a second, requests or not (they had waited for a request, so
+        # a burst followed by quiet was never published, nor were states expired).
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._publisher = threading.Thread(
+            target=self._publish, name="session-metrics", daemon=True
+        )
+        self._publisher.start()
+
+    def _publish(self) -> None:
+        while not self._stopping.wait(self.metrics.interval_s):
+            try:
+                with self._lock:
+                    self.store.expire()
+                    stats = self.store.stats()
+                self.metrics.update(stats)
+            except Exception:
+                self.pb_utils.Logger.log_error(f"session: metrics: {traceback.format_exc()}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        with self._lock:
+            return self._execute(requests)
+
+    def _execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb_utils
         try:
             engine = self._engine()
@@ -122,10 +146,11 @@ class SessionAdapter:
         for i, answers_i in by_request.items():
             if responses[i] is None:
                 responses[i] = self._response(answers_i, engine, requested(requests[i]))
-        self.metrics.update(self.store.stats())
         return responses
 
     def finalize(self) -> None:
+        self._stopping.set()
+        self._publisher.join(timeout=5)
         self.engine = None
 
     # --- steps --------------------------------------------------------------------------
@@ -378,14 +403,14 @@ def _error(pb_utils: ModuleType, exc: object, code: int) -> Any:
 class SessionMetrics:
     """The store as Prometheus metrics on the server's metrics port: gauges
     `dynemb_session_users`, `dynemb_session_bytes`; counters `dynemb_session_hits_total`,
-    `_misses_total`, `_stale_total`, `_evictions_total`, `_expirations_total`. Published at
-    most once a second (each update is a round trip to the server process)."""
+    `_misses_total`, `_stale_total`, `_evictions_total`, `_expirations_total`. Published
+    once a second by the adapter's publisher thread (each update is a round trip to the
+    server process)."""
 
     GAUGES = ("users", "bytes")
 
     def __init__(self, pb_utils: ModuleType, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self._next = 0.0
+        self.interval_s = interval_s  # the publisher's period
         self._last = StoreStats()
         self._metrics = {}
         for f in fields(StoreStats):
@@ -397,11 +422,7 @@ class SessionMetrics:
             )
             self._metrics[f.name] = (family, family.Metric(labels={"model": wire.SESSION}))
 
-    def update(self, stats: StoreStats, force: bool = False) -> None:
-        now = time.monotonic()
-        if now < self._next and not force:
-            return
-        self._next = now + self.interval_s
+    def update(self, stats: StoreStats) -> None:
         for name, (_, metric) in self._metrics.items():
             value = getattr(stats, name)
             if name in self.GAUGES:
