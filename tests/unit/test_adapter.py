@@ -198,3 +198,29 @@ def test_retrieve_refuses_an_embedding_that_would_overflow_its_scores(repo):
     [out] = model.execute([fake_pb_utils.InferenceRequest(request)])
     assert out.has_error() and "USER_EMBEDDING[0][3]" in out.error.message()
     assert out.error.code() == fake_pb_utils.TritonError.INVALID_ARG
+
+
+def test_a_stage_s_cache_metrics_are_published_without_further_requests(repo):
+    """They were published from execute, at most once a second: the last second of a
+    burst stayed unpublished until the next request."""
+    import time
+
+    model = load_model(repo, "label_mlp")
+    for first in (5, 9):  # two requests in a burst, three new rows each
+        labels = np.zeros((1, DIMS.max_events, DIMS.max_labels), np.int64)
+        labels[0, :3, 0] = [first, first + 1, first + 2]
+        [answer] = model.execute([fake_pb_utils.InferenceRequest({"LABEL_IDS": labels})])
+        assert answer.error is None
+    mine = [
+        m
+        for m in fake_pb_utils.MetricFamily.created
+        if m.labels.get("model") == "label_mlp" and m.family.name == "dynemb_cache_entries"
+    ][-1]
+    deadline = time.monotonic() + 10
+    held = model.runner.caches()["labels"].stats().entries
+    while mine.value != held:  # no request since: the publisher alone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert held > 3
+    model.finalize()
+    assert not model.publisher.alive

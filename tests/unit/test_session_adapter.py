@@ -142,4 +142,4 @@ def test_the_store_is_published_and_expired_without_requests(adapter):
         time.sleep(0.05)
     assert metrics["dynemb_session_expirations_total"].value == 3 and len(model.store) == 0
     model.finalize()
-    assert not model._publisher.is_alive()
+    assert not model.publisher.alive

@@ -24,7 +24,7 @@ import numpy as np
 from dynemb.errors import InputError
 from dynemb.serving.arrays import all_finite, concat, dtype_name, is_tensor, split
 from dynemb.serving.byte_tensors import use_fast_bytes
-from dynemb.serving.metrics import CacheMetrics
+from dynemb.serving.metrics import CacheMetrics, Publisher
 from dynemb.specs import StageSpec
 from dynemb.stages import Runner, load_runner
 
@@ -56,6 +56,12 @@ class StageAdapter:
         self.metrics = CacheMetrics(
             self.pb_utils, self.runner.spec.name, args["model_version"], self.runner.caches()
         )
+        # The caches' counters are read beside execute: at worst one period late.
+        self.publisher = (
+            Publisher(self.metrics.update, self.pb_utils.Logger.log_error)
+            if self.metrics.caches
+            else None
+        )
         self.logger = self.pb_utils.Logger
         self.logger.log_info(
             f"{self.runner.spec.name} v{args['model_version']} ready "
@@ -63,11 +69,11 @@ class StageAdapter:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = respond(self.pb_utils, requests, self.runner, self.version)
-        self.metrics.update()
-        return responses
+        return respond(self.pb_utils, requests, self.runner, self.version)
 
     def finalize(self) -> None:
+        if self.publisher is not None:
+            self.publisher.stop()
         self.runner = None
 
 

@@ -8,7 +8,9 @@ cache (e.g. text_rnn / 1 / text).
 
 from __future__ import annotations
 
-import time
+import threading
+import traceback
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -25,10 +27,41 @@ DESCRIPTIONS = {
 }
 
 
+class Publisher:
+    """Calls `publish` every `period_s` from a thread of its own until `stop`: a model's
+    metrics are then current within a period, requests or not (published from execute,
+    they had waited for the next request). Not from every execute either: each metric
+    update is a round trip to the server process, which once per execute cost a quarter
+    of a stage's CPU (measured with py-spy). `publish` must be safe beside execute."""
+
+    def __init__(
+        self, publish: Callable[[], None], log_error: Callable[[str], None], period_s: float = 1.0
+    ) -> None:
+        self.period_s = period_s
+        self._publish, self._log_error = publish, log_error
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.period_s):
+            try:
+                self._publish()
+            except Exception:
+                self._log_error(f"metrics: {traceback.format_exc()}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
 class CacheMetrics:
-    """Publishes each cache's statistics (counters by their increase), at most once every
-    `interval_s`: every metric update is a round trip to the server process, which once
-    per execute cost a quarter of a stage's CPU (measured with py-spy)."""
+    """Publishes each cache's statistics (counters by their increase) when asked (see
+    Publisher for how often)."""
 
     def __init__(
         self,
@@ -36,11 +69,8 @@ class CacheMetrics:
         model: str,
         version: str,
         caches: dict[str, RowCache],
-        interval_s: float = 1.0,
     ) -> None:
         self.caches = caches
-        self.interval_s = interval_s
-        self._next = 0.0
         self._last = {name: CacheStats() for name in caches}
         self._metrics: dict[tuple[str, str], Any] = {}
         if not caches:
@@ -59,11 +89,7 @@ class CacheMetrics:
             for stat, family in families.items():
                 self._metrics[cache, stat] = family.Metric(labels=labels)
 
-    def update(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.caches or (now < self._next and not force):
-            return
-        self._next = now + self.interval_s
+    def update(self) -> None:
         for name, cache in self.caches.items():
             stats, before = cache.stats(), self._last[name]
             for stat in COUNTERS:

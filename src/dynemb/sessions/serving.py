@@ -35,6 +35,7 @@ from dynemb.pipeline import versions_of
 from dynemb.serving.adapter import NonFiniteOutputError, read_inputs
 from dynemb.serving.arrays import all_finite
 from dynemb.serving.byte_tensors import use_fast_bytes
+from dynemb.serving.metrics import Publisher
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
 from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
 from dynemb.sessions.state import SessionState, StateStore, StoreStats, Versions
@@ -93,21 +94,13 @@ class SessionAdapter:
         # the metrics once a second, requests or not (they had waited for a request, so
         # a burst followed by quiet was never published, nor were states expired).
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._publisher = threading.Thread(
-            target=self._publish, name="session-metrics", daemon=True
-        )
-        self._publisher.start()
+        self.publisher = Publisher(self._publish, self.pb_utils.Logger.log_error)
 
     def _publish(self) -> None:
-        while not self._stopping.wait(self.metrics.interval_s):
-            try:
-                with self._lock:
-                    self.store.expire()
-                    stats = self.store.stats()
-                self.metrics.update(stats)
-            except Exception:
-                self.pb_utils.Logger.log_error(f"session: metrics: {traceback.format_exc()}")
+        with self._lock:
+            self.store.expire()
+            stats = self.store.stats()
+        self.metrics.update(stats)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         with self._lock:
@@ -149,8 +142,7 @@ class SessionAdapter:
         return responses
 
     def finalize(self) -> None:
-        self._stopping.set()
-        self._publisher.join(timeout=5)
+        self.publisher.stop()
         self.engine = None
 
     # --- steps --------------------------------------------------------------------------
@@ -403,14 +395,12 @@ def _error(pb_utils: ModuleType, exc: object, code: int) -> Any:
 class SessionMetrics:
     """The store as Prometheus metrics on the server's metrics port: gauges
     `dynemb_session_users`, `dynemb_session_bytes`; counters `dynemb_session_hits_total`,
-    `_misses_total`, `_stale_total`, `_evictions_total`, `_expirations_total`. Published
-    once a second by the adapter's publisher thread (each update is a round trip to the
-    server process)."""
+    `_misses_total`, `_stale_total`, `_evictions_total`, `_expirations_total`, published
+    once a second by the adapter's Publisher."""
 
     GAUGES = ("users", "bytes")
 
-    def __init__(self, pb_utils: ModuleType, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s  # the publisher's period
+    def __init__(self, pb_utils: ModuleType) -> None:
         self._last = StoreStats()
         self._metrics = {}
         for f in fields(StoreStats):
