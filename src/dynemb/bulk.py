@@ -177,14 +177,14 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
         users = paths.flat_map(
             lambda row: read_histories(Path(row["path"]), repository),
             num_cpus=0,
-            concurrency=options.workers,
+            compute=ray.data.TaskPoolStrategy(size=options.workers),
         )
         embedded = users.map_batches(
             Embedder,
             fn_constructor_kwargs={"repository": str(repository), "k": options.k},
             batch_size=options.batch_users,
             batch_format="numpy",
-            concurrency=options.workers,
+            compute=ray.data.ActorPoolStrategy(size=options.workers),
             num_cpus=1,
         )
         embedded.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})  # as reading
