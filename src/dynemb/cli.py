@@ -144,7 +144,11 @@ def _command() -> str:
 
 
 @app.callback()
-def options(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log progress (INFO) to stderr")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -377,7 +381,7 @@ def recommend(
     events: Annotated[Path, typer.Option(help="JSON Lines: user, time, text, image, labels")],
     user: Annotated[str | None, typer.Option(help="only this user")] = None,
     at: QueryTime = None,
-    k: int = 10,
+    k: Annotated[int, typer.Option(help="items per user (1..100)")] = 10,
     include_seen: Annotated[
         bool, typer.Option(help="also recommend the items of the history sent")
     ] = False,
