@@ -346,3 +346,26 @@ def test_a_stage_being_reloaded_is_transient_other_errors_are_not() -> None:
     assert not is_transient(error("Request for unknown model: 'x' is not found", "NOT_FOUND"))
     assert not is_transient(error("boom", "INTERNAL"))
     assert not is_transient(error("bad", "INVALID_ARGUMENT"))
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_the_client_logs_only_where_the_application_sends_its_logs(configured):
+    """A retry's warning reached stderr through logging's last resort in a program that
+    configured no logging; with logging configured it is there as before."""
+    import subprocess
+    import sys
+
+    program = (
+        "import logging\n"
+        + ("logging.basicConfig()\n" if configured else "")
+        + "from dynemb_client import InterestClient, ServerUnavailable\n"
+        "try:\n"
+        "    InterestClient('127.0.0.1:1', retries=1).embed([])\n"
+        "except ServerUnavailable:\n"
+        "    print('unavailable')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout == "unavailable\n"
+    assert ("retry 1" in done.stderr) == configured, done.stderr
