@@ -9,7 +9,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, NoReturn
 
 import numpy as np
@@ -62,9 +62,11 @@ __all__ = [
     "SessionHistories",
     "interrupted",
     "parse_sessions",
+    "refused_read_count",
     "session_call",
     "update_many_steps",
     "update_steps",
+    "without_read_count",
 ]
 
 
@@ -446,8 +448,8 @@ class _Update(NamedTuple):
     kept: list[Event]  # the window it restarts from, if the server lost the state
     t: float
     missing: int  # events of the server's window that `kept` lacks (0: it is whole)
-    # Events the session had read as far as this client knows (the caller's whole
-    # `history`, else SessionHistories.read; None: not known).
+    # Events the session had read as far as this client knows (SessionHistories.read;
+    # None: not known, or the caller's history= stands for the session's events).
     read: int | None
 
 
@@ -475,7 +477,10 @@ def _prepared(
     events = sorted_events(events)
     kept = sorted_events(history) if history is not None else histories.get(session)
     missing = 0 if history is not None else histories.missing(session)
-    read = len(kept) if history is not None else histories.read(session)
+    # The caller's history= is taken as the session's events (its count is not the
+    # server's: a start reads the newest L of it, and the server counts from its last
+    # start); the count the answer gives is the one later updates are checked against.
+    read = None if history is not None else histories.read(session)
     t = query_time(at, events, kept)
     if events and to_unix_seconds(events[-1].time, field="EVENT_TIME") > t:
         raise ClientInputError(
@@ -570,6 +575,23 @@ def _update(
     if answers[0].status != STATUS_OK:
         histories.not_applied([session])
     return answers[0]
+
+
+def refused_read_count(exc: BaseException, call: InferCall) -> bool:
+    """Whether a server refused `call` for asking SESSION_READ, which its session model
+    (built before it) lacks: during a rolling upgrade an endpoint may serve an older
+    repository than the one whose metadata the client read. Refused as INVALID_ARG, the
+    call was not applied, so it can be sent again without the output."""
+    asked = any(output.name() == SESSION_READ for output in call.outputs)
+    return (
+        asked
+        and isinstance(exc, ServerInputError)
+        and f"unexpected inference output '{SESSION_READ}'" in str(exc)
+    )
+
+
+def without_read_count(call: InferCall) -> InferCall:
+    return replace(call, outputs=[o for o in call.outputs if o.name() != SESSION_READ])
 
 
 def interrupted(steps: Generator, exc: BaseException) -> NoReturn:

@@ -465,6 +465,7 @@ class ClientBase:
         self.sessions = SessionHistories(max_sessions)
         self._shape: ModelShape | None = None
         self._session_shape: ModelShape | None = None  # with the session model's outputs
+        self._read_count_refused = False  # an endpoint's session model lacks SESSION_READ
         self._reporting: dict[str, tuple[str, ...]] = {}  # model -> stages it reports
 
     @property

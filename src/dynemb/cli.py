@@ -699,7 +699,7 @@ def dynamics(
     """Does E_t follow a change of interest? Fresh vs stale query time vs a static profile,
     on SYNTHETIC users whose interest changes at known points; writes
     dynamics-synthetic.md/.json/.png."""
-    require("bench", "dynamics")  # its plot
+    require("bench", "dynamics", ("matplotlib",))  # its plot
     from dynemb.evaluation.dynamics import DynamicsOptions, criterion_met, dynamics_benchmark
     from dynemb.training.train import TrainOptions
 

@@ -15,9 +15,10 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 }
 
 
-def require(extra: str, command: str) -> None:
-    """UsageError naming the install command if a module of `extra` is missing."""
-    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+def require(extra: str, command: str, modules: tuple[str, ...] | None = None) -> None:
+    """UsageError naming the install command if a module of `extra` that `command` uses
+    (`modules`; default: all of the extra's) is missing."""
+    missing = [m for m in modules or EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(
             f"{command} needs {', '.join(missing)} (the '{extra}' extra): "

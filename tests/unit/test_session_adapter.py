@@ -143,3 +143,30 @@ def test_the_store_is_published_and_expired_without_requests(adapter):
     assert metrics["dynemb_session_expirations_total"].value == 3 and len(model.store) == 0
     model.finalize()
     assert not model.publisher.alive
+
+
+def test_a_metric_call_that_fails_partway_never_counts_twice():
+    """The counters' published values were all set after the whole update, so one that
+    failed partway made the next update add the ones before it again."""
+    from dynemb.sessions.serving import SessionMetrics
+    from dynemb.sessions.state import StoreStats
+
+    metrics = SessionMetrics(fake_pb_utils)
+    published = {name: metric for name, (_, metric) in metrics._metrics.items()}
+    failing = published["misses"]
+    real = failing.increment
+    calls = []
+
+    def once_broken(value):
+        calls.append(value)
+        if len(calls) == 1:
+            raise RuntimeError("metrics round trip failed")
+        real(value)
+
+    failing.increment = once_broken
+    stats = StoreStats(users=2, bytes=10, hits=5, misses=3)
+    with pytest.raises(RuntimeError):
+        metrics.update(stats)
+    metrics.update(stats)
+    assert published["hits"].value == 5 and published["misses"].value == 3
+    assert published["users"].value == 2

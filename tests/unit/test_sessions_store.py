@@ -966,12 +966,18 @@ def test_events_another_writer_added_past_the_window_make_the_kept_window_partia
     assert kept_times(histories) == [7] and histories.missing("u") == 2
     with pytest.raises(SessionLostError):
         drive(update_steps(histories, "session", "u", events(8), None, SHAPE), [UNKNOWN])
-    # joining with history= is trusted only as far as the server read as many events
+    # history= stands for the session's events, whatever count the server has (it reads
+    # the newest L of a history at a start, and counts from its last start); its count
+    # is what later updates are checked against
     joined = SessionHistories()
-    drive(update_steps(joined, "session", "v", [], 4, SHAPE, events(1, 2, 3)), [ok(3, 3)])
-    assert kept_times(joined, "v") == [1, 2, 3] and joined.missing("v") == 0
-    drive(update_steps(joined, "session", "w", [], 4, SHAPE, events(1, 2, 3)), [ok(3, 9)])
-    assert kept_times(joined, "w") == [] and joined.missing("w") == 3
+    history = events(1, 2, 3, 4, 5, 6)
+    drive(update_steps(joined, "session", "v", events(7), None, SHAPE, history), [ok(4, 9)])
+    assert kept_times(joined, "v") == [4, 5, 6, 7] and joined.missing("v") == 0
+    drive(update_steps(joined, "session", "v", events(8), None, SHAPE, [*history, *events(7)]),
+          [ok(3, 10)])  # fmt: skip
+    assert kept_times(joined, "v") == [6, 7, 8] and joined.read("v") == 10
+    drive(update_steps(joined, "session", "v", events(9), None, SHAPE), [ok(4, 12)])
+    assert kept_times(joined, "v") == [9] and joined.missing("v") == 3  # someone added one
     # a server that does not answer SESSION_READ: as before, lengths only
     old = SessionHistories()
     old.keep("u", events(1, 2, 3, 4), 4)
@@ -987,3 +993,55 @@ def test_the_read_count_is_asked_for_only_from_a_session_model_that_answers_it()
 
     assert wire.SESSION_READ not in outputs(SHAPE)
     assert wire.SESSION_READ in outputs(replace(SHAPE, session_read=True))
+
+
+def test_an_endpoint_of_an_older_build_is_sent_the_call_again_without_the_read_count(
+    monkeypatch,
+):
+    """In a rolling upgrade a client that read a new endpoint's metadata asks an old one
+    for SESSION_READ, which it refuses as an unknown output (so the call was not
+    applied): the call goes again without it, and no later call asks for it."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import dynemb_client.client as client_mod
+    from dynemb_client import InterestClient
+
+    histories = SessionHistories()
+    histories.keep("u", events(1, 2), 2, read=2)
+    sent = []
+
+    def infer(call, retry=True):
+        asked = [o.name() for o in call.outputs]
+        sent.append(asked)
+        if wire.SESSION_READ in asked:
+            raise ServerInputError(
+                "unexpected inference output 'SESSION_READ' for model 'session'",
+                model="session",
+                status="INVALID_ARGUMENT",
+            )
+        return [ok(3)]
+
+    monkeypatch.setattr(client_mod, "parse_sessions", lambda result, model, batch: result)
+    fake = SimpleNamespace(
+        _pool=SimpleNamespace(route=lambda route: "old:1"),
+        _infer=infer,
+        sessions=histories,
+        _read_count_refused=False,
+    )
+    shape = replace(SHAPE, session_read=True)
+    answer = InterestClient._session(
+        fake, update_steps(histories, "session", "u", events(3), None, shape)
+    )
+    assert answer.events_held == 3 and kept_times(histories) == [1, 2, 3]
+    assert len(sent) == 2 and wire.SESSION_READ not in sent[1] and fake._read_count_refused
+
+    # any other refusal is the caller's, as before
+    def refuse(call, retry=True):
+        raise ServerInputError("EVENT_TIME[0]: bad", model="session", status="INVALID_ARGUMENT")
+
+    fake._infer = refuse
+    with pytest.raises(ServerInputError, match="EVENT_TIME"):
+        InterestClient._session(
+            fake, update_steps(histories, "session", "u", events(4), None, shape)
+        )

@@ -72,7 +72,7 @@ class StageAdapter:
         return respond(self.pb_utils, requests, self.runner, self.version)
 
     def finalize(self) -> None:
-        if self.publisher is not None:
+        if getattr(self, "publisher", None) is not None:  # not if initialize failed first
             self.publisher.stop()
         self.runner = None
 

@@ -8,13 +8,14 @@ cache (e.g. text_rnn / 1 / text).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from dynemb.serving.cache import CacheStats, RowCache
+from dynemb.serving.cache import RowCache
 
 COUNTERS = ("hits", "misses", "evictions")
 GAUGES = ("entries", "bytes")
@@ -44,11 +45,15 @@ class Publisher:
         self._thread.start()
 
     def _run(self) -> None:
+        failures = 0
         while not self._stopping.wait(self.period_s):
             try:
                 self._publish()
             except Exception:
-                self._log_error(f"metrics: {traceback.format_exc()}")
+                failures += 1
+                if failures in (1, 10) or failures % 600 == 0:  # not a traceback a second
+                    with contextlib.suppress(Exception):  # a stopping stub's logger
+                        self._log_error(f"metrics (failure {failures}): {traceback.format_exc()}")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -71,7 +76,7 @@ class CacheMetrics:
         caches: dict[str, RowCache],
     ) -> None:
         self.caches = caches
-        self._last = {name: CacheStats() for name in caches}
+        self._published = {(name, stat): 0 for name in caches for stat in COUNTERS}
         self._metrics: dict[tuple[str, str], Any] = {}
         if not caches:
             return
@@ -91,11 +96,13 @@ class CacheMetrics:
 
     def update(self) -> None:
         for name, cache in self.caches.items():
-            stats, before = cache.stats(), self._last[name]
+            stats = cache.stats()
             for stat in COUNTERS:
-                delta = getattr(stats, stat) - getattr(before, stat)
+                value = getattr(stats, stat)
+                delta = value - self._published[name, stat]
                 if delta:
                     self._metrics[name, stat].increment(delta)
+                # each as it is published: a call that fails later never counts it twice
+                self._published[name, stat] = value
             for stat in GAUGES:
                 self._metrics[name, stat].set(getattr(stats, stat))
-            self._last[name] = stats

@@ -142,7 +142,8 @@ class SessionAdapter:
         return responses
 
     def finalize(self) -> None:
-        self.publisher.stop()
+        if getattr(self, "publisher", None) is not None:  # not if initialize failed first
+            self.publisher.stop()
         self.engine = None
 
     # --- steps --------------------------------------------------------------------------
@@ -401,7 +402,7 @@ class SessionMetrics:
     GAUGES = ("users", "bytes")
 
     def __init__(self, pb_utils: ModuleType) -> None:
-        self._last = StoreStats()
+        self._published = {f.name: 0 for f in fields(StoreStats)}  # counters' values
         self._metrics = {}
         for f in fields(StoreStats):
             gauge = f.name in self.GAUGES
@@ -417,6 +418,7 @@ class SessionMetrics:
             value = getattr(stats, name)
             if name in self.GAUGES:
                 metric.set(value)
-            elif value > getattr(self._last, name):
-                metric.increment(value - getattr(self._last, name))
-        self._last = stats
+            elif value > self._published[name]:
+                metric.increment(value - self._published[name])
+            # each as it is published: a call that fails later never counts this twice
+            self._published[name] = value

@@ -35,8 +35,8 @@ def probe_inputs(n_users: int = 24, seed: int = 20_260_101) -> dict[str, np.ndar
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine: 1 for two zero rows, 0 for one, NaN where either is not finite
-    (a NaN row had read as 1.0, so a NaN candidate's drift report showed no drift)."""
+    """Row-wise cosine: 1 for two zero rows, 0 for one, else NaN where either is not
+    finite (a NaN row had read as 1.0, so a NaN candidate's report showed no drift)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     norm_a, norm_b = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
