@@ -295,3 +295,45 @@ def test_an_image_in_no_known_format_is_refused_without_an_object_address(pre):
     with pytest.raises(InputError, match=r"EVENT_IMAGE\[0\].*no format recognised") as info:
         pre.user(x)
     assert "0x" not in str(info.value) and "BytesIO" not in str(info.value)
+
+
+def _encoded(image, fmt: str, **options) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def test_images_decode_as_a_viewer_shows_them():
+    """A 16-bit gray PNG was read as white, a transparent background as black, and an
+    EXIF orientation was ignored."""
+    from PIL import Image
+
+    from dynemb.stages.preprocess.features import decode_image_sized
+
+    def decoded(data: bytes) -> np.ndarray:
+        return decode_image_sized("EVENT_IMAGE[0]", data, 32)[0].astype(np.int16)
+
+    # 16-bit gray: its levels, scaled to 8 bits
+    levels = np.full((64, 64), 257 * 100, np.uint16)
+    assert np.abs(decoded(_encoded(Image.fromarray(levels), "PNG")) - 100).max() <= 1
+    # transparent pixels over white: a red square cut out on a transparent background
+    cutout = np.zeros((64, 64, 4), np.uint8)
+    cutout[16:48, 16:48] = (255, 0, 0, 255)
+    got = decoded(_encoded(Image.fromarray(cutout, "RGBA"), "PNG"))
+    assert (got[:, 0, 0] == 255).all() and tuple(got[:, 16, 16]) == (255, 0, 0)
+    palette = Image.fromarray(cutout, "RGBA").convert("P")  # a palette with transparency
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    assert (decoded(_encoded(palette, "PNG", transparency=palette.getpixel((0, 0))))[:, 0, 0]
+            == 255).all()  # fmt: skip
+    # EXIF orientation 6 (the sensor's pixels turned 90° counter-clockwise): upright again
+    upright = np.zeros((64, 96, 3), np.uint8)
+    upright[:, :48] = (0, 0, 255)  # blue left half, white right half
+    upright[:, 48:] = 255
+    sensor = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = decoded(_encoded(sensor, "JPEG", quality=95, exif=exif.tobytes()))
+    reference = decoded(_encoded(Image.fromarray(upright), "JPEG", quality=95))
+    assert np.abs(turned - reference).mean() < 4

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
 from dynemb.dims import Dims
@@ -405,6 +405,24 @@ def text_prefix(text: str, chars: int) -> str:
     return text if found is None else text[: found.start()]
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it, in 8-bit RGB: turned as its EXIF orientation
+    says (a phone photo's sensor pixels lie on their side), 16- and 32-bit gray scaled
+    to 8 bits (converted as they were, a 16-bit PNG came out white), transparent pixels
+    over white (a product cut-out's background; converted as they were, black)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":  # I, I;16, I;16B, ...: gray
+        gray = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode != "F" and gray.max(initial=0) > 255):
+            gray = gray / 257.0  # 16-bit levels to 8-bit ones
+        image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        over = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        over.alpha_composite(image.convert("RGBA"))
+        return over.convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image_sized(
     field: str, data: bytes, size: int, budget: int | None = None
 ) -> tuple[np.ndarray, int]:
@@ -431,7 +449,7 @@ def decode_image_sized(
                         f"on a user's images together ({MAX_USER_IMAGE_PIXELS})",
                     )
                 image.draft("RGB", (size, size))  # JPEG only; other formats ignore it
-                rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                rgb = upright_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
