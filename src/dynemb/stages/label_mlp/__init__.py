@@ -77,7 +77,7 @@ class LabelMLPStage(TorchStage):
 
     def example_inputs(self, dims: Dims) -> dict[str, np.ndarray]:
         ids = np.zeros((2, dims.max_labels), np.int64)
-        ids[0, :2] = [1, 2]
+        ids[0, :2] = [1, 1]  # UNK: every vocabulary has it (one built from no labels, no more)
         return {"LABEL_IDS": ids}
 
 
