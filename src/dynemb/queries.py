@@ -3,6 +3,7 @@ recommend`), sending their histories as the served model was trained to read the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from dynemb_client import ClientInputError, Event, InterestClient, Recommendatio
 from dynemb_client.contract import MAX_TOP_K
 from dynemb_client.events import to_unix_seconds
 from dynemb_client.requests import check_event
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,14 @@ def _histories(
     users = list(iter_user_events(events, user))  # the file's own errors first
     convert = event_converter(repository)
     out = []
+    cut: list[tuple[str, float]] = []
     for user_id, interactions in users:
         history = [convert(e) for e in interactions]
+        cut += [
+            (user_id, e.time)
+            for e in interactions
+            if len(e.labels) + convert.item_labels > convert.max_labels
+        ]
         for index, event in enumerate(history):
             try:
                 check_event(event, index, convert.max_labels)
@@ -85,6 +94,18 @@ def _histories(
                     f"{events}: user {user_id!r}, event at {interactions[index].time}: {exc.reason}"
                 ) from None
         out.append((user_id, interactions, history))
+    if cut:
+        first_user, first_time = cut[0]
+        logger.warning(
+            "%s: %d event(s) carry more labels than the model reads (%d%s); each is read "
+            "without its last ones, as in training (the first: user %r at %s)",
+            events,
+            len(cut),
+            convert.max_labels,
+            ", the item's id label first" if convert.item_labels else "",
+            first_user,
+            first_time,
+        )
     return out
 
 

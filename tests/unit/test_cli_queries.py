@@ -122,3 +122,17 @@ def test_a_reader_gone_before_the_output_is_quiet():
     finally:
         os.close(write)
     assert done.returncode == 1 and done.stderr == ""
+
+
+def test_events_with_more_labels_than_the_model_reads_are_said_to_be_cut(tmp_path, repo):
+    """The model reads M labels an event (as training did, the rest cut): a file whose
+    events carry more lost them without a word, a trailing rating: label included."""
+    path = tmp_path / "many.jsonl"
+    labels = [f"tag:{i}" for i in range(9)]
+    path.write_text(
+        json.dumps({"user": "u1", "time": 1_700_000_000, "text": "a", "labels": labels}) + "\n"
+    )
+    done = dynemb("embed", "--events", str(path), "--url", NO_SERVER, "--repository", str(repo))
+    warning, error = done.stderr.strip().splitlines()
+    assert "1 event(s) carry more labels than the model reads (8" in warning
+    assert "user 'u1' at 1700000000.0" in warning and "no server ready" in error

@@ -225,3 +225,27 @@ def test_parquet_errors_name_the_row_and_other_suffixes_are_refused(tmp_path: Pa
         load_events(tmp_path / "x.parquet")
     with pytest.raises(DataError, match="not an events file"):
         load_events(tmp_path / "events.csv")
+
+
+def test_a_rating_field_reaches_the_model_as_its_label(tmp_path: Path) -> None:
+    """Only labels reach the model: a 'rating' field was read, checked and then ignored
+    (two files differing only in it gave the same E_t)."""
+    path = write_lines(
+        tmp_path / "events.jsonl",
+        [
+            {"user": "u", "time": 1, "text": "a", "rating": 4},
+            {"user": "u", "time": 2, "text": "b", "rating": 4.5, "labels": ["genre:x"]},
+            {"user": "u", "time": 3, "text": "c", "rating": 3, "labels": ["rating:3"]},
+            {"user": "u", "time": 4, "text": "d"},
+        ],
+    )
+    labels = [e.labels for e in load_jsonl(path).interactions]
+    assert labels == [("rating:4",), ("rating:4.5", "genre:x"), ("rating:3",), ()]
+    bad = write_lines(
+        tmp_path / "bad.jsonl",
+        [{"user": "u", "time": 1, "text": "a", "rating": 2, "labels": ["rating:5"]}],
+    )
+    with pytest.raises(
+        DataError, match=r"bad.jsonl:1: 'rating' 2 and the label 'rating:5' disagree"
+    ):
+        load_jsonl(bad)

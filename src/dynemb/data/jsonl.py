@@ -4,7 +4,8 @@
      "labels": ["genre:Comedy"], "item": "tt0114709", "rating": 4}
 
 `user`, `time` and `text` are required; `image` (a path relative to the file's folder, or
-null), `labels`, `item` and `rating` are optional. `time` is unix seconds or an ISO-8601
+null), `labels`, `item` and `rating` are optional; a `rating` reaches the model as the label
+`rating:<r>`, as a MovieLens rating does. `time` is unix seconds or an ISO-8601
 string (without a zone it is taken as UTC). Unknown keys are errors, so a misspelt field is
 reported instead of silently dropped. Every error names the file and line, because these
 files are written by hand or by someone else's export script.
@@ -155,6 +156,7 @@ def _parse_event(record: Any, where: _Line, images: dict[Path, bytes]) -> Intera
     rating = record.get("rating")
     if rating is not None and not (_is_number(rating) and math.isfinite(rating)):
         raise where.error(f"'rating' must be a finite number or null, got {rating!r}")
+    labels = _with_rating_label(labels, rating, where)
     image_path = _get_str(record, "image", where)
     image = _read_image(where, image_path, images) if image_path else None
     return Interaction(
@@ -166,6 +168,25 @@ def _parse_event(record: Any, where: _Line, images: dict[Path, bytes]) -> Intera
         image=image,
         rating=None if rating is None else float(rating),
     )
+
+
+def _with_rating_label(labels: tuple[str, ...], rating: Any, where: _Line) -> tuple[str, ...]:
+    """`rating` as the label the models read, `rating:<r>` (as MovieLens events carry
+    it): the field alone was read, checked and then ignored, since only labels reach the
+    model. A `rating:` label that says another value is an error."""
+    if rating is None:
+        return labels
+    label = f"rating:{float(rating):g}"
+    given = [x for x in labels if x.startswith("rating:")]
+    if not given:
+        return (label, *labels)  # first: the model reads M labels, a cut drops the last
+    try:
+        same = all(float(x.removeprefix("rating:")) == float(rating) for x in given)
+    except ValueError:
+        same = False
+    if not same:
+        raise where.error(f"'rating' {rating!r} and the label {given[0]!r} disagree")
+    return labels
 
 
 def _get_str(record: dict[str, Any], key: str, where: _Line, required: bool = False) -> str:
