@@ -32,3 +32,28 @@ def test_a_catalogue_without_labels_builds(tmp_path):
     pipeline = Pipeline.from_repository(repository)
     x = build_inputs([[Event(1_700_000_000, "lamp 1", labels=["brand:new"])]], [None], 50, 8)
     assert pipeline.embed(x).shape[0] == 1
+
+
+def test_a_catalogue_image_that_does_not_decode_names_its_item(tmp_path):
+    """It was a traceback naming EVENT_IMAGE[1], a row of a batch of the item table."""
+    import io
+
+    import pytest
+    from PIL import Image
+
+    from dynemb.errors import UsageError
+    from dynemb.repository import BuildOptions, build_repository
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(encoded, "JPEG")
+    (tmp_path / "ok.jpg").write_bytes(encoded.getvalue())
+    (tmp_path / "cut.jpg").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    catalogue = tmp_path / "catalogue.jsonl"
+    lines = [
+        {"user": "u", "time": 1_700_000_000, "text": "fine", "image": "ok.jpg", "item": "p1"},
+        {"user": "u", "time": 1_700_000_001, "text": "cut", "image": "cut.jpg", "item": "p2"},
+    ]
+    catalogue.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    options = BuildOptions(repository=tmp_path / "repository", catalogue=str(catalogue))
+    with pytest.raises(UsageError, match=r"^catalogue item 'p2' \('cut'\): could not be decoded"):
+        build_repository(options)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from dynemb.checkpoint import Checkpoint
-from dynemb.data.types import Dataset
+from dynemb.data.types import Dataset, Item
+from dynemb.errors import InputError, UsageError
 from dynemb.stages.llm_encoder.sentences import SENTENCE_DIM, sentence_embeddings, weights_installed
 from dynemb.stages.preprocess import assets_for
 from dynemb.stages.preprocess.features import Preprocessor
@@ -25,6 +26,29 @@ def title_embeddings(checkpoint: Checkpoint, titles: list[str]) -> np.ndarray:
     return np.zeros((len(titles), SENTENCE_DIM), np.float32)
 
 
+def _item_inputs(preprocessor: Preprocessor, chunk: list[Item]) -> dict[str, np.ndarray]:
+    """The chunk's preprocessed content; content it cannot take (an image that does not
+    decode) is the catalogue's error, naming the item (it was a traceback naming a row)."""
+
+    def of(items: list[Item]) -> dict[str, np.ndarray]:
+        return preprocessor.items(
+            [i.title for i in items], [i.image for i in items], [list(i.labels) for i in items]
+        )
+
+    try:
+        return of(chunk)
+    except InputError:
+        for item in chunk:  # which one: each alone
+            try:
+                of([item])
+            except InputError as exc:
+                reason = str(exc).split(": ", 1)[-1]
+                raise UsageError(
+                    f"catalogue item {item.item_id!r} ({item.title[:60]!r}): {reason}"
+                ) from None
+        raise
+
+
 @torch.inference_mode()
 def build_item_table(checkpoint: Checkpoint, catalogue: Dataset) -> ItemTable:
     """Unit vectors and score biases of the catalogue's items, in catalogue order; an item
@@ -37,9 +61,7 @@ def build_item_table(checkpoint: Checkpoint, catalogue: Dataset) -> ItemTable:
     vectors, bias = [], []
     for start in range(0, len(items), ITEM_BATCH):
         chunk = items[start : start + ITEM_BATCH]
-        x = preprocessor.items(
-            [i.title for i in chunk], [i.image for i in chunk], [list(i.labels) for i in chunk]
-        )
+        x = _item_inputs(preprocessor, chunk)
         content = model.item_content({k: torch.from_numpy(v) for k, v in x.items()})
         title = titles[start : start + ITEM_BATCH]
         ids = torch.tensor([index.get(i.item_id, 0) for i in chunk])
