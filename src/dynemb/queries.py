@@ -3,6 +3,7 @@ recommend`), sending their histories as the served model was trained to read the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,7 +15,14 @@ from dynemb.data.jsonl import DataError, iso_seconds, iter_user_events
 from dynemb.data.types import Interaction
 from dynemb.errors import UsageError
 from dynemb.pipeline import serving_manifests
-from dynemb_client import ClientInputError, Event, InterestClient, Recommendation, ServerUnavailable
+from dynemb_client import (
+    ClientInputError,
+    Event,
+    InterestClient,
+    Recommendation,
+    ServerInputError,
+    ServerUnavailable,
+)
 from dynemb_client.contract import MAX_TOP_K
 from dynemb_client.events import to_unix_seconds
 from dynemb_client.requests import check_event
@@ -143,16 +151,31 @@ def _query_time(at: str | float | None) -> float | None:
         raise UsageError(f"--at: {exc.reason}") from None
 
 
+@contextlib.contextmanager
+def _naming_the_user(events: Path, user_id: str) -> Iterator[None]:
+    """A refusal of the server's (a limit only it checks, e.g. an image's pixels) names
+    the file and the user, whose events it was."""
+    try:
+        yield
+    except ServerInputError as exc:
+        raise DataError(f"{events}: user {user_id!r}: {exc.reason}") from None
+
+
 def embed_events(
     events: Path, user: str | None, at: str | float | None, url: str, repository: Path
-) -> Iterator[UserEmbedding]:
-    """E_t of each user of `events` (or only `user`), at `at` or their newest event."""
+) -> list[UserEmbedding]:
+    """E_t of each user of `events` (or only `user`), at `at` or their newest event; all
+    of them answered before any is returned, so that nothing is printed before an error
+    (one the server found in a later user's events had followed earlier users' lines)."""
     at = _query_time(at)
     histories = _histories(events, user, repository)
+    out = []
     with _client(url, "user_interest") as client:
         for user_id, interactions, history in histories:
             t = interactions[-1].time if at is None else at
-            yield UserEmbedding(user_id, t, client.embed(history, at=t))
+            with _naming_the_user(events, user_id):
+                out.append(UserEmbedding(user_id, t, client.embed(history, at=t)))
+    return out
 
 
 def recommend_events(
@@ -163,19 +186,23 @@ def recommend_events(
     exclude_seen: bool,
     url: str,
     repository: Path,
-) -> Iterator[UserRecommendations]:
+) -> list[UserRecommendations]:
     """Top-k items of each user of `events`; with `exclude_seen`, none of the items of the
-    history sent (the model is trained to rank the items a user has not had)."""
+    history sent (the model is trained to rank the items a user has not had). All users
+    are answered before any is returned (see `embed_events`)."""
     if not 1 <= k <= MAX_TOP_K:
         raise UsageError(f"--k must be in 1..{MAX_TOP_K}, got {k}")
     at = _query_time(at)
     histories = _histories(events, user, repository)
+    out = []
     with _client(url, "recommend") as client:
         for user_id, interactions, history in histories:
             seen = {e.item_id for e in interactions} if exclude_seen else set()
             t = interactions[-1].time if at is None else at
-            items = client.recommend(history, k=k, at=t, exclude=seen)
-            yield UserRecommendations(user_id, t, items)
+            with _naming_the_user(events, user_id):
+                items = client.recommend(history, k=k, at=t, exclude=seen)
+            out.append(UserRecommendations(user_id, t, items))
+    return out
 
 
 def served_versions(url: str, timeout_s: float = 10.0) -> dict[str, int]:

@@ -91,3 +91,27 @@ def test_embed_all_refuses_and_leaves_nothing_behind(live, events, tmp_path) -> 
     with pytest.raises(DataError, match=r"a\.jsonl:2: missing required key"):
         embed_all(EmbedAllOptions(bad, tmp_path / "o3", live.repository, workers=1))
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o3.incoming").exists()
+
+
+def test_a_refusal_only_the_server_finds_names_the_user_and_nothing_is_printed(live, tmp_path):
+    """A text over the server's limit (the client does not check it) in the second user's
+    events: the first user's line was printed, then an error naming neither the user nor
+    the file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    lines = [
+        {"user": "a", "time": 1_700_000_000, "text": "a lamp"},
+        {"user": "b", "time": 1_700_000_000, "text": "x" * 70_000},
+    ]
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    with pytest.raises(DataError, match=r"events.jsonl: user 'b': .*EVENT_TEXT\[0\]: 70000 bytes"):
+        embed_events(path, None, None, live.url, live.repository)
+    done = subprocess.run(
+        [sys.executable, "-m", "dynemb", "recommend", "--events", str(path), "--url", live.url,
+         "--repository", str(live.repository)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"dynemb: error: {path}: user 'b': ")

@@ -249,3 +249,22 @@ def test_a_rating_field_reaches_the_model_as_its_label(tmp_path: Path) -> None:
         DataError, match=r"bad.jsonl:1: 'rating' 2 and the label 'rating:5' disagree"
     ):
         load_jsonl(bad)
+
+
+def test_a_catalogue_or_events_file_is_read_by_its_suffix_and_a_missing_one_said_so(
+    tmp_path: Path,
+) -> None:
+    """build and embed read Parquet as embed-all does (they had parsed it as JSON Lines:
+    "invalid JSON" at line 1), and a mistyped path is "no such file" (it was an unknown
+    data set, after the build's first progress bar)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"user": "u", "time": 1, "text": "a"}, {"user": "v", "time": 2, "text": "b"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "events.parquet")
+    assert [u for u, _ in iter_user_events(tmp_path / "events.parquet")] == ["u", "v"]
+    assert len(load_dataset(str(tmp_path / "events.parquet"), tmp_path).interactions) == 2
+    with pytest.raises(DataError, match=r"catalog\.jsonl: no such file"):
+        load_dataset(str(tmp_path / "catalog.jsonl"), tmp_path)
+    with pytest.raises(DataError, match="unknown data set 'ml-1m'"):
+        load_dataset("ml-1m", tmp_path)

@@ -208,8 +208,9 @@ def test_a_batch_of_histories_gets_each_one_s_own_time_and_query_features():
 
 def test_a_user_s_images_are_bounded_in_declared_pixels(assets, monkeypatch):
     """Checked from each header before decoding, and counted for cached images too (the
-    answer does not depend on what the cache holds); a catalogue's images are not one
-    user's and are not held to it."""
+    answer does not depend on what the cache holds), each distinct image once (a product
+    viewed again is decoded once); a catalogue's images are not one user's and are not
+    held to it."""
     import io
 
     from PIL import Image
@@ -228,9 +229,11 @@ def test_a_user_s_images_are_bounded_in_declared_pixels(assets, monkeypatch):
     four = [*three, Event(T0 + 3, "t3", image(3))]
     with pytest.raises(InputError, match=r"EVENT_IMAGE\[3\].*limit on a user's images"):
         pre.user(one_user(four))
-    cached = [*three, Event(T0 + 3, "t3", image(0))]  # the fourth is a cached one
+    pre.user(one_user([Event(T0, "t3", image(3))]))  # image(3) is now in the cache
     with pytest.raises(InputError, match=r"EVENT_IMAGE\[3\].*declare 16384 pixels"):
-        pre.user(one_user(cached))
+        pre.user(one_user(four))  # the fourth, cached, counts as before
+    again = [*three, Event(T0 + 3, "t0 again", image(0))]  # a product seen twice: once
+    assert pre.user(one_user(again))["IMAGE_MASK"][:4].all()
     _, mask = pre.images([image(i) for i in range(5)], 5, keep=5, one_user=False)
     assert mask.all()
 

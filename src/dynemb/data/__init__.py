@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from dynemb.data.jsonl import DataError, load_jsonl
+from dynemb.data.jsonl import DataError, load_events
 from dynemb.data.movielens import fetch_ml100k, load_ml100k
 from dynemb.data.synthetic import SyntheticConfig, generate
 from dynemb.data.types import Dataset
@@ -33,11 +33,13 @@ def load_dataset(name_or_path: str, cache_dir: Path) -> Dataset:
         return loader(Path(cache_dir))
     path = Path(name_or_path)
     if not path.is_file():
+        if path.suffix or len(path.parts) > 1:  # meant as a file
+            raise DataError(f"{name_or_path}: no such file")
         raise DataError(
             f"unknown data set {name_or_path!r}: not one of {', '.join(LOADERS)} "
-            "and not a JSON Lines file"
+            "and not an events file"
         )
-    return load_jsonl(path)
+    return load_events(path)
 
 
 __all__ = ["LOADERS", "DataError", "Dataset", "load_dataset"]

@@ -130,7 +130,7 @@ def iter_user_events(
     path: Path, user: str | None = None
 ) -> Iterator[tuple[str, list[Interaction]]]:
     """Yield (user_id, that user's events in time order), for all users or only `user`."""
-    users = load_jsonl(path).by_user()
+    users = load_events(path).by_user()
     if user is not None:
         if user not in users:
             raise DataError(f"{path}: no events for user {user!r}")

@@ -39,6 +39,7 @@ MAX_USER_IMAGE_BYTES = 32 * 2**20  # all of a user's encoded images together
 # ... and the pixels they declare: decoding them takes about 17 ms a million here (a
 # 4096x4096 PNG 291 ms), so a user's images cost at most about 1 s.
 MAX_USER_IMAGE_PIXELS = 64 * 2**20
+RESIZE_HINT = " (the model reads each image at 32x32: send them a few hundred pixels a side)"
 _DAY_S, _WEEK_S, _HOUR_S = 86_400.0, 7 * 86_400.0, 3_600.0
 # 1970-01-01 was a Thursday: shift so that weekday 0 is Monday.
 _EPOCH_WEEKDAY_OFFSET_S = 3 * _DAY_S
@@ -347,25 +348,35 @@ class Preprocessor:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Decode every given image (a bad one is an error even past t); keep the first
         `keep`. `one_user`: they are one user's, held to the per-user limits on bytes and
-        declared pixels (a whole catalogue's, at build or training time, is not)."""
+        declared pixels (a whole catalogue's, at build or training time, is not). An image
+        the user has more than once (a product viewed again) counts once: it is decoded
+        once (17 views of one 2048x2048 photo had passed the pixel limit)."""
         s = self.dims.image_size
         pixels = np.zeros((rows, 3, s, s), dtype=np.uint8)
         mask = np.zeros(rows, dtype=bool)
         cache = self.caches.images
         total = declared = 0
+        counted: dict[bytes, tuple[np.ndarray, int]] = {}  # this user's, by digest
         for i, data in enumerate(encoded):
             data = bytes(data)
             if not data:
                 continue
             field = f"{wire.EVENT_IMAGE}[{i}]"
-            total += len(data)
             if len(data) > MAX_IMAGE_BYTES:
                 raise InputError(field, f"{len(data)} bytes, the limit is {MAX_IMAGE_BYTES}")
+            keyed = cache is not None or one_user
+            key = hashlib.blake2b(data, digest_size=16).digest() if keyed else b""
+            if key in counted:
+                if i < keep:
+                    pixels[i], mask[i] = counted[key][0], True
+                continue
+            total += len(data)
             if one_user and total > MAX_USER_IMAGE_BYTES:
                 raise InputError(
-                    field, f"the images reach {total} bytes, the limit is {MAX_USER_IMAGE_BYTES}"
+                    field,
+                    f"the images reach {total} bytes, the limit is {MAX_USER_IMAGE_BYTES}"
+                    f"{RESIZE_HINT}",
                 )
-            key = hashlib.blake2b(data, digest_size=16).digest() if cache is not None else b""
             found = cache.get(key) if cache is not None else None
             if found is None:  # the declared size is checked before any decoding
                 budget = MAX_USER_IMAGE_PIXELS - declared if one_user else None
@@ -373,11 +384,14 @@ class Preprocessor:
                 if cache is not None:
                     cache.put(key, found, found[0].nbytes + 64)
             decoded, size = found
+            if keyed:
+                counted[key] = found
             declared += size
             if one_user and declared > MAX_USER_IMAGE_PIXELS:  # counted for cached ones too
                 raise InputError(
                     field,
-                    f"the images declare {declared} pixels, the limit is {MAX_USER_IMAGE_PIXELS}",
+                    f"the images declare {declared} pixels, the limit is {MAX_USER_IMAGE_PIXELS}"
+                    f"{RESIZE_HINT}",
                 )
             if i < keep:
                 pixels[i], mask[i] = decoded, True
