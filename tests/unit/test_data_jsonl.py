@@ -93,6 +93,7 @@ GOOD = {"user": "u1", "time": 1, "text": "ok"}
         ({"time": 1, "text": "x"}, "missing required key 'user'"),
         ({"user": "u", "text": "x"}, "missing required key 'time'"),
         ({"user": "u", "time": 1}, "missing required key 'text'"),
+        ({"user": "u", "time": 1, "text": None}, "'text' must be a string, got null"),
         ({"user": 7, "time": 1, "text": "x"}, "'user' must be a string, got int"),
         ({"user": "", "time": 1, "text": "x"}, "'user' must be a non-empty string"),
         ({"user": "u", "time": -5, "text": "x"}, "'time' must be a finite, non-negative"),

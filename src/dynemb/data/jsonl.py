@@ -193,6 +193,8 @@ def _get_str(record: dict[str, Any], key: str, where: _Line, required: bool = Fa
     """The string at `key`; "" when absent or null and not required."""
     value = record.get(key)
     if value is None:
+        if required and key in record:
+            raise where.error(f"{key!r} must be a string, got null")
         if required:
             raise where.error(f"missing required key {key!r}")
         return ""
