@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from dynemb.errors import DynembError, UsageError
+from dynemb.data.jsonl import DataError
+from dynemb.errors import DynembError, InputError, UsageError
 from dynemb.paths import replace_dir
 
 EVENT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -86,13 +87,16 @@ def read_histories(path: Path, repository: Path) -> list[dict[str, Any]]:
                 "at": max(e.time for e in history),
                 "history": pickle.dumps(history),
                 "seen": [e.item_id for e in interactions],
+                "file": str(path),
             }
         )
     return rows
 
 
 class Embedder:
-    """A Ray actor (or a plain object in-process): the repository's pipeline on one thread."""
+    """A Ray actor (or a plain object in-process): the repository's pipeline on one thread.
+    A user whose events the stages refuse fails the job with a line naming the file and
+    the user (it was Ray's traceback of a batch, hundreds of lines)."""
 
     def __init__(self, repository: str, k: int) -> None:
         import torch
@@ -106,8 +110,6 @@ class Embedder:
         self.max_events, self.max_labels = dims.max_events, dims.max_labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import pyarrow as pa
-
         from dynemb_client import build_inputs
         from dynemb_client import contract as wire
 
@@ -116,7 +118,10 @@ class Embedder:
         at = [float(t) for t in batch["at"]]
         asked = min(wire.MAX_TOP_K, self.k + max(len(s) for s in seen))
         x = build_inputs(histories, at, self.max_events, self.max_labels, top_k=asked)
-        out = self.pipeline.run(x, wire.RECOMMEND)
+        try:
+            out = self.pipeline.run(x, wire.RECOMMEND)
+        except InputError as exc:  # content only the stages check (a text over the limit)
+            raise self._refused(batch, histories, at, asked, exc) from None
         items, scores = [], []
         for ids, row_scores, exclude in zip(
             out[wire.ITEM_IDS], out[wire.ITEM_SCORES], seen, strict=True
@@ -129,6 +134,25 @@ class Embedder:
             items.append([i for i, _ in kept])
             scores.append([s for _, s in kept])
         embedding = np.asarray(out[wire.USER_EMBEDDING], dtype=np.float32)
+        return self._table(batch, at, embedding, items, scores)
+
+    def _refused(self, batch, histories, at, asked, exc: InputError) -> DataError:
+        """The batch's first user whose events alone are refused, as a DataError."""
+        from dynemb_client import build_inputs
+        from dynemb_client import contract as wire
+
+        for j, history in enumerate(histories):
+            x = build_inputs([history], [at[j]], self.max_events, self.max_labels, top_k=asked)
+            try:
+                self.pipeline.run(x, wire.RECOMMEND)
+            except InputError as alone:
+                return DataError(f"{batch['file'][j]}: user {batch['user'][j]!r}: {alone}")
+        return DataError(f"a batch of users was refused: {exc}")
+
+    @staticmethod
+    def _table(batch, at, embedding, items, scores) -> Any:
+        import pyarrow as pa
+
         return pa.table(
             {
                 "user": pa.array(list(batch["user"]), pa.string()),

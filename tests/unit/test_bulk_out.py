@@ -79,3 +79,25 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     replace_dir(new, out)
     assert [p.name for p in out.iterdir()] == ["new.txt"] and not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_user_the_stages_refuse_is_named_with_the_file(tmp_path, repo):
+    """A text over preprocess's limit failed the batch in the embedder: Ray's traceback
+    of hundreds of lines, naming neither the user nor the file."""
+    import json
+
+    import numpy as np
+
+    from dynemb.bulk import Embedder, read_histories
+    from dynemb.data.jsonl import DataError
+
+    path = tmp_path / "events.jsonl"
+    lines = [
+        {"user": "a", "time": 1_700_000_000, "text": "a lamp"},
+        {"user": "b", "time": 1_700_000_000, "text": "x" * 70_000},
+    ]
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    rows = read_histories(path, repo)
+    batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
+    with pytest.raises(DataError, match=rf"^{path}: user 'b': EVENT_TEXT\[0\]: 70000 bytes"):
+        Embedder(str(repo), k=5)(batch)
