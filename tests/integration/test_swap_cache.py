@@ -3,6 +3,7 @@ version answers from its own, empty cache, never with features the old version c
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import numpy as np
@@ -14,15 +15,21 @@ from dynemb_client import InterestClient, build_inputs
 from .test_swap import load_histories
 
 
-def cache_counter(live, stat: str, model: str, version: int) -> float:
+def cache_counter(live, stat: str, model: str, version: int, timeout_s: float = 10.0) -> float:
+    """The counter once it is above 0, or 0 after `timeout_s` (a stage publishes its
+    metrics once a second, from a thread of its own)."""
     url = f"http://127.0.0.1:{live.config.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    total = 0.0
     wanted = (f"dynemb_cache_{stat}_total{{", f'model="{model}"', f'version="{version}"')
-    for line in text.splitlines():
-        if line.startswith(wanted[0]) and wanted[1] in line and wanted[2] in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(wanted[0]) and wanted[1] in line and wanted[2] in line:
+                total += float(line.rsplit(" ", 1)[1])
+        if total > 0 or time.monotonic() > deadline:
+            return total
+        time.sleep(0.1)
 
 
 def test_a_swapped_stage_starts_with_an_empty_cache(live, tmp_path):

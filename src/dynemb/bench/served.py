@@ -114,8 +114,22 @@ async def warm(one, n: int, concurrency: int = 8) -> None:
     await asyncio.gather(*(bounded(i) for i in range(n)))
 
 
-def cache_metrics(metrics_url: str) -> dict[str, dict[str, float]]:
-    """The dynemb_cache_* series from the server's Prometheus endpoint, by model/cache."""
+def cache_metrics(metrics_url: str, settle_s: float = 1.2) -> dict[str, dict[str, float]]:
+    """The dynemb_cache_* series from the server's Prometheus endpoint, by model/cache,
+    once two reads `settle_s` apart agree (the server idle): each stage publishes once a
+    second, so a read right after the load would miss its last second."""
+    deadline = time.monotonic() + 10 * settle_s
+    last = _cache_series(metrics_url)
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = _cache_series(metrics_url)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def _cache_series(metrics_url: str) -> dict[str, dict[str, float]]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     out: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
