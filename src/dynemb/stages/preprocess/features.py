@@ -39,6 +39,7 @@ MAX_USER_IMAGE_BYTES = 32 * 2**20  # all of a user's encoded images together
 # ... and the pixels they declare: decoding them takes about 17 ms a million here (a
 # 4096x4096 PNG 291 ms), so a user's images cost at most about 1 s.
 MAX_USER_IMAGE_PIXELS = 64 * 2**20
+EXIF_ORIENTATION = 0x0112
 RESIZE_HINT = " (the model reads each image at 32x32: send them a few hundred pixels a side)"
 _DAY_S, _WEEK_S, _HOUR_S = 86_400.0, 7 * 86_400.0, 3_600.0
 # 1970-01-01 was a Thursday: shift so that weekday 0 is Monday.
@@ -424,7 +425,8 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     says (a phone photo's sensor pixels lie on their side), 16- and 32-bit gray scaled
     to 8 bits (converted as they were, a 16-bit PNG came out white), transparent pixels
     over white (a product cut-out's background; converted as they were, black)."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else it would copy every pixel
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":  # I, I;16, I;16B, ...: gray
         gray = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or (image.mode != "F" and gray.max(initial=0) > 255):
