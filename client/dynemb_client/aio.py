@@ -7,7 +7,6 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from types import TracebackType
 from typing import TypeVar
 
@@ -37,9 +36,7 @@ from dynemb_client.sessions import (
     forget_steps,
     interrupted,
     parse_sessions,
-    refused_read_count,
     retrieve_call,
-    without_read_count,
 )
 from dynemb_client.transport import (
     ClientBase,
@@ -123,8 +120,7 @@ class AsyncInterestClient(ClientBase):
 
     async def session_shape(self) -> ModelShape:
         """`model_shape`, with whether the session model answers SESSION_READ (fetched
-        on first use; never again once an endpoint refused it: in a rolling upgrade the
-        endpoints may serve two builds, and the client then checks lengths only)."""
+        on first use; see `_session_shape_asked`)."""
         if self._session_shape is None:
             shape = await self.model_shape()
             metadata = await self._call(
@@ -134,9 +130,7 @@ class AsyncInterestClient(ClientBase):
                 ),
             )
             self._session_shape = with_session_outputs(shape, metadata)
-        if self._read_count_refused:  # some endpoint serves an older session model
-            return replace(self._session_shape, session_read=False)
-        return self._session_shape
+        return self._session_shape_asked(self._session_shape)
 
     async def reported(self, model: str, stages: Sequence[str]) -> tuple[str, ...]:
         """The stages among `stages` whose versions `model` reports, fetched on first use."""
@@ -279,11 +273,10 @@ class AsyncInterestClient(ClientBase):
                     result = await self._infer(call, retry=call.retry_safe)
                     answers = parse_sessions(result, call.model, call.batch)
                 except Exception as exc:
-                    if refused_read_count(exc, call):  # an endpoint of an older build
-                        call = without_read_count(call)
-                        self._read_count_refused = True  # no later call asks for it
-                        continue
-                    call = steps.throw(exc)  # the steps choose what is safe to send next
+                    # sent again without an output an older build lacks; else the steps
+                    # choose what is safe to send next
+                    again = self._without_refused_output(exc, call)
+                    call = steps.throw(exc) if again is None else again
                     continue
                 except BaseException as exc:  # Ctrl-C, a cancelled task
                     interrupted(steps, exc)

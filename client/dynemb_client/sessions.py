@@ -543,12 +543,11 @@ def _settled(
         status = "unreachable" if answer is None else f"status {answer.status}"
         raise ServerError(f"session {session!r}: {status}", model=model)
     known = not restarted and None not in (answer.read, update.read)
-    if known and answer.read != update.read + len(events):
-        # Another writer (a client or process) added events this one does not keep: of
-        # the window, only the events just sent are known (the count of the rest is).
-        histories.keep(session, events, answer.events_held, answer.read)
-        return answer
-    histories.keep(session, [*kept, *events], answer.events_held, answer.read)
+    # Another writer (a client or process) added events this one does not keep when the
+    # count read is not this one's: of the window, only the events just sent are known.
+    foreign = known and answer.read != update.read + len(events)
+    window = events if foreign else [*kept, *events]
+    histories.keep(session, window, answer.events_held, answer.read)
     return answer
 
 

@@ -38,12 +38,14 @@ from dynemb_client.errors import (
     is_transient,
     status_of,
 )
-from dynemb_client.requests import ModelShape
+from dynemb_client.requests import InferCall, ModelShape
 from dynemb_client.sessions import (
     SessionHistories,
     check_session_id,
+    refused_read_count,
     update_many_steps,
     update_steps,
+    without_read_count,
 )
 
 __all__ = ["EndpointPool", "EndpointState", "RetryPolicy", "server_ready", "shape_from_metadata"]
@@ -467,6 +469,21 @@ class ClientBase:
         self._session_shape: ModelShape | None = None  # with the session model's outputs
         self._read_count_refused = False  # an endpoint's session model lacks SESSION_READ
         self._reporting: dict[str, tuple[str, ...]] = {}  # model -> stages it reports
+
+    def _session_shape_asked(self, fetched: ModelShape) -> ModelShape:
+        """The session model's shape as fetched (`session_shape`), less SESSION_READ once
+        an endpoint refused it: in a rolling upgrade the endpoints may serve two builds,
+        and the client then checks lengths only."""
+        return replace(fetched, session_read=False) if self._read_count_refused else fetched
+
+    def _without_refused_output(self, exc: Exception, call: InferCall) -> InferCall | None:
+        """`call` again without SESSION_READ if an endpoint of an older build refused it
+        for asking the output (not applied, so safe to send again); no later call asks
+        for it. None for any other failure."""
+        if not refused_read_count(exc, call):
+            return None
+        self._read_count_refused = True
+        return without_read_count(call)
 
     @property
     def urls(self) -> list[str]:

@@ -1002,10 +1002,12 @@ def test_an_endpoint_of_an_older_build_is_sent_the_call_again_without_the_read_c
     for SESSION_READ, which it refuses as an unknown output (so the call was not
     applied): the call goes again without it, and no later call asks for it."""
     from dataclasses import replace
+    from functools import partial
     from types import SimpleNamespace
 
     import dynemb_client.client as client_mod
     from dynemb_client import InterestClient
+    from dynemb_client.transport import ClientBase
 
     histories = SessionHistories()
     histories.keep("u", events(1, 2), 2, read=2)
@@ -1029,6 +1031,7 @@ def test_an_endpoint_of_an_older_build_is_sent_the_call_again_without_the_read_c
         sessions=histories,
         _read_count_refused=False,
     )
+    fake._without_refused_output = partial(ClientBase._without_refused_output, fake)
     shape = replace(SHAPE, session_read=True)
     answer = InterestClient._session(
         fake, update_steps(histories, "session", "u", events(3), None, shape)
