@@ -121,7 +121,10 @@ class Embedder:
         try:
             out = self.pipeline.run(x, wire.RECOMMEND)
         except InputError as exc:  # content only the stages check (a text over the limit)
-            raise self._refused(batch, histories, at, asked, exc) from None
+            if exc.row is None:  # preprocess names the user (row) of what it refuses
+                raise DataError(f"a batch of users was refused: {exc}") from None
+            j = exc.row
+            raise DataError(f"{batch['file'][j]}: user {batch['user'][j]!r}: {exc}") from None
         items, scores = [], []
         for ids, row_scores, exclude in zip(
             out[wire.ITEM_IDS], out[wire.ITEM_SCORES], seen, strict=True
@@ -135,19 +138,6 @@ class Embedder:
             scores.append([s for _, s in kept])
         embedding = np.asarray(out[wire.USER_EMBEDDING], dtype=np.float32)
         return self._table(batch, at, embedding, items, scores)
-
-    def _refused(self, batch, histories, at, asked, exc: InputError) -> DataError:
-        """The batch's first user whose events alone are refused, as a DataError."""
-        from dynemb_client import build_inputs
-        from dynemb_client import contract as wire
-
-        for j, history in enumerate(histories):
-            x = build_inputs([history], [at[j]], self.max_events, self.max_labels, top_k=asked)
-            try:
-                self.pipeline.run(x, wire.RECOMMEND)
-            except InputError as alone:
-                return DataError(f"{batch['file'][j]}: user {batch['user'][j]!r}: {alone}")
-        return DataError(f"a batch of users was refused: {exc}")
 
     @staticmethod
     def _table(batch, at, embedding, items, scores) -> Any:

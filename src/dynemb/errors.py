@@ -23,6 +23,7 @@ class InputError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message  # without the field
         # The batch row (user) at fault, where a batched call knows it: the others of the
         # batch are then run again together, without it (dynemb.serving.adapter.respond).
         self.row: int | None = None

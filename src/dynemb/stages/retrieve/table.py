@@ -41,10 +41,9 @@ def _item_inputs(preprocessor: Preprocessor, chunk: list[Item]) -> dict[str, np.
         for item in chunk:  # which one: each alone
             try:
                 of([item])
-            except InputError as exc:
-                reason = str(exc).split(": ", 1)[-1]
+            except InputError as exc:  # its field names a row of the batch: not said
                 raise UsageError(
-                    f"catalogue item {item.item_id!r} ({item.title[:60]!r}): {reason}"
+                    f"catalogue item {item.item_id!r} ({item.title[:60]!r}): {exc.reason}"
                 ) from None
         raise
 
