@@ -64,6 +64,21 @@ class Publisher:
         return self._thread.is_alive()
 
 
+class CounterIncreases:
+    """Counters published by their increase since the last publish (Triton's counters
+    only go up), each remembered as it is published: a call that fails later in the same
+    publish never makes the next one count it twice."""
+
+    def __init__(self) -> None:
+        self._published: dict[Any, float] = {}
+
+    def publish(self, metric: Any, key: Any, value: float) -> None:
+        delta = value - self._published.get(key, 0)
+        if delta > 0:
+            metric.increment(delta)
+        self._published[key] = value
+
+
 class CacheMetrics:
     """Publishes each cache's statistics (counters by their increase) when asked (see
     Publisher for how often)."""
@@ -76,7 +91,7 @@ class CacheMetrics:
         caches: dict[str, RowCache],
     ) -> None:
         self.caches = caches
-        self._published = {(name, stat): 0 for name in caches for stat in COUNTERS}
+        self._counters = CounterIncreases()
         self._metrics: dict[tuple[str, str], Any] = {}
         if not caches:
             return
@@ -98,11 +113,7 @@ class CacheMetrics:
         for name, cache in self.caches.items():
             stats = cache.stats()
             for stat in COUNTERS:
-                value = getattr(stats, stat)
-                delta = value - self._published[name, stat]
-                if delta:
-                    self._metrics[name, stat].increment(delta)
-                # each as it is published: a call that fails later never counts it twice
-                self._published[name, stat] = value
+                key = name, stat
+                self._counters.publish(self._metrics[key], key, getattr(stats, stat))
             for stat in GAUGES:
                 self._metrics[name, stat].set(getattr(stats, stat))

@@ -35,7 +35,7 @@ from dynemb.pipeline import versions_of
 from dynemb.serving.adapter import NonFiniteOutputError, read_inputs
 from dynemb.serving.arrays import all_finite
 from dynemb.serving.byte_tensors import use_fast_bytes
-from dynemb.serving.metrics import Publisher
+from dynemb.serving.metrics import CounterIncreases, Publisher
 from dynemb.sessions.engine import SESSION_STAGES, Advanced, SessionEngine
 from dynemb.sessions.spec import EVENT_TENSORS, SessionOptions, session_spec
 from dynemb.sessions.state import SessionState, StateStore, StoreStats, Versions
@@ -402,7 +402,7 @@ class SessionMetrics:
     GAUGES = ("users", "bytes")
 
     def __init__(self, pb_utils: ModuleType) -> None:
-        self._published = {f.name: 0 for f in fields(StoreStats)}  # counters' values
+        self._counters = CounterIncreases()
         self._metrics = {}
         for f in fields(StoreStats):
             gauge = f.name in self.GAUGES
@@ -418,7 +418,5 @@ class SessionMetrics:
             value = getattr(stats, name)
             if name in self.GAUGES:
                 metric.set(value)
-            elif value > self._published[name]:
-                metric.increment(value - self._published[name])
-            # each as it is published: a call that fails later never counts this twice
-            self._published[name] = value
+            else:
+                self._counters.publish(metric, name, value)
