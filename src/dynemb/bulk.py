@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import numpy as np
 
 from dynemb.data.jsonl import DataError
 from dynemb.errors import DynembError, InputError, UsageError
-from dynemb.paths import replace_dir
+from dynemb.paths import made_beside
 
 EVENT_SUFFIXES = (".jsonl", ".json", ".parquet")
 BATCH_USERS = 32  # users per actor call: the in-process benchmark's batch
@@ -171,8 +170,6 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
     if options.out.exists() and not options.overwrite:
         raise UsageError(f"{options.out} exists; pass --overwrite to replace it")
     out = options.out.resolve()
-    staging = out.with_name(out.name + ".incoming")
-    shutil.rmtree(staging, ignore_errors=True)
     started_ray = not ray.is_initialized()
     if started_ray:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -181,38 +178,37 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
         else:
             ray.init(num_cpus=options.workers, include_dashboard=False, log_to_driver=False)
     try:
-        say(f"{len(files)} events file(s), {options.workers} embedder(s)")
-        ray.data.DataContext.get_current().raise_original_map_exception = True
-        started = time.monotonic()
-        paths = ray.data.from_items([{"path": str(p.resolve())} for p in files])
-        # Reading asks for no CPU of its own: the embedders hold every CPU Ray has, and
-        # a read that waited for one would never run (it shares the cores as it would
-        # in-process).
-        users = paths.flat_map(
-            lambda row: read_histories(Path(row["path"]), repository),
-            num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=options.workers),
-        )
-        embedded = users.map_batches(
-            Embedder,
-            fn_constructor_kwargs={"repository": str(repository), "k": options.k},
-            batch_size=options.batch_users,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=options.workers),
-            num_cpus=1,
-        )
-        embedded.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})  # as reading
-        seconds = time.monotonic() - started
-        written = sum(_rows(f) for f in staging.rglob("*.parquet"))
+        with made_beside(out) as staging:  # OUT only once every user is written
+            say(f"{len(files)} events file(s), {options.workers} embedder(s)")
+            ray.data.DataContext.get_current().raise_original_map_exception = True
+            started = time.monotonic()
+            paths = ray.data.from_items([{"path": str(p.resolve())} for p in files])
+            # Reading asks for no CPU of its own: the embedders hold every CPU Ray has,
+            # and a read that waited for one would never run (it shares the cores as it
+            # would in-process).
+            users = paths.flat_map(
+                lambda row: read_histories(Path(row["path"]), repository),
+                num_cpus=0,
+                compute=ray.data.TaskPoolStrategy(size=options.workers),
+            )
+            embedded = users.map_batches(
+                Embedder,
+                fn_constructor_kwargs={"repository": str(repository), "k": options.k},
+                batch_size=options.batch_users,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=options.workers),
+                num_cpus=1,
+            )
+            embedded.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})  # as reading
+            seconds = time.monotonic() - started
+            written = sum(_rows(f) for f in staging.rglob("*.parquet"))
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         if own := _own_error(exc):  # a worker's error of ours, e.g. a bad events line
             raise type(own)(str(own).splitlines()[0]) from None  # without Ray's advice
         raise
     finally:
         if started_ray:
             ray.shutdown()
-    replace_dir(staging, out)
     return EmbedAllResult(written, len(files), seconds, out)
 
 

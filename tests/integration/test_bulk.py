@@ -52,7 +52,7 @@ def test_embed_all_equals_the_served_answers(live, events, tmp_path) -> None:
     out = tmp_path / "out"
     result = embed_all(EmbedAllOptions(events, out, live.repository, k=10, workers=2))
     assert result.users == 45 and result.files == 4
-    assert not (tmp_path / "out.incoming").exists()
+    assert not (tmp_path / ".out.making").exists()  # the staging folder (made_beside)
     embedded = read_embeddings(out)
     assert len(embedded) == 45
     import pyarrow.parquet as pq
@@ -90,7 +90,7 @@ def test_embed_all_refuses_and_leaves_nothing_behind(live, events, tmp_path) -> 
     (bad / "a.jsonl").write_text('{"user": "u", "time": 1, "text": "x"}\n{"user": "u"}\n')
     with pytest.raises(DataError, match=r"a\.jsonl:2: missing required key"):
         embed_all(EmbedAllOptions(bad, tmp_path / "o3", live.repository, workers=1))
-    assert not (tmp_path / "o3").exists() and not (tmp_path / "o3.incoming").exists()
+    assert not (tmp_path / "o3").exists() and not (tmp_path / ".o3.making").exists()
 
 
 def test_a_refusal_only_the_server_finds_names_the_user_and_nothing_is_printed(live, tmp_path):
