@@ -16,10 +16,13 @@ and event files (a shared volume or object store paths).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +160,7 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
     """Run the job; OUT appears only when every user is written (a failed or interrupted
     job leaves no partial OUT behind, and an existing OUT is kept unless `overwrite`)."""
     import ray
+    import ray.data  # configures its loggers on import: before `_ray_data_quiet`
 
     files = event_files(options.events)
     if options.k < 1 or options.k > 100:
@@ -170,15 +174,22 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
     if options.out.exists() and not options.overwrite:
         raise UsageError(f"{options.out} exists; pass --overwrite to replace it")
     out = options.out.resolve()
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)  # `dynemb -v`
     started_ray = not ray.is_initialized()
     if started_ray:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        level = logging.INFO if verbose else logging.ERROR
         if options.address:
-            ray.init(address=options.address, log_to_driver=False)
+            ray.init(address=options.address, log_to_driver=False, logging_level=level)
         else:
-            ray.init(num_cpus=options.workers, include_dashboard=False, log_to_driver=False)
+            ray.init(
+                num_cpus=options.workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=level,
+            )
     try:
-        with made_beside(out) as staging:  # OUT only once every user is written
+        with made_beside(out) as staging, _ray_data_quiet(unless=verbose):
             say(f"{len(files)} events file(s), {options.workers} embedder(s)")
             ray.data.DataContext.get_current().raise_original_map_exception = True
             started = time.monotonic()
@@ -189,7 +200,7 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
             users = paths.flat_map(
                 lambda row: read_histories(Path(row["path"]), repository),
                 num_cpus=0,
-                compute=ray.data.TaskPoolStrategy(size=options.workers),
+                compute=ray.data.TaskPoolStrategy(size=min(options.workers, len(files))),
             )
             embedded = users.map_batches(
                 Embedder,
@@ -210,6 +221,27 @@ def embed_all(options: EmbedAllOptions, say: Callable[[str], None] = print) -> E
         if started_ray:
             ray.shutdown()
     return EmbedAllResult(written, len(files), seconds, out)
+
+
+@contextlib.contextmanager
+def _ray_data_quiet(unless: bool) -> Iterator[None]:
+    """Ray Data's log lines and advice off (unless `dynemb -v`): an execution plan,
+    progress as log lines when stderr is no terminal, warnings that a pool of 2 had one
+    file to read, and on a failed task its error logged with a traceback of 80 lines
+    before the exception reaches us (which `embed_all` reports as one line, or raises
+    whole if it is not ours). A terminal still gets Ray's progress bars."""
+    if unless:
+        yield
+        return
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_out_dir(out: Path, events: Path, repository: Path) -> None:

@@ -115,3 +115,26 @@ def test_a_refusal_only_the_server_finds_names_the_user_and_nothing_is_printed(l
     )  # fmt: skip
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith(f"dynemb: error: {path}: user 'b': ")
+
+
+def test_a_bad_events_line_is_one_line_of_error_without_rays_logs(built_repository, tmp_path):
+    """Ray logged its start, the execution plan, progress and an 80-line traceback of a
+    worker's error around the one line that says what is wrong; without -v only the
+    error line is left (and Ray Core's one line on its own actors' restarts)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "events.jsonl"
+    lines = [{"user": "u", "time": 1, "text": "x"}, {"user": "u", "time": "soon", "text": "y"}]
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "dynemb", "embed-all", "--events", str(path),
+         "--out", str(tmp_path / "out"), "--repository", str(built_repository), "--workers", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[-1].startswith(f"dynemb: error: {path}:2: 'time' must be"), done.stderr
+    assert lines[0] == "1 events file(s), 1 embedder(s)", done.stderr
+    noise = [ln for ln in lines[1:-1] if "core_worker.cc" not in ln]
+    assert not noise, done.stderr
