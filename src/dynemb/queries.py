@@ -136,6 +136,14 @@ def _query_time(at: str | float | None) -> float | None:
     if at is None:
         return None
     if isinstance(at, str):
+        if len(at) == 8 and at.isdigit() and _is_iso(at):
+            # Unix seconds in 1970, or ISO-8601's basic date: read as seconds it was a
+            # query before every event, every user's E_t that of an empty history.
+            raise UsageError(
+                f"--at {at} is ambiguous: the date {at[:4]}-{at[4:6]}-{at[6:]}, or unix "
+                f"seconds in 1970; write {at[:4]}-{at[4:6]}-{at[6:]} for the date "
+                f"or {at}.0 for the seconds"
+            )
         try:
             at = float(at)
         except ValueError:
@@ -149,6 +157,14 @@ def _query_time(at: str | float | None) -> float | None:
         return to_unix_seconds(at, field="--at")
     except ClientInputError as exc:
         raise UsageError(f"--at: {exc.reason}") from None
+
+
+def _is_iso(text: str) -> bool:
+    try:
+        iso_seconds(text)
+    except ValueError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -43,6 +43,10 @@ def events(tmp_path: Path) -> Path:
         (["embed", "--at", "nan"], "--at: time must be finite"),
         (["embed", "--at", "yesterday"], "--at must be unix seconds or an ISO-8601 time"),
         (["embed", "--at", "2023-11-16T00:00:00Z"], "no server ready at 127.0.0.1:1"),
+        # read as unix seconds it was 1970, before every event: E_t of empty histories
+        (["embed", "--at", "20231116"], "--at 20231116 is ambiguous: the date 2023-11-16"),
+        (["embed", "--at", "20231116.0"], "no server ready at 127.0.0.1:1"),
+        (["embed", "--at", "1700000000"], "no server ready at 127.0.0.1:1"),
         # a folder with no built model: events would go without the item-id labels the
         # trained model reads, answers depending on the folder the command ran in
         (["embed", "--repository", "."], "--repository .: no built model repository there"),
