@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dynemb.data.jsonl import DataError, iso_seconds, iter_user_events
+from dynemb.data.sent import labels_cut, to_client_event
 from dynemb.data.types import Interaction
 from dynemb.errors import UsageError
 from dynemb.pipeline import serving_manifests
@@ -37,10 +38,13 @@ class EventConverter:
 
     max_labels: int  # M of the served model
     item_labels: bool
-    to_client_event: Callable[[Interaction, int, bool], Event]
 
     def __call__(self, event: Interaction) -> Event:
-        return self.to_client_event(event, self.max_labels, self.item_labels)
+        return to_client_event(event, self.max_labels, self.item_labels)
+
+    def cuts(self, event: Interaction) -> bool:
+        """Whether the event is sent without some of its own labels."""
+        return labels_cut(event, self.max_labels, self.item_labels)
 
 
 def event_converter(repository: Path) -> EventConverter:
@@ -48,8 +52,6 @@ def event_converter(repository: Path) -> EventConverter:
     folder with no built stage is refused: without its manifests, events would go without
     the item-id labels a model trained with them reads, and the answers would silently
     depend on the folder the command ran in."""
-    from dynemb.training.examples import to_client_event  # torch: only when asked
-
     manifests = list(serving_manifests(repository).values())
     if not manifests:
         raise UsageError(
@@ -60,7 +62,6 @@ def event_converter(repository: Path) -> EventConverter:
     return EventConverter(
         max_labels=manifests[0].dims.max_labels,
         item_labels=any(m.provenance.item_labels for m in manifests),
-        to_client_event=to_client_event,
     )
 
 
@@ -89,11 +90,7 @@ def _histories(
     cut: list[tuple[str, float]] = []
     for user_id, interactions in users:
         history = [convert(e) for e in interactions]
-        cut += [
-            (user_id, e.time)
-            for e in interactions
-            if len(e.labels) + convert.item_labels > convert.max_labels
-        ]
+        cut += [(user_id, e.time) for e in interactions if convert.cuts(e)]
         for index, event in enumerate(history):
             try:
                 check_event(event, index, convert.max_labels)

@@ -10,7 +10,9 @@ import torch
 from torch.nn import functional as F
 
 from dynemb.checkpoint import Checkpoint, StaleCheckpointError
+from dynemb.data.sent import event_labels, labels_cut
 from dynemb.data.synthetic import SyntheticConfig, generate
+from dynemb.data.types import Interaction
 from dynemb.dims import DIMS
 from dynemb.errors import UsageError
 from dynemb.evaluation.quality import evaluate
@@ -63,6 +65,15 @@ def test_example_is_the_prefix_before_the_target_at_its_time(builder):
     seen = {builder.tables.text_index[e.text] for e in events[:cut]}
     assert set(example.text[:cut].tolist()) == seen
     assert not example.text[cut:].any()
+
+
+@pytest.mark.parametrize("item_labels", [False, True])
+@pytest.mark.parametrize("own", [0, 1, 2, 3])
+def test_labels_are_cut_to_m_after_the_item_label_and_the_cut_is_told(item_labels, own):
+    event = Interaction("u", "i7", 1.0, "t", labels=tuple(f"genre:g{k}" for k in range(own)))
+    sent = event_labels(event, 2, item_labels)
+    assert sent == (((item_label("i7"),) if item_labels else ()) + event.labels)[:2]
+    assert labels_cut(event, 2, item_labels) == (not set(event.labels) <= set(sent))
 
 
 def test_stale_query_time_hides_newer_events(builder):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynemb.checkpoint import label_vocab
+from dynemb.data.sent import event_labels, item_label, to_client_event
 from dynemb.data.types import Dataset, Interaction
 from dynemb.dims import Dims
 from dynemb.evaluation.seen import seen_before
@@ -38,30 +39,7 @@ from dynemb.stages.preprocess.features import (
     query_features,
     time_features,
 )
-from dynemb_client import Event, build_inputs
-
-ITEM_LABEL_PREFIX = "item:"
-
-
-def item_label(item_id: str) -> str:
-    """The user-side id label of an event ("item:<id>"), when training uses them."""
-    return f"{ITEM_LABEL_PREFIX}{item_id}"
-
-
-def event_labels(event: Interaction, max_labels: int, item_labels: bool) -> tuple[str, ...]:
-    """Labels as sent: the item label first (if used), then the event's own, cut to M."""
-    labels = (item_label(event.item_id), *event.labels) if item_labels else event.labels
-    return tuple(labels[:max_labels])
-
-
-def to_client_event(event: Interaction, max_labels: int, item_labels: bool) -> Event:
-    """The `dynemb_client.Event` a client sends for this interaction (demo histories too)."""
-    return Event(
-        time=event.time,
-        text=event.text,
-        image=event.image,
-        labels=event_labels(event, max_labels, item_labels),
-    )
+from dynemb_client import build_inputs
 
 
 def training_vocab(dataset: Dataset, item_labels: bool) -> dict[str, int]:
