@@ -289,9 +289,11 @@ def serve(
 
     Model control (load, unload, repository index, log and trace settings) needs the token
     from DYNEMB_CONTROL_TOKEN or the 0600 token file created on first serve; inference is
-    open. A stage whose process dies or hangs is reloaded by the supervisor (dynemb.supervisor).
+    open. A stage whose process dies or hangs is reloaded by the supervisor (dynemb.supervisor);
+    a tritonserver that exits by itself is started again, unless it did 5 times in 10 minutes
+    (dynemb.cluster.RestartBudget).
     """
-    from dynemb.cluster import PORT_STEP, Replicas, stepped_configs
+    from dynemb.cluster import PORT_STEP, Replicas, RestartBudget, stepped_configs
     from dynemb.control import load_token, server_args
     from dynemb.server import ServerConfig
     from dynemb.supervisor import StageSupervisor
@@ -313,6 +315,7 @@ def serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     supervisors: dict[int, StageSupervisor] = {}
+    budgets = [RestartBudget() for _ in range(replicas)]
 
     def supervise_replica(i: int) -> None:
         if supervise:
@@ -333,15 +336,24 @@ def serve(
                 if running:
                     continue
                 dead = cluster.servers[i]
-                console.print(f"tritonserver {dead.config.grpc_url} exited:\n{dead.log_tail()}")
-                if replicas == 1:
+                url = dead.config.grpc_url
+                console.print(
+                    f"tritonserver {url} exited ({dead.how_it_exited()}):\n{dead.log_tail()}"
+                )
+                if not budgets[i].allows(time.monotonic()):
+                    window = budgets[i].window_s / 60
+                    console.print(
+                        f"tritonserver {url} exited {budgets[i].limit} times in "
+                        f"{window:.0f} minutes; not starting it again"
+                    )
                     raise typer.Exit(1)
-                # As a Deployment would: the others serve meanwhile, clients fail over.
+                # As a Deployment would: clients retry (the others serve meanwhile).
                 if i in supervisors:
                     supervisors.pop(i).stop()
-                console.print(f"starting {dead.config.grpc_url} again")
+                console.print(f"starting {url} again")
                 cluster.restart(i)
                 supervise_replica(i)
+                console.print(f"serving on {url} again")
     except KeyboardInterrupt:
         console.print("stopping")
     finally:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import signal
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,27 @@ from dynemb.server import ServerConfig, ServerError, TritonServer, free_port
 log = logging.getLogger(__name__)
 
 PORT_STEP = 100  # replica i listens on the base ports + i * PORT_STEP
+
+
+@dataclasses.dataclass
+class RestartBudget:
+    """Whether a server that exited by itself is started again: yes, unless this is its
+    `limit`-th exit within `window_s` (a crash loop, which whoever runs `dynemb serve`
+    should see as its exit). tritonserver 2.51 dies of SIGSEGV when a client cancels a
+    call to an ensemble in flight (a client deadline, a closed channel, a killed client:
+    triton-inference-server/server#7368, fixed after the 2.51 that nvidia-pytriton ships),
+    so any client can take a server down; `dynemb serve` brings it back."""
+
+    limit: int = 5
+    window_s: float = 600.0
+    exits: deque[float] = dataclasses.field(default_factory=deque)
+
+    def allows(self, now: float) -> bool:
+        """Count an exit at `now` (monotonic seconds); True if the server may start again."""
+        self.exits.append(now)
+        while now - self.exits[0] > self.window_s:
+            self.exits.popleft()
+        return len(self.exits) < self.limit
 
 
 def stepped_configs(base: ServerConfig, replicas: int, step: int = PORT_STEP) -> list[ServerConfig]:

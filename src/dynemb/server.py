@@ -259,6 +259,17 @@ class TritonServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def how_it_exited(self) -> str:
+        """ "killed by SIGSEGV", "exit status 1", or "running"."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return "running"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+            return f"killed by signal {-code}"
+        return f"exit status {code}"
+
     def stop(self) -> int | None:
         """SIGTERM, wait for a graceful exit, then SIGKILL whatever is left of the group."""
         if self.process is None:

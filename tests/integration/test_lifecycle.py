@@ -1,4 +1,5 @@
-"""`dynemb serve` stops cleanly, stub processes included, on SIGTERM and on Ctrl-C."""
+"""`dynemb serve` stops cleanly, stub processes included, on SIGTERM and on Ctrl-C, and
+starts its tritonserver again when it dies."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _wait_ready(url: str, timeout_s: float, process: subprocess.Popen) -> None:
     client = grpcclient.InferenceServerClient(url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode()
+        assert process.poll() is None, "dynemb serve exited"
         try:
             if client.is_server_ready() and client.is_model_ready("recommend"):
                 return
@@ -36,8 +37,8 @@ def _wait_ready(url: str, timeout_s: float, process: subprocess.Popen) -> None:
     pytest.fail("dynemb serve did not get ready")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_cli_serve_stops_with_its_stubs(built_repository, tmp_path, sig):
+def _serve(repository, tmp_path) -> tuple[subprocess.Popen, int]:
+    """`dynemb serve` on free ports, and its gRPC port; what it says goes to said.txt."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -46,7 +47,7 @@ def test_cli_serve_stops_with_its_stubs(built_repository, tmp_path, sig):
             "dynemb.cli",
             "serve",
             "--repository",
-            str(built_repository),
+            str(repository),
             "--grpc-port",
             str(port),
             "--http-port",
@@ -58,22 +59,68 @@ def test_cli_serve_stops_with_its_stubs(built_repository, tmp_path, sig):
             "--log-file",
             str(tmp_path / "serve.log"),
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "said.txt").open("wb"),
     )
+    return process, port
+
+
+def _wait_said(tmp_path, text: str, count: int, process: subprocess.Popen) -> str:
+    """What `dynemb serve` said, once it has said `text` `count` times (it is serving)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        said = (tmp_path / "said.txt").read_text(errors="replace")
+        if said.count(text) >= count:
+            return said
+        assert process.poll() is None, said
+        time.sleep(0.5)
+    pytest.fail(f"dynemb serve did not say {text!r} {count} time(s)")
+
+
+def _server_pid(port: int) -> int:
+    return int(subprocess.check_output(["pgrep", "-f", f"grpc-port={port}"]).split()[0])
+
+
+def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    process.send_signal(sig)
+    # The server's own stop is bounded (exit timeout + 10 s, then SIGKILL); the rest is
+    # the CLI's teardown, which took over 60 s once on a machine at load average ~6.
+    return process.wait(timeout=120)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serve_stops_with_its_stubs(built_repository, tmp_path, sig):
+    process, port = _serve(built_repository, tmp_path)
     try:
-        _wait_ready(f"127.0.0.1:{port}", 240, process)
-        server_pid = int(subprocess.check_output(["pgrep", "-f", f"grpc-port={port}"]).split()[0])
+        _wait_said(tmp_path, "Ctrl-C to stop", 1, process)
+        _wait_ready(f"127.0.0.1:{port}", 10, process)
+        server_pid = _server_pid(port)
         stubs = subprocess.run(["pgrep", "-g", str(server_pid)], capture_output=True, text=True)
         assert len(stubs.stdout.split()) >= 7  # server + one stub per stage
-        process.send_signal(sig)
-        # The server's own stop is bounded (exit timeout + 10 s, then SIGKILL); the rest is
-        # the CLI's teardown, which took over 60 s once on a machine at load average ~6.
-        assert process.wait(timeout=120) == 0
+        assert _stop(process, sig) == 0
         deadline = time.monotonic() + 10
         while _group_alive(server_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _group_alive(server_pid), "stub processes outlived the server"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_cli_serve_starts_a_dead_server_again(built_repository, tmp_path):
+    """tritonserver 2.51 dies of SIGSEGV when a client cancels an ensemble call in flight
+    (dynemb.cluster.RestartBudget); with one replica `dynemb serve` used to exit with it,
+    leaving no server. A SIGKILL stands in for the crash here: the same exit, on cue."""
+    process, port = _serve(built_repository, tmp_path)
+    try:
+        _wait_said(tmp_path, "Ctrl-C to stop", 1, process)  # serving, as it says
+        first = _server_pid(port)
+        os.kill(first, signal.SIGKILL)
+        said = _wait_said(tmp_path, "again", 2, process)  # "starting ... again", "serving ..."
+        assert "exited (killed by SIGKILL)" in said, said
+        _wait_ready(f"127.0.0.1:{port}", 10, process)
+        assert _server_pid(port) != first
+        assert _stop(process) == 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynemb.cluster import stepped_configs
+from dynemb.cluster import RestartBudget, stepped_configs
 from dynemb.server import ServerConfig
 
 
@@ -23,3 +23,15 @@ def test_replica_ports_step_and_collisions_are_refused() -> None:
     # One replica takes any three distinct ports, however far apart (free ports are).
     one = stepped_configs(ServerConfig(grpc_port=44361, http_port=55973, metrics_port=59873), 1)
     assert one[0].grpc_port == 44361
+
+
+def test_a_server_is_restarted_until_it_crash_loops() -> None:
+    budget = RestartBudget(limit=3, window_s=60.0)
+    assert budget.allows(0.0) and budget.allows(10.0)
+    assert not budget.allows(20.0)  # the third exit within a minute: a crash loop
+    fresh = RestartBudget(limit=3, window_s=60.0)
+    # exits further apart than the window never add up
+    assert all(fresh.allows(t) for t in (0.0, 61.0, 122.0, 183.0, 244.0))
+    spaced = RestartBudget(limit=3, window_s=60.0)
+    assert spaced.allows(0.0) and spaced.allows(50.0) and spaced.allows(100.0)
+    assert not spaced.allows(105.0)  # 50, 100, 105 within 60 s
