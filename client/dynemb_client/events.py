@@ -197,8 +197,9 @@ def check_image(image: object, index: int) -> Path | bytes:
             )
         path = Path(image)
         if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise ClientInputError(
-                f"image file {str(path)!r} does not exist", field=EVENT_IMAGE, index=index
+                f"image file {str(path)!r} {what}", field=EVENT_IMAGE, index=index
             )
         return path
     raise ClientInputError(

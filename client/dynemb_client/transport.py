@@ -451,7 +451,8 @@ class ClientBase:
         max_sessions: int = 100_000,
     ) -> None:
         self._pool = EndpointPool(
-            list(urls) if urls is not None else [url],
+            # A string is refused there as one (as a list, its characters were "urls").
+            [url] if urls is None else urls if isinstance(urls, str) else list(urls),
             lambda u: self.grpc_module.InferenceServerClient(url=u),
             probe_interval_s=probe_interval_s,
         )

@@ -168,6 +168,16 @@ def test_urls_are_a_list_of_distinct_endpoints(urls) -> None:
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
+def test_one_url_given_as_urls_is_named_as_given(asynchronous) -> None:
+    """It said "urls must not repeat, got ['1', '2', '7', '.', ...]": its characters."""
+    from dynemb_client import AsyncInterestClient, InterestClient
+
+    client = AsyncInterestClient if asynchronous else InterestClient
+    with pytest.raises(ValueError, match=r"urls must be a non-empty list of host:port, got '127"):
+        client(urls="127.0.0.1:8001")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
 def test_an_update_many_that_fails_in_part_still_records_where_states_live(
     monkeypatch, asynchronous
 ) -> None:

@@ -354,3 +354,8 @@ def test_an_async_client_used_in_a_second_event_loop_says_so() -> None:
         asyncio.run(client.embed([Event(T0, "a")]))
     with pytest.raises(RuntimeError, match="make a new client"):
         asyncio.run(client.embed([Event(T0, "a")]))
+
+
+def test_an_image_path_that_is_a_directory_says_so(tmp_path) -> None:
+    with pytest.raises(ClientInputError, match="is a directory, not a file"):
+        build_one([ev(0, image=tmp_path)])
