@@ -42,6 +42,14 @@ def test_arguments_that_cannot_be_carried_out_are_usage_errors(args, said, tmp_p
     ("args", "said"),
     [
         (["bench", "--quick", "--data", "ml-100k,bogus"], "unknown benchmark data 'bogus'"),
+        # each ended in an IndexError after the server had started
+        (["bench", "--quick", "--data", ","], "no benchmark data named"),
+        (["bench", "--quick", "--data", ""], "no benchmark data named"),
+        (["bench", "--quick", "--seconds", "-1"], "seconds must be a positive number"),
+        (["bench", "--quick", "--seconds", "nan"], "seconds must be a positive number"),
+        (["bench", "--quick", "--soak-minutes", "-5"], "soak minutes must be >= 0"),
+        # wrote its results outside --out-dir
+        (["bench", "--quick", "--stem", "../x"], "stem must be a file name"),
         (["bench-gpu", "--device", "cuda"], "no CUDA device here"),
         (["bench-gpu", "--device", "tpu"], "--device must be cuda, cuda:N or cpu"),
     ],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -174,16 +175,32 @@ def load_histories(name: str, options: ServingOptions) -> HistorySet:
 
 
 def check_data(names: Sequence[str]) -> None:
-    """Every name one of BENCH_DATA."""
+    """Every name one of BENCH_DATA, and at least one."""
+    if not names:
+        raise UsageError(f"no benchmark data named: {' or '.join(BENCH_DATA)}, or both")
     unknown = [name for name in names if name not in BENCH_DATA]
     if unknown:
         raise UsageError(f"unknown benchmark data {unknown[0]!r}: {' or '.join(BENCH_DATA)}")
 
 
+def check_options(options: ServingOptions) -> None:
+    """What the options must be before anything runs: --data ',' ran nothing and ended in
+    an IndexError, a negative --seconds measured nothing, and a --stem with a path in it
+    wrote the results outside --out-dir."""
+    check_data(options.data)
+    if not (math.isfinite(options.seconds) and options.seconds > 0):
+        raise UsageError(f"seconds must be a positive number, got {options.seconds}")
+    if not (math.isfinite(options.soak_minutes) and options.soak_minutes >= 0):
+        raise UsageError(f"soak minutes must be >= 0 (0: no soak), got {options.soak_minutes}")
+    stem = options.stem
+    if not stem or stem in (".", "..") or Path(stem).name != stem:
+        raise UsageError(f"stem must be a file name (--out-dir is the folder), got {stem!r}")
+
+
 def serving_benchmark(
     options: ServingOptions, say: Callable[[str], None] = log.info
 ) -> ServingResult:
-    check_data(options.data)  # before any of them runs
+    check_options(options)  # before anything runs
     context = collect_context(data="see each data set's description")
     if context.busy:
         say(f"WARNING: {context.load_warning()}")
