@@ -40,6 +40,7 @@ from dynemb_client.sessions import (
 )
 from dynemb_client.transport import (
     ClientBase,
+    deadline_exceeded,
     reported_stages,
     shape_from_metadata,
     with_session_outputs,
@@ -98,13 +99,31 @@ class AsyncInterestClient(ClientBase):
 
     async def _infer(self, call: InferCall, retry: bool = True) -> grpcclient.InferResult:
         return await self._call(
-            call.model,
-            lambda inner: inner.infer(
-                call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
-            ),
-            retry,
-            call.route,
+            call.model, lambda inner: self._sent(inner, call), retry, call.route
         )
+
+    async def _sent(
+        self, inner: grpcclient.InferenceServerClient, call: InferCall
+    ) -> grpcclient.InferResult:
+        """One attempt of `call`: its answer within the timeout, else DEADLINE_EXCEEDED. No
+        gRPC deadline goes with it, and a caller that stops waiting (the timeout, a
+        cancelled task) leaves it to finish in a task of its own (EndpointPool.hold):
+        tritonserver 2.51 dies when an ensemble call is cancelled in flight."""
+        self._pool.hold(inner)
+        rpc = asyncio.ensure_future(inner.infer(call.model, call.inputs, outputs=call.outputs))
+        self._rpcs[id(rpc)] = rpc
+
+        def finished(task: asyncio.Future) -> None:
+            self._rpcs.pop(id(task), None)
+            self._pool.unhold(inner)
+            if not task.cancelled():
+                task.exception()  # seen: the caller may be gone, and is told otherwise
+
+        rpc.add_done_callback(finished)
+        try:
+            return await asyncio.wait_for(asyncio.shield(rpc), self._timeout_s)
+        except TimeoutError:
+            raise deadline_exceeded(self._timeout_s) from None
 
     async def model_shape(self) -> ModelShape:
         """L and M of the served model, fetched on first use (a concurrent refetch is harmless)."""
@@ -308,6 +327,10 @@ class AsyncInterestClient(ClientBase):
         return True
 
     async def close(self) -> None:
+        """Close the channels, once the calls left to finish have (for as long as a call
+        may retry): closing a channel cancels its calls in flight (see `_sent`)."""
+        if self._rpcs:
+            await asyncio.wait(list(self._rpcs.values()), timeout=self._drain_s)
         # Off the event loop: stopping the pool joins its prober thread (up to a probe).
         for inner in await asyncio.to_thread(self._pool.opened):
             await inner.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -38,6 +39,7 @@ from dynemb_client.sessions import (
 )
 from dynemb_client.transport import (
     ClientBase,
+    deadline_exceeded,
     reported_stages,
     shape_from_metadata,
     with_session_outputs,
@@ -87,14 +89,33 @@ class InterestClient(ClientBase):
         raise AssertionError("unreachable")
 
     def _infer(self, call: InferCall, retry: bool = True) -> grpcclient.InferResult:
-        return self._call(
-            call.model,
-            lambda inner: inner.infer(
-                call.model, call.inputs, outputs=call.outputs, client_timeout=self._timeout_s
-            ),
-            retry,
-            call.route,
-        )
+        return self._call(call.model, lambda inner: self._sent(inner, call), retry, call.route)
+
+    def _sent(self, inner: grpcclient.InferenceServerClient, call: InferCall):
+        """One attempt of `call`: its answer within the timeout, else DEADLINE_EXCEEDED. No
+        gRPC deadline goes with it, and a caller that stops waiting (the timeout, Ctrl-C,
+        a killed greenlet) leaves it to finish (EndpointPool.hold): tritonserver 2.51 dies
+        when an ensemble call is cancelled in flight."""
+        answered = threading.Event()
+        outcome: list[tuple[grpcclient.InferResult | None, Exception | None]] = []
+
+        def finished(result, error) -> None:  # on a gRPC thread
+            outcome.append((result, error))
+            self._pool.unhold(inner)
+            answered.set()
+
+        self._pool.hold(inner)
+        try:
+            inner.async_infer(call.model, call.inputs, finished, outputs=call.outputs)
+        except BaseException:
+            self._pool.unhold(inner)
+            raise
+        if not answered.wait(self._timeout_s):
+            raise deadline_exceeded(self._timeout_s)
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result
 
     def model_shape(self) -> ModelShape:
         """L and M of the served model, fetched on first use."""
@@ -304,6 +325,9 @@ class InterestClient(ClientBase):
         return True
 
     def close(self) -> None:
+        """Close the channels, once the calls left to finish have (for as long as a call
+        may retry): closing a channel cancels its calls in flight (see `_sent`)."""
+        self._pool.wait_idle(self._drain_s)
         for inner in self._pool.opened():
             inner.close()
 

@@ -159,6 +159,7 @@ class EndpointPool(Generic[T]):
         self._in_flight: dict[int, int] = {}  # id(client) -> calls on it now
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as calls end
         self._stop = threading.Event()
         self._prober: threading.Thread | None = None
 
@@ -240,6 +241,31 @@ class EndpointPool(Generic[T]):
             with self._lock:
                 self._off(inner)
 
+    def hold(self, client: T) -> None:
+        """Count an RPC on `client` until `unhold`, however long its caller waits for it: a
+        call whose caller stopped waiting (its timeout, a cancelled task, Ctrl-C) goes on
+        to its end, since cancelling a call to an ensemble in flight kills tritonserver
+        2.51 (dynemb.cluster.RestartBudget), and so does closing its channel under it."""
+        with self._lock:
+            self._on(client)
+
+    def unhold(self, client: T) -> None:
+        """The RPC `hold` counted has ended (answered or failed)."""
+        with self._lock:
+            self._off(client)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call or held RPC is in flight on any channel, for at most
+        `timeout_s`; True if none is."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while any(n > 0 for n in self._in_flight.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
     def _on(self, client: T) -> None:  # with self._lock held
         """One more call on `client` (`_off` ends it)."""
         self._in_flight[id(client)] = self._in_flight.get(id(client), 0) + 1
@@ -248,6 +274,7 @@ class EndpointPool(Generic[T]):
         """One call on `client` ended: a replaced channel with none left is closable."""
         left = self._in_flight.get(id(client), 1) - 1
         self._in_flight[id(client)] = left
+        self._idle.notify_all()
         if left <= 0 and any(client is old for old in self._retired):
             self._retire_now(client)
 
@@ -320,6 +347,15 @@ def _owner(route: str, endpoints: list[_Endpoint]) -> _Endpoint:
 def _rendezvous(route: str, url: str) -> int:
     digest = hashlib.blake2b(f"{route}\x00{url}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def deadline_exceeded(timeout_s: float) -> InferenceServerException:
+    """The error of a call not answered within the client's timeout: a gRPC deadline's
+    status, though no deadline is sent (the call is left to finish: `EndpointPool.hold`)."""
+    return InferenceServerException(
+        f"Deadline Exceeded: no answer in {timeout_s:g} s (the call is left to finish)",
+        status="StatusCode.DEADLINE_EXCEEDED",
+    )
 
 
 @dataclass(frozen=True)
@@ -470,6 +506,9 @@ class ClientBase:
         self._session_shape: ModelShape | None = None  # with the session model's outputs
         self._read_count_refused = False  # an endpoint's session model lacks SESSION_READ
         self._reporting: dict[str, tuple[str, ...]] = {}  # model -> stages it reports
+        # The asyncio client's calls in flight, as tasks by id: the event loop holds tasks
+        # only weakly, and a task collected mid-call would cancel it.
+        self._rpcs: dict[int, Any] = {}
 
     def _session_shape_asked(self, fetched: ModelShape) -> ModelShape:
         """The session model's shape as fetched (`session_shape`), less SESSION_READ once
@@ -489,6 +528,11 @@ class ClientBase:
     @property
     def urls(self) -> list[str]:
         return list(self._pool.urls)
+
+    @property
+    def _drain_s(self) -> float:
+        """How long `close` waits for the calls left to finish: as long as a call may take."""
+        return max(self._timeout_s, self._retry.deadline_s)
 
     def endpoints(self) -> list[EndpointState]:
         """Each endpoint's health and counts, in the order given."""

@@ -158,3 +158,40 @@ def test_a_session_answer_reports_the_versions_it_was_computed_with(live):
     assert parse_versions(result, SESSION, 1, INTEREST_STAGES) == served_versions(
         live, INTEREST_STAGES
     )
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_calls_the_client_stops_waiting_for_leave_the_server_up(live, asynchronous) -> None:
+    """tritonserver 2.51 died of SIGSEGV after two calls to `user_interest` whose 1 ms
+    deadline ran out in flight (server#7368). The client sends no deadline: a call past its
+    timeout, or whose caller is cancelled, is left to finish, and `close` waits for it."""
+    import asyncio
+
+    from dynemb_client import AsyncInterestClient, ServerError
+
+    users = [history(50, images=False, seed=s) for s in range(8)]
+    pid = live.server.process.pid
+    if asynchronous:
+
+        async def stop_waiting() -> None:
+            async with AsyncInterestClient(live.url) as client:
+                await client.model_shape()  # fetched within the usual timeout
+                for _ in range(5):  # the caller cancelled
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(client.embed_many(users), 0.002)
+                client._timeout_s = 0.001  # the client's own timeout, for the ensemble calls
+                for _ in range(5):
+                    with pytest.raises(ServerError, match="Deadline Exceeded"):
+                        await client.embed_many(users)
+
+        asyncio.run(stop_waiting())
+    else:
+        with InterestClient(live.url) as client:
+            client.model_shape()
+            client._timeout_s = 0.001
+            for _ in range(10):
+                with pytest.raises(ServerError, match="Deadline Exceeded"):
+                    client.embed_many(users)
+    with InterestClient(live.url) as client:
+        assert client.embed(users[0]).shape == (DIMS.embed_dim,)
+    assert live.server.running() and live.server.process.pid == pid, live.server.log_tail()

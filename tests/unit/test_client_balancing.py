@@ -236,7 +236,7 @@ def test_a_cancelled_or_interrupted_call_is_no_longer_in_flight() -> None:
             pass
 
     class Interrupted:
-        def infer(self, *_a, **_k):
+        def async_infer(self, *_a, **_k):
             raise KeyboardInterrupt
 
         def close(self) -> None:

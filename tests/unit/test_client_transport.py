@@ -86,6 +86,16 @@ class Server:
         return FakeResult({USER_EMBEDDING: embedding})
 
 
+def answer(callback, infer) -> None:
+    """`callback(result, error)` as tritonclient's `async_infer` calls it."""
+    try:
+        result = infer()
+    except Exception as error:  # as an RPC error comes; Ctrl-C is no answer
+        callback(None, error)
+    else:
+        callback(result, None)
+
+
 class FakeInner:
     def __init__(self, server: Server, url: str) -> None:
         self.server, self.url = server, url
@@ -98,6 +108,10 @@ class FakeInner:
     def infer(self, model_name, inputs, outputs=None, client_timeout=None):
         self.server.answer(self.url, "infer")
         return self.server.outputs(model_name, inputs)
+
+    def async_infer(self, model_name, inputs, callback, outputs=None):
+        """As tritonclient's: the answer or the error through `callback` (here at once)."""
+        answer(callback, lambda: self.infer(model_name, inputs, outputs=outputs))
 
     def is_server_ready(self, client_timeout=None):
         self.server.answer(self.url, "ready")
