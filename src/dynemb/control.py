@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "DYNEMB_CONTROL_TOKEN"
 LOCK_WAIT_S = 600.0  # a swap or a recovery is bounded by a few ready timeouts
+ASK_S = 10.0  # a question to the server: one that takes longer is not answering
 # What needs the token: model control, and what changes the server's behaviour (log and
 # trace settings, shared-memory regions). Inference, health, metadata, statistics stay open.
 PROTECTED = ("model-repository", "logging", "trace", "shared-memory")
@@ -132,13 +133,50 @@ def load_model(
     try:
         client.load_model(model, headers=headers(token), client_timeout=timeout_s)
     except InferenceServerException as exc:
-        message = (exc.message() or "").lower()
-        if "not allowed" in message or "restricted" in message:
+        if _refused(exc):
             raise ControlError(
                 "model control refused by the server (missing or wrong control token): "
                 f"{exc.message()}"
             ) from exc
         raise
+
+
+def _refused(exc: Exception) -> bool:
+    message = (getattr(exc, "message", lambda: "")() or "").lower()
+    return "not allowed" in message or "restricted" in message
+
+
+def check_access(client: grpcclient.InferenceServerClient, token: str | None) -> None:
+    """Refuse with a ControlError unless `token` opens the server's model control (asked
+    through the repository index, which changes nothing): a swap found out only after it
+    had installed its version and asked for the load."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client.get_model_repository_index(headers=headers(token), client_timeout=ASK_S)
+    except InferenceServerException as exc:
+        if _refused(exc):
+            where = "DYNEMB_CONTROL_TOKEN" if token is None else "the token given"
+            raise ControlError(
+                f"model control refused by the server (no token from {where} opens it; "
+                "set DYNEMB_CONTROL_TOKEN to the server's, or run where `dynemb serve` "
+                "made its token file)"
+            ) from exc
+        raise
+
+
+def loading_versions(
+    client: grpcclient.InferenceServerClient, model: str, token: str | None
+) -> list[str]:
+    """The versions of `model` the server is loading now, from the repository index."""
+    index = client.get_model_repository_index(
+        headers=headers(token), as_json=True, client_timeout=ASK_S
+    )
+    return [
+        str(m.get("version", ""))
+        for m in index.get("models", [])
+        if m.get("name") == model and m.get("state") == "LOADING"
+    ]
 
 
 _held = threading.local()  # realpath -> depth, of the locks this thread holds

@@ -190,3 +190,55 @@ def test_log_and_trace_settings_need_the_token_over_grpc_and_http(live):
         if "load" not in path:  # a real load would reload label_mlp under other tests
             assert urllib.request.urlopen(allowed, timeout=10).status == 200, path
     assert client.is_model_ready("label_mlp")
+
+
+def test_ctrl_c_while_the_server_loads_n_plus_1_restores_n(live, swapper, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the server loads N+1: the swap removed N+1 while the load
+    went on in the server, which left the stage LOADING for good and the server not ready
+    until it restarted. The load is sent and the swap interrupted at once, as a signal
+    during the load call leaves it."""
+    import threading
+
+    from dynemb import control
+
+    stage = "label_mlp"
+    before = versions_of(live.repository / stage)
+    candidate = make_candidate(live.repository, stage, tmp_path / "c", scale=0.1)
+    load, sent = control.load_model, []
+
+    def load_then_interrupted(client, model, token, timeout_s=None):
+        if sent:  # the restore's own load
+            return load(client, model, token, timeout_s)
+        sent.append(threading.Thread(target=load, args=(client, model, token)))
+        sent[0].start()
+        deadline = time.monotonic() + 30  # interrupted while the server loads N+1
+        while not control.loading_versions(client, model, token):
+            assert time.monotonic() < deadline, "the server never reported the load"
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control, "load_model", load_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swapper.swap(stage, candidate, accept_drift=True)
+    monkeypatch.undo()
+    sent[0].join(timeout=120)
+    assert versions_of(live.repository / stage) == before
+    client = grpcclient.InferenceServerClient(live.url)
+    # The stage and the ensembles, not the server's own readiness: a version that failed
+    # to load earlier in this file (a broken candidate) keeps that false.
+    for model in (stage, "user_interest", "recommend"):
+        assert client.is_model_ready(model, str(before[-1]) if model == stage else "")
+    swapped = swapper.swap(stage, candidate, accept_drift=True)  # and the next swap works
+    assert swapped.new_version == before[-1] + 1
+    swapper.rollback(stage)
+
+
+def test_a_swap_without_the_control_token_installs_nothing(live, tmp_path):
+    """It installed N+1, ran its checks and then failed on the load with two tracebacks."""
+    stage = "text_rnn"
+    before = versions_of(live.repository / stage)
+    untokened = Swapper(live.repository, live.url, token=None)
+    candidate = make_candidate(live.repository, stage, tmp_path / "c", scale=0.1)
+    with pytest.raises(SwapRefusedError, match="model control refused"):
+        untokened.swap(stage, candidate, accept_drift=True)
+    assert versions_of(live.repository / stage) == before

@@ -33,7 +33,7 @@ from dynemb_client.transport import check_url
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
-ASK_S = 10.0  # a readiness question: a server that takes longer is not answering
+ASK_S = control.ASK_S
 
 
 class SwapRefusedError(DynembError, RuntimeError):
@@ -227,6 +227,10 @@ class Swapper:
             raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
         if not serving:
             raise SwapRefusedError(f"{self.url} does not serve {stage} v{version}; not swapping")
+        try:  # before anything is installed (the load that needs it comes after)
+            control.check_access(self.client, self.token)
+        except control.ControlError as exc:
+            raise SwapRefusedError(f"{exc}; not swapping") from exc
 
     def reload(self, stage: str, version: int) -> None:
         """Load `stage` again and wait until `version` (the newest on disk: a new one, or
@@ -305,6 +309,10 @@ class Swapper:
         return new
 
     def _restore(self, new_dir: Path, stage: str, old: int) -> None:
+        # A load that was cut short here (Ctrl-C, SIGTERM) goes on in the server: removing
+        # N+1 under it left the stage LOADING for good and the server not ready until a
+        # restart. Its end is awaited first.
+        self._wait_loaded(stage)
         shutil.rmtree(new_dir, ignore_errors=True)
         try:
             self.reload(stage, old)
@@ -320,6 +328,14 @@ class Swapper:
                 raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
             if not ready:
                 raise SwapRefusedError(f"{model} is not ready on {self.url}; not swapping")
+
+    def _wait_loaded(self, stage: str) -> None:
+        """Wait (up to the ready timeout) until the server loads no version of `stage`."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while control.loading_versions(self.client, stage, self.token):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{stage} still loading after {self.ready_timeout_s:.0f}s")
+            time.sleep(0.2)
 
     def _wait_ready(self, stage: str, version: int) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
