@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from dynemb.errors import DynembError
 from dynemb.paths import cache_dir
@@ -128,8 +129,6 @@ def load_model(
     """Load (or reload) a model through the protected repository API, giving up after
     `timeout_s` (a stage whose start hangs). A refusal for the token is a ControlError
     (Triton answers it as UNAVAILABLE, which looks transient)."""
-    from tritonclient.utils import InferenceServerException
-
     try:
         client.load_model(model, headers=headers(token), client_timeout=timeout_s)
     except InferenceServerException as exc:
@@ -141,8 +140,9 @@ def load_model(
         raise
 
 
-def _refused(exc: Exception) -> bool:
-    message = (getattr(exc, "message", lambda: "")() or "").lower()
+def _refused(exc: InferenceServerException) -> bool:
+    """Whether the server refused a protected call for its token."""
+    message = (exc.message() or "").lower()
     return "not allowed" in message or "restricted" in message
 
 
@@ -150,8 +150,6 @@ def check_access(client: grpcclient.InferenceServerClient, token: str | None) ->
     """Refuse with a ControlError unless `token` opens the server's model control (asked
     through the repository index, which changes nothing): a swap found out only after it
     had installed its version and asked for the load."""
-    from tritonclient.utils import InferenceServerException
-
     try:
         client.get_model_repository_index(headers=headers(token), client_timeout=ASK_S)
     except InferenceServerException as exc:

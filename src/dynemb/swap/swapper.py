@@ -33,7 +33,6 @@ from dynemb_client.transport import check_url
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
-ASK_S = control.ASK_S
 
 
 class SwapRefusedError(DynembError, RuntimeError):
@@ -222,7 +221,7 @@ class Swapper:
         ensemble ready."""
         self._require_ready([*ENSEMBLE_NAMES])
         try:
-            serving = self.client.is_model_ready(stage, str(version), client_timeout=ASK_S)
+            serving = self.client.is_model_ready(stage, str(version), client_timeout=control.ASK_S)
         except InferenceServerException as exc:
             raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
         if not serving:
@@ -323,7 +322,7 @@ class Swapper:
     def _require_ready(self, models: list[str]) -> None:
         for model in models:
             try:
-                ready = self.client.is_model_ready(model, client_timeout=ASK_S)
+                ready = self.client.is_model_ready(model, client_timeout=control.ASK_S)
             except InferenceServerException as exc:
                 raise SwapRefusedError(f"cannot reach the server at {self.url}: {exc}") from exc
             if not ready:
@@ -341,8 +340,8 @@ class Swapper:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             ask = self.client.is_model_ready
-            if ask(stage, str(version), client_timeout=ASK_S) and all(
-                ask(e, client_timeout=ASK_S) for e in ENSEMBLE_NAMES
+            if ask(stage, str(version), client_timeout=control.ASK_S) and all(
+                ask(e, client_timeout=control.ASK_S) for e in ENSEMBLE_NAMES
             ):
                 return
             time.sleep(0.2)
